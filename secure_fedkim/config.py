@@ -1,0 +1,209 @@
+"""Run configuration: YAML validated into typed objects.
+
+Every problem with a config file (unknown key, wrong type, bad value, missing data path, a task whose
+modality does not match its data) raises one `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secure_fedkim.data.tasks import MODALITIES, TASKS
+
+
+class ConfigError(ValueError):
+    """A config file is malformed; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Strict):
+    name: str = "fedkim"
+    seed: int = 0
+    rounds: int = Field(3, ge=1)
+    out_dir: str = "runs"
+
+
+class FederationSection(_Strict):
+    clients: list[str] = Field(min_length=1)
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0.0)
+    min_clients: int = Field(2, ge=1)
+    engine: Literal["simulation", "inprocess"] = "simulation"
+    aggregation: Literal["plain"] = "plain"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.clients)) != len(self.clients):
+            raise ValueError("clients: names must be unique")
+        if self.min_clients > len(self.clients):
+            raise ValueError(f"min_clients: {self.min_clients} is more than the {len(self.clients)} clients")
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            raise ValueError("proximal_mu: fedprox needs proximal_mu > 0 (the paper uses 1e-6)")
+        return self
+
+
+class DataSource(_Strict):
+    """User-brought data in a standard format (see secure_fedkim.data.load_user_data)."""
+
+    format: Literal["csv", "parquet", "npy", "wfdb", "dicom", "png", "jsonl"]
+    path: str
+    label: str
+    features: list[str] | None = None
+    site: str | None = None
+
+
+class TaskEntry(_Strict):
+    name: str
+    partition: Literal["natural", "iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)
+    max_records: int | None = Field(None, ge=20)
+    # Only for tasks that are not in the registry, or to override the registry's wording:
+    modality: str | None = None
+    source: DataSource | None = None
+    task_description: str | None = None
+    question: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ValueError(f"modality: unknown modality {self.modality!r}; expected one of {list(MODALITIES)}")
+        known = TASKS.get(self.name)
+        if known is None:
+            if self.source is None:
+                raise ValueError(f"name: unknown task {self.name!r} with no 'source'; known tasks: {sorted(TASKS)}")
+            if self.modality is None or self.task_description is None or self.question is None:
+                raise ValueError(f"task {self.name!r} is not in the registry: give modality, task_description and question")
+        elif self.modality is not None and self.modality != known.modality:
+            raise ValueError(f"modality: task {self.name!r} is {known.modality!r} data, not {self.modality!r}")
+        return self
+
+
+class TasksSection(_Strict):
+    train: list[TaskEntry] = Field(min_length=1)
+    unseen: list[TaskEntry] = []
+    public_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    max_test_records: int | None = Field(400, ge=20)
+
+    @field_validator("unseen", mode="before")
+    @classmethod
+    def _names_to_entries(cls, v: Any):
+        return [{"name": e} if isinstance(e, str) else e for e in (v or [])]
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [t.name for t in self.train + self.unseen]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task(s) listed twice: {sorted(dup)} (a task is either trained on or unseen)")
+        return self
+
+
+class ClientSection(_Strict):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    token_dim: int = Field(64, ge=8)
+    num_tokens: int = Field(4, ge=1)
+
+
+class BaselineSection(_Strict):
+    single_hospital: bool = True
+
+
+class RunConfig(_Strict):
+    run: RunSection = RunSection()
+    federation: FederationSection
+    tasks: TasksSection
+    client: ClientSection = ClientSection()
+    baseline: BaselineSection = BaselineSection()
+
+    def task_modality(self, entry: TaskEntry) -> str:
+        return entry.modality or TASKS[entry.name].modality
+
+    @model_validator(mode="after")
+    def _check(self):
+        natural = [t.name for t in self.tasks.train if t.partition == "natural" and t.source is None]
+        if natural and sorted(self.federation.clients) != sorted(_NATURAL_SITES.get(natural[0], self.federation.clients)):
+            sites = _NATURAL_SITES[natural[0]]
+            raise ValueError(
+                f"federation.clients: task {natural[0]!r} is partitioned 'natural' over its real sites "
+                f"{sites}; clients {self.federation.clients} do not match"
+            )
+        train_modalities = {self.task_modality(t) for t in self.tasks.train}
+        for t in self.tasks.unseen:
+            if self.task_modality(t) not in train_modalities:
+                raise ValueError(
+                    f"tasks.unseen: {t.name!r} is {self.task_modality(t)!r} data but no training task has that "
+                    f"modality, so no client encoder exists for it"
+                )
+        return self
+
+
+# Real sites of the registry tasks that have them (the natural partition's clients).
+_NATURAL_SITES = {"heart_disease": ["cleveland", "hungary", "switzerland", "va_long_beach"]}
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    """Validate a config mapping; `source` names the file in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = _location(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        raise ConfigError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}") from None
+    base = base_dir or Path.cwd()
+    resolved = {}
+    for section, entries in (("train", cfg.tasks.train), ("unseen", cfg.tasks.unseen)):
+        fixed = []
+        for i, t in enumerate(entries):
+            if t.source is not None:
+                path = (base / t.source.path).resolve()
+                if not path.exists():
+                    raise ConfigError(
+                        f"{source}: tasks.{section}[{i}].source.path: no such file or directory: {t.source.path}"
+                    )
+                t = t.model_copy(update={"source": t.source.model_copy(update={"path": str(path)})})
+            fixed.append(t)
+        resolved[section] = fixed
+    return cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update=resolved)})
+
+
+def load_config(path: str | Path) -> tuple[RunConfig, str]:
+    """Read and validate a YAML config; returns the config and its exact text (for hashing and the run dir)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, source=str(path), base_dir=path.parent), text
+
+
+def config_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

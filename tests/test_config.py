@@ -1,0 +1,109 @@
+"""Config validation: every malformed config is one clear error naming the file and the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from secure_fedkim.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+
+
+def test_demo_config_is_valid():
+    cfg, text = load_config(ROOT / "configs" / "demo.yaml")
+    assert cfg.federation.clients == ["cleveland", "hungary", "switzerland", "va_long_beach"]
+    assert [t.name for t in cfg.tasks.unseen] == ["report_cardiomegaly", "cardiovascular_event"]
+    assert "heart_disease" in text
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, source="bad.yaml")
+    return str(e.value)
+
+
+def test_unknown_key_is_named():
+    d = demo()
+    d["client"]["learning_rate"] = 0.1
+    assert _error(d) == "bad.yaml: client.learning_rate: unknown key"
+
+
+def test_wrong_type_is_named():
+    d = demo()
+    d["run"]["rounds"] = "three"
+    msg = _error(d)
+    assert msg.startswith("bad.yaml: run.rounds:") and "integer" in msg
+
+
+def test_bad_value_is_named():
+    d = demo()
+    d["tasks"]["train"][2]["partition"] = "random"
+    msg = _error(d)
+    assert msg.startswith("bad.yaml: tasks.train[2].partition:") and "natural" in msg
+
+
+def test_missing_section_is_named():
+    d = demo()
+    del d["federation"]
+    assert _error(d) == "bad.yaml: federation: required key is missing"
+
+
+def test_missing_data_path_is_named(tmp_path):
+    d = demo()
+    d["tasks"]["train"].append(
+        {"name": "my_ward", "modality": "tabular", "task_description": "t", "question": "q?",
+         "source": {"format": "csv", "path": "nowhere.csv", "label": "y"}}
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config(d, source="bad.yaml", base_dir=tmp_path)
+    assert str(e.value) == "bad.yaml: tasks.train[5].source.path: no such file or directory: nowhere.csv"
+
+
+def test_task_modality_mismatch_is_named():
+    d = demo()
+    d["tasks"]["train"][0]["modality"] = "image"
+    msg = _error(d)
+    assert msg.startswith("bad.yaml: tasks.train[0]:") and "'heart_disease' is 'tabular' data, not 'image'" in msg
+
+
+def test_unknown_task_without_source():
+    d = demo()
+    d["tasks"]["unseen"].append("sepsis")
+    msg = _error(d)
+    assert "unknown task 'sepsis'" in msg and msg.startswith("bad.yaml: tasks.unseen[2]")
+
+
+def test_unseen_task_needs_an_encoder_for_its_modality():
+    d = demo()
+    d["tasks"]["train"] = [t for t in d["tasks"]["train"] if t["name"] != "report_abnormal"]
+    msg = _error(d)
+    assert "'report_cardiomegaly' is 'text' data but no training task has that modality" in msg
+
+
+def test_natural_partition_needs_the_real_sites():
+    d = demo()
+    d["federation"]["clients"] = ["a", "b", "c", "d"]
+    msg = _error(d)
+    assert msg.startswith("bad.yaml: federation.clients:") and "cleveland" in msg
+
+
+def test_fedprox_needs_mu():
+    d = demo()
+    d["federation"]["strategy"] = "fedprox"
+    assert "proximal_mu" in _error(d)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config([1, 2], source="bad.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
