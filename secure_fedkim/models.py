@@ -29,17 +29,20 @@ class TabularEncoder(nn.Module):
 
 
 class TimeSeriesEncoder(nn.Module):
-    """x [B, L, C] (time steps first) -> per-step MLP, then a learned mix of the L steps into T tokens."""
+    """x [B, L, C] (time steps first) -> per-step MLP, then a learned mix of the L steps into T tokens.
+
+    The mixing layer's weights are per time step, so it carries position without a position embedding
+    (a bare nn.Parameter would have no per-sample gradient rule in Opacus).
+    """
 
     def __init__(self, channels: int, steps: int, dim: int, num_tokens: int):
         super().__init__()
         self.step = nn.Sequential(nn.Linear(channels, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.position = nn.Parameter(torch.zeros(steps, dim))
         self.mix = nn.Linear(steps, num_tokens)  # token mixing across time, MLP-Mixer style
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
-        h = self.step(x) + self.position  # [B, L, d]
+        h = self.step(x)  # [B, L, d]
         return self.norm(self.mix(h.transpose(1, 2)).transpose(1, 2))
 
 
