@@ -1,0 +1,175 @@
+"""Budget planning for DP-SGD runs (used by ``secure-fedkim budget``). No printing here.
+
+A plan follows what Opacus's Poisson data loader does: each record is sampled per step with
+probability ``q = batch_size / n_records`` (Opacus's loader uses ``1/ceil(n/batch)``, which is never
+larger, so the plan is conservative), and one local epoch is ``ceil(n/batch)`` steps.
+
+This module imports nothing from ``secure_fedkim`` or ``attacks``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .accounting import (
+    ACCOUNTANTS,
+    Step,
+    calibrate_noise,
+    epsilon,
+    gdp_mu,
+    independent_epsilon,
+    resolve_delta,
+)
+
+__all__ = ["BudgetPlan", "plan", "epsilon_by_round", "compare_accountants", "format_table"]
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The noise a hospital needs for a whole run, and what it spends round by round.
+
+    Attributes:
+        noise_multiplier: calibrated sigma (smallest that meets ``target_epsilon`` at the end of the run).
+        sample_rate: ``batch_size / n_records`` (Poisson sampling).
+        steps_per_round: ``local_epochs * ceil(n_records / batch_size)``.
+        epsilon: epsilon at the end of the planned run (<= target).
+        epsilon_by_round: epsilon after each round 1..rounds.
+        gdp_mu: Gaussian-DP mu at the end (CLT approximation).
+    """
+
+    target_epsilon: float
+    delta: float
+    n_records: int
+    batch_size: int
+    local_epochs: int
+    rounds: int
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    total_steps: int
+    epsilon: float
+    epsilon_by_round: list[float] = field(default_factory=list)
+    gdp_mu: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def plan(
+    target_epsilon: float,
+    delta: float | None,
+    n_records: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    accountant: str = "prv",
+) -> BudgetPlan:
+    """Calibrate the noise for a whole run and list epsilon by round.
+
+    Args:
+        target_epsilon: budget for the whole run.
+        delta: target delta, or ``None`` for ``min(1e-5, 1/(10 n))``; a delta >= 1/n is refused.
+        n_records: training records at the hospital.
+        batch_size: expected (Poisson) batch size.
+        local_epochs: local epochs per round.
+        rounds: planned rounds.
+        accountant: ``"prv"`` or ``"rdp"`` (Opacus).
+    """
+    _positive_int("n_records", n_records)
+    _positive_int("batch_size", batch_size)
+    _positive_int("local_epochs", local_epochs)
+    _positive_int("rounds", rounds)
+    if batch_size > n_records:
+        raise ValueError(f"batch_size {batch_size} exceeds n_records {n_records}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    delta = resolve_delta(delta, n_records)
+    q = batch_size / n_records
+    steps_per_round = local_epochs * math.ceil(n_records / batch_size)
+    sigma = calibrate_noise(target_epsilon, delta, [(q, steps_per_round * rounds)], accountant=accountant)
+    by_round = epsilon_by_round(sigma, q, steps_per_round, rounds, delta, accountant)
+    return BudgetPlan(
+        target_epsilon=float(target_epsilon),
+        delta=delta,
+        n_records=n_records,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        rounds=rounds,
+        accountant=accountant,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps_per_round=steps_per_round,
+        total_steps=steps_per_round * rounds,
+        epsilon=by_round[-1],
+        epsilon_by_round=by_round,
+        gdp_mu=gdp_mu([Step(sigma, q, steps_per_round * rounds)]),
+    )
+
+
+def epsilon_by_round(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+    accountant: str = "prv",
+) -> list[float]:
+    """Epsilon after each of rounds 1..``rounds`` (the cumulative spend, not a per-round figure)."""
+    _positive_int("steps_per_round", steps_per_round)
+    _positive_int("rounds", rounds)
+    return [
+        epsilon([Step(noise_multiplier, sample_rate, steps_per_round * r)], delta, accountant)
+        for r in range(1, rounds + 1)
+    ]
+
+
+def compare_accountants(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+) -> dict[str, float]:
+    """Epsilon of the whole run by four accountants from two libraries.
+
+    Keys: ``opacus_prv``, ``opacus_rdp``, ``dp_accounting_pld``, ``dp_accounting_rdp``. PRV and PLD are
+    tight numerical accountants and should agree within about 1%; the two RDP values agree with each
+    other and are larger (RDP-to-(eps, delta) conversion is looser).
+    """
+    history = [Step(noise_multiplier, sample_rate, steps_per_round * rounds)]
+    return {
+        "opacus_prv": epsilon(history, delta, "prv"),
+        "opacus_rdp": epsilon(history, delta, "rdp"),
+        "dp_accounting_pld": independent_epsilon(history, delta, "pld"),
+        "dp_accounting_rdp": independent_epsilon(history, delta, "rdp"),
+    }
+
+
+def format_table(budget: BudgetPlan, comparison: dict[str, float] | None = None) -> str:
+    """A plain-text summary of ``budget`` (and optionally of :func:`compare_accountants`)."""
+    b = budget
+    lines = [
+        f"target epsilon     {b.target_epsilon:g}  (delta {b.delta:.3g}, accountant {b.accountant})",
+        f"records            {b.n_records}  batch {b.batch_size}  sample rate {b.sample_rate:.6g} (Poisson)",
+        f"steps              {b.steps_per_round} per round ({b.local_epochs} local epoch(s)) x {b.rounds} rounds = {b.total_steps}",
+        f"noise multiplier   {b.noise_multiplier:.6g}  (calibrated for the whole run)",
+        f"final epsilon      {b.epsilon:.4f}  GDP mu {b.gdp_mu:.4f} (CLT approximation)",
+        "",
+        f"{'round':>5}  {'epsilon':>10}  {'remaining':>10}",
+        f"{'-' * 5}  {'-' * 10}  {'-' * 10}",
+    ]
+    for r, eps in enumerate(b.epsilon_by_round, start=1):
+        lines.append(f"{r:>5}  {eps:>10.4f}  {b.target_epsilon - eps:>10.4f}")
+    if comparison:
+        lines += ["", f"{'accountant':<20}  {'epsilon':>10}", f"{'-' * 20}  {'-' * 10}"]
+        for name, eps in comparison.items():
+            lines.append(f"{name:<20}  {eps:>10.4f}")
+    return "\n".join(lines) + "\n"

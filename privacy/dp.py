@@ -1,0 +1,490 @@
+"""Per-hospital DP-SGD with Opacus, a budget for the whole run, and the ledger as source of truth.
+
+The calling contract for one round at one hospital (clients may be stateless between rounds, as Flower
+ClientApps are; everything is rebuilt from the ledger)::
+
+    dp = HospitalDP(profile, ledger, run_id, round_schedule=[(q, steps)], rounds=R, n_records=n)
+    if not dp.can_train():                       # projected spend after this round > budget
+        dp.record_skip(round=r)                  # and exclude the client or stop the run (profile.on_exhaustion)
+    else:
+        model, opt, loader = dp.make_private(model, opt, loader)
+        ... train `steps` steps ...
+        eps = dp.record_round(round=r, task="ecg", steps=steps, sample_rate=q)   # flushed + fsynced
+        release(update)                          # ONLY after record_round returned
+
+The spend is written to the ledger (flushed and fsynced) BEFORE the update leaves the client: a crash
+after training and before sending over-counts (safe), never under-counts. Opacus's ``PrivacyEngine`` is
+used per round for clipping, noise and Poisson sampling only; its internal accountant forgets across
+rounds and is never used for the run total.
+
+This module imports nothing from ``secure_fedkim`` or ``attacks``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from .accounting import ACCOUNTANTS, Step, calibrate_noise, epsilon, gdp_mu, resolve_delta
+from .ledger import PrivacyLedger
+
+__all__ = [
+    "PrivacyProfile",
+    "HospitalDP",
+    "BudgetExceeded",
+    "DPCompatibilityError",
+    "assert_dp_compatible",
+    "GRAD_SAMPLE_MODES",
+]
+
+#: Opacus per-sample-gradient modes allowed by :meth:`HospitalDP.make_private`.
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+_ON_EXHAUSTION = ("exclude_client", "stop_run")
+_BUDGET_SLACK = 1e-9
+
+
+class BudgetExceeded(RuntimeError):
+    """A recorded round took the hospital over its budget; the update must not be released."""
+
+
+class DPCompatibilityError(ValueError):
+    """The module has layers Opacus cannot train with DP (e.g. BatchNorm)."""
+
+
+def assert_dp_compatible(module) -> None:
+    """Raise :class:`DPCompatibilityError` unless Opacus can train ``module`` with DP.
+
+    Uses ``opacus.validators.ModuleValidator.validate(module, strict=True)``. BatchNorm is the usual
+    culprit (it mixes records within a batch): replace it with GroupNorm or LayerNorm
+    (``ModuleValidator.fix`` does this). ``nn.MultiheadAttention`` must become
+    ``opacus.layers.DPMultiheadAttention``.
+    """
+    from opacus.validators import ModuleValidator
+    from opacus.validators.errors import UnsupportedError
+
+    try:
+        ModuleValidator.validate(module, strict=True)
+    except UnsupportedError as exc:
+        errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else [exc]
+        names = sorted({type(m).__name__ for _, m in module.named_modules() if "BatchNorm" in type(m).__name__})
+        hint = (
+            f"BatchNorm found ({', '.join(names)}): it is not DP-compatible; use GroupNorm or LayerNorm "
+            f"(opacus.validators.ModuleValidator.fix replaces it). "
+            if names
+            else ""
+        )
+        details = "; ".join(str(e).split(". ")[0] for e in errors)
+        raise DPCompatibilityError(
+            f"{type(module).__name__} cannot be trained with DP-SGD by Opacus: {hint}Opacus says: {details}"
+        ) from exc
+
+
+@dataclass
+class PrivacyProfile:
+    """A hospital's DP policy for one run (record-level privacy unit, add/remove adjacency).
+
+    Attributes:
+        target_epsilon: epsilon budget for the WHOLE run (all rounds, all tasks).
+        delta: target delta; ``None`` means the default ``min(1e-5, 1/(10*n))`` for n records
+            (see :meth:`resolve_delta`).
+        max_grad_norm: per-sample clipping norm C.
+        accountant: Opacus accountant, ``"prv"`` (default) or ``"rdp"``.
+        secure_mode: Opacus ``secure_mode`` (cryptographically secure noise; needs ``torchcsprng``).
+        on_exhaustion: what the federation does when a round would exceed the budget:
+            ``"exclude_client"`` (the run goes on without this hospital) or ``"stop_run"``.
+    """
+
+    target_epsilon: float
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    secure_mode: bool = False
+    on_exhaustion: str = "exclude_client"
+
+    def __post_init__(self) -> None:
+        e = self.target_epsilon
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {e!r}")
+        if self.delta is not None and not (0 < self.delta < 1):
+            raise ValueError(f"delta must be in (0, 1) or None, got {self.delta!r}")
+        c = self.max_grad_norm
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {c!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.on_exhaustion not in _ON_EXHAUSTION:
+            raise ValueError(f"on_exhaustion must be one of {_ON_EXHAUSTION}, got {self.on_exhaustion!r}")
+
+    def resolve_delta(self, n_records: int) -> float:
+        """The delta to use for a dataset of ``n_records`` records.
+
+        Default (``delta=None``): ``min(1e-5, 1/(10*n))``. A configured delta >= 1/n raises ValueError
+        naming delta, n and 1/n.
+        """
+        return resolve_delta(self.delta, n_records)
+
+
+def _schedule(pairs: Sequence[tuple[float, int]], what: str) -> list[tuple[float, int]]:
+    out = []
+    for item in pairs:
+        try:
+            q, n = item
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: each item must be (sample_rate, steps), got {item!r}") from None
+        Step(1.0, float(q), int(n))  # validates
+        if int(n) != n:
+            raise ValueError(f"{what}: steps must be an integer, got {n!r}")
+        out.append((float(q), int(n)))
+    return out
+
+
+class HospitalDP:
+    """One hospital's DP state for one run, rebuilt from its ledger each time it is constructed.
+
+    On the first construction for ``run_id`` it resolves delta, calibrates the noise multiplier once for
+    the whole planned run (``round_schedule`` repeated ``rounds`` times) and writes a ``dp_plan`` entry.
+    Later constructions (next round, restart after a crash) reuse that entry's noise multiplier and
+    delta, so they never change mid-run, and recompute the spend from the ledger's ``dp_round`` entries.
+
+    Args:
+        profile: the hospital's :class:`PrivacyProfile`.
+        ledger: the hospital's :class:`~privacy.ledger.PrivacyLedger`.
+        run_id: identifies the run; spend is accounted per run.
+        round_schedule: ``[(sample_rate, steps), ...]`` planned for ONE round (one pair per task or
+            local-training block).
+        rounds: number of planned rounds.
+        n_records: number of records (privacy units) in the hospital's training data (for delta).
+        noise_multiplier: use this sigma instead of calibrating (first construction only). 0 is refused
+            unless ``allow_no_noise=True``.
+        allow_no_noise: TESTING ONLY: permit sigma = 0 (clipping without noise). That is NOT
+            differential privacy: ledger entries then say ``"dp": false`` and epsilon is null (infinite).
+        grad_sample_mode: default Opacus mode for :meth:`make_private`: ``"hooks"`` or ``"ghost"``.
+
+    Raises:
+        ValueError: bad schedule, delta >= 1/n, unreachable target, sigma = 0 without the testing flag,
+            or a profile that contradicts the run's recorded plan (delta, accountant, a higher target).
+    """
+
+    def __init__(
+        self,
+        profile: PrivacyProfile,
+        ledger: PrivacyLedger,
+        run_id: str,
+        round_schedule: Sequence[tuple[float, int]],
+        rounds: int,
+        *,
+        n_records: int,
+        noise_multiplier: float | None = None,
+        allow_no_noise: bool = False,
+        grad_sample_mode: str = "hooks",
+    ):
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        self.profile = profile
+        self.ledger = ledger
+        self.run_id = run_id
+        self.round_schedule = _schedule(round_schedule, "round_schedule")
+        if not self.round_schedule or sum(n for _, n in self.round_schedule) == 0:
+            raise ValueError("round_schedule must plan at least one step")
+        self.rounds = rounds
+        self.n_records = n_records
+        self.grad_sample_mode = grad_sample_mode
+        self._pending: dict[str, Any] | None = None  # the current make_private session's observed steps
+
+        plans = ledger.events("dp_plan", run_id)
+        if plans:
+            self.plan = plans[0]
+            self._adopt_plan(self.plan, noise_multiplier)
+        else:
+            self.plan = self._make_plan(noise_multiplier, allow_no_noise)
+        self.noise_multiplier: float = float(self.plan["noise_multiplier"])
+        self.delta: float = float(self.plan["delta"])
+        self.target_epsilon: float = min(float(self.plan["target_epsilon"]), float(profile.target_epsilon))
+        self.accountant: str = self.plan["accountant"]
+        self.max_grad_norm: float = float(profile.max_grad_norm)
+        self.is_dp: bool = bool(self.plan["dp"])
+        if self.noise_multiplier == 0 and not allow_no_noise:
+            raise ValueError(
+                f"run {run_id!r} was planned with noise_multiplier 0 (not DP); pass allow_no_noise=True "
+                f"(testing only) to continue it"
+            )
+
+    # ------------------------------------------------------------------ plan
+    def _full_schedule(self) -> list[tuple[float, int]]:
+        return self.round_schedule * self.rounds
+
+    def _make_plan(self, noise_multiplier: float | None, allow_no_noise: bool) -> dict:
+        p = self.profile
+        delta = p.resolve_delta(self.n_records)
+        full = self._full_schedule()
+        if noise_multiplier is None:
+            sigma = calibrate_noise(p.target_epsilon, delta, full, accountant=p.accountant)
+            source = "calibrated"
+        else:
+            sigma = float(noise_multiplier)
+            if not math.isfinite(sigma) or sigma < 0:
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+            source = "configured"
+        if sigma == 0 and not allow_no_noise:
+            raise ValueError(
+                "noise_multiplier 0 means clipping without noise, which is not differential privacy; "
+                "refused (pass allow_no_noise=True only in tests, and the ledger will say dp: false)"
+            )
+        history = [Step(sigma, q, n) for q, n in full]
+        planned = epsilon(history, delta, p.accountant) if sigma > 0 else math.inf
+        import opacus
+
+        fields = dict(
+            run_id=self.run_id,
+            dp=sigma > 0,
+            target_epsilon=float(p.target_epsilon),
+            delta=delta,
+            delta_default=p.delta is None,
+            n_records=self.n_records,
+            noise_multiplier=sigma,
+            noise_source=source,
+            max_grad_norm=float(p.max_grad_norm),
+            accountant=p.accountant,
+            accountant_library=f"opacus {opacus.__version__}",
+            sampling="poisson",
+            secure_mode=bool(p.secure_mode),
+            on_exhaustion=p.on_exhaustion,
+            round_schedule=[list(x) for x in self.round_schedule],
+            rounds=self.rounds,
+            planned_epsilon=planned if math.isfinite(planned) else None,
+            planned_gdp_mu=gdp_mu(history) if sigma > 0 else None,
+            privacy_unit="record",
+            adjacency="add/remove",
+        )
+        return self.ledger.append("dp_plan", **fields)
+
+    def _adopt_plan(self, plan: dict, noise_multiplier: float | None) -> None:
+        p = self.profile
+        problems = []
+        if p.accountant != plan["accountant"]:
+            problems.append(f"accountant {p.accountant!r} != planned {plan['accountant']!r}")
+        if p.delta is not None and float(p.delta) != float(plan["delta"]):
+            problems.append(f"delta {p.delta} != planned {plan['delta']}")
+        if float(p.target_epsilon) > float(plan["target_epsilon"]):
+            problems.append(
+                f"target_epsilon {p.target_epsilon} > planned {plan['target_epsilon']} (a budget cannot be raised mid-run)"
+            )
+        if noise_multiplier is not None and float(noise_multiplier) != float(plan["noise_multiplier"]):
+            problems.append(f"noise_multiplier {noise_multiplier} != planned {plan['noise_multiplier']}")
+        if problems:
+            raise ValueError(
+                f"run {self.run_id!r}: the profile contradicts the DP plan recorded in {self.ledger.path} "
+                f"(seq {plan['seq']}): " + "; ".join(problems)
+            )
+
+    # ------------------------------------------------------------------ accounting
+    def history(self) -> list[Step]:
+        """This run's accountant history, from the ledger."""
+        return self.ledger.dp_history(self.run_id)
+
+    def _eps(self, history: list[Step]) -> float:
+        return epsilon(history, self.delta, self.accountant)
+
+    def spent_epsilon(self) -> float:
+        """Epsilon spent so far in this run (the ledger's history, the plan's accountant and delta)."""
+        return self._eps(self.history())
+
+    def projected_epsilon(self, round_schedule: Sequence[tuple[float, int]] | None = None) -> float:
+        """Epsilon after one more round with ``round_schedule`` (default: the planned round)."""
+        sched = self.round_schedule if round_schedule is None else _schedule(round_schedule, "round_schedule")
+        return self._eps(self.history() + [Step(self.noise_multiplier, q, n) for q, n in sched])
+
+    def remaining_epsilon(self) -> float:
+        """``target_epsilon - spent_epsilon()`` (may be negative only if the ledger shows an overspend)."""
+        return self.target_epsilon - self.spent_epsilon()
+
+    def can_train(self, round_schedule: Sequence[tuple[float, int]] | None = None) -> bool:
+        """Whether the projected spend after this round stays within the budget (target * (1 + 1e-9))."""
+        return self.projected_epsilon(round_schedule) <= self.target_epsilon * (1 + _BUDGET_SLACK)
+
+    # ------------------------------------------------------------------ training
+    def make_private(
+        self,
+        module,
+        optimizer,
+        data_loader,
+        *,
+        criterion=None,
+        grad_sample_mode: str | None = None,
+        noise_generator=None,
+    ):
+        """Wrap model, optimizer and loader with Opacus for one round of DP-SGD.
+
+        Uses ``opacus.PrivacyEngine(accountant=..., secure_mode=profile.secure_mode).make_private`` with the
+        run's calibrated noise multiplier, ``max_grad_norm``, Poisson sampling and ``grad_sample_mode``
+        (``"hooks"`` default, or ``"ghost"`` for fast gradient clipping). The optimizer's steps are
+        counted so :meth:`record_round` can refuse an understated step count.
+
+        Returns:
+            ``(module, optimizer, data_loader)`` for ``"hooks"``; ``(module, optimizer, criterion,
+            data_loader)`` for ``"ghost"`` (as Opacus does: compute the loss with the returned criterion).
+
+        Raises:
+            DPCompatibilityError: the module has e.g. BatchNorm.
+            RuntimeError: a previous make_private session's steps were never recorded.
+        """
+        import torch.nn as nn
+        from opacus import PrivacyEngine
+
+        mode = grad_sample_mode or self.grad_sample_mode
+        if mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+        if self._pending is not None and self._pending["steps"] > 0:
+            raise RuntimeError(
+                f"{self._pending['steps']} DP-SGD steps from the previous make_private() were never recorded; "
+                f"call record_round() before starting another training session"
+            )
+        assert_dp_compatible(module)
+        engine = PrivacyEngine(accountant=self.accountant, secure_mode=self.profile.secure_mode)
+        out = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
+            data_loader=data_loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            noise_generator=noise_generator,
+        )
+        dp_optimizer, dp_loader = out[1], out[-1]
+        session = {"steps": 0, "sample_rate": float(dp_loader.sample_rate), "optimizer": dp_optimizer}
+        previous_hook = dp_optimizer.step_hook
+
+        def count_step(optim) -> None:
+            if previous_hook is not None:
+                previous_hook(optim)
+            session["steps"] += 1
+            if float(optim.noise_multiplier) != self.noise_multiplier:
+                raise RuntimeError(
+                    f"the optimizer's noise multiplier changed to {optim.noise_multiplier} mid-run "
+                    f"(planned {self.noise_multiplier}); the accounting would be wrong"
+                )
+
+        dp_optimizer.attach_step_hook(count_step)
+        self._pending = session
+        self.engine = engine  # kept for inspection; its accountant covers this session only
+        return out
+
+    def record_round(self, round: int, task: str | None, steps: int, sample_rate: float) -> float:
+        """Append this round's ``dp_round`` entry (fsynced) and return epsilon after it.
+
+        CALLING CONTRACT: call this after training and BEFORE releasing the update; release only if it
+        returns. The epsilon is computed over the full history of the run from the ledger.
+
+        If :meth:`make_private` was used, ``steps`` must be >= the optimizer steps actually taken and
+        ``sample_rate`` >= the Poisson loader's rate (no understated spend; Opacus's loader uses
+        ``1/len(loader)``, at most ``batch_size/n``).
+
+        Raises:
+            ValueError: bad or understated arguments (nothing is written).
+            BudgetExceeded: the entry was written (the spend is real) but epsilon now exceeds the target;
+                do not release the update. Call :meth:`can_train` first to avoid this.
+        """
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ValueError(f"round must be an integer >= 0, got {round!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        step = Step(self.noise_multiplier, float(sample_rate), steps)
+        observed = self._pending
+        if observed is not None:
+            if steps < observed["steps"]:
+                raise ValueError(
+                    f"record_round(steps={steps}) understates the {observed['steps']} DP-SGD steps the "
+                    f"optimizer took since make_private()"
+                )
+            if float(sample_rate) < observed["sample_rate"] * (1 - 1e-12):
+                raise ValueError(
+                    f"record_round(sample_rate={sample_rate}) understates the Poisson sample rate "
+                    f"{observed['sample_rate']} of the private data loader"
+                )
+        eps_after = self._eps(self.history() + [step])
+        over = eps_after > self.target_epsilon * (1 + _BUDGET_SLACK)
+        self.ledger.append(
+            "dp_round",
+            run_id=self.run_id,
+            round=round,
+            task=task,
+            steps=steps,
+            sample_rate=float(sample_rate),
+            steps_observed=None if observed is None else observed["steps"],
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.accountant,
+            epsilon=eps_after if math.isfinite(eps_after) else None,
+            delta=self.delta,
+            target_epsilon=self.target_epsilon,
+            dp=self.is_dp,
+            sampling="poisson",
+            over_budget=over,
+        )
+        self._pending = None
+        if over:
+            raise BudgetExceeded(
+                f"run {self.run_id!r} round {round}: epsilon {eps_after:.4f} exceeds the budget "
+                f"{self.target_epsilon}; the spend is recorded, the update must not be released"
+            )
+        return eps_after
+
+    # ------------------------------------------------------------------ other events
+    def record_skip(self, round: int, task: str | None = None, reason: str = "budget") -> dict:
+        """Append a ``skipped_budget`` entry (the hospital does not train this round)."""
+        projected = self.projected_epsilon()
+        return self.ledger.append(
+            "skipped_budget",
+            run_id=self.run_id,
+            round=round,
+            task=task,
+            reason=reason,
+            epsilon_spent=self.spent_epsilon(),
+            projected_epsilon=projected if math.isfinite(projected) else None,
+            target_epsilon=self.target_epsilon,
+            on_exhaustion=self.profile.on_exhaustion,
+        )
+
+    def record_refusal(self, round: int, reason: str, **fields: Any) -> dict:
+        """Append a ``refused`` entry (e.g. a request that contradicts the hospital's policy)."""
+        return self.ledger.append("refused", run_id=self.run_id, round=round, reason=reason, **fields)
+
+    def note_resume(self, **fields: Any) -> dict:
+        """Append a ``resume`` entry with the spend restored from the ledger (call after a restart)."""
+        history = self.history()
+        spent = self._eps(history)
+        return self.ledger.append(
+            "resume",
+            run_id=self.run_id,
+            rounds_recorded=len(history),
+            steps_recorded=sum(s.num_steps for s in history),
+            epsilon_restored=spent if math.isfinite(spent) else None,
+            noise_multiplier=self.noise_multiplier,
+            **fields,
+        )
+
+    def summary(self) -> dict:
+        """Plain dict for reports: plan, spend, remaining, GDP mu (CLT approximation)."""
+        history = self.history()
+        spent = self._eps(history)
+        return {
+            "run_id": self.run_id,
+            "dp": self.is_dp,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "epsilon_budget": self.target_epsilon,
+            "epsilon_spent": spent,
+            "epsilon_remaining": self.target_epsilon - spent,
+            "gdp_mu": gdp_mu(history),
+            "rounds_recorded": len(history),
+            "profile": asdict(self.profile),
+        }
