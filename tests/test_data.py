@@ -407,6 +407,7 @@ def test_bad_inputs_raise_one_clear_message(tmp_path):
     np.save(tmp_path / "y3.npy", np.array([0, 1, 0]))
     xs, ys = str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
     _err({"format": "npy", "path": xs, "label": ys}, "image", xs, "image npy must be")
+    _err({"format": "npy", "path": xs, "label": ys, "features": ["a"]}, "tabular", xs, "'features' names table columns")
     _err({"format": "npy", "path": xs, "label": ys}, "timeseries", xs, "timeseries npy must be [N, 8, 5]")
     _err({"format": "npy", "path": xs, "label": str(tmp_path / "y3.npy")}, "tabular", xs, "4 samples but 3 labels")
     _err({"format": "npy", "path": xs, "label": str(tmp_path / "nolabels.npy")}, "tabular", "nolabels.npy", "labels file not found")

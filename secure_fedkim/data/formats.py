@@ -377,6 +377,8 @@ def load_user_data(spec: dict, modality: str) -> TaskData:
         raise DataError(f"{where}: no such file or directory")
     if "label" not in spec or spec["label"] in (None, ""):
         raise DataError(f"{where}: spec has no 'label'")
+    if spec.get("features") is not None and fmt not in ("csv", "parquet", "jsonl"):
+        raise DataError(f"{where}: 'features' names table columns; format {fmt!r} has none")
     task = str(spec.get("task") or f"user:{path.name}")
     if fmt in ("csv", "parquet", "jsonl"):
         data = _from_table(_read_table(path, fmt), spec, modality, task, where)
