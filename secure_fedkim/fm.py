@@ -376,7 +376,7 @@ class FoundationModel(nn.Module):
         answers = self._default_answers(B, answers)
         tags = tags or [self.tag_for(m) for m in modality_descriptions]
         alpha = self.gate_alpha(modality_descriptions, task_descriptions)
-        with m3oe_alpha(self._routing, alpha) if self._routing is not None else _null():
+        with m3oe_alpha(self._routing, alpha):
             if self.config.kind == "encoder":
                 logits = self._encoder_logits(modality_tokens, questions, tags, answers)
                 loss = F.cross_entropy(logits, labels.to(self.device).long()) if labels is not None else None
@@ -415,7 +415,7 @@ class FoundationModel(nn.Module):
         seqs = [(pre, post + c) for (pre, post), cs in zip(prompts, cand) for c in cs]
         toks = modality_tokens.repeat_interleave(K, dim=0)
         rep_alpha = alpha.repeat_interleave(K, dim=0) if alpha is not None else None
-        with m3oe_alpha(self._routing, rep_alpha) if self._routing is not None else _null():
+        with m3oe_alpha(self._routing, rep_alpha):
             emb, attn, lens = self._embed_sequences(toks, seqs)
             logits = self._run(emb, attn).logits  # [BK, L, V]
         dev = logits.device
@@ -493,7 +493,7 @@ class FoundationModel(nn.Module):
             eos = self.tokenizer.eos_token_id
             gen = torch.zeros((B, 0), dtype=torch.long, device=self.device)
             done = torch.zeros(B, dtype=torch.bool, device=self.device)
-            with m3oe_alpha(self._routing, alpha) if self._routing is not None else _null():
+            with m3oe_alpha(self._routing, alpha):
                 emb, attn, _ = self._embed_sequences(modality_tokens, prompts, left_pad=True)
                 for _ in range(n_new):  # no KV cache: a few tokens for yes/no, and every model supports it
                     nxt = self._run(emb, attn, left_pad=True, last_only=True).logits[:, -1].argmax(-1)
@@ -543,10 +543,3 @@ class FoundationModel(nn.Module):
                 own[n].copy_(t.to(own[n].device, own[n].dtype))
         self._answer_emb_cache.clear()
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -316,9 +316,15 @@ def get_m3oe_routing(model: nn.Module) -> M3OERouting | None:
     return None
 
 
-def set_m3oe_alpha(model_or_routing: nn.Module | M3OERouting, alpha: torch.Tensor | None) -> None:
+def _routing_of(model_or_routing) -> M3OERouting | None:
+    if model_or_routing is None or isinstance(model_or_routing, M3OERouting):
+        return model_or_routing
+    return get_m3oe_routing(model_or_routing)
+
+
+def set_m3oe_alpha(model_or_routing: nn.Module | M3OERouting | None, alpha: torch.Tensor | None) -> None:
     """Set the expert weights (``[P]`` or ``[batch, P]``, or None for uniform) for all layers at once."""
-    routing = model_or_routing if isinstance(model_or_routing, M3OERouting) else get_m3oe_routing(model_or_routing)
+    routing = _routing_of(model_or_routing)
     if routing is None:
         if alpha is not None:
             raise ValueError("model has no M3OE layers")
@@ -327,9 +333,9 @@ def set_m3oe_alpha(model_or_routing: nn.Module | M3OERouting, alpha: torch.Tenso
 
 
 @contextlib.contextmanager
-def m3oe_alpha(model_or_routing: nn.Module | M3OERouting, alpha: torch.Tensor | None):
+def m3oe_alpha(model_or_routing: nn.Module | M3OERouting | None, alpha: torch.Tensor | None):
     """``with m3oe_alpha(model, alpha): model(...)`` sets the gate weights and restores the previous ones."""
-    routing = model_or_routing if isinstance(model_or_routing, M3OERouting) else get_m3oe_routing(model_or_routing)
+    routing = _routing_of(model_or_routing)
     if routing is None:
         if alpha is not None:
             raise ValueError("model has no M3OE layers")
@@ -344,9 +350,9 @@ def m3oe_alpha(model_or_routing: nn.Module | M3OERouting, alpha: torch.Tensor | 
 
 
 @contextlib.contextmanager
-def m3oe_disabled(model_or_routing: nn.Module | M3OERouting):
+def m3oe_disabled(model_or_routing: nn.Module | M3OERouting | None):
     """Run the base FM: every M3OE layer returns only its frozen base layer's output."""
-    routing = model_or_routing if isinstance(model_or_routing, M3OERouting) else get_m3oe_routing(model_or_routing)
+    routing = _routing_of(model_or_routing)
     if routing is None:
         yield
         return

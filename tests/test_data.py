@@ -44,7 +44,7 @@ EXPECTED = {
     "mortality": ((9000, 12000), (0.06, 0.14)),
     "cardiovascular_event": ((8000, 11000), (0.08, 0.18)),
     "ecg_irregular": ((280, 298), (0.30, 0.55)),
-    "radiograph": ((840, 840), (0.25, 0.35)),
+    "cross_sectional": ((840, 840), (0.55, 0.62)),
     "report_abnormal": ((3700, 3930), (0.58, 0.70)),
     "report_cardiomegaly": ((3700, 3930), (0.07, 0.13)),
 }
@@ -152,15 +152,18 @@ def test_ecg_label_rule():
     assert np.abs(np.median(d.x, axis=2)).max() < 1e-4  # each window minus its own median
 
 
-def test_radiograph_crops_and_groups():
-    d = load_task("radiograph")
+def test_cross_sectional_crops_and_groups():
+    d = load_task("cross_sectional")
     groups = sorted(set(d.group))
     assert groups == sorted(IMAGE_FILES)
-    for g in groups:  # one label per source image; radiographs are exactly the two CR images
+    for g in groups:  # one label per source image; positives are exactly the CT and MR images
         assert len(set(d.y[d.group == g])) == 1
-    assert sorted(set(d.group[d.y == 1])) == ["RG1_UNCI.dcm", "RG3_UNCI.dcm"]
+    assert sorted(set(d.group[d.y == 1])) == sorted(
+        ["693_UNCI.dcm", "CT_small.dcm", "eCT_Supplemental.dcm", "MR2_UNCI.dcm", "MR_small.dcm", "emri_small.dcm",
+         "MR-SIEMENS-DICOM-WithOverlays.dcm"]
+    )
     assert (d.x.reshape(len(d), -1).max(axis=1) == 1).mean() > 0.95  # per-crop min-max
-    np.testing.assert_array_equal(d.x, load_task("radiograph").x)  # fixed seed
+    np.testing.assert_array_equal(d.x, load_task("cross_sectional").x)  # fixed seed
 
 
 def test_text_tasks():

@@ -129,15 +129,15 @@ def test_groups_never_straddle(scheme):
     assert abs(len(s.test) / len(d) - 0.2) < 0.02 and abs(len(s.public) / len(d) - 0.1) < 0.02
 
 
-def test_radiograph_groups_and_test_has_both_labels():
-    d = load_task("radiograph")
+def test_image_groups_and_test_has_both_labels():
+    d = load_task("cross_sectional")
     s = partition_task(d, ["a", "b", "c"], scheme="iid", seed=0)
     check_cover(s, len(d))
     where = place_of(s, len(d))
     for g in np.unique(d.group):
         assert len(set(where[d.group == g])) == 1  # crops of one image stay together
-    assert set(d.y[s.test]) == {0, 1}  # one of the two radiographs is held out for testing
-    assert d.y[np.concatenate(list(s.clients.values()))].sum() > 0  # the other is trained on
+    assert set(d.y[s.test]) == {0, 1}  # whole images of both kinds are held out
+    assert d.y[np.concatenate(list(s.clients.values()))].sum() > 0  # and others trained on
 
 
 def test_no_test_or_public():

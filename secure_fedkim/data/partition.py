@@ -10,8 +10,8 @@ so no patient straddles splits; otherwise every record is its own unit.
    round(fraction * N) (largest remainder); units are taken in a seeded random order while taking one brings
    the count closer to the quota. A stratum whose quota is > 0 but whose units are all too big gets its
    smallest unit anyway, as long as at least one unit of the stratum stays for the clients (so a test set
-   has every label when groups allow it; the `radiograph` task has only 2 radiograph images, so its
-   public split gets no radiograph).
+   has every label when groups allow it; e.g. an image task whose records are crops of
+   a dozen source images).
 2. the rest is split among the clients:
    - natural:   one client per distinct site; `clients` must be exactly the sorted distinct sites.
    - iid:       units in a seeded random order, each to the client with the fewest records so far (equal

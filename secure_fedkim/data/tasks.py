@@ -98,12 +98,12 @@ TASKS: dict[str, Task] = {
             label_honesty="real outcome",
         ),
         Task(
-            name="radiograph",
+            name="cross_sectional",
             modality="image",
             task_description="The image type task involves analyzing a medical image to determine whether it is "
-            "a projection radiograph (CR or DX) rather than CT, MR, ultrasound or nuclear medicine.",
-            question="Is this image a radiograph?",
-            label_rule="DICOM Modality tag of the source image in {CR, DX}; records are random crops, all crops of "
+            "a cross-sectional CT or MR slice rather than a radiograph, ultrasound or nuclear medicine image.",
+            question="Is this image a CT or MR slice?",
+            label_rule="DICOM Modality tag of the source image in {CT, MR}; records are random crops, all crops of "
             "one image share its file name as group (one 'patient')",
             role="train",
             source="pydicom + pydicom-data: uncompressed de-identified test DICOMs, random crops",

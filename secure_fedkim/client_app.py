@@ -1,0 +1,49 @@
+"""The Flower ClientApp: one hospital's node.
+
+It receives the global client model and the run config, trains on its own persistent shards, and replies
+with its updated weights and per-task training statistics. The same app runs in Flower's simulation and
+on a SuperNode of the deployment engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from secure_fedkim.client import local_round, new_client_model
+from secure_fedkim.config import RunConfig
+from secure_fedkim.plan import build_plan
+
+app = ClientApp()
+
+
+def client_name(context: Context, cfg: RunConfig) -> str:
+    """A deployed node names its hospital in its node config; a simulated node has a partition id."""
+    node = context.node_config
+    if "hospital" in node:
+        name = str(node["hospital"])
+        if name not in cfg.federation.clients:
+            raise ValueError(f"node hospital {name!r} is not a client of this federation {cfg.federation.clients}")
+        return name
+    return cfg.federation.clients[int(node["partition-id"])]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    cfg = RunConfig.model_validate_json(str(msg.content["config"]["run-config"]))
+    server_round = int(msg.content["config"]["server-round"])
+    client = client_name(context, cfg)
+    plans = build_plan(cfg)
+    model = new_client_model(cfg, plans)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    stats = local_round(model, plans, client, cfg, server_round)
+    metrics = {"num-examples": sum(s["n"] for s in stats.values()), "client-index": cfg.federation.clients.index(client)}
+    for task, s in stats.items():
+        metrics[f"{task}.loss"] = float(s["loss"])
+        metrics[f"{task}.n"] = int(s["n"])
+        metrics[f"{task}.steps"] = int(s["steps"])
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}), reply_to=msg
+    )

@@ -1,0 +1,42 @@
+"""The Flower ServerApp: runs FEDKIM's rounds over whatever Grid Flower hands it (simulation or deployment)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.logger import update_console_handler
+
+from secure_fedkim.client import new_client_model
+from secure_fedkim.config import RunConfig
+from secure_fedkim.plan import build_plan
+from secure_fedkim.strategy import FedKIM
+
+
+def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None, quiet_flower: bool = True) -> ServerApp:
+    """A ServerApp bound to one run; `outcome` receives the strategy and the final arrays."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if quiet_flower:
+            update_console_handler(level=logging.WARNING)  # our own per-round table replaces Flower's log
+        try:
+            plans = build_plan(cfg)
+            strategy = FedKIM(cfg, plans, run_dir, on_round=on_round)
+            outcome["strategy"] = strategy
+            initial = ArrayRecord(new_client_model(cfg, plans).state_dict())
+            result = strategy.start(
+                grid,
+                initial,
+                num_rounds=cfg.run.rounds,
+                train_config=ConfigRecord({"run-config": cfg.model_dump_json()}),
+                evaluate_fn=strategy.evaluate,
+            )
+            outcome["arrays"] = result.arrays
+        except Exception as e:  # surfaced by the caller: Flower's simulation would only log it
+            outcome["error"] = e
+
+    return app

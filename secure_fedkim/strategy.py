@@ -1,0 +1,81 @@
+"""FEDKIM's server strategy: Flower's FedAvg round loop with our aggregation and evaluation.
+
+Flower runs the rounds (sampling, messaging, timeouts); this class decides what a round's replies become:
+the sample-weighted mean of the client models (FedProx differs only on the client side), a record of
+each client's training statistics, and the global model's metrics on every task's held-out test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from secure_fedkim.aggregation import flatten_state, unflatten_state, weighted_mean
+from secure_fedkim.client import new_client_model
+from secure_fedkim.config import RunConfig
+from secure_fedkim.plan import TaskPlan
+from secure_fedkim.training import evaluate_task
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients answered a round; the run stops with what it has recorded so far."""
+
+
+class FedKIM(FedAvg):
+    def __init__(self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None):
+        n = len(cfg.federation.clients)
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
+        )
+        self.cfg, self.plans, self.run_dir = cfg, plans, Path(run_dir)
+        self.on_round = on_round  # callback(round, record) for progress display
+        self.template = new_client_model(cfg, plans).state_dict()
+        self.history: list[dict] = []
+        self._client_stats: dict[str, dict] = {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        failed = [m.error.reason for m in replies if m.has_error()]
+        if len(valid) < self.cfg.federation.min_clients:
+            raise RoundFailed(
+                f"round {server_round}: {len(valid)} of {len(replies)} clients answered, fewer than "
+                f"min_clients={self.cfg.federation.min_clients}; errors: {failed}"
+            )
+        vectors, weights, stats = [], [], {}
+        for m in valid:
+            metrics = m.content["metrics"]
+            client = self.cfg.federation.clients[int(metrics["client-index"])]
+            vectors.append(flatten_state(m.content["arrays"].to_torch_state_dict()))
+            weights.append(float(metrics["num-examples"]))
+            stats[client] = {k: v for k, v in metrics.items() if k != "client-index"}
+        mean = weighted_mean(vectors, weights)
+        self._client_stats = {"clients": stats, "failed": failed}
+        arrays = ArrayRecord(unflatten_state(mean, self.template))
+        return arrays, MetricRecord({"num-clients": len(valid), "num-examples": int(sum(weights))})
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Centralised evaluation of the global lightweight model on every training task's test split."""
+        model = new_client_model(self.cfg, self.plans)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        test = {}
+        for name, plan in self.plans.items():
+            if plan.task.role == "train":
+                t = plan.test()
+                test[name] = evaluate_task(model.task_model(name), t.x, t.y)
+        record = {"round": server_round, "client_model_test": test, **(self._client_stats if server_round else {})}
+        self.history.append(record)
+        out = self.run_dir / "metrics"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"round_{server_round:03d}.json").write_text(json.dumps(record, indent=2))
+        if self.on_round:
+            self.on_round(server_round, record)
+        return MetricRecord({f"{k}.{m}": float(v) for k, r in test.items() for m, v in r.items()})
+
