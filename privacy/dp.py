@@ -13,7 +13,9 @@ ClientApps are; everything is rebuilt from the ledger)::
         release(update)                          # ONLY after record_round returned
 
 The spend is written to the ledger (flushed and fsynced) BEFORE the update leaves the client: a crash
-after training and before sending over-counts (safe), never under-counts. Opacus's ``PrivacyEngine`` is
+after ``record_round`` and before sending over-counts (safe), never under-counts; a crash before
+``record_round`` returns released nothing, so nothing was spent. With several tasks in one round, check
+``can_train(whole_round_schedule)`` once, then ``make_private`` / train / ``record_round`` per task. Opacus's ``PrivacyEngine`` is
 used per round for clipping, noise and Poisson sampling only; its internal accountant forgets across
 rounds and is never used for the run total.
 

@@ -127,3 +127,15 @@ def test_delta_resolution():
     assert resolve_delta(1e-4, 200) == 1e-4
     with pytest.raises(ValueError, match=r"delta=0\.01.*n=200.*1/n=0\.005"):
         resolve_delta(0.01, 200)
+
+
+@pytest.mark.parametrize("mechanism", ["prv", "rdp"])
+def test_opacus_history_layout_is_sigma_q_steps(mechanism):
+    # epsilon() sets Opacus's history directly; check the tuple layout Opacus 1.6 itself builds
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism)
+    for _ in range(5):
+        acc.step(noise_multiplier=1.3, sample_rate=0.02)
+    assert acc.history == [Step(1.3, 0.02, 5).as_opacus()]
+    assert epsilon([Step(1.3, 0.02, 5)], DELTA, mechanism) == acc.get_epsilon(delta=DELTA)

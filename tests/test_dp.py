@@ -99,6 +99,8 @@ def test_trains_under_opacus_and_reports_epsilon(tmp_path, name):
     assert hdp.spent_epsilon() == eps
     e = hdp.ledger.events("dp_round")[-1]
     assert (e["steps"], e["steps_observed"], e["dp"], e["task"]) == (steps, steps, True, name)
+    # Opacus's own (per-session) accountant saw exactly the steps the ledger recorded
+    assert hdp.engine.accountant.history == [Step(hdp.noise_multiplier, Q, steps).as_opacus()]
 
 
 def test_prv_spend_matches_independent_pld_and_calibration_covers_the_run(tmp_path):
