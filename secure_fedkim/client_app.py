@@ -7,10 +7,13 @@ on a SuperNode of the deployment engine.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import local_round, new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import build_plan
@@ -29,6 +32,13 @@ def client_name(context: Context, cfg: RunConfig) -> str:
     return cfg.federation.clients[int(node["partition-id"])]
 
 
+def state_dir(context: Context, msg: Message, client: str) -> Path:
+    """Where this hospital keeps its own state: its node's `state-dir`, or the run directory in a simulation."""
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"]))
+    return client_dir(str(msg.content["config"]["run-dir"]), client)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
@@ -39,6 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     model = new_client_model(cfg, plans)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     stats = local_round(model, plans, client, cfg, server_round)
+    save_model(model, state_dir(context, msg, client) / "local_model.safetensors")
     metrics = {"num-examples": sum(s["n"] for s in stats.values()), "client-index": cfg.federation.clients.index(client)}
     for task, s in stats.items():
         metrics[f"{task}.loss"] = float(s["loss"])

@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from secure_fedkim.artifacts import save_model
 from secure_fedkim.client import local_round, new_client_model
 from secure_fedkim.config import RunConfig, config_sha256
 from secure_fedkim.plan import build_plan
@@ -106,8 +106,9 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
 
     state, history = _simulate(cfg, run_dir, on_round)
     bar.close()
-    (run_dir / "model").mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / "model" / "client_model.safetensors"))
+    model = new_client_model(cfg, plans)
+    model.load_state_dict(state)
+    save_model(model, run_dir / "model" / "client_model.safetensors")
 
     final_test = history[-1]["client_model_test"]
     single = single_hospital_baseline(cfg) if cfg.baseline.single_hospital else {}

@@ -5,6 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from secure_fedkim.artifacts import load_run
 from secure_fedkim.cli import main
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import load_config
@@ -45,6 +46,9 @@ def test_cli_run_writes_a_complete_run_directory(tmp_path, capsys):
     state = load_file(str(out / "model" / "client_model.safetensors"))
     model.load_state_dict(state)  # the saved weights are the global model's, complete
     assert not torch.equal(state["heads.heart_disease.linear.weight"], new_client_model(cfg, build_plan(cfg)).state_dict()["heads.heart_disease.linear.weight"])
+    run = load_run(out)
+    for client in run.clients:  # each hospital's last local model is kept in its own state dir
+        assert not torch.equal(run.local_model(client).heads["heart_disease"].linear.weight, model.heads["heart_disease"].linear.weight)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["single_hospital_test"]) == {"cleveland", "hungary", "switzerland", "va_long_beach"}
 
