@@ -276,3 +276,20 @@ def test_gradients_reach_experts_gate_projection(tiny_bert_dir):
     for n, p in fm.model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, n
+
+
+@pytest.mark.parametrize(
+    "m3",
+    [None, M3OEConfig(num_experts=0), M3OEConfig(num_experts=1), M3OEConfig(num_experts=3, gating="topk", top_k=1),
+     M3OEConfig(num_experts=3, gate_inputs="task_only"), M3OEConfig(num_experts=3, apply_scaling=False)],
+    ids=["fedplug_none", "fedplug_p0", "fedplug_l", "topk1", "wo_m", "no_scaling"],
+)
+def test_every_variant_trains_a_step(tiny_bert_dir, m3):
+    torch.manual_seed(0)
+    fm = FoundationModel(FMConfig(path=tiny_bert_dir, m3oe=m3))
+    randomize_B(fm.model)
+    out = fm(torch.randn(2, 3, 64), [TASK_A.question] * 2, [TASK_A.modality_description] * 2,
+             [TASK_A.task_description] * 2, labels=torch.tensor([0, 1]))
+    assert out["logits"].shape == (2, 2) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert fm.proj.weight.grad is not None and fm.proj.weight.grad.abs().sum() > 0
