@@ -159,8 +159,10 @@ class HospitalDP:
         n_records: number of records (privacy units) in the hospital's training data (for delta).
         noise_multiplier: use this sigma instead of calibrating (first construction only). 0 is refused
             unless ``allow_no_noise=True``.
-        allow_no_noise: TESTING ONLY: permit sigma = 0 (clipping without noise). That is NOT
-            differential privacy: ledger entries then say ``"dp": false`` and epsilon is null (infinite).
+        allow_no_noise: TESTING ONLY: permit sigma = 0 (clipping without noise), e.g. for a non-private
+            reference run. That is NOT differential privacy: ledger entries say ``"dp": false`` and
+            ``epsilon`` null (infinite); no budget is enforced (:meth:`can_train` is True and
+            :meth:`record_round` returns ``inf`` without raising), because no DP guarantee is claimed.
         grad_sample_mode: default Opacus mode for :meth:`make_private`: ``"hooks"`` or ``"ghost"``.
 
     Raises:
@@ -306,7 +308,11 @@ class HospitalDP:
         return self.target_epsilon - self.spent_epsilon()
 
     def can_train(self, round_schedule: Sequence[tuple[float, int]] | None = None) -> bool:
-        """Whether the projected spend after this round stays within the budget (target * (1 + 1e-9))."""
+        """Whether the projected spend after this round stays within the budget (target * (1 + 1e-9)).
+
+        Always True for an ``allow_no_noise`` (non-DP) run, which claims no guarantee."""
+        if not self.is_dp:  # allow_no_noise testing runs: nothing is claimed, nothing enforced
+            return True
         return self.projected_epsilon(round_schedule) <= self.target_epsilon * (1 + _BUDGET_SLACK)
 
     # ------------------------------------------------------------------ training
@@ -411,7 +417,7 @@ class HospitalDP:
                     f"{observed['sample_rate']} of the private data loader"
                 )
         eps_after = self._eps(self.history() + [step])
-        over = eps_after > self.target_epsilon * (1 + _BUDGET_SLACK)
+        over = self.is_dp and eps_after > self.target_epsilon * (1 + _BUDGET_SLACK)
         self.ledger.append(
             "dp_round",
             run_id=self.run_id,
