@@ -139,3 +139,21 @@ def test_opacus_history_layout_is_sigma_q_steps(mechanism):
         acc.step(noise_multiplier=1.3, sample_rate=0.02)
     assert acc.history == [Step(1.3, 0.02, 5).as_opacus()]
     assert epsilon([Step(1.3, 0.02, 5)], DELTA, mechanism) == acc.get_epsilon(delta=DELTA)
+
+
+def test_budget_plan_table_and_comparison():
+    from privacy.budget import compare_accountants, format_table, plan
+
+    p = plan(2.0, None, n_records=1000, batch_size=64, local_epochs=2, rounds=5, accountant="rdp")
+    assert p.sample_rate == 64 / 1000 and p.steps_per_round == 2 * 16 and p.total_steps == 160
+    assert p.delta == 1e-5
+    assert p.epsilon_by_round == sorted(p.epsilon_by_round) and p.epsilon == p.epsilon_by_round[-1] <= 2.0
+    assert p.epsilon == epsilon([Step(p.noise_multiplier, p.sample_rate, 160)], p.delta, "rdp")
+    cmp = compare_accountants(p.noise_multiplier, p.sample_rate, p.steps_per_round, p.rounds, p.delta)
+    assert cmp["opacus_rdp"] == pytest.approx(p.epsilon)
+    assert rel(cmp["opacus_prv"], cmp["dp_accounting_pld"]) < 0.01
+    assert rel(cmp["opacus_rdp"], cmp["dp_accounting_rdp"]) < 0.01
+    table = format_table(p, cmp)
+    assert f"{p.epsilon_by_round[0]:.4f}" in table and "dp_accounting_pld" in table
+    with pytest.raises(ValueError, match="1/n"):
+        plan(1.0, 0.01, n_records=50, batch_size=10, local_epochs=1, rounds=1)
