@@ -156,4 +156,4 @@ def test_budget_plan_table_and_comparison():
     table = format_table(p, cmp)
     assert f"{p.epsilon_by_round[0]:.4f}" in table and "dp_accounting_pld" in table
     with pytest.raises(ValueError, match="1/n"):
-        plan(1.0, 0.01, n_records=50, batch_size=10, local_epochs=1, rounds=1)
+        plan(1.0, 0.05, n_records=50, batch_size=10, local_epochs=1, rounds=1)
