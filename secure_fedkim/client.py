@@ -5,12 +5,15 @@ Shared by the Flower ClientApp and the single-hospital baseline, so both train e
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from secure_fedkim.config import RunConfig
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan, input_shapes
-from secure_fedkim.training import Privatizer, train_task
+from privacy.dp import HospitalDP
+from secure_fedkim.training import train_task
 
 
 def new_client_model(cfg: RunConfig, plans: dict[str, TaskPlan]) -> ClientModel:
@@ -20,27 +23,53 @@ def new_client_model(cfg: RunConfig, plans: dict[str, TaskPlan]) -> ClientModel:
     return ClientModel(train, input_shapes(plans), cfg.client.token_dim, cfg.client.num_tokens)
 
 
+def _train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
+    return [(name, p) for name, p in plans.items() if p.task.role == "train"]
+
+
+def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -> list[tuple[float, int]]:
+    """One round's DP-SGD blocks at this hospital: (Poisson sample rate, steps) per task it holds.
+
+    Opacus samples each record with probability 1/len(loader) = 1/ceil(n/batch), for len(loader) steps
+    per epoch.
+    """
+    schedule = []
+    for _, plan in _train_plans(plans):
+        n = len(plan.split.clients.get(client, ()))
+        if n:
+            batches = math.ceil(n / min(cfg.client.batch_size, n))
+            schedule.append((1.0 / batches, batches * cfg.client.local_epochs))
+    return schedule
+
+
+def hospital_records(plans: dict[str, TaskPlan], client: str) -> int:
+    return sum(len(p.split.clients.get(client, ())) for _, p in _train_plans(plans))
+
+
 def local_round(
     model: ClientModel,
     plans: dict[str, TaskPlan],
     client: str,
     cfg: RunConfig,
     server_round: int,
-    privatizer_for=None,
+    dp: HospitalDP | None = None,
 ) -> dict[str, dict]:
     """Train every training task on this client's shard, one after another; returns per-task stats.
 
-    `privatizer_for(task_name, n_records)` returns a DP privatizer for that task's training, or None.
+    With `dp`, each task trains with DP-SGD and its spend is written to the hospital's ledger (fsynced)
+    as soon as that task's training ends, before anything leaves the hospital.
     """
     c = cfg.client
     proximal_mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     stats = {}
-    for i, (name, plan) in enumerate(p for p in plans.items() if p[1].task.role == "train"):
+    for i, (name, plan) in enumerate(_train_plans(plans)):
         shard = plan.shard(client)
-        privatizer = privatizer_for(name, len(shard)) if privatizer_for and len(shard) else None
         stats[name] = train_task(
             model.task_model(name), shard.x, shard.y,
             epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm,
-            seed=cfg.run.seed * 100_003 + server_round * 101 + i, proximal_mu=proximal_mu, privatizer=privatizer,
+            seed=cfg.run.seed * 100_003 + server_round * 101 + i, proximal_mu=proximal_mu,
+            privatizer=dp if len(shard) else None,
         )
+        if dp is not None and stats[name]["steps"]:
+            stats[name]["epsilon"] = dp.record_round(server_round, name, stats[name]["steps"], stats[name]["sample_rate"])
     return stats

@@ -14,7 +14,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from secure_fedkim.artifacts import client_dir, save_model
-from secure_fedkim.client import local_round, new_client_model
+from privacy.dp import HospitalDP, PrivacyProfile
+from privacy.ledger import PrivacyLedger
+from secure_fedkim.client import dp_round_schedule, hospital_records, local_round, new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import build_plan
 
@@ -46,15 +48,42 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     client = client_name(context, cfg)
     plans = build_plan(cfg)
+    home = state_dir(context, msg, client)
+    metrics = {"client-index": cfg.federation.clients.index(client)}
+    dp = hospital_dp(cfg, plans, client, home, str(msg.content["config"]["run-id"]))
+    if dp is not None and not dp.can_train():
+        dp.record_skip(round=server_round)
+        metrics.update({"skipped-budget": 1, "epsilon-spent": dp.spent_epsilon(), "num-examples": 0})
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
     model = new_client_model(cfg, plans)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    stats = local_round(model, plans, client, cfg, server_round)
-    save_model(model, state_dir(context, msg, client) / "local_model.safetensors")
-    metrics = {"num-examples": sum(s["n"] for s in stats.values()), "client-index": cfg.federation.clients.index(client)}
+    stats = local_round(model, plans, client, cfg, server_round, dp=dp)
+    save_model(model, home / "local_model.safetensors")
+    metrics["num-examples"] = sum(s["n"] for s in stats.values())
     for task, s in stats.items():
-        metrics[f"{task}.loss"] = float(s["loss"])
         metrics[f"{task}.n"] = int(s["n"])
         metrics[f"{task}.steps"] = int(s["steps"])
+        if dp is None:  # a training loss on private data is itself unprotected: not sent under DP
+            metrics[f"{task}.loss"] = float(s["loss"])
+    if dp is not None:
+        metrics["epsilon-spent"] = dp.spent_epsilon()
+        metrics["noise-multiplier"] = dp.noise_multiplier
     return Message(
         RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}), reply_to=msg
+    )
+
+
+def hospital_dp(cfg: RunConfig, plans, client: str, home: Path, run_id: str) -> HospitalDP | None:
+    """This hospital's DP state for the run, rebuilt from its own ledger (None when DP is off)."""
+    profile = cfg.dp_profile(client)
+    if profile is None:
+        return None
+    return HospitalDP(
+        PrivacyProfile(**profile.model_dump(), on_exhaustion=cfg.privacy.on_exhaustion),
+        PrivacyLedger(home / "ledger.jsonl"),
+        run_id,
+        dp_round_schedule(plans, client, cfg),
+        cfg.run.rounds,
+        n_records=hospital_records(plans, client),
     )

@@ -116,6 +116,31 @@ class ClientSection(_Strict):
     num_tokens: int = Field(4, ge=1)
 
 
+class DPProfileSection(_Strict):
+    """A hospital's record-level DP budget for the whole run (see privacy.dp.PrivacyProfile)."""
+
+    target_epsilon: float = Field(gt=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: min(1e-5, 1/(10 n)) for the hospital's n records
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    secure_mode: bool = False
+
+
+class PrivacySection(_Strict):
+    dp: bool = False
+    profile: DPProfileSection | None = None  # every hospital's budget unless overridden below
+    hospitals: dict[str, DPProfileSection] = {}  # per-hospital overrides
+    on_exhaustion: Literal["exclude_client", "stop_run"] = "exclude_client"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dp and self.profile is None and not self.hospitals:
+            raise ValueError("profile: dp is on but no privacy profile (target_epsilon) is given")
+        if not self.dp and (self.profile is not None or self.hospitals):
+            raise ValueError("dp: a privacy profile is given but dp is false; set dp: true (nothing is called DP without it)")
+        return self
+
+
 class BaselineSection(_Strict):
     single_hospital: bool = True
 
@@ -125,7 +150,13 @@ class RunConfig(_Strict):
     federation: FederationSection
     tasks: TasksSection
     client: ClientSection = ClientSection()
+    privacy: PrivacySection = PrivacySection()
     baseline: BaselineSection = BaselineSection()
+
+    def dp_profile(self, client: str) -> DPProfileSection | None:
+        if not self.privacy.dp:
+            return None
+        return self.privacy.hospitals.get(client, self.privacy.profile)
 
     def task_modality(self, entry: TaskEntry) -> str:
         return entry.modality or TASKS[entry.name].modality
@@ -139,6 +170,13 @@ class RunConfig(_Strict):
                 f"federation.clients: task {natural[0]!r} is partitioned 'natural' over its real sites "
                 f"{sites}; clients {self.federation.clients} do not match"
             )
+        unknown = sorted(set(self.privacy.hospitals) - set(self.federation.clients))
+        if unknown:
+            raise ValueError(f"privacy.hospitals: {unknown} are not clients of this federation {self.federation.clients}")
+        if self.privacy.dp and self.privacy.profile is None:
+            missing = sorted(set(self.federation.clients) - set(self.privacy.hospitals))
+            if missing:
+                raise ValueError(f"privacy.hospitals: no privacy profile for {missing} and no default profile")
         train_modalities = {self.task_modality(t) for t in self.tasks.train}
         for t in self.tasks.unseen:
             if self.task_modality(t) not in train_modalities:

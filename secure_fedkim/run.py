@@ -39,11 +39,18 @@ def make_run_dir(cfg: RunConfig, out_dir: str | Path | None) -> Path:
 def format_round_table(server_round: int, record: dict) -> str:
     test = record["client_model_test"]
     lines = [f"round {server_round}: global client model on held-out test sets"]
-    lines.append(f"  {'task':<22}{'acc':>7}{'f1':>7}{'auroc':>7}   client train loss")
     clients = record.get("clients", {})
+    private = any("epsilon-spent" in s for s in clients.values())
+    lines.append(f"  {'task':<22}{'acc':>7}{'f1':>7}{'auroc':>7}" + ("" if private else "   client train loss"))
     for task, m in test.items():
-        losses = " ".join(f"{c}={s.get(task + '.loss', float('nan')):.3f}" for c, s in clients.items())
-        lines.append(f"  {task:<22}{m['accuracy']:>7.3f}{m['f1']:>7.3f}{m.get('auroc', float('nan')):>7.3f}   {losses}")
+        losses = "" if private else "   " + " ".join(f"{c}={s.get(task + '.loss', float('nan')):.3f}" for c, s in clients.items())
+        lines.append(f"  {task:<22}{m['accuracy']:>7.3f}{m['f1']:>7.3f}{m.get('auroc', float('nan')):>7.3f}{losses}")
+    if private:
+        spent = ", ".join(
+            f"{c}={'skipped (budget)' if s.get('skipped-budget') else format(s['epsilon-spent'], '.3f')}"
+            for c, s in sorted(clients.items())
+        )
+        lines.append(f"  epsilon spent (accountant, whole run so far): {spent}")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None,
                 grid,
                 initial,
                 num_rounds=cfg.run.rounds,
-                train_config=ConfigRecord({"run-config": cfg.model_dump_json(), "run-dir": str(Path(run_dir).resolve())}),
+                train_config=ConfigRecord({"run-config": cfg.model_dump_json(), "run-dir": str(Path(run_dir).resolve()), "run-id": Path(run_dir).name}),
                 evaluate_fn=strategy.evaluate,
             )
             outcome["arrays"] = result.arrays

@@ -28,6 +28,10 @@ class RoundFailed(RuntimeError):
     """Too few clients answered a round; the run stops with what it has recorded so far."""
 
 
+class BudgetExhausted(RuntimeError):
+    """A hospital's privacy budget cannot pay for another round and the config says to stop the run."""
+
+
 class FedKIM(FedAvg):
     def __init__(self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None):
         n = len(cfg.federation.clients)
@@ -49,17 +53,36 @@ class FedKIM(FedAvg):
                 f"round {server_round}: {len(valid)} of {len(replies)} clients answered, fewer than "
                 f"min_clients={self.cfg.federation.min_clients}; errors: {failed}"
             )
-        vectors, weights, stats = [], [], {}
+        vectors, weights, stats, skipped = [], [], {}, []
         for m in valid:
             metrics = m.content["metrics"]
             client = self.cfg.federation.clients[int(metrics["client-index"])]
+            stats[client] = {k: v for k, v in metrics.items() if k != "client-index"}
+            if metrics.get("skipped-budget"):
+                skipped.append(client)
+                continue
             vectors.append(flatten_state(m.content["arrays"].to_torch_state_dict()))
             weights.append(float(metrics["num-examples"]))
-            stats[client] = {k: v for k, v in metrics.items() if k != "client-index"}
+        self._client_stats = {"clients": stats, "failed": failed, "skipped_budget": skipped}
+        if skipped and self.cfg.privacy.on_exhaustion == "stop_run":
+            self._write_round(server_round, {"round": server_round, **self._client_stats, "stopped": "budget"})
+            raise BudgetExhausted(
+                f"round {server_round}: {skipped} cannot afford another round within their privacy budget; "
+                f"the run stops (privacy.on_exhaustion: stop_run)"
+            )
+        if len(vectors) < self.cfg.federation.min_clients:
+            raise RoundFailed(
+                f"round {server_round}: {len(vectors)} clients trained ({skipped} skipped for budget), fewer "
+                f"than min_clients={self.cfg.federation.min_clients}"
+            )
         mean = weighted_mean(vectors, weights)
-        self._client_stats = {"clients": stats, "failed": failed}
         arrays = ArrayRecord(unflatten_state(mean, self.template))
         return arrays, MetricRecord({"num-clients": len(valid), "num-examples": int(sum(weights))})
+
+    def _write_round(self, server_round: int, record: dict) -> None:
+        out = self.run_dir / "metrics"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"round_{server_round:03d}.json").write_text(json.dumps(record, indent=2))
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralised evaluation of the global lightweight model on every training task's test split."""
@@ -72,10 +95,9 @@ class FedKIM(FedAvg):
                 test[name] = evaluate_task(model.task_model(name), t.x, t.y)
         record = {"round": server_round, "client_model_test": test, **(self._client_stats if server_round else {})}
         self.history.append(record)
-        out = self.run_dir / "metrics"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"round_{server_round:03d}.json").write_text(json.dumps(record, indent=2))
+        self._write_round(server_round, record)
         if self.on_round:
             self.on_round(server_round, record)
         return MetricRecord({f"{k}.{m}": float(v) for k, r in test.items() for m, v in r.items()})
+
 

@@ -53,9 +53,10 @@ def train_task(
     loader = DataLoader(as_tensors(x, y), batch_size=min(batch_size, len(x)), shuffle=True, generator=g)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    module = model
+    module, sample_rate = model, loader.batch_size / len(x)
     if privatizer is not None:
         module, optimizer, loader = privatizer.make_private(model, optimizer, loader)
+        sample_rate = loader.sample_rate  # Poisson: 1 / ceil(n / batch)
     module.train()
     total, count, steps = 0.0, 0, 0
     loss_fn = nn.BCEWithLogitsLoss()
@@ -80,7 +81,7 @@ def train_task(
             steps += 1
     if privatizer is not None and hasattr(module, "_close"):
         module._close()  # remove Opacus hooks from the shared encoder
-    return {"loss": total / max(count, 1), "steps": steps, "n": len(x), "sample_rate": min(batch_size, len(x)) / len(x)}
+    return {"loss": total / max(count, 1), "steps": steps, "n": len(x), "sample_rate": sample_rate}
 
 
 @torch.no_grad()

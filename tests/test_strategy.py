@@ -19,15 +19,6 @@ CFG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def flower_run_identity(monkeypatch):
-    """Messages are stamped with the current run id, which Flower sets when it runs a ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
-
 
 def reply(model, index, n):
     content = RecordDict(
@@ -36,7 +27,7 @@ def reply(model, index, n):
     return Message(content, dst_node_id=index + 1, message_type="train")
 
 
-def test_fedkim_aggregate_is_the_sample_weighted_mean(tmp_path):
+def test_fedkim_aggregate_is_the_sample_weighted_mean(flower_identity, tmp_path):
     cfg = parse_config(CFG)
     plans = build_plan(cfg)
     strategy = FedKIM(cfg, plans, tmp_path)
@@ -59,7 +50,7 @@ def test_fedkim_aggregate_is_the_sample_weighted_mean(tmp_path):
     assert 0.0 <= record["heart_disease.accuracy"] <= 1.0
 
 
-def test_too_few_replies_stop_the_run(tmp_path):
+def test_too_few_replies_stop_the_run(flower_identity, tmp_path):
     cfg = parse_config(CFG)
     plans = build_plan(cfg)
     strategy = FedKIM(cfg, plans, tmp_path)

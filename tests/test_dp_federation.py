@@ -1,0 +1,55 @@
+"""DP inside the federation: the real ClientApp spends from its hospital's ledger and stops when the budget is gone."""
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from privacy.accounting import epsilon
+from privacy.ledger import PrivacyLedger
+from secure_fedkim.client import new_client_model
+from secure_fedkim.client_app import app as client_app
+from secure_fedkim.config import parse_config
+from secure_fedkim.plan import build_plan
+
+CFG = {
+    "run": {"rounds": 2, "seed": 2},
+    "federation": {"clients": ["cleveland", "hungary", "switzerland", "va_long_beach"], "min_clients": 2},
+    "tasks": {"train": [{"name": "heart_disease", "partition": "natural"}], "max_test_records": 50},
+    "client": {"token_dim": 16, "num_tokens": 2, "batch_size": 32},
+    "privacy": {"dp": True, "profile": {"target_epsilon": 3.0}, "hospitals": {"switzerland": {"target_epsilon": 1.0}}},
+}
+
+
+
+def train_message(cfg, arrays, server_round, run_dir):
+    config = ConfigRecord(
+        {"run-config": cfg.model_dump_json(), "server-round": server_round, "run-dir": str(run_dir), "run-id": "r1"}
+    )
+    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=7, message_type="train")
+
+
+def test_hospital_spends_its_own_budget_and_stops_when_it_is_gone(flower_identity, tmp_path):
+    cfg = parse_config(CFG)
+    arrays = ArrayRecord(new_client_model(cfg, build_plan(cfg)).state_dict())
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    ledger = PrivacyLedger(tmp_path / "clients" / "switzerland" / "ledger.jsonl")
+
+    spent = []
+    for r in (1, 2):
+        reply = client_app(train_message(cfg, arrays, r, tmp_path), context)
+        metrics = reply.content["metrics"]
+        assert "heart_disease.loss" not in metrics  # an unprotected training loss never leaves under DP
+        spent.append(metrics["epsilon-spent"])
+    plan = ledger.events("dp_plan")[0]
+    assert plan["target_epsilon"] == 1.0  # the hospital's own budget, not the federation default
+    # the reported spend is the accountant's over exactly the ledger's history, and meets the target at the end
+    assert spent[1] == pytest.approx(epsilon(ledger.dp_history("r1"), plan["delta"], "prv"), rel=1e-9)
+    assert spent[0] < spent[1] <= 1.0 + 1e-9 and spent[1] > 0.97
+
+    # a third round would exceed the budget: the hospital does not train, says why, and sends no weights
+    before = len(ledger.entries())
+    reply = client_app(train_message(cfg, arrays, 3, tmp_path), context)
+    assert reply.content["metrics"]["skipped-budget"] == 1
+    assert "arrays" not in reply.content.array_records
+    entries = ledger.entries()
+    assert [e["event"] for e in entries[before:]] == ["skipped_budget"]
+    assert len(ledger.dp_history("r1")) == 2  # nothing more was spent
