@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from secure_fedkim.aggregation import flatten_state
 from secure_fedkim.artifacts import client_dir, save_model
 from privacy.dp import HospitalDP, PrivacyProfile
+from privacy.he import encrypt_update
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.client import dp_round_schedule, hospital_records, local_round, new_client_model
 from secure_fedkim.config import RunConfig
+from secure_fedkim.identity import load_signing_key
 from secure_fedkim.plan import build_plan
 
 app = ClientApp()
@@ -69,9 +72,16 @@ def train(msg: Message, context: Context) -> Message:
     if dp is not None:
         metrics["epsilon-spent"] = dp.spent_epsilon()
         metrics["noise-multiplier"] = dp.noise_multiplier
-    return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}), reply_to=msg
-    )
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if cfg.federation.aggregation == "he":  # only ciphertext leaves the hospital
+        update = encrypt_update(
+            flatten_state(model.state_dict()), metrics["num-examples"], bytes(msg.content["config"]["he-public-context"]),
+            load_signing_key(home), run_id=str(msg.content["config"]["run-id"]), round=server_round, client=client,
+        )
+        content["he"] = ConfigRecord({"update": update.to_bytes()})
+    else:
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content, reply_to=msg)
 
 
 def hospital_dp(cfg: RunConfig, plans, client: str, home: Path, run_id: str) -> HospitalDP | None:

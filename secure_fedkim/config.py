@@ -31,13 +31,19 @@ class RunSection(_Strict):
     out_dir: str = "runs"
 
 
+class HESection(_Strict):
+    """CKKS mode: the key holder's noise flooding of each released aggregate (privacy.he)."""
+
+    flooding_sigma: float = Field(1e-5, gt=0.0)
+
+
 class FederationSection(_Strict):
     clients: list[str] = Field(min_length=1)
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0.0)
     min_clients: int = Field(2, ge=1)
-    engine: Literal["simulation", "inprocess"] = "simulation"
-    aggregation: Literal["plain"] = "plain"
+    aggregation: Literal["plain", "he"] = "plain"
+    he: HESection = HESection()
 
     @model_validator(mode="after")
     def _check(self):
@@ -45,6 +51,8 @@ class FederationSection(_Strict):
             raise ValueError("clients: names must be unique")
         if self.min_clients > len(self.clients):
             raise ValueError(f"min_clients: {self.min_clients} is more than the {len(self.clients)} clients")
+        if self.aggregation == "he" and self.min_clients < 2:
+            raise ValueError("min_clients: he mode needs at least 2 (decrypting a sum of one update releases it)")
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError("proximal_mu: fedprox needs proximal_mu > 0 (the paper uses 1e-6)")
         return self

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from secure_fedkim.artifacts import save_model
+from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import local_round, new_client_model
 from secure_fedkim.config import RunConfig, config_sha256
+from secure_fedkim.identity import ensure_signing_key
 from secure_fedkim.plan import build_plan
 from secure_fedkim.training import evaluate_task
 
@@ -60,6 +61,8 @@ def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]
     from secure_fedkim.client_app import app as client_app
     from secure_fedkim.server_app import make_server_app
 
+    if cfg.federation.aggregation == "he":
+        register_hospitals(cfg, run_dir)
     outcome: dict = {}
     server_app = make_server_app(cfg, run_dir, outcome, on_round=on_round)
     n = len(cfg.federation.clients)
@@ -77,7 +80,16 @@ def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]
         raise outcome["error"]
     if "arrays" not in outcome:
         raise RuntimeError("the Flower simulation ended without a result; see its log above")
-    return outcome["arrays"].to_torch_state_dict(), outcome["strategy"].history
+    return outcome["arrays"].to_torch_state_dict(), outcome["strategy"].history, outcome.get("he")
+
+
+def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
+    """Onboarding, as each hospital would do it: make its signing key in its own state dir and hand the
+    federation only the public key."""
+    keys = run_dir / "keys"
+    keys.mkdir(exist_ok=True)
+    for client in cfg.federation.clients:
+        (keys / f"{client}.pub").write_bytes(ensure_signing_key(client_dir(run_dir, client)))
 
 
 def single_hospital_baseline(cfg: RunConfig) -> dict[str, dict[str, dict]]:
@@ -111,7 +123,7 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
         if server_round:
             bar.update(1)
 
-    state, history = _simulate(cfg, run_dir, on_round)
+    state, history, he_parameters = _simulate(cfg, run_dir, on_round)
     bar.close()
     model = new_client_model(cfg, plans)
     model.load_state_dict(state)
@@ -124,6 +136,7 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
         "config_sha256": config_sha256(config_text),
         "seconds": round(time.time() - started, 1),
         "tasks": {n: {"role": p.task.role, "modality": p.task.modality, "records": len(p.data)} for n, p in plans.items()},
+        "aggregation": {"mode": cfg.federation.aggregation, **({"ckks": he_parameters} if he_parameters else {})},
         "federated_test": final_test,
         "single_hospital_test": single,
     }

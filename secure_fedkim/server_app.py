@@ -11,8 +11,20 @@ from flwr.supercore.logger import update_console_handler
 
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
+from secure_fedkim.keyholder import KeyHolderProcess
 from secure_fedkim.plan import build_plan
 from secure_fedkim.strategy import FedKIM
+
+
+def registered_keys(run_dir: Path, clients: list[str]) -> dict[str, bytes]:
+    """The hospitals' public signing keys, as registered when they joined (run_dir/keys/<hospital>.pub)."""
+    keys = {}
+    for c in clients:
+        path = Path(run_dir) / "keys" / f"{c}.pub"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: hospital {c!r} has no registered signing key")
+        keys[c] = path.read_bytes()
+    return keys
 
 
 def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None, quiet_flower: bool = True) -> ServerApp:
@@ -23,20 +35,29 @@ def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None,
     def main(grid: Grid, context: Context) -> None:
         if quiet_flower:
             update_console_handler(level=logging.WARNING)  # our own per-round table replaces Flower's log
+        keyholder = None
         try:
             plans = build_plan(cfg)
-            strategy = FedKIM(cfg, plans, run_dir, on_round=on_round)
+            train_config = {"run-config": cfg.model_dump_json(), "run-dir": str(Path(run_dir).resolve()), "run-id": Path(run_dir).name}
+            verify_keys = None
+            if cfg.federation.aggregation == "he":
+                verify_keys = registered_keys(run_dir, cfg.federation.clients)
+                keyholder = KeyHolderProcess(
+                    run_dir, verify_keys, Path(run_dir).name, cfg.federation.min_clients, cfg.federation.he.flooding_sigma
+                )
+                train_config["he-public-context"] = keyholder.public_context
+                outcome["he"] = keyholder.parameters
+            strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, keyholder=keyholder, verify_keys=verify_keys)
             outcome["strategy"] = strategy
             initial = ArrayRecord(new_client_model(cfg, plans).state_dict())
             result = strategy.start(
-                grid,
-                initial,
-                num_rounds=cfg.run.rounds,
-                train_config=ConfigRecord({"run-config": cfg.model_dump_json(), "run-dir": str(Path(run_dir).resolve()), "run-id": Path(run_dir).name}),
-                evaluate_fn=strategy.evaluate,
+                grid, initial, num_rounds=cfg.run.rounds, train_config=ConfigRecord(train_config), evaluate_fn=strategy.evaluate
             )
             outcome["arrays"] = result.arrays
         except Exception as e:  # surfaced by the caller: Flower's simulation would only log it
             outcome["error"] = e
+        finally:
+            if keyholder is not None:
+                keyholder.close()
 
     return app

@@ -12,9 +12,11 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from privacy.he import Aggregator, HEPayloadError, InsufficientContributionsError
 from secure_fedkim.aggregation import flatten_state, unflatten_state, weighted_mean
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
@@ -33,13 +35,14 @@ class BudgetExhausted(RuntimeError):
 
 
 class FedKIM(FedAvg):
-    def __init__(self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None):
+    def __init__(self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None, keyholder=None, verify_keys=None):
         n = len(cfg.federation.clients)
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
         )
         self.cfg, self.plans, self.run_dir = cfg, plans, Path(run_dir)
         self.on_round = on_round  # callback(round, record) for progress display
+        self.keyholder, self.verify_keys = keyholder, verify_keys  # he mode: a KeyHolderProcess, never a secret key
         self.template = new_client_model(cfg, plans).state_dict()
         self.history: list[dict] = []
         self._client_stats: dict[str, dict] = {}
@@ -53,16 +56,15 @@ class FedKIM(FedAvg):
                 f"round {server_round}: {len(valid)} of {len(replies)} clients answered, fewer than "
                 f"min_clients={self.cfg.federation.min_clients}; errors: {failed}"
             )
-        vectors, weights, stats, skipped = [], [], {}, []
+        contributions, stats, skipped = [], {}, []
         for m in valid:
             metrics = m.content["metrics"]
             client = self.cfg.federation.clients[int(metrics["client-index"])]
             stats[client] = {k: v for k, v in metrics.items() if k != "client-index"}
             if metrics.get("skipped-budget"):
                 skipped.append(client)
-                continue
-            vectors.append(flatten_state(m.content["arrays"].to_torch_state_dict()))
-            weights.append(float(metrics["num-examples"]))
+            else:
+                contributions.append((client, m.content, float(metrics["num-examples"])))
         self._client_stats = {"clients": stats, "failed": failed, "skipped_budget": skipped}
         if skipped and self.cfg.privacy.on_exhaustion == "stop_run":
             self._write_round(server_round, {"round": server_round, **self._client_stats, "stopped": "budget"})
@@ -70,14 +72,39 @@ class FedKIM(FedAvg):
                 f"round {server_round}: {skipped} cannot afford another round within their privacy budget; "
                 f"the run stops (privacy.on_exhaustion: stop_run)"
             )
-        if len(vectors) < self.cfg.federation.min_clients:
+        if len(contributions) < self.cfg.federation.min_clients:
             raise RoundFailed(
-                f"round {server_round}: {len(vectors)} clients trained ({skipped} skipped for budget), fewer "
+                f"round {server_round}: {len(contributions)} clients trained ({skipped} skipped for budget), fewer "
                 f"than min_clients={self.cfg.federation.min_clients}"
             )
-        mean = weighted_mean(vectors, weights)
+        if self.keyholder is None:
+            mean = weighted_mean(
+                [flatten_state(c.array_records["arrays"].to_torch_state_dict()) for _, c, _ in contributions],
+                [w for _, _, w in contributions],
+            )
+        else:
+            mean = self._he_mean(server_round, contributions)
         arrays = ArrayRecord(unflatten_state(mean, self.template))
-        return arrays, MetricRecord({"num-clients": len(valid), "num-examples": int(sum(weights))})
+        total = int(sum(w for _, _, w in contributions))
+        return arrays, MetricRecord({"num-clients": len(contributions), "num-examples": total})
+
+    def _he_mean(self, server_round: int, contributions) -> "np.ndarray":
+        """Sum the ciphertexts here (public context only); the key holder decrypts the mean, once."""
+        aggregator = Aggregator(
+            self.keyholder.public_context, self.verify_keys, self.run_dir.name, server_round, self.cfg.federation.min_clients
+        )
+        rejected = {}
+        for client, content, _ in contributions:
+            try:
+                aggregator.add(bytes(content.config_records["he"]["update"]))
+            except HEPayloadError as e:  # the round goes on with the others if min_clients still holds
+                rejected[client] = str(e)
+        self._client_stats["rejected"] = rejected
+        try:
+            encrypted = aggregator.aggregate()
+        except InsufficientContributionsError as e:
+            raise RoundFailed(f"round {server_round}: {e}; rejected: {rejected}") from None
+        return self.keyholder.decrypt(encrypted.to_bytes()).astype(np.float32)
 
     def _write_round(self, server_round: int, record: dict) -> None:
         out = self.run_dir / "metrics"
