@@ -1,29 +1,45 @@
-"""The Flower ClientApp: one hospital's node.
+"""The Flower ClientApps: one hospital's node.
 
-It receives the global client model and the run config, trains on its own persistent shards, and replies
-with its updated weights and per-task training statistics. The same app runs in Flower's simulation and
-on a SuperNode of the deployment engine.
+A hospital receives the global client model and the run config, trains on its own persistent shards
+(with DP-SGD when its profile says so), and replies with its update in the run's transport:
+- `app` (Flower's Message API): `plain` sends weights, `he` sends a signed CKKS ciphertext only;
+- `secagg_app`: Flower's SecAgg+ protocol (`secaggplus_mod`), which masks the weights so that the
+  server learns only their sum.
+Both call the same `hospital_round`, and both run unchanged in Flower's simulation or on a SuperNode.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from secure_fedkim.aggregation import flatten_state
-from secure_fedkim.artifacts import client_dir, save_model
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.he import encrypt_update
 from privacy.ledger import PrivacyLedger
+from secure_fedkim.aggregation import flatten_state
+from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import dp_round_schedule, hospital_records, local_round, new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.identity import load_signing_key
+from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import build_plan
 
-app = ClientApp()
+
+class BudgetSkip(RuntimeError):
+    """This hospital cannot afford the round within its privacy budget (recorded in its ledger)."""
+
+
+@dataclass
+class RoundResult:
+    client: str
+    model: ClientModel | None  # None when the hospital skipped the round for its budget
+    metrics: dict = field(default_factory=dict)
 
 
 def client_name(context: Context, cfg: RunConfig) -> str:
@@ -37,51 +53,11 @@ def client_name(context: Context, cfg: RunConfig) -> str:
     return cfg.federation.clients[int(node["partition-id"])]
 
 
-def state_dir(context: Context, msg: Message, client: str) -> Path:
+def state_dir(context: Context, run_dir: str, client: str) -> Path:
     """Where this hospital keeps its own state: its node's `state-dir`, or the run directory in a simulation."""
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"]))
-    return client_dir(str(msg.content["config"]["run-dir"]), client)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    torch.set_num_threads(1)
-    cfg = RunConfig.model_validate_json(str(msg.content["config"]["run-config"]))
-    server_round = int(msg.content["config"]["server-round"])
-    client = client_name(context, cfg)
-    plans = build_plan(cfg)
-    home = state_dir(context, msg, client)
-    metrics = {"client-index": cfg.federation.clients.index(client)}
-    dp = hospital_dp(cfg, plans, client, home, str(msg.content["config"]["run-id"]))
-    if dp is not None and not dp.can_train():
-        dp.record_skip(round=server_round)
-        metrics.update({"skipped-budget": 1, "epsilon-spent": dp.spent_epsilon(), "num-examples": 0})
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-    model = new_client_model(cfg, plans)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    stats = local_round(model, plans, client, cfg, server_round, dp=dp)
-    save_model(model, home / "local_model.safetensors")
-    metrics["num-examples"] = sum(s["n"] for s in stats.values())
-    for task, s in stats.items():
-        metrics[f"{task}.n"] = int(s["n"])
-        metrics[f"{task}.steps"] = int(s["steps"])
-        if dp is None:  # a training loss on private data is itself unprotected: not sent under DP
-            metrics[f"{task}.loss"] = float(s["loss"])
-    if dp is not None:
-        metrics["epsilon-spent"] = dp.spent_epsilon()
-        metrics["noise-multiplier"] = dp.noise_multiplier
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if cfg.federation.aggregation == "he":  # only ciphertext leaves the hospital
-        update = encrypt_update(
-            flatten_state(model.state_dict()), metrics["num-examples"], bytes(msg.content["config"]["he-public-context"]),
-            load_signing_key(home), run_id=str(msg.content["config"]["run-id"]), round=server_round, client=client,
-        )
-        content["he"] = ConfigRecord({"update": update.to_bytes()})
-    else:
-        content["arrays"] = ArrayRecord(model.state_dict())
-    return Message(content, reply_to=msg)
+    return client_dir(run_dir, client)
 
 
 def hospital_dp(cfg: RunConfig, plans, client: str, home: Path, run_id: str) -> HospitalDP | None:
@@ -97,3 +73,80 @@ def hospital_dp(cfg: RunConfig, plans, client: str, home: Path, run_id: str) -> 
         cfg.run.rounds,
         n_records=hospital_records(plans, client),
     )
+
+
+def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> RoundResult:
+    """One round at one hospital: budget check, (DP-)training, spend recorded, local model kept."""
+    torch.set_num_threads(1)
+    server_round = int(config["server-round"])
+    client = client_name(context, cfg)
+    plans = build_plan(cfg)
+    home = state_dir(context, str(config["run-dir"]), client)
+    metrics = {"client-index": cfg.federation.clients.index(client)}
+    dp = hospital_dp(cfg, plans, client, home, str(config["run-id"]))
+    if dp is not None and not dp.can_train():
+        dp.record_skip(round=server_round)
+        metrics.update({"skipped-budget": 1, "epsilon-spent": dp.spent_epsilon(), "num-examples": 0})
+        return RoundResult(client, None, metrics)
+
+    model = new_client_model(cfg, plans)
+    model.load_state_dict(state)
+    stats = local_round(model, plans, client, cfg, server_round, dp=dp)
+    save_model(model, home / "local_model.safetensors")
+    metrics["num-examples"] = sum(s["n"] for s in stats.values())
+    for task, s in stats.items():
+        metrics[f"{task}.n"] = int(s["n"])
+        metrics[f"{task}.steps"] = int(s["steps"])
+        if dp is None:  # a training loss on private data is itself unprotected: not sent under DP
+            metrics[f"{task}.loss"] = float(s["loss"])
+    if dp is not None:
+        metrics["epsilon-spent"] = dp.spent_epsilon()
+        metrics["noise-multiplier"] = dp.noise_multiplier
+    return RoundResult(client, model, metrics)
+
+
+# --- plain and he: Flower's Message API -----------------------------------------------------------
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    cfg = RunConfig.model_validate_json(str(config["run-config"]))
+    result = hospital_round(cfg, context, config, msg.content["arrays"].to_torch_state_dict())
+    content = RecordDict({"metrics": MetricRecord(result.metrics)})
+    if result.model is None:
+        return Message(content, reply_to=msg)
+    if cfg.federation.aggregation == "he":  # only ciphertext leaves the hospital
+        home = state_dir(context, str(config["run-dir"]), result.client)
+        update = encrypt_update(
+            flatten_state(result.model.state_dict()), result.metrics["num-examples"],
+            bytes(config["he-public-context"]), load_signing_key(home),
+            run_id=str(config["run-id"]), round=int(config["server-round"]), client=result.client,
+        )
+        content["he"] = ConfigRecord({"update": update.to_bytes()})
+    else:
+        content["arrays"] = ArrayRecord(result.model.state_dict())
+    return Message(content, reply_to=msg)
+
+
+# --- secagg: Flower's SecAgg+ protocol (its mod masks what `fit` returns) ---------------------------
+
+
+class SecAggHospital(NumPyClient):
+    def __init__(self, context: Context):
+        self.context = context
+
+    def fit(self, parameters, config):
+        cfg = RunConfig.model_validate_json(str(config["run-config"]))
+        template = new_client_model(cfg, build_plan(cfg)).state_dict()
+        state = {k: torch.from_numpy(a.copy()) for k, a in zip(template, parameters)}
+        result = hospital_round(cfg, self.context, config, state)
+        if result.model is None:  # to SecAgg+ this is a dropout: its masks are recovered from the shares
+            raise BudgetSkip(f"{result.client}: privacy budget exhausted, not training this round")
+        arrays = [t.detach().numpy() for t in result.model.state_dict().values()]
+        return arrays, int(result.metrics["num-examples"]), result.metrics
+
+
+secagg_app = ClientApp(client_fn=lambda context: SecAggHospital(context).to_client(), mods=[secaggplus_mod])

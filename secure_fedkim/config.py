@@ -37,13 +37,31 @@ class HESection(_Strict):
     flooding_sigma: float = Field(1e-5, gt=0.0)
 
 
+class SecAggSection(_Strict):
+    """Flower SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow); see secure_fedkim.secagg for the error."""
+
+    num_shares: int = Field(3, ge=2)
+    reconstruction_threshold: int = Field(2, ge=2)
+    clipping_range: float = Field(8.0, gt=0.0)  # model weights are clipped to [-range, range] before masking
+    quantization_range: int = Field(4194304, ge=2)
+    max_weight: float = Field(5000.0, gt=0.0)  # an upper bound on any hospital's num_examples
+    timeout: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.reconstruction_threshold > self.num_shares:
+            raise ValueError("reconstruction_threshold: cannot exceed num_shares")
+        return self
+
+
 class FederationSection(_Strict):
     clients: list[str] = Field(min_length=1)
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0.0)
     min_clients: int = Field(2, ge=1)
-    aggregation: Literal["plain", "he"] = "plain"
+    aggregation: Literal["plain", "he", "secagg"] = "plain"
     he: HESection = HESection()
+    secagg: SecAggSection = SecAggSection()
 
     @model_validator(mode="after")
     def _check(self):
@@ -53,6 +71,8 @@ class FederationSection(_Strict):
             raise ValueError(f"min_clients: {self.min_clients} is more than the {len(self.clients)} clients")
         if self.aggregation == "he" and self.min_clients < 2:
             raise ValueError("min_clients: he mode needs at least 2 (decrypting a sum of one update releases it)")
+        if self.aggregation == "secagg" and self.secagg.num_shares > len(self.clients):
+            raise ValueError(f"secagg.num_shares: {self.secagg.num_shares} is more than the {len(self.clients)} clients")
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError("proximal_mu: fedprox needs proximal_mu > 0 (the paper uses 1e-6)")
         return self

@@ -58,7 +58,7 @@ def format_round_table(server_round: int, record: dict) -> str:
 def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]]:
     from flwr.simulation import run_simulation
 
-    from secure_fedkim.client_app import app as client_app
+    from secure_fedkim.client_app import app, secagg_app
     from secure_fedkim.server_app import make_server_app
 
     if cfg.federation.aggregation == "he":
@@ -69,7 +69,7 @@ def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]
     cpus = max(1, min(os.cpu_count() or 1, n))
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
+        client_app=secagg_app if cfg.federation.aggregation == "secagg" else app,
         num_supernodes=n,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

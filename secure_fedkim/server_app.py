@@ -12,6 +12,7 @@ from flwr.supercore.logger import update_console_handler
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.keyholder import KeyHolderProcess
+from secure_fedkim.secagg import run_secagg
 from secure_fedkim.plan import build_plan
 from secure_fedkim.strategy import FedKIM
 
@@ -50,10 +51,15 @@ def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None,
             strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, keyholder=keyholder, verify_keys=verify_keys)
             outcome["strategy"] = strategy
             initial = ArrayRecord(new_client_model(cfg, plans).state_dict())
-            result = strategy.start(
-                grid, initial, num_rounds=cfg.run.rounds, train_config=ConfigRecord(train_config), evaluate_fn=strategy.evaluate
-            )
-            outcome["arrays"] = result.arrays
+            if cfg.federation.aggregation == "secagg":
+                strategy.evaluate(0, initial)
+                outcome["arrays"] = run_secagg(grid, context, strategy, initial, train_config)
+            else:
+                result = strategy.start(
+                    grid, initial, num_rounds=cfg.run.rounds, train_config=ConfigRecord(train_config),
+                    evaluate_fn=strategy.evaluate,
+                )
+                outcome["arrays"] = result.arrays
         except Exception as e:  # surfaced by the caller: Flower's simulation would only log it
             outcome["error"] = e
         finally:

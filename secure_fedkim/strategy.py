@@ -51,20 +51,34 @@ class FedKIM(FedAvg):
         replies = list(replies)
         valid = [m for m in replies if not m.has_error()]
         failed = [m.error.reason for m in replies if m.has_error()]
-        if len(valid) < self.cfg.federation.min_clients:
-            raise RoundFailed(
-                f"round {server_round}: {len(valid)} of {len(replies)} clients answered, fewer than "
-                f"min_clients={self.cfg.federation.min_clients}; errors: {failed}"
+        contributions = self.collect(server_round, [m.content["metrics"] for m in valid], failed)
+        by_client = {self.client_of(m.content["metrics"]): m.content for m in valid}
+        if self.keyholder is None:
+            mean = weighted_mean(
+                [flatten_state(by_client[c].array_records["arrays"].to_torch_state_dict()) for c, _ in contributions],
+                [w for _, w in contributions],
             )
+        else:
+            mean = self._he_mean(server_round, [(c, by_client[c]) for c, _ in contributions])
+        return self.finish_round(server_round, mean, contributions)
+
+    def client_of(self, metrics) -> str:
+        return self.cfg.federation.clients[int(metrics["client-index"])]
+
+    def collect(self, server_round: int, replies_metrics: list, failed: list[str]) -> list[tuple[str, float]]:
+        """Record each hospital's statistics; return (hospital, weight) of those whose update counts.
+
+        Raises RoundFailed when fewer than min_clients can contribute, BudgetExhausted when a hospital is
+        out of budget and the config says to stop the run.
+        """
         contributions, stats, skipped = [], {}, []
-        for m in valid:
-            metrics = m.content["metrics"]
-            client = self.cfg.federation.clients[int(metrics["client-index"])]
+        for metrics in replies_metrics:
+            client = self.client_of(metrics)
             stats[client] = {k: v for k, v in metrics.items() if k != "client-index"}
             if metrics.get("skipped-budget"):
                 skipped.append(client)
             else:
-                contributions.append((client, m.content, float(metrics["num-examples"])))
+                contributions.append((client, float(metrics["num-examples"])))
         self._client_stats = {"clients": stats, "failed": failed, "skipped_budget": skipped}
         if skipped and self.cfg.privacy.on_exhaustion == "stop_run":
             self._write_round(server_round, {"round": server_round, **self._client_stats, "stopped": "budget"})
@@ -74,18 +88,15 @@ class FedKIM(FedAvg):
             )
         if len(contributions) < self.cfg.federation.min_clients:
             raise RoundFailed(
-                f"round {server_round}: {len(contributions)} clients trained ({skipped} skipped for budget), fewer "
-                f"than min_clients={self.cfg.federation.min_clients}"
+                f"round {server_round}: {len(contributions)} clients contributed ({skipped} skipped for budget, "
+                f"{len(failed)} failed), fewer than min_clients={self.cfg.federation.min_clients}; errors: {failed}"
             )
-        if self.keyholder is None:
-            mean = weighted_mean(
-                [flatten_state(c.array_records["arrays"].to_torch_state_dict()) for _, c, _ in contributions],
-                [w for _, _, w in contributions],
-            )
-        else:
-            mean = self._he_mean(server_round, contributions)
+        return contributions
+
+    def finish_round(self, server_round: int, mean: np.ndarray, contributions) -> tuple[ArrayRecord, MetricRecord]:
+        """What every transport's aggregate becomes: the next global model."""
         arrays = ArrayRecord(unflatten_state(mean, self.template))
-        total = int(sum(w for _, _, w in contributions))
+        total = int(sum(w for _, w in contributions))
         return arrays, MetricRecord({"num-clients": len(contributions), "num-examples": total})
 
     def _he_mean(self, server_round: int, contributions) -> "np.ndarray":
@@ -94,7 +105,7 @@ class FedKIM(FedAvg):
             self.keyholder.public_context, self.verify_keys, self.run_dir.name, server_round, self.cfg.federation.min_clients
         )
         rejected = {}
-        for client, content, _ in contributions:
+        for client, content in contributions:
             try:
                 aggregator.add(bytes(content.config_records["he"]["update"]))
             except HEPayloadError as e:  # the round goes on with the others if min_clients still holds
