@@ -54,5 +54,5 @@ def test_too_few_replies_stop_the_run(flower_identity, tmp_path):
     cfg = parse_config(CFG)
     plans = build_plan(cfg)
     strategy = FedKIM(cfg, plans, tmp_path)
-    with pytest.raises(RoundFailed, match="1 of 1 clients answered, fewer than min_clients=2"):
+    with pytest.raises(RoundFailed, match="1 clients contributed .* fewer than min_clients=2"):
         strategy.aggregate_train(1, [reply(new_client_model(cfg, plans), 0, 5)])
