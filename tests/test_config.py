@@ -107,3 +107,26 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_privacy_section_errors():
+    d = demo()
+    d["privacy"] = {"dp": True}
+    assert "no privacy profile" in _error(d)
+    d["privacy"] = {"dp": False, "profile": {"target_epsilon": 1.0}}
+    assert "set dp: true" in _error(d)
+    d["privacy"] = {"dp": True, "profile": {"target_epsilon": 1.0}, "hospitals": {"mayo": {"target_epsilon": 2.0}}}
+    assert "['mayo'] are not clients" in _error(d)
+    d["privacy"] = {"dp": True, "profile": {"target_epsilon": -1.0}}
+    assert _error(d).startswith("bad.yaml: privacy.profile.target_epsilon:")
+
+
+def test_aggregation_mode_errors():
+    d = demo()
+    d["federation"]["aggregation"] = "he"
+    d["federation"]["min_clients"] = 1
+    assert "he mode needs at least 2" in _error(d)
+    d = demo()
+    d["federation"]["aggregation"] = "secagg"
+    d["federation"]["secagg"] = {"num_shares": 2, "reconstruction_threshold": 3}
+    assert "reconstruction_threshold: cannot exceed num_shares" in _error(d)
