@@ -169,6 +169,40 @@ class PrivacySection(_Strict):
         return self
 
 
+class InjectionSection(_Strict):
+    """Knowledge injection into the foundation model (METHOD.md): M3OE or a baseline, trained on the server's
+    labelled public split after every round."""
+
+    enabled: bool = True
+    method: Literal["fedkim", "fedplug", "fedplug_l", "fedkim_pub"] = "fedkim"
+    gate_inputs: Literal["both", "task_only", "modality_only"] = "both"  # task_only = w/o M, modality_only = w/o T
+    num_experts: int = Field(12, ge=1)
+    r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["query", "value"]
+    apply_scaling: bool = True  # the published code never applies lora_alpha / r
+    gating: Literal["dense", "topk"] = "dense"
+    top_k: int = Field(2, ge=1)
+    trainable: Literal["as_described", "as_published"] = "as_described"
+    fm_path: str | None = None  # a local Hugging Face model directory; None = the installed all-MiniLM-L6-v2
+    fm_kind: Literal["encoder", "causal"] = "encoder"
+    order: Literal["mixed", "task_by_task"] = "mixed"
+    epochs_per_round: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    max_public_per_task: int = Field(256, ge=1)
+    sync_back: bool = True  # send the injected (public-data-updated) encoders back to the hospitals
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.gating == "topk" and self.top_k > self.num_experts:
+            raise ValueError(f"top_k: {self.top_k} is more than num_experts={self.num_experts}")
+        if self.fm_path is not None and not Path(self.fm_path).is_dir():
+            raise ValueError(f"fm_path: no such model directory: {self.fm_path}")
+        return self
+
+
 class BaselineSection(_Strict):
     single_hospital: bool = True
 
@@ -179,6 +213,7 @@ class RunConfig(_Strict):
     tasks: TasksSection
     client: ClientSection = ClientSection()
     privacy: PrivacySection = PrivacySection()
+    injection: InjectionSection = InjectionSection(enabled=False)
     baseline: BaselineSection = BaselineSection()
 
     def dp_profile(self, client: str) -> DPProfileSection | None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flwr.app import ArrayRecord
+
 from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import local_round, new_client_model
 from secure_fedkim.config import RunConfig, config_sha256
@@ -52,6 +54,11 @@ def format_round_table(server_round: int, record: dict) -> str:
             for c, s in sorted(clients.items())
         )
         lines.append(f"  epsilon spent (accountant, whole run so far): {spent}")
+    if "fm_test" in record:
+        inj = record.get("injection", {})
+        lines.append(f"  foundation model after injection (loss {inj.get('loss', float('nan')):.3f}), test sets:")
+        for task, m in record["fm_test"].items():
+            lines.append(f"  {task:<22}{m['accuracy']:>7.3f}{m['f1']:>7.3f}{m.get('auroc', float('nan')):>7.3f}   {m['role']}")
     return "\n".join(lines)
 
 
@@ -92,6 +99,21 @@ def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
         (keys / f"{client}.pub").write_bytes(ensure_signing_key(client_dir(run_dir, client)))
 
 
+def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], None]:
+    """FEDKIM_pub: no hospital takes part; the server trains encoders and M3OE on its public split alone."""
+    from secure_fedkim.injection import Injector
+    from secure_fedkim.strategy import FedKIM
+
+    plans = build_plan(cfg)
+    strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, injector=Injector(cfg, plans))
+    model = new_client_model(cfg, plans)
+    strategy.evaluate(0, ArrayRecord(model.state_dict()))
+    for r in range(1, cfg.run.rounds + 1):
+        strategy._client_stats = {"clients": {}, "injection": strategy.injector.inject(model)}
+        strategy.evaluate(r, ArrayRecord(model.state_dict()))
+    return model.state_dict(), strategy.history, None
+
+
 def single_hospital_baseline(cfg: RunConfig) -> dict[str, dict[str, dict]]:
     """Each hospital alone: the same model, seed and epochs (rounds x local epochs) on its own shards only."""
     plans = build_plan(cfg)
@@ -123,7 +145,10 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
         if server_round:
             bar.update(1)
 
-    state, history, he_parameters = _simulate(cfg, run_dir, on_round)
+    if cfg.injection.enabled and cfg.injection.method == "fedkim_pub":
+        state, history, he_parameters = _public_only(cfg, run_dir, on_round)
+    else:
+        state, history, he_parameters = _simulate(cfg, run_dir, on_round)
     bar.close()
     model = new_client_model(cfg, plans)
     model.load_state_dict(state)
@@ -138,6 +163,7 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
         "tasks": {n: {"role": p.task.role, "modality": p.task.modality, "records": len(p.data)} for n, p in plans.items()},
         "aggregation": {"mode": cfg.federation.aggregation, **({"ckks": he_parameters} if he_parameters else {})},
         "federated_test": final_test,
+        **({"fm_test": history[-1]["fm_test"], "fm_test_round0": history[0]["fm_test"]} if "fm_test" in history[-1] else {}),
         "single_hospital_test": single,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -11,6 +11,7 @@ from flwr.supercore.logger import update_console_handler
 
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
+from secure_fedkim.injection import Injector
 from secure_fedkim.keyholder import KeyHolderProcess
 from secure_fedkim.secagg import run_secagg
 from secure_fedkim.plan import build_plan
@@ -48,7 +49,10 @@ def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None,
                 )
                 train_config["he-public-context"] = keyholder.public_context
                 outcome["he"] = keyholder.parameters
-            strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, keyholder=keyholder, verify_keys=verify_keys)
+            injector = Injector(cfg, plans) if cfg.injection.enabled else None
+            strategy = FedKIM(
+                cfg, plans, run_dir, on_round=on_round, keyholder=keyholder, verify_keys=verify_keys, injector=injector
+            )
             outcome["strategy"] = strategy
             initial = ArrayRecord(new_client_model(cfg, plans).state_dict())
             if cfg.federation.aggregation == "secagg":

@@ -35,7 +35,10 @@ class BudgetExhausted(RuntimeError):
 
 
 class FedKIM(FedAvg):
-    def __init__(self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None, keyholder=None, verify_keys=None):
+    def __init__(
+        self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None, keyholder=None,
+        verify_keys=None, injector=None,
+    ):
         n = len(cfg.federation.clients)
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
@@ -43,6 +46,7 @@ class FedKIM(FedAvg):
         self.cfg, self.plans, self.run_dir = cfg, plans, Path(run_dir)
         self.on_round = on_round  # callback(round, record) for progress display
         self.keyholder, self.verify_keys = keyholder, verify_keys  # he mode: a KeyHolderProcess, never a secret key
+        self.injector = injector  # knowledge injection into the foundation model, or None
         self.template = new_client_model(cfg, plans).state_dict()
         self.history: list[dict] = []
         self._client_stats: dict[str, dict] = {}
@@ -94,8 +98,15 @@ class FedKIM(FedAvg):
         return contributions
 
     def finish_round(self, server_round: int, mean: np.ndarray, contributions) -> tuple[ArrayRecord, MetricRecord]:
-        """What every transport's aggregate becomes: the next global model."""
-        arrays = ArrayRecord(unflatten_state(mean, self.template))
+        """What every transport's aggregate becomes: the next global model (after injection, if on)."""
+        state = unflatten_state(mean, self.template)
+        if self.injector is not None:
+            model = new_client_model(self.cfg, self.plans)
+            model.load_state_dict(state)
+            self._client_stats["injection"] = self.injector.inject(model)
+            if self.cfg.injection.sync_back:
+                state = model.state_dict()
+        arrays = ArrayRecord(state)
         total = int(sum(w for _, w in contributions))
         return arrays, MetricRecord({"num-clients": len(contributions), "num-examples": total})
 
@@ -132,6 +143,8 @@ class FedKIM(FedAvg):
                 t = plan.test()
                 test[name] = evaluate_task(model.task_model(name), t.x, t.y)
         record = {"round": server_round, "client_model_test": test, **(self._client_stats if server_round else {})}
+        if self.injector is not None:
+            record["fm_test"] = self.injector.evaluate(model)
         self.history.append(record)
         self._write_round(server_round, record)
         if self.on_round:
