@@ -1,0 +1,65 @@
+"""How the auditor trains a model the way a hospital does: plain, or DP-SGD through privacy.dp.HospitalDP."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from privacy.dp import HospitalDP, PrivacyProfile
+from privacy.ledger import PrivacyLedger
+from secure_fedkim.training import train_task
+
+
+@dataclass
+class DPSettings:
+    """The DP-SGD parameters of a training (a hospital's, read from its ledger's ``dp_plan``)."""
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    delta: float | None = None  # None: privacy.accounting.default_delta(n)
+    accountant: str = "prv"
+
+
+def train_model(
+    make_model: Callable[[int], nn.Module],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float = 1.0,
+    dp: DPSettings | None = None,
+    seed: int = 0,
+    ledger_dir: str | Path | None = None,
+) -> tuple[nn.Module, dict, float | None]:
+    """Train a fresh ``make_model(seed)`` on (x, y); returns (model in eval mode, train stats, DP delta or None).
+
+    With ``dp``, training goes through HospitalDP (Opacus: Poisson sampling, per-sample clipping at
+    ``dp.max_grad_norm``, noise ``dp.noise_multiplier``) with a throwaway ledger in ``ledger_dir`` (a
+    temporary directory by default). Noise multiplier 0 uses HospitalDP's testing flag (not DP).
+    """
+    model = make_model(seed)
+    if dp is None:
+        stats = train_task(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm, seed=seed)
+        return model.eval(), stats, None
+    with tempfile.TemporaryDirectory(prefix="audit-ledger-") as tmp:
+        where = Path(ledger_dir or tmp)
+        profile = PrivacyProfile(target_epsilon=1e6, delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
+        batches = math.ceil(len(x) / min(batch_size, len(x)))
+        privatizer = HospitalDP(
+            profile, PrivacyLedger(where / f"audit-{seed}.jsonl"), f"audit-{seed}",
+            [(1.0 / batches, batches * epochs)], 1, n_records=len(x),
+            noise_multiplier=dp.noise_multiplier, allow_no_noise=dp.noise_multiplier == 0,
+        )
+        stats = train_task(
+            model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
+            seed=seed, privatizer=privatizer,
+        )
+    return model.eval(), stats, privatizer.delta
