@@ -173,9 +173,17 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
 def format_comparison(result: RunResult) -> str:
     """Federated model vs each hospital alone, per training task (accuracy / AUROC on the same test set)."""
     clients = list(result.single_hospital)
-    head = f"{'task':<22}{'federated':>18}" + "".join(f"{c[:16]:>18}" for c in clients)
+    head = f"{'task':<22}{'federated':>16}" + "".join(f"{c[:14]:>16}" for c in clients) + f"{'mean alone':>16}  federated AUROC"
     lines = ["Federated vs single-hospital models on held-out test sets (accuracy / AUROC)", head]
+    nan = float("nan")
     for task, m in result.final_test.items():
-        cell = lambda r: f"{r['accuracy']:.3f} / {r.get('auroc', float('nan')):.3f}"
-        lines.append(f"{task:<22}{cell(m):>18}" + "".join(f"{cell(result.single_hospital[c][task]):>18}" for c in clients))
+        cell = lambda r: f"{r['accuracy']:.3f} / {r.get('auroc', nan):.3f}"
+        alone = [result.single_hospital[c][task] for c in clients]
+        mean = {k: sum(a.get(k, nan) for a in alone) / len(alone) for k in ("accuracy", "auroc")}
+        best = max(a.get("auroc", nan) for a in alone)
+        fed = m.get("auroc", nan)
+        verdict = "beats every hospital" if fed > best else ("beats the mean" if fed > mean["auroc"] else "does NOT beat the mean")
+        lines.append(
+            f"{task:<22}{cell(m):>16}" + "".join(f"{cell(a):>16}" for a in alone) + f"{cell(mean):>16}  {verdict}"
+        )
     return "\n".join(lines)
