@@ -13,6 +13,14 @@ def _cmd_run(args) -> int:
     from secure_fedkim.run import format_comparison, run_federation
 
     cfg, text = load_config(args.config)
+    if cfg.study is not None:
+        from secure_fedkim.study import format_study, run_study
+
+        study_dir, results = run_study(cfg, text, out_dir=args.out, progress=not args.quiet)
+        print(format_study(results, "auroc"))
+        print(format_study(results, "accuracy"))
+        print(f"study written to {study_dir}")
+        return 0
     result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet)
     if result.single_hospital:
         print(format_comparison(result))

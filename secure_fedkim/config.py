@@ -203,6 +203,23 @@ class InjectionSection(_Strict):
         return self
 
 
+STUDY_VARIANTS = {
+    "fedkim": {"method": "fedkim", "gate_inputs": "both"},
+    "fedplug": {"method": "fedplug"},
+    "fedplug_l": {"method": "fedplug_l"},
+    "fedkim_pub": {"method": "fedkim_pub", "gate_inputs": "both"},
+    "wo_t": {"method": "fedkim", "gate_inputs": "modality_only"},  # the gate never sees the task description
+    "wo_m": {"method": "fedkim", "gate_inputs": "task_only"},  # the gate never sees the modality description
+}
+
+
+class StudySection(_Strict):
+    """Run the same federation once per variant and seed, and compare them in one table."""
+
+    variants: list[Literal["fedkim", "fedplug", "fedplug_l", "fedkim_pub", "wo_t", "wo_m"]] = Field(min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+
+
 class BaselineSection(_Strict):
     single_hospital: bool = True
 
@@ -215,6 +232,7 @@ class RunConfig(_Strict):
     privacy: PrivacySection = PrivacySection()
     injection: InjectionSection = InjectionSection(enabled=False)
     baseline: BaselineSection = BaselineSection()
+    study: StudySection | None = None
 
     def dp_profile(self, client: str) -> DPProfileSection | None:
         if not self.privacy.dp:
@@ -233,6 +251,8 @@ class RunConfig(_Strict):
                 f"federation.clients: task {natural[0]!r} is partitioned 'natural' over its real sites "
                 f"{sites}; clients {self.federation.clients} do not match"
             )
+        if self.study is not None and not self.injection.enabled:
+            raise ValueError("study: comparing injection variants needs an enabled injection section")
         unknown = sorted(set(self.privacy.hospitals) - set(self.federation.clients))
         if unknown:
             raise ValueError(f"privacy.hospitals: {unknown} are not clients of this federation {self.federation.clients}")

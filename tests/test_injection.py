@@ -60,3 +60,18 @@ def test_injection_learns_from_the_public_split_only():
     assert any(not torch.equal(a, b) for a, b in zip(encoder_before, model.encoders.parameters()))  # encoders train too
     after = inj.evaluate(model)["heart_disease"]
     assert after["auroc"] > before["auroc"] + 0.1, (before, after)
+
+
+def test_study_variants_and_table():
+    from secure_fedkim.study import format_study, variant_config
+
+    cfg = config()
+    wo_t = variant_config(cfg, "wo_t", 7)
+    assert (wo_t.injection.method, wo_t.injection.gate_inputs, wo_t.run.seed) == ("fedkim", "modality_only", 7)
+    assert variant_config(cfg, "fedplug", 1).injection.method == "fedplug"
+    results = {
+        "fedkim": {0: {"a": {"role": "train", "auroc": 0.8}, "b": {"role": "unseen", "auroc": 0.6}},
+                   1: {"a": {"role": "train", "auroc": 0.6}, "b": {"role": "unseen", "auroc": 0.7}}},
+    }
+    table = format_study(results)
+    assert "0.700 ± 0.100 (n=2)" in table and "0.650 ± 0.050 (n=2)" in table and "b *" in table
