@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 # Input shapes the data layer produces for each modality (see secure_fedkim.data).
-TEXT_VOCAB_BUCKETS = 4096  # FM tokenizer ids are hashed into this many rows: a small embedding to send
+TEXT_VOCAB_BUCKETS = 1024  # FM tokenizer ids hashed into this many rows: small to send, cheap per-sample gradients
 
 
 class TabularEncoder(nn.Module):
@@ -84,7 +84,7 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """ids [B, L] (0 = padding) -> hashed embedding -> attention pooling with T learned queries."""
 
-    def __init__(self, dim: int, num_tokens: int, embed_dim: int = 32, buckets: int = TEXT_VOCAB_BUCKETS):
+    def __init__(self, dim: int, num_tokens: int, embed_dim: int = 16, buckets: int = TEXT_VOCAB_BUCKETS):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, embed_dim, padding_idx=0)

@@ -54,12 +54,16 @@ def train_task(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     module, sample_rate = model, loader.batch_size / len(x)
+    loss_fn = nn.BCEWithLogitsLoss()
     if privatizer is not None:
-        module, optimizer, loader = privatizer.make_private(model, optimizer, loader)
+        private = privatizer.make_private(model, optimizer, loader, criterion=loss_fn)
+        if len(private) == 4:  # Opacus's ghost clipping wraps the loss too
+            module, optimizer, loss_fn, loader = private
+        else:
+            module, optimizer, loader = private
         sample_rate = loader.sample_rate  # Poisson: 1 / ceil(n / batch)
     module.train()
     total, count, steps = 0.0, 0, 0
-    loss_fn = nn.BCEWithLogitsLoss()
     for _ in range(epochs):
         for xb, yb in loader:
             if len(xb) == 0:  # Poisson sampling can draw an empty batch; it still counts as a step
