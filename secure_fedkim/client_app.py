@@ -19,6 +19,7 @@ from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from privacy.accounting import group_privacy_epsilon
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.he import encrypt_update
 from privacy.ledger import PrivacyLedger
@@ -29,6 +30,7 @@ from secure_fedkim.config import RunConfig
 from secure_fedkim.identity import load_signing_key
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import build_plan
+from secure_fedkim.policy import check_node
 
 
 class BudgetSkip(RuntimeError):
@@ -83,6 +85,9 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
     plans = build_plan(cfg)
     home = state_dir(context, str(config["run-dir"]), client)
     metrics = {"client-index": cfg.federation.clients.index(client)}
+    # A deployed hospital's own signed policy, before anything is planned or trained: a refusal is in its
+    # ledger and the node answers with an error (PolicyRefusal), never with an update.
+    check_node(cfg, context.node_config, config, client, home, plans)
     dp = hospital_dp(cfg, plans, client, home, str(config["run-id"]))
     if dp is not None and not dp.can_train():
         dp.record_skip(round=server_round)
@@ -102,6 +107,9 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
     if dp is not None:
         metrics["epsilon-spent"] = dp.spent_epsilon()
         metrics["noise-multiplier"] = dp.noise_multiplier
+        k = cfg.privacy.max_records_per_patient
+        if k:
+            metrics["epsilon-patient"], metrics["delta-patient"] = group_privacy_epsilon(metrics["epsilon-spent"], dp.delta, k)
     return RoundResult(client, model, metrics)
 
 

@@ -159,6 +159,9 @@ class PrivacySection(_Strict):
     profile: DPProfileSection | None = None  # every hospital's budget unless overridden below
     hospitals: dict[str, DPProfileSection] = {}  # per-hospital overrides
     on_exhaustion: Literal["exclude_client", "stop_run"] = "exclude_client"
+    # The privacy unit is one record. When a patient may have up to k records, say so: each hospital then
+    # also reports the patient-level (k*eps, k*e^((k-1)eps)*delta) of group privacy (loose, but honest).
+    max_records_per_patient: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self):

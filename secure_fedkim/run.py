@@ -53,7 +53,12 @@ def format_round_table(server_round: int, record: dict) -> str:
             f"{c}={'skipped (budget)' if s.get('skipped-budget') else format(s['epsilon-spent'], '.3f')}"
             for c, s in sorted(clients.items())
         )
-        lines.append(f"  epsilon spent (accountant, whole run so far): {spent}")
+        lines.append(f"  epsilon spent (accountant, whole run so far, per record): {spent}")
+        if any("epsilon-patient" in s for s in clients.values()):
+            patient = ", ".join(
+                f"{c}=({s['epsilon-patient']:.2f}, {s['delta-patient']:.1e})" for c, s in sorted(clients.items()) if "epsilon-patient" in s
+            )
+            lines.append(f"  per patient (group privacy, loose): {patient}")
     if "fm_test" in record:
         inj = record.get("injection", {})
         lines.append(f"  foundation model after injection (loss {inj.get('loss', float('nan')):.3f}), test sets:")

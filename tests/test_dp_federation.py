@@ -15,7 +15,8 @@ CFG = {
     "federation": {"clients": ["cleveland", "hungary", "switzerland", "va_long_beach"], "min_clients": 2},
     "tasks": {"train": [{"name": "heart_disease", "partition": "natural"}], "max_test_records": 50},
     "client": {"token_dim": 16, "num_tokens": 2, "batch_size": 32},
-    "privacy": {"dp": True, "profile": {"target_epsilon": 3.0}, "hospitals": {"switzerland": {"target_epsilon": 1.0}}},
+    "privacy": {"dp": True, "profile": {"target_epsilon": 3.0}, "hospitals": {"switzerland": {"target_epsilon": 1.0}},
+                "max_records_per_patient": 2},
 }
 
 
@@ -39,6 +40,8 @@ def test_hospital_spends_its_own_budget_and_stops_when_it_is_gone(flower_identit
         metrics = reply.content["metrics"]
         assert "heart_disease.loss" not in metrics  # an unprotected training loss never leaves under DP
         spent.append(metrics["epsilon-spent"])
+        # patient level: group privacy for 2 records per patient, from the same accountant epsilon
+        assert metrics["epsilon-patient"] == pytest.approx(2 * metrics["epsilon-spent"])
     plan = ledger.events("dp_plan")[0]
     assert plan["target_epsilon"] == 1.0  # the hospital's own budget, not the federation default
     # the reported spend is the accountant's over exactly the ledger's history, and meets the target at the end
