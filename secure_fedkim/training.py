@@ -21,7 +21,8 @@ from secure_fedkim.metrics import binary_metrics
 class Privatizer(Protocol):
     """What DP-SGD needs from the training loop (privacy.dp.HospitalDP provides it)."""
 
-    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader): ...
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, criterion=None):
+        """(module, optimizer, data_loader), or (module, optimizer, criterion, data_loader) for ghost clipping."""
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
