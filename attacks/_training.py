@@ -26,6 +26,25 @@ class DPSettings:
     accountant: str = "prv"
 
 
+class ShadowDP:
+    """DP-SGD for the auditor's own reference models: Opacus with the target's noise, clip and Poisson
+    sampling, without a ledger or accountant (nobody's privacy is spent on them; HospitalDP would compute
+    a planned epsilon, about 0.5 s, for every reference model)."""
+
+    def __init__(self, dp: DPSettings):
+        self.dp = dp
+
+    def make_private(self, module, optimizer, data_loader, criterion=None):
+        from opacus import PrivacyEngine
+
+        kwargs = {} if criterion is None else {"criterion": criterion}
+        return PrivacyEngine().make_private(
+            module=module, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=self.dp.noise_multiplier, max_grad_norm=self.dp.max_grad_norm, poisson_sampling=True,
+            grad_sample_mode="hooks", **kwargs,
+        )
+
+
 def train_model(
     make_model: Callable[[int], nn.Module],
     x: np.ndarray,
@@ -38,14 +57,22 @@ def train_model(
     dp: DPSettings | None = None,
     seed: int = 0,
     ledger_dir: str | Path | None = None,
+    accounted: bool = True,
 ) -> tuple[nn.Module, dict, float | None]:
     """Train a fresh ``make_model(seed)`` on (x, y); returns (model in eval mode, train stats, DP delta or None).
 
     With ``dp``, training goes through HospitalDP (Opacus: Poisson sampling, per-sample clipping at
     ``dp.max_grad_norm``, noise ``dp.noise_multiplier``) with a throwaway ledger in ``ledger_dir`` (a
     temporary directory by default). Noise multiplier 0 uses HospitalDP's testing flag (not DP).
+    ``accounted=False`` trains with :class:`ShadowDP` instead (same mechanism, no ledger; delta is None).
     """
     model = make_model(seed)
+    if dp is not None and not accounted:
+        stats = train_task(
+            model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
+            seed=seed, privatizer=ShadowDP(dp),
+        )
+        return model.eval(), stats, None
     if dp is None:
         stats = train_task(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm, seed=seed)
         return model.eval(), stats, None

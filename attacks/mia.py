@@ -109,7 +109,8 @@ class ReferenceTraining:
             from ``seed``; LiRA's reference models differ in initialisation as well as in data).
         train_size: records per reference training set (the target's training-set size).
         epochs, batch_size, lr, max_grad_norm: passed to :func:`secure_fedkim.training.train_task`.
-        dp: train the references with DP-SGD like the target (None: plain training).
+        dp: train the references with DP-SGD like the target (None: plain training); Opacus with the
+            same noise, clip and Poisson sampling, not accounted (they are the auditor's own models).
     """
 
     make_model: Callable[[int], nn.Module]
@@ -123,7 +124,7 @@ class ReferenceTraining:
     def train(self, x: np.ndarray, y: np.ndarray, seed: int) -> nn.Module:
         model, _, _ = train_model(
             self.make_model, x, y, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            max_grad_norm=self.max_grad_norm, dp=self.dp, seed=seed,
+            max_grad_norm=self.max_grad_norm, dp=self.dp, seed=seed, accounted=False,
         )
         return model
 
