@@ -472,7 +472,8 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
                 metrics = res.metrics(config.fprs, config.mia.top_k, n_boot=config.mia.bootstrap, seed=config.seed)
                 png = out_dir / f"roc_{_safe(name)}_{_safe(task)}.png"
                 plot_roc({a: (s, res.labels) for a, s in res.scores.items()}, png,
-                         f"{name} ({kind}) / {task}: {res.details['n_members']} members, "
+                         f"{'global model' if kind == 'global' else name + ' local model'} / {task}: "
+                         f"{res.details['n_members']} members, "
                          f"{res.details['n_nonmembers']} non-members")
                 for attack, m in metrics.items():
                     entry = m.as_dict()
