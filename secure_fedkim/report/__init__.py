@@ -1,0 +1,26 @@
+"""Compliance reports for a finished run: build (report.json content), write (JSON, HTML, PDF, signature), verify.
+
+    from secure_fedkim.report import build_report, write_report, verify_report
+    paths = write_report("runs/demo")                 # federation report
+    paths = write_report("runs/demo", partner="hungary")  # that hospital's figures, the others in aggregate
+    problems = verify_report(paths.json)               # [] when signature, ledgers, hashes and epsilons match
+
+See REPORTING.md (fields, status rules, plots, hazards) and :mod:`secure_fedkim.report.build` for the rules.
+"""
+
+from .build import SCHEMA_VERSION, build_report, status_of
+
+__all__ = ["SCHEMA_VERSION", "build_report", "status_of", "write_report", "verify_report", "validate_report",
+           "load_schema", "ReportPaths"]
+
+
+def __getattr__(name):  # the writer and verifier pull in matplotlib/fpdf2 only when used
+    if name in ("write_report", "ReportPaths", "validate_report", "load_schema"):
+        from . import render
+
+        return getattr(render, name)
+    if name == "verify_report":
+        from .verify import verify_report
+
+        return verify_report
+    raise AttributeError(name)

@@ -1,0 +1,827 @@
+"""``build_report``: the content of ``report.json`` (REPORTING.md §2.2) and its status rules (§2.3).
+
+Status rules, deterministic (each check has a name, a status and a reason; the overall status is the worst):
+
+fail
+  * ``budget_respected``: a hospital's recomputed spend exceeds its budget (or a ledger entry says over_budget).
+  * ``ledger_verified``: a privacy ledger (or the key holder's) does not verify, or a DP hospital has none.
+  * ``delta_below_1_over_n``: delta >= 1/n for a hospital's n records.
+  * ``audit_consistent_with_accountant``: an audit's empirical epsilon lower bound exceeds the accountant's
+    epsilon (or the audit itself says it is inconsistent).
+  * ``server_secret_key``: the run shows the aggregating server held the CKKS secret key, or an aggregate was
+    used without a key-holder decryption on record, or fewer than min_clients contributions were decrypted.
+  * ``dp_label_has_accountant``: a hospital is labelled DP (config or ledger) without a dp_plan naming an
+    accountant, a delta and a non-zero noise multiplier, or the accountant cannot compute its epsilon.
+  * ``epsilon_recomputed``: a recorded epsilon (ledger, metrics) differs from the recomputation, or the ledger
+    records fewer steps than the optimizer or the metrics.
+  * ``config_hash``: config.yaml no longer hashes to the run's recorded config_sha256.
+attention
+  * ``epsilon_tier``: epsilon spent or budget > 10.
+  * ``sampling_assumption``: the accountant assumes Poisson sampling and the ledger does not record it as used.
+  * ``privacy_unit``: record-level unit while a patient has several records, or records per patient unknown.
+  * ``mia_low_fpr``: an MIA's TPR at FPR 1e-3 exceeds 2 x 1e-3.
+  * ``secagg_dropout_margin``: a SecAgg+ round lost at least as many hospitals as it tolerates.
+  * ``audit_run``: no audit/audit.json.
+  * ``differential_privacy``: DP is off for some or all hospitals ("no differential privacy").
+  * ``secure_aggregation``: plain aggregation (the server sees every update).
+  * ``independent_accountant_agreement``: dp_accounting's epsilon is more than 5% above the accountant's.
+  * ``he_parameters``: CKKS parameters not shown to meet 128-bit security.
+  * ``server_secret_key`` (attention only): he mode without a key-holder ledger to show the key's custody.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import statistics
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+from privacy.ledger import GENESIS_HASH
+
+from . import text
+from .collect import (
+    Finding,
+    HospitalFacts,
+    RunFacts,
+    close,
+    collect_hospital,
+    digest_of,
+    dist,
+    load_run_facts,
+    read_ledger,
+    sha256_file,
+    suppress,
+    _version,
+)
+
+SCHEMA_VERSION = "1.0.0"
+STATUSES = ("pass", "attention", "fail", "not_applicable")
+_RANK = {"not_applicable": -1, "pass": 0, "attention": 1, "fail": 2}
+#: other hospitals' figures are given as min/median/max only when there are at least this many of them
+MIN_OTHERS_FOR_STATS = 3
+
+# name, report section, reason when nothing was found
+CHECKS: list[tuple[str, str, str]] = [
+    ("differential_privacy", "privacy_definition", "every hospital trained with DP-SGD"),
+    ("dp_label_has_accountant", "accounting", "every DP label has a dp_plan with an accountant, delta and noise"),
+    ("ledger_verified", "provenance", "every privacy ledger verifies (hash chain intact)"),
+    ("epsilon_recomputed", "accounting", "every recorded epsilon and step count equals its recomputation from the ledger"),
+    ("budget_respected", "budget", "no hospital spent more than its budget"),
+    ("delta_below_1_over_n", "accounting", "delta < 1/n at every hospital"),
+    ("epsilon_tier", "accounting", "epsilon <= 10 at every hospital"),
+    ("sampling_assumption", "accounting", "Poisson sampling assumed and used (recorded in every ledger entry)"),
+    ("privacy_unit", "privacy_definition", "one record per patient: the record-level guarantee is patient-level"),
+    ("independent_accountant_agreement", "accounting", "the independent recomputation is within 5% of the accountant"),
+    ("server_secret_key", "aggregation", "the aggregating server never held the secret key"),
+    ("secure_aggregation", "aggregation", "updates reached the server encrypted or masked"),
+    ("he_parameters", "aggregation", "CKKS parameters meet 128-bit security (HE standard)"),
+    ("secagg_dropout_margin", "aggregation", "SecAgg+ dropouts stayed below the tolerated number"),
+    ("audit_run", "audit", "a leakage audit was run"),
+    ("audit_consistent_with_accountant", "audit", "every empirical epsilon lower bound is at most the accountant's epsilon"),
+    ("mia_low_fpr", "audit", "MIA TPR at FPR 1e-3 is at most 2 x 1e-3"),
+    ("config_hash", "provenance", "config.yaml hashes to the run's recorded config_sha256"),
+]
+DP_ONLY = {"epsilon_recomputed", "budget_respected", "delta_below_1_over_n", "epsilon_tier", "sampling_assumption",
+           "privacy_unit", "independent_accountant_agreement"}
+
+
+def worst(statuses) -> str:
+    statuses = [s for s in statuses if s != "not_applicable"]
+    if not statuses:
+        return "not_applicable"
+    return max(statuses, key=_RANK.__getitem__)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------------------ audit
+def _fpr_value(key) -> float | None:
+    try:
+        return float(key)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scalar(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _histogram(h) -> dict | None:
+    """A per-record exposure histogram (bin edges and counts: no ids), or None."""
+    if not isinstance(h, dict):
+        return None
+    out = {k: v for k, v in h.items() if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
+    return out or None
+
+
+def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dict, list[Finding]]:
+    """audit/audit.json, read tolerantly: any object with ``auc`` and ``tpr_at_fpr`` is an MIA result, any
+    object with ``eps_lb`` a canary DP audit, any object with ``update`` under an inversion/reconstruction key
+    an inversion row. The hospital and task come from the object's fields or its path. Record ids
+    (``top_exposed``) are never copied."""
+    path = run_dir / "audit" / "audit.json"
+    out = {"run": False, "source": "audit/audit.json", "mia": [], "dp_audit": [], "reconstruction": [],
+           "roc_images": [], "note": None, "auditor_knowledge": None, "skipped": []}
+    if not path.is_file():
+        out["note"] = "audit not run: no audit/audit.json in the run directory (run `secure-fedkim audit RUN_DIR`)"
+        return out, [Finding("attention", out["note"], None, out["note"])]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        out["note"] = f"audit/audit.json is unreadable ({e}); treated as not run"
+        return out, [Finding("attention", out["note"], None, "the audit file is unreadable")]
+    out["run"] = True
+    findings: list[Finding] = []
+
+    def walk(node, where: list[str], ctx: dict) -> None:
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, where + [str(i)], ctx)
+            return
+        if not isinstance(node, dict):
+            return
+        ctx = dict(ctx)
+        for key in ("hospital", "client", "site", "partner", "target"):
+            if isinstance(node.get(key), str) and node[key] in clients:
+                ctx["hospital"] = node[key]
+        for key in ("target", "artifact", "model"):
+            if isinstance(node.get(key), str):
+                ctx["target"] = node[key]
+        if isinstance(node.get("task"), str):
+            ctx["task"] = node["task"]
+        label = "/".join(where)
+        if "auc" in node and isinstance(node.get("auc"), (int, float)) and ("tpr_at_fpr" in node or "auc_ci95" in node):
+            tpr = {}
+            for k, v in (node.get("tpr_at_fpr") or {}).items():
+                if _fpr_value(k) is not None and (v is None or isinstance(v, (int, float))):
+                    tpr[f"{_fpr_value(k):g}"] = v
+            ci = node.get("auc_ci95")
+            out["mia"].append({
+                "path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"),
+                "target": ctx.get("target") or (where[0] if where else None),
+                "attack": node.get("attack") if isinstance(node.get("attack"), str) else (where[-1] if where else "attack"),
+                "access": node.get("access") if isinstance(node.get("access"), str) else None,
+                "auc": float(node["auc"]),
+                "auc_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+                "balanced_accuracy": node.get("balanced_accuracy") if isinstance(node.get("balanced_accuracy"), (int, float)) else None,
+                "tpr_at_fpr": tpr,
+                "n_members": node.get("n_members") if isinstance(node.get("n_members"), int) else None,
+                "n_nonmembers": node.get("n_nonmembers") if isinstance(node.get("n_nonmembers"), int) else None,
+                "per_record_exposure": _histogram(node.get("per_record_exposure")),
+                "roc_png": node.get("roc_png") if isinstance(node.get("roc_png"), str) else None,
+            })
+            return
+        if "eps_lb" in node and isinstance(node.get("eps_lb"), (int, float)):
+            keep = ("eps_lb", "eps_lb_one_run", "eps_accountant", "consistent_with_accountant", "canaries", "kind",
+                    "mode", "trials", "confidence", "delta", "noise_multiplier", "accountant_noise_multiplier",
+                    "accountant", "dp", "canary_auc", "note")
+            entry = {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), "target": ctx.get("target")}
+            entry.update({k: node.get(k) for k in keep if k in node and _scalar(node.get(k))})
+            out["dp_audit"].append(entry)
+            return
+        if "update" in node and any(w in label.lower() for w in ("inversion", "reconstruction")):
+            row = {k: v for k, v in node.items() if _scalar(v) and not isinstance(v, float) or isinstance(v, float) and math.isfinite(v)}
+            row = {k: v for k, v in row.items() if k in ("update", "visible", "mse", "relative_mse", "cosine",
+                                                         "cosine_centered", "noise_multiplier", "max_grad_norm", "note", "steps")}
+            out["reconstruction"].append({"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), **row})
+            return
+        for k, v in node.items():
+            if k in ("top_exposed", "scores", "labels", "member_ids", "ids"):
+                continue  # per-record data: never copied into a report
+            sub = dict(ctx)
+            if k in clients:
+                sub["hospital"] = k
+            if k in tasks:
+                sub["task"] = k
+            walk(v, where + [k], sub)
+
+    walk(data, [], {})
+    out["_clients"] = list(clients)
+    by_png = {m["roc_png"]: m["hospital"] for m in out["mia"] if m.get("roc_png")}
+    out["roc_images"] = [
+        {"path": p.relative_to(run_dir).as_posix(),
+         "hospital": by_png[p.name] if p.name in by_png else next((c for c in clients if p.name.startswith(f"roc_{c}_")), None)}
+        for p in sorted((run_dir / "audit").glob("*.png"))
+    ]
+    if isinstance(data, dict):
+        out["auditor_knowledge"] = data.get("auditor_knowledge") if isinstance(data.get("auditor_knowledge"), str) else None
+        out["skipped"] = [{"what": str(x.get("what")), "why": str(x.get("why"))}
+                          for x in data.get("skipped", []) if isinstance(x, dict)]
+    for m in out["mia"]:
+        t = m["tpr_at_fpr"].get("0.001")
+        if t is not None and t > 2 * 1e-3:
+            who = f"{m['hospital']}: " if m["hospital"] else ""
+            findings.append(Finding(
+                "attention", f"{who}{m['attack']} on {m['target']}{' / ' + m['task'] if m['task'] else ''}: TPR {t:.4g} at FPR 1e-3 (> 2 x FPR)",
+                m["hospital"], "an MIA exceeds TPR 2e-3 at FPR 1e-3"))
+    return out, findings
+
+
+def audit_vs_accountant(audit: dict, hospitals: dict[str, HospitalFacts]) -> list[Finding]:
+    findings = []
+    for a in audit["dp_audit"]:
+        lbs = [a.get("eps_lb"), a.get("eps_lb_one_run")]
+        lb = max(float(x) for x in lbs if isinstance(x, (int, float)))
+        acc = a.get("eps_accountant")
+        source = "the audit's accountant epsilon"
+        if not isinstance(acc, (int, float)) and a.get("hospital") in hospitals:
+            acc = ((hospitals[a["hospital"]].accounting or {}).get("epsilon_spent"))
+            source = "the hospital's spent epsilon"
+        who = f"{a['hospital']}: " if a.get("hospital") else ""
+        if a.get("consistent_with_accountant") is False or (isinstance(acc, (int, float)) and lb > acc * (1 + 1e-9)):
+            findings.append(Finding(
+                "fail", f"{who}audit {a['path']}: empirical epsilon lower bound {lb:.4g} exceeds {source} "
+                f"{acc if acc is None else format(acc, '.4g')}: the training leaks more than its accounting claims (a DP bug)",
+                a.get("hospital"), "an audit lower bound exceeds the accountant's epsilon"))
+    return findings
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def aggregation_facts(run: RunFacts) -> tuple[dict, dict[str, list[Finding]]]:
+    cfg = run.cfg
+    mode = cfg.federation.aggregation
+    agg_summary = run.summary.get("aggregation", {}) or {}
+    f: dict[str, list[Finding]] = {}
+    out: dict[str, Any] = {"mode": {"he": "ckks", "secagg": "secagg+", "plain": "plain"}[mode],
+                           "is_differential_privacy": False, "ckks": None, "secagg": None,
+                           "server_has_secret_key": None, "authenticated_payloads": None}
+    n = len(run.clients)
+    if mode == "plain":
+        f["secure_aggregation"] = [Finding("attention", "plain aggregation: the server received every hospital's update in the clear",
+                                           None, "plain aggregation")]
+        out["authenticated_payloads"] = "none (the simulation's in-process messages)"
+        out["description"] = "Each hospital's model update reached the server in the clear."
+        return out, f
+    if mode == "he":
+        ckks = dict(agg_summary.get("ckks") or {})
+        kh_path = run.run_dir / "keyholder" / "ledger.jsonl"
+        kh = {"path": "keyholder/ledger.jsonl", "exists": kh_path.is_file(), "verified": False, "head": None,
+              "entries": 0, "error": None}
+        decrypts: list[dict] = []
+        if kh["exists"]:
+            entries, err = read_ledger(kh_path, run.run_dir)
+            if entries is None:
+                kh["error"] = err
+                f.setdefault("ledger_verified", []).append(
+                    Finding("fail", f"keyholder/ledger.jsonl does not verify: {err}", None, "the key holder's ledger does not verify"))
+            else:
+                kh.update(verified=True, head=entries[-1]["hash"] if entries else GENESIS_HASH, entries=len(entries))
+                decrypts = [e for e in entries if e.get("event") == "he_decrypt"]
+        min_clients = ckks.get("min_clients", cfg.federation.min_clients)
+        aggregated = run.aggregated_rounds()
+        decrypted_rounds = [int(e.get("round", -1)) for e in decrypts]
+        key_f = []
+        claimed = ckks.get("server_has_secret_key", agg_summary.get("server_has_secret_key"))
+        if claimed is True or ckks.get("secret_key_holder") == "server":
+            server_key = True
+            key_f.append(Finding("fail", "summary.json records that the aggregating server held the CKKS secret key", None,
+                                 "the server held the secret key"))
+        elif not kh["exists"]:
+            server_key = None
+            key_f.append(Finding("attention", "he mode, but no keyholder/ledger.jsonl: the run cannot show who decrypted",
+                                 None, "key custody not shown"))
+        elif not kh["verified"]:
+            server_key = None
+            key_f.append(Finding("fail", "the key holder's ledger does not verify, so key custody is not shown", None,
+                                 "key custody not shown"))
+        else:
+            missing = [r for r in aggregated if r not in decrypted_rounds]
+            twice = sorted({r for r in decrypted_rounds if decrypted_rounds.count(r) > 1})
+            few = [e for e in decrypts if len(e.get("clients", [])) < int(min_clients)]
+            server_key = False
+            if missing:
+                server_key = None
+                key_f.append(Finding("fail", f"round(s) {missing} were aggregated in he mode with no he_decrypt entry in "
+                                     f"keyholder/ledger.jsonl: the aggregate was decrypted outside the key holder",
+                                     None, "an aggregate was decrypted outside the key holder"))
+            if twice:
+                key_f.append(Finding("fail", f"the key holder decrypted round(s) {twice} more than once", None,
+                                     "a round was decrypted more than once"))
+            if few:
+                key_f.append(Finding("fail", f"keyholder/ledger.jsonl seq {few[0].get('seq')}: a decryption of "
+                                     f"{len(few[0].get('clients', []))} contributions, fewer than min_clients={min_clients}",
+                                     None, "an aggregate of too few hospitals was decrypted"))
+        f["server_secret_key"] = key_f
+        bits = ckks.get("total_modulus_bits")
+        cap = ckks.get("max_total_modulus_bits_128")
+        level = str(ckks.get("security_level", ""))
+        if not (isinstance(bits, int) and isinstance(cap, int) and bits <= cap and level.startswith("128")):
+            f["he_parameters"] = [Finding("attention", f"CKKS parameters not shown to meet 128-bit security "
+                                          f"(total modulus bits {bits!r}, 128-bit maximum {cap!r}, level {level!r})",
+                                          None, "CKKS security level not shown")]
+        out["server_has_secret_key"] = server_key
+        out["ckks"] = {
+            "scheme": ckks.get("scheme", "CKKS"),
+            "poly_modulus_degree": ckks.get("poly_modulus_degree"),
+            "coeff_mod_bit_sizes": ckks.get("coeff_mod_bit_sizes"),
+            "total_modulus_bits": bits,
+            "max_total_modulus_bits_128": cap,
+            "global_scale": ckks.get("global_scale"),
+            "security_level": ckks.get("security_level"),
+            "ciphertext_expansion": ckks.get("ciphertext_expansion"),
+            "flooding_sigma": ckks.get("flooding_sigma", cfg.federation.he.flooding_sigma),
+            "min_clients_per_decrypt": min_clients,
+            "key_holder": "a separate key-holder process (secure_fedkim.keyholder); the aggregating server holds a "
+                          "public-only CKKS context and sums ciphertexts",
+            "server_has_secret_key": server_key,
+            "decryptions": len(decrypts),
+            "min_contributions_per_decryption": min((len(e.get("clients", [])) for e in decrypts), default=None),
+            "key_holder_ledger": kh,
+            "_decrypt_clients": [list(e.get("clients", [])) for e in decrypts],
+        }
+        out["authenticated_payloads"] = "Ed25519: each hospital signs its ciphertext (public keys in keys/<hospital>.pub)"
+        out["description"] = ("Hospitals sent only CKKS ciphertexts; the server summed them with a public-only context; "
+                              "a separate key holder decrypted only the sum of at least min_clients hospitals, once per "
+                              "round, and noise-flooded what it released. Encryption is confidentiality, not differential privacy.")
+        return out, f
+    s = cfg.federation.secagg
+    tolerated = s.num_shares - s.reconstruction_threshold
+    dropouts = []
+    for r in range(1, run.rounds_run + 1):
+        rec = run.record(r) or {}
+        included = [c for c, st in (rec.get("clients") or {}).items() if not st.get("skipped-budget")]
+        dropouts.append({"round": r, "dropouts": n - len(included)})
+    worst_drop = max([d["dropouts"] for d in dropouts] or [0])
+    if worst_drop >= tolerated:
+        f["secagg_dropout_margin"] = [Finding(
+            "attention", f"a SecAgg+ round lost {worst_drop} hospital(s); {tolerated} tolerated "
+            f"(num_shares {s.num_shares}, reconstruction_threshold {s.reconstruction_threshold})",
+            None, "SecAgg+ dropouts at the tolerated limit")]
+    out["secagg"] = {
+        "protocol": "Flower SecAgg+ (SecAggPlusWorkflow / secaggplus_mod)",
+        "num_shares": s.num_shares, "reconstruction_threshold": s.reconstruction_threshold,
+        "dropouts_tolerated": tolerated, "dropouts_observed": dropouts,
+        "clipping_range": s.clipping_range, "quantization_range": s.quantization_range,
+        "max_weight": s.max_weight, "modulus": "Flower default",
+    }
+    out["server_has_secret_key"] = False
+    out["authenticated_payloads"] = "SecAgg+ pairwise key agreement between hospitals (Flower)"
+    out["description"] = ("Hospitals sent SecAgg+-masked updates; the server learned only their sum. "
+                          "Masking is confidentiality, not differential privacy.")
+    return out, f
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def code_version() -> dict:
+    here = Path(__file__).resolve().parents[2]
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        if commit:
+            st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10).stdout
+            dirty = bool(st.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "git_dirty": dirty, "package_version": _version("secure-fedkim")}
+
+
+PACKAGES = ("torch", "opacus", "tenseal", "flwr", "transformers", "peft", "dp-accounting", "cryptography", "numpy",
+            "secure-fedkim", "matplotlib", "fpdf2", "jsonschema")
+
+
+def artifact_paths(run_dir: Path, clients: list[str]) -> list[tuple[str, str | None]]:
+    """(relative path, hospital or None) of every file the report's numbers or guarantees rest on.
+    Never a private key."""
+    out: list[tuple[str, str | None]] = []
+    for name in ("config.yaml", "resolved_config.json", "summary.json"):
+        if (run_dir / name).is_file():
+            out.append((name, None))
+    for p in sorted((run_dir / "metrics").glob("round_*.json")):
+        out.append((p.relative_to(run_dir).as_posix(), None))
+    for p in sorted((run_dir / "model").glob("*")):
+        if p.is_file():
+            out.append((p.relative_to(run_dir).as_posix(), None))
+    for c in clients:
+        for p in sorted((run_dir / "clients" / c).glob("*.safetensors")):
+            out.append((p.relative_to(run_dir).as_posix(), c))
+        if (run_dir / "keys" / f"{c}.pub").is_file():
+            out.append((f"keys/{c}.pub", c))
+    audit = run_dir / "audit"
+    for p in sorted(audit.glob("*")) if audit.is_dir() else []:
+        if p.is_file() and p.suffix in (".json", ".png"):
+            hosp = next((c for c in clients if c in p.name), None)
+            out.append((p.relative_to(run_dir).as_posix(), hosp))
+    return out
+
+
+def _ledger_times(run_dir: Path, hospitals: dict[str, HospitalFacts]) -> list[str]:
+    times = []
+    for h in hospitals.values():
+        if h.ledger_verified:
+            entries, _ = read_ledger(run_dir / h.ledger_rel, run_dir)
+            times += [e["time"] for e in entries or [] if "time" in e]
+    return sorted(times)
+
+
+def _mtime(p: Path) -> str | None:
+    if not p.exists():
+        return None
+    return dt.datetime.fromtimestamp(p.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------------------ the report
+def _facts(run_dir: Path) -> dict:
+    run = load_run_facts(run_dir)
+    hospitals = {c: collect_hospital(run, c) for c in run.clients}
+    tasks = list((run.summary.get("tasks") or {}).keys()) or list(run.inventory.get("tasks", {}))
+    audit, audit_f = read_audit(run_dir, run.clients, tasks)
+    agg, agg_f = aggregation_facts(run)
+    run_ids = [h.run_id for h in hospitals.values() if h.run_id]
+    run.run_id = run_ids[0] if run_ids else (Path(str(run.summary.get("run_dir", ""))).name or run_dir.name)
+    findings: dict[str, list[Finding]] = {name: [] for name, _, _ in CHECKS}
+    for h in hospitals.values():
+        for k, v in h.findings.items():
+            findings[k].extend(v)
+    for k, v in agg_f.items():
+        findings[k].extend(v)
+    if audit_f and not audit["run"]:
+        findings["audit_run"].extend(audit_f)
+    else:
+        findings["mia_low_fpr"].extend(audit_f)
+    findings["audit_consistent_with_accountant"].extend(audit_vs_accountant(audit, hospitals))
+    dp_hosp = [h for h in hospitals.values() if h.dp]
+    if not dp_hosp:
+        findings["differential_privacy"].append(Finding("attention", "no differential privacy: no hospital trained with DP-SGD; "
+                                                        "no epsilon is claimed", None, "no differential privacy"))
+    for h in hospitals.values():
+        if not h.dp and dp_hosp:
+            h.findings.setdefault("differential_privacy", [])
+            findings["differential_privacy"].append(Finding("attention", f"{h.name} trained without differential privacy",
+                                                            h.name, "a hospital trained without DP"))
+    config = run_dir / "config.yaml"
+    recorded = run.summary.get("config_sha256")
+    config_sha = sha256_file(config) if config.is_file() else None
+    if config_sha is None:
+        findings["config_hash"].append(Finding("fail", "config.yaml is missing from the run directory", None, "config.yaml missing"))
+    elif recorded and config_sha != recorded:
+        findings["config_hash"].append(Finding("fail", f"config.yaml hashes to {config_sha}, summary.json recorded {recorded}: "
+                                               "the config was changed after the run", None, "config.yaml changed after the run"))
+    return {"run": run, "hospitals": hospitals, "audit": audit, "aggregation": agg, "findings": findings,
+            "config_sha256": config_sha, "any_dp": bool(dp_hosp)}
+
+
+def _check_rows(f: dict, partner: str | None) -> list[dict]:
+    rows = []
+    any_dp = f["any_dp"]
+    mode = f["run"].cfg.federation.aggregation
+    for name, section, ok in CHECKS:
+        found = f["findings"][name]
+        na = (
+            (not any_dp and (name in DP_ONLY or name == "dp_label_has_accountant"))
+            or (name == "he_parameters" and mode != "he")
+            or (name == "secagg_dropout_margin" and mode != "secagg")
+            or (name == "server_secret_key" and mode == "plain")
+            or (name == "audit_consistent_with_accountant" and not f["audit"]["dp_audit"])
+            or (name == "mia_low_fpr" and not f["audit"]["mia"])
+        )
+        if not found:
+            status = "not_applicable" if na else "pass"
+            reason = {
+                "not_applicable": {
+                    "he_parameters": "not he mode", "secagg_dropout_margin": "not secagg mode",
+                    "server_secret_key": "plain mode has no secret key (see secure_aggregation)",
+                    "audit_consistent_with_accountant": "no canary DP audit in audit.json" if f["audit"]["run"] else "audit not run",
+                    "mia_low_fpr": "no MIA result in audit.json" if f["audit"]["run"] else "audit not run",
+                }.get(name, "no differential privacy in this run"),
+                "pass": ok,
+            }[status]
+        else:
+            status = worst(x.status for x in found)
+            reason = _reason(found, partner)
+        rows.append({"name": name, "status": status, "reason": reason, "section": section})
+    return rows
+
+
+def _reason(found: list[Finding], partner: str | None) -> str:
+    parts, anon = [], {}
+    for x in found:
+        if partner is None or x.hospital is None or x.hospital == partner:
+            parts.append(x.message)
+        else:
+            key = (x.anonymous, x.status)
+            anon.setdefault(key, set()).add(x.hospital)
+    for (msg, _), hs in anon.items():
+        parts.append(f"{msg} ({len(hs)} other hospital{'s' if len(hs) > 1 else ''})")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _hospital_entry(h: HospitalFacts) -> dict:
+    return {
+        "hospital": h.name,
+        "dp": h.dp,
+        "ledger": {"path": h.ledger_rel, "exists": h.ledger_exists, "verified": h.ledger_verified,
+                   "error": h.ledger_error, "entries": h.n_entries, "head": h.head},
+        "mechanism": h.mechanism,
+        "accounting": h.accounting,
+        "participation": [{"round": p["round"], "status": p["status"]} for p in h.participation],
+        "events": h.events,
+    }
+
+
+def _stats_or_none(values: list, n_others: int) -> dict | None:
+    return dist(values) if n_others >= MIN_OTHERS_FOR_STATS else None
+
+
+def _others(hs: list[HospitalFacts]) -> dict:
+    n = len(hs)
+    acc = [h.accounting or {} for h in hs]
+    mech = [h.mechanism or {} for h in hs]
+    rounds_att = [sum(1 for p in h.participation if p["status"] == "trained") for h in hs]
+    return {
+        "count": n,
+        "dp_count": sum(h.dp for h in hs),
+        "ledgers_verified": sum(h.ledger_verified for h in hs),
+        "stats_shown": n >= MIN_OTHERS_FOR_STATS,
+        "stats_note": None if n >= MIN_OTHERS_FOR_STATS else
+        f"fewer than {MIN_OTHERS_FOR_STATS} other hospitals: their figures are withheld (min/max would identify them)",
+        "epsilon_spent": _stats_or_none([a.get("epsilon_spent") for a in acc], n),
+        "epsilon_budget": _stats_or_none([a.get("epsilon_budget") for a in acc], n),
+        "delta": _stats_or_none([a.get("delta") for a in acc], n),
+        "gdp_mu": _stats_or_none([a.get("gdp_mu") for a in acc], n),
+        "noise_multiplier": _stats_or_none([m.get("noise_multiplier") for m in mech], n),
+        "rounds_attended": _stats_or_none(rounds_att, n),
+        "n_records_total": suppress(sum(m.get("n_records") or 0 for m in mech)) if n >= MIN_OTHERS_FOR_STATS and any(mech) else None,
+    }
+
+
+def _epsilon_series(hs: dict[str, HospitalFacts], view: list[str], others: list[str], rounds: int) -> dict | None:
+    def series(h):
+        acc = h.accounting or {}
+        return [x["epsilon"] for x in acc.get("epsilon_by_round", [])][:rounds]
+
+    if not any(hs[c].accounting for c in hs):
+        return None
+    out = {"rounds": list(range(1, rounds + 1)), "series": {}, "budget": {}, "planned_epsilon": {}, "skipped": {}}
+    for c in view:
+        acc = hs[c].accounting
+        if acc:
+            out["series"][c] = series(hs[c])
+            out["budget"][c] = acc["epsilon_budget"]
+            out["planned_epsilon"][c] = acc["planned_epsilon"]
+            out["skipped"][c] = [x["round"] for x in acc["epsilon_by_round"] if x["status"] != "trained"]
+    if others:
+        if len(others) >= MIN_OTHERS_FOR_STATS:
+            cols = [series(hs[c]) for c in others if hs[c].accounting]
+            band = []
+            for i in range(rounds):
+                vals = [s[i] for s in cols if i < len(s) and s[i] is not None]
+                band.append(dist(vals))
+            out["others"] = band
+        else:
+            out["others"] = None
+    return out
+
+
+def _utility(f: dict, partner: str | None, reference: dict | None) -> dict:
+    run = f["run"]
+    s = run.summary
+    tasks_meta = s.get("tasks") or {n: {"role": t["role"]} for n, t in run.inventory.get("tasks", {}).items()}
+    fed = s.get("federated_test") or {}
+    fm = s.get("fm_test") or {}
+    fm0 = s.get("fm_test_round0") or {}
+    single = s.get("single_hospital_test") or {}
+    ref_fed = (reference or {}).get("federated_test") or {}
+    ref_fm = (reference or {}).get("fm_test") or {}
+    rows = []
+    for task, meta in tasks_meta.items():
+        role = meta.get("role", "train")
+        row = {"task": task, "role": role, "seen": role == "train", "metrics": ["accuracy", "auroc", "f1", "mcc"],
+               "client_model": _pick(fed.get(task)), "foundation_model": _pick(fm.get(task)),
+               "foundation_model_before_injection": _pick(fm0.get(task)),
+               "non_private_reference": _pick(ref_fm.get(task) or ref_fed.get(task)) if reference else None,
+               "single_hospital": None, "single_hospital_others": None, "delta_vs_reference": None}
+        if row["non_private_reference"] and (row["foundation_model"] or row["client_model"]):
+            mine = row["foundation_model"] or row["client_model"]
+            row["delta_vs_reference"] = {k: mine[k] - row["non_private_reference"][k] for k in mine
+                                         if isinstance(mine.get(k), (int, float)) and isinstance(row["non_private_reference"].get(k), (int, float))}
+        if single:
+            if partner is None:
+                row["single_hospital"] = {c: _pick(v.get(task)) for c, v in single.items() if v.get(task)}
+            else:
+                if single.get(partner, {}).get(task):
+                    row["single_hospital"] = {partner: _pick(single[partner][task])}
+                others = [c for c in single if c != partner and single[c].get(task)]
+                if len(others) >= MIN_OTHERS_FOR_STATS:
+                    row["single_hospital_others"] = {
+                        m: dist([single[c][task].get(m) for c in others]) for m in ("accuracy", "auroc")}
+        if not row["client_model"] and not row["foundation_model"]:
+            row["note"] = "not evaluated in this run" + (" (unseen tasks are answered only by the foundation model)" if role != "train" else "")
+        rows.append(row)
+    return {
+        "tasks": rows,
+        "source": "summary.json (federated_test, fm_test, single_hospital_test); test splits held out from training",
+        "reference_run": (reference or {}).get("_source"),
+        "subgroups": "not computed: the task labels carry no subgroup attributes",
+    }
+
+
+def _pick(m: dict | None) -> dict | None:
+    if not m:
+        return None
+    return {k: m[k] for k in ("accuracy", "auroc", "f1", "mcc", "precision", "recall", "n") if isinstance(m.get(k), (int, float))}
+
+
+def _inventory(f: dict, partner: str | None) -> dict:
+    run = f["run"]
+    inv = run.inventory
+    view = [partner] if partner else run.clients
+    tasks = []
+    for name, t in (inv.get("tasks") or {}).items():
+        entry = {"task": name, "role": t["role"], "modality": t["modality"], "records": suppress(t["records"]),
+                 "positives": suppress(t["positives"]) if t["records"] - t["positives"] >= 10 else "suppressed",
+                 "test_records": suppress(t["test_records"]), "public_records": suppress(t["public_records"]),
+                 "patient_ids_available": t["patient_ids"], "hospitals": {}}
+        for c in view:
+            hc = t["hospitals"].get(c)
+            if hc:
+                pos_ok = hc["records"] - hc["positives"] >= 10
+                entry["hospitals"][c] = {"records": suppress(hc["records"]),
+                                         "positives": suppress(hc["positives"]) if pos_ok else "suppressed",
+                                         "max_records_per_patient": hc["max_records_per_patient"]}
+        if partner:
+            others = [hc for c, hc in t["hospitals"].items() if c != partner]
+            entry["other_hospitals"] = {"count": len(others),
+                                        "records": suppress(sum(h["records"] for h in others)) if len(others) >= MIN_OTHERS_FOR_STATS else None}
+        tasks.append(entry)
+    if not tasks:  # no data plan: the summary's totals only
+        for name, t in (run.summary.get("tasks") or {}).items():
+            tasks.append({"task": name, "role": t.get("role"), "modality": t.get("modality"),
+                          "records": suppress(t.get("records")), "hospitals": {}})
+    return {"suppression_threshold": 10, "rule": "counts below 10 (zero included) are shown as '<10'; a positive "
+            "count is 'suppressed' when the negatives it implies are below 10", "source": inv.get("source"),
+            "note": inv.get("error"), "date_ranges": "no record dates are used by this run", "tasks": tasks}
+
+
+def _provenance(f: dict, partner: str | None, generated_at: str) -> dict:
+    run, hs = f["run"], f["hospitals"]
+    run_dir = run.run_dir
+    view = [partner] if partner else run.clients
+    others = [c for c in run.clients if c not in view]
+    artifacts, other_art = [], {}
+    for rel, hosp in artifact_paths(run_dir, run.clients):
+        p = run_dir / rel
+        if hosp is not None and hosp not in view:
+            other_art[rel] = sha256_file(p)
+            continue
+        artifacts.append({"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size})
+    times = _ledger_times(run_dir, hs)
+    agg = f["aggregation"]
+    kh = (agg.get("ckks") or {}).get("key_holder_ledger") or {}
+    commitments = []
+    for c in view:
+        commitments += [{"hospital": c, **x} for x in hs[c].commitments]
+    return {
+        "config_sha256": f["config_sha256"],
+        "config_sha256_recorded": run.summary.get("config_sha256"),
+        "resolved_config_sha256": sha256_file(run_dir / "resolved_config.json"),
+        "code_version": code_version(),
+        "package_versions": {p: _version(p) for p in PACKAGES},
+        "package_versions_note": "of the environment that generated this report; the run's accountant library is in each ledger's dp_plan",
+        "timestamps": {
+            "report_generated_at": generated_at,
+            "run_first_ledger_entry": times[0] if times else None,
+            "run_last_ledger_entry": times[-1] if times else None,
+            "summary_written_at": _mtime(run_dir / "summary.json"),
+            "run_seconds": run.summary.get("seconds"),
+        },
+        "ledger_heads": {c: hs[c].head for c in view},
+        "ledger_entries": {c: hs[c].n_entries for c in view},
+        "other_hospitals_ledger_heads_sha256": digest_of({c: hs[c].head for c in others}) if others else None,
+        "keyholder_ledger_head": kh.get("head"),
+        "artifacts": artifacts,
+        "other_hospitals_artifacts_sha256": digest_of(other_art) if other_art else None,
+        "dataset_commitments": commitments,
+        "signature": None,
+        "verify_command": None,
+    }
+
+
+def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict:
+    """The content of report.json for the run in ``run_dir`` (REPORTING.md §2.2), as a JSON-ready dict.
+
+    Args:
+        run_dir: a run directory written by ``secure-fedkim run``.
+        partner: a hospital of the federation: its figures in full, the other hospitals only in aggregate
+            (count; min/median/max when there are at least 3 of them) and never by name. None: the
+            federation report, every hospital by name.
+        reference: optional run directory of a non-private reference run with the same tasks; its test
+            metrics are shown beside this run's (utility, delta).
+
+    Reads only; writes nothing. ``provenance.signature`` stays None until :func:`write_report` signs.
+    Raises ValueError for an unknown partner, FileNotFoundError for a directory that is not a run.
+    """
+    run_dir = Path(run_dir)
+    f = _facts(run_dir)
+    run, hs = f["run"], f["hospitals"]
+    if partner is not None and partner not in run.clients:
+        raise ValueError(f"partner {partner!r} is not a hospital of this federation ({len(run.clients)} hospitals)")
+    ref = None
+    if reference is not None:
+        ref_path = Path(reference) / "summary.json"
+        ref = json.loads(ref_path.read_text())
+        ref["_source"] = str(Path(reference).name)
+    elif isinstance(run.summary.get("non_private_reference"), dict):
+        ref = dict(run.summary["non_private_reference"])
+        ref["_source"] = "summary.json non_private_reference"
+    view = [partner] if partner else list(run.clients)
+    others = [c for c in run.clients if c not in view]
+    generated_at = utc_now()
+    checks = _check_rows(f, partner)
+    overall = worst(c["status"] for c in checks)
+    rounds = max(run.rounds_run, max((len((h.accounting or {}).get("epsilon_by_round", [])) for h in hs.values()), default=0))
+    agg = {k: v for k, v in f["aggregation"].items()}
+    if agg.get("ckks"):
+        ckks = dict(agg["ckks"])
+        clients_lists = ckks.pop("_decrypt_clients")
+        if partner is None:
+            ckks["decryptions_by_round"] = clients_lists
+        else:
+            ckks["partner_included_in_decryptions"] = sum(partner in c for c in clients_lists)
+        agg["ckks"] = ckks
+    audit = _audit_view(f["audit"], partner)
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "report_id": uuid.uuid4().hex,
+        "generated_at": generated_at,
+        "generator": {"name": "secure-fedkim report", "version": _version("secure-fedkim")},
+        "run_id": run.run_id,
+        "federation_name": run.cfg.run.name,
+        "partner": partner,
+        "status": {"overall": overall, "counts": {s: sum(c["status"] == s for c in checks) for s in STATUSES}},
+        "checks": checks,
+        "scope": text.scope(run.cfg, partner, len(run.clients)),
+        "privacy_definition": text.privacy_definition(run.cfg, f["any_dp"], run.records_per_patient, view),
+        "hospitals": [_hospital_entry(hs[c]) for c in view],
+        "other_hospitals": _others([hs[c] for c in others]) if partner else None,
+        "accounting": {
+            "accountants": sorted({h.accounting["accountant"] for h in hs.values() if h.accounting}),
+            "accountant_libraries": sorted({str(h.accounting["accountant_library"]) for h in hs.values() if h.accounting}),
+            "independent_library": f"dp_accounting {_version('dp-accounting')}",
+            "composition": "all DP-SGD steps of the run composed (every round, every task); epsilon_by_round is cumulative",
+            "gdp_note": "Gaussian-DP mu by the central-limit approximation (Bu et al. 2020): an approximation, not a bound",
+        },
+        "budget": text.budget_section(run.cfg, [hs[c] for c in view], [hs[c] for c in others], partner),
+        "aggregation": agg,
+        "threat_model": text.threat_model(run.cfg, f["any_dp"]),
+        "audit": audit,
+        "utility": _utility(f, partner, ref),
+        "data_inventory": _inventory(f, partner),
+        "provenance": _provenance(f, partner, generated_at),
+        "regulatory_mapping": [],
+        "hazards": [],
+        "limitations": text.LIMITATIONS,
+        "sign_off": {"hospital_dpo": {"name": None, "date": None, "decision": None},
+                     "expert": {"name": None, "date": None, "determination": None},
+                     "note": "To be completed by people. This tool does not certify HIPAA de-identification or "
+                             "compliance with any regulation; it provides evidence."},
+        "glossary": text.GLOSSARY,
+        "plots": {"epsilon_by_round": _epsilon_series(hs, view, others, rounds)},
+    }
+    by_name = {c["name"]: c for c in checks}
+    report["hazards"] = text.hazards(by_name)
+    report["regulatory_mapping"] = text.regulatory(by_name)
+    report["guarantee_statement"] = text.guarantee(report, run.cfg)
+    report["summary"] = text.summary(report, run.cfg, rounds)
+    order = ["schema_version", "report_id", "generated_at", "generator", "run_id", "federation_name", "partner",
+             "status", "summary", "checks", "guarantee_statement", "scope", "privacy_definition", "hospitals",
+             "other_hospitals", "accounting", "budget", "aggregation", "threat_model", "audit", "utility",
+             "data_inventory", "provenance", "regulatory_mapping", "hazards", "limitations", "sign_off", "glossary", "plots"]
+    return {k: report[k] for k in order}
+
+
+def _audit_view(audit: dict, partner: str | None) -> dict:
+    out = {k: v for k, v in audit.items() if k != "_clients"}
+    if partner is None:
+        out["other_hospitals"] = None
+        return out
+    mine = lambda e: e.get("hospital") in (None, partner)
+    others_mia = [e for e in audit["mia"] if not mine(e)]
+    others_dp = [e for e in audit["dp_audit"] if not mine(e)]
+    n_oh = len({e["hospital"] for e in others_mia + others_dp})
+    out["mia"] = [e for e in audit["mia"] if mine(e)]
+    out["dp_audit"] = [e for e in audit["dp_audit"] if mine(e)]
+    out["reconstruction"] = [e for e in audit["reconstruction"] if mine(e)]
+    out["roc_images"] = [p for p in audit["roc_images"] if p["hospital"] in (None, partner)]
+    names = audit.get("_clients", [])
+    out["skipped"] = [x for x in audit.get("skipped", []) if not any(c in x["what"] + x["why"] for c in names if c != partner)]
+    out["other_hospitals"] = {
+        "hospitals": n_oh,
+        "mia_results": len(others_mia),
+        "max_auc": max((e["auc"] for e in others_mia), default=None) if n_oh >= MIN_OTHERS_FOR_STATS else None,
+        "dp_audits": len(others_dp),
+        "all_consistent_with_accountant": all(e.get("consistent_with_accountant") is not False for e in others_dp) if others_dp else None,
+    }
+    return out
+
+
+def status_of(report: dict, name: str) -> dict:
+    """The check ``name`` of a built report (for tests and the CLI)."""
+    return next(c for c in report["checks"] if c["name"] == name)

@@ -1,0 +1,568 @@
+"""Reading a finished run for its report: ledgers, metrics, summary, audit, artifacts.
+
+Every figure is taken from its source and every epsilon is recomputed here by the accountant from the
+hospital's verified ledger (``privacy.accounting``); a value recorded in the ledger or the metrics is
+only compared against the recomputation, never printed instead of it.
+
+Nothing here writes to the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
+from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger
+
+#: relative tolerance when a recorded epsilon (ledger, metrics) is compared with the recomputation
+EPS_RTOL = 1e-6
+#: budget slack, the same as privacy.dp's enforcement
+BUDGET_SLACK = 1e-9
+#: PRV accountant's error bound as Opacus 1.6 uses it (privacy.accounting.epsilon)
+PRV_EPS_ERROR = 0.01
+
+
+# ------------------------------------------------------------------------------------------ accounting
+def _blocks(history: list[Step]) -> tuple[tuple[float, float, int], ...]:
+    return tuple(sorted((b.noise_multiplier, b.sample_rate, b.num_steps) for b in merge_history(history)))
+
+
+@lru_cache(maxsize=8192)
+def _eps(blocks: tuple, delta: float, accountant: str) -> float:
+    return epsilon([Step(*b) for b in blocks], delta, accountant)
+
+
+@lru_cache(maxsize=8192)
+def _indep(blocks: tuple, delta: float, method: str) -> float:
+    return independent_epsilon([Step(*b) for b in blocks], delta, method)
+
+
+def account(history: list[Step], delta: float, accountant: str) -> float:
+    """The Opacus accountant's epsilon for ``history`` (cached: the function is pure)."""
+    return _eps(_blocks(history), float(delta), accountant)
+
+
+def independent(history: list[Step], delta: float, method: str) -> float:
+    """Google dp_accounting's epsilon for ``history`` (cached)."""
+    return _indep(_blocks(history), float(delta), method)
+
+
+def independent_method(accountant: str) -> str:
+    """The independent library's method comparable to ``accountant`` (PRV ~ PLD, RDP ~ RDP)."""
+    return "rdp" if accountant == "rdp" else "pld"
+
+
+def finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def close(a: float | None, b: float | None, rtol: float = EPS_RTOL) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
+
+
+def dist(values: list[float]) -> dict | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_of(mapping: dict[str, str | None]) -> str:
+    """One SHA-256 over name=value lines (sorted): a commitment to values a partner report may not list."""
+    text = "".join(f"{k}={v}\n" for k, v in sorted(mapping.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ findings
+@dataclass
+class Finding:
+    """One observation behind a check. ``message`` may name ``hospital`` and its figures; ``anonymous``
+    says the same without name or figures, for partner reports about other hospitals."""
+
+    status: str
+    message: str
+    hospital: str | None = None
+    anonymous: str = ""
+
+
+# ------------------------------------------------------------------------------------------ hospitals
+@dataclass
+class HospitalFacts:
+    name: str
+    ledger_rel: str
+    ledger_exists: bool = False
+    ledger_verified: bool = False
+    ledger_error: str | None = None
+    head: str | None = None
+    n_entries: int = 0
+    run_id: str | None = None
+    plan: dict | None = None
+    dp: bool = False
+    dp_rounds: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    participation: list[dict] = field(default_factory=list)
+    mechanism: dict | None = None
+    accounting: dict | None = None
+    commitments: list[dict] = field(default_factory=list)
+    findings: dict[str, list[Finding]] = field(default_factory=dict)
+
+    def add(self, check: str, status: str, message: str, anonymous: str) -> None:
+        self.findings.setdefault(check, []).append(Finding(status, message, self.name, anonymous))
+
+
+def _clean_error(text: str, run_dir: Path) -> str:
+    return text.replace(str(run_dir.resolve()) + "/", "").replace(str(run_dir) + "/", "")
+
+
+def read_ledger(path: Path, run_dir: Path) -> tuple[list[dict] | None, str | None]:
+    """(entries, None) when the chain verifies, (None, message naming the first bad entry) otherwise."""
+    try:
+        return PrivacyLedger(path).entries(), None
+    except LedgerTampered as e:
+        msg = _clean_error(str(e), run_dir)
+        rel = path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else str(path)
+        return None, msg.removeprefix(f"{rel}: ")
+
+
+def pick_run_id(plans: list[dict], run_dir: Path, summary: dict) -> str | None:
+    ids = list(dict.fromkeys(p.get("run_id") for p in plans if p.get("run_id")))
+    if not ids:
+        return None
+    for candidate in (run_dir.name, Path(str(summary.get("run_dir", ""))).name):
+        if candidate in ids:
+            return candidate
+    return ids[-1]
+
+
+def history_of(dp_rounds: list[dict]) -> list[Step]:
+    return [Step(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in dp_rounds]
+
+
+def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
+    run_dir = run.run_dir
+    path = run_dir / "clients" / name / "ledger.jsonl"
+    h = HospitalFacts(name=name, ledger_rel=f"clients/{name}/ledger.jsonl")
+    h.ledger_exists = path.is_file()
+    config_dp = run.config_dp
+    entries: list[dict] = []
+    if h.ledger_exists:
+        got, err = read_ledger(path, run_dir)
+        if got is None:
+            h.ledger_error = err
+            h.add("ledger_verified", "fail", f"{h.ledger_rel} does not verify: {err}", "a privacy ledger does not verify")
+        else:
+            entries = got
+            h.ledger_verified = True
+            h.n_entries = len(entries)
+            h.head = entries[-1]["hash"] if entries else GENESIS_HASH
+    elif config_dp:
+        h.add("ledger_verified", "fail", f"{h.ledger_rel} is missing although the run is configured with DP",
+              "a privacy ledger is missing")
+    plans = [e for e in entries if e.get("event") == "dp_plan"]
+    h.run_id = pick_run_id(plans, run_dir, run.summary)
+    of_run = [e for e in entries if h.run_id is None or e.get("run_id") in (h.run_id, None)]
+    h.plan = next((e for e in of_run if e.get("event") == "dp_plan"), None)
+    h.dp_rounds = [e for e in of_run if e.get("event") == "dp_round"]
+    h.commitments = [
+        {k: v for k, v in e.items() if k not in ("prev_hash", "hash")}
+        for e in of_run if e.get("event") == "dataset_commitment"
+    ]
+    h.participation = run.participation(name)
+    _dp_facts(run, h, of_run, config_dp)
+    return h
+
+
+def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: bool) -> None:
+    plan = h.plan
+    labelled = config_dp or bool(plan and plan.get("dp")) or any(e.get("dp") for e in h.dp_rounds)
+    if not labelled:
+        h.dp = False
+        if h.ledger_verified or not h.ledger_exists:
+            _non_dp_events(run, h, of_run)
+        return
+    if not h.ledger_verified:
+        h.dp = True  # labelled DP, but there is no trustworthy source for any figure
+        if not h.ledger_exists:
+            h.add("dp_label_has_accountant", "fail",
+                  f"{h.name} is labelled DP (config privacy.dp) but has no ledger, so no accountant record ({h.ledger_rel})",
+                  "a hospital is labelled DP without an accountant record")
+        return
+    problems = []
+    if plan is None:
+        problems.append("its ledger has no dp_plan entry (no accountant, noise or delta recorded)")
+    else:
+        if plan.get("accountant") not in ("prv", "rdp"):
+            problems.append(f"its dp_plan names no known accountant ({plan.get('accountant')!r})")
+        if not plan.get("dp") or not plan.get("noise_multiplier"):
+            problems.append(f"its dp_plan records noise multiplier {plan.get('noise_multiplier')!r} and dp={plan.get('dp')!r} "
+                            "(clipping without noise is not DP)")
+        delta = plan.get("delta")
+        if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            problems.append(f"its dp_plan has no valid delta ({delta!r})")
+    for e in h.dp_rounds:
+        if not e.get("dp", True) or e.get("accountant") not in ("prv", "rdp") or not e.get("noise_multiplier"):
+            problems.append(f"dp_round seq {e.get('seq')} (line {e.get('seq', 0) + 1}) has dp={e.get('dp')!r}, "
+                            f"accountant={e.get('accountant')!r}, noise_multiplier={e.get('noise_multiplier')!r}")
+            break
+    if problems:
+        h.dp = True
+        h.add("dp_label_has_accountant", "fail",
+              f"{h.name} is labelled DP but " + "; ".join(problems) + f" ({h.ledger_rel})",
+              "a hospital is labelled DP without an accountant record")
+        _non_dp_events(run, h, of_run)
+        return
+    h.dp = True
+    try:
+        history = history_of(h.dp_rounds)
+    except (KeyError, TypeError, ValueError) as e:
+        h.add("dp_label_has_accountant", "fail", f"{h.ledger_rel}: a dp_round entry is not accountable: {e}",
+              "a ledger entry cannot be accounted")
+        return
+    acc, delta = plan["accountant"], float(plan["delta"])
+    sigma = float(plan["noise_multiplier"])
+    try:
+        spent = account(history, delta, acc)
+    except ValueError as e:
+        h.add("dp_label_has_accountant", "fail", f"{h.name}: the {acc} accountant cannot compute epsilon: {e}",
+              "the accountant could not compute a hospital's epsilon")
+        return
+    n = plan.get("n_records")
+    schedule = [(float(q), int(k)) for q, k in plan.get("round_schedule", [])]
+    rounds_planned = int(plan.get("rounds", run.rounds_planned))
+    targets = [float(plan["target_epsilon"])] + [float(e["target_epsilon"]) for e in h.dp_rounds if "target_epsilon" in e]
+    budget = min(targets)
+    # -- epsilon by round, recomputed from the ledger prefix; compared with the ledger and the metrics
+    by_round = []
+    last_round = max([run.rounds_run] + [int(e.get("round", 0)) for e in h.dp_rounds])
+    part = {p["round"]: p for p in h.participation}
+    skip_rounds = {int(e["round"]) for e in of_run if e.get("event") == "skipped_budget" and "round" in e}
+    for r in range(1, last_round + 1):
+        prefix = [e for e in h.dp_rounds if int(e.get("round", 0)) <= r]
+        in_round = [e for e in h.dp_rounds if int(e.get("round", 0)) == r]
+        eps_r = account(history_of(prefix), delta, acc)
+        status = "trained" if in_round else ("skipped_budget" if r in skip_rounds else part.get(r, {}).get("status", "absent"))
+        by_round.append({"round": r, "epsilon": finite(eps_r), "status": status})
+        if in_round:
+            recorded = in_round[-1].get("epsilon")
+            if not close(recorded, finite(eps_r)):
+                h.add("epsilon_recomputed", "fail",
+                      f"{h.ledger_rel} seq {in_round[-1].get('seq')} (round {r}) records epsilon {recorded!r}; "
+                      f"the {acc} accountant recomputes {eps_r!r} from the ledger's history",
+                      "a recorded epsilon differs from its recomputation")
+        reported = run.metric_epsilon(h.name, r)
+        if reported is not None and not close(reported, finite(eps_r)):
+            h.add("epsilon_recomputed", "fail",
+                  f"metrics/round_{r:03d}.json reports epsilon-spent {reported!r} for {h.name}; "
+                  f"the ledger gives {eps_r!r}", "a reported epsilon differs from its recomputation")
+        for e in in_round:  # understated steps: the ledger must cover what the optimizer and the metrics say
+            observed = e.get("steps_observed")
+            if observed is not None and int(e["steps"]) < int(observed):
+                h.add("epsilon_recomputed", "fail",
+                      f"{h.ledger_rel} seq {e.get('seq')}: steps {e['steps']} < steps observed {observed}",
+                      "a ledger understates the steps taken")
+            m_steps = run.metric_steps(h.name, r, e.get("task"))
+            if m_steps is not None and int(m_steps) > int(e["steps"]):
+                h.add("epsilon_recomputed", "fail",
+                      f"metrics/round_{r:03d}.json: {h.name} reports {m_steps} steps on {e.get('task')!r}, "
+                      f"its ledger (seq {e.get('seq')}) accounts for {e['steps']}",
+                      "a ledger understates the steps taken")
+    # -- budget
+    if spent > budget * (1 + BUDGET_SLACK) or any(e.get("over_budget") for e in h.dp_rounds):
+        first = next((e for e in h.dp_rounds if e.get("over_budget")), None)
+        if first is None:
+            for i in range(1, len(h.dp_rounds) + 1):
+                e = h.dp_rounds[i - 1]
+                if account(history_of(h.dp_rounds[:i]), delta, acc) > float(e.get("target_epsilon", budget)) * (1 + BUDGET_SLACK):
+                    first = e
+                    break
+        where = f" (first at seq {first.get('seq')}, round {first.get('round')})" if first else ""
+        h.add("budget_respected", "fail",
+              f"{h.name} spent epsilon {spent:.4g} over its budget {budget:.4g}{where}", "a hospital exceeded its budget")
+    # -- delta vs 1/n
+    delta_ok = None
+    if isinstance(n, int) and n > 0:
+        delta_ok = delta < 1.0 / n
+        if not delta_ok:
+            h.add("delta_below_1_over_n", "fail",
+                  f"{h.name}: delta {delta:g} >= 1/n = {1.0 / n:.3g} for n = {n} records ({h.ledger_rel} seq {plan.get('seq')})",
+                  "delta is not below 1/n at a hospital")
+    else:
+        h.add("delta_below_1_over_n", "attention", f"{h.name}: the dp_plan records no record count n",
+              "a hospital's record count is not recorded")
+    # -- sampling assumption: the accountants assume Poisson sampling
+    used = {plan.get("sampling")} | {e.get("sampling") for e in h.dp_rounds}
+    sampling_used = "poisson" if used == {"poisson"} else ", ".join(sorted(str(u) if u else "not recorded" for u in used))
+    if sampling_used != "poisson":
+        h.add("sampling_assumption", "attention",
+              f"{h.name}: the accountant assumes Poisson sampling, the ledger records {sampling_used}",
+              "Poisson sampling is assumed but not recorded as used")
+    # -- tiers
+    if spent > 10 or budget > 10:
+        h.add("epsilon_tier", "attention",
+              f"{h.name}: epsilon spent {spent:.4g}, budget {budget:.4g}: above 10 is a weak guarantee",
+              "a hospital's epsilon is above 10")
+    # -- independent recomputation
+    method = independent_method(acc)
+    try:
+        ind = independent(history, delta, method)
+    except Exception as e:  # the cross-check must not hide the report
+        ind = None
+        h.add("independent_accountant_agreement", "attention", f"{h.name}: dp_accounting failed: {e}",
+              "the independent accountant failed")
+    rel = (ind - spent) / spent if ind is not None and spent and math.isfinite(spent) and math.isfinite(ind) else None
+    if rel is not None and rel > 0.05:
+        h.add("independent_accountant_agreement", "attention",
+              f"{h.name}: dp_accounting {method.upper()} gives {ind:.4g}, {rel:+.1%} above Opacus {acc.upper()}'s {spent:.4g}",
+              "the independent recomputation is more than 5% above the accountant")
+    planned = account([Step(sigma, q, k) for q, k in schedule] * rounds_planned, delta, acc) if schedule else None
+    if planned is not None and plan.get("planned_epsilon") is not None and not close(plan["planned_epsilon"], finite(planned)):
+        h.add("epsilon_recomputed", "fail",
+              f"{h.ledger_rel} dp_plan records planned_epsilon {plan['planned_epsilon']!r}, recomputed {planned!r}",
+              "a recorded epsilon differs from its recomputation")
+    # -- patient level
+    k = run.records_per_patient.get(h.name)
+    patient = None
+    if k is not None and math.isfinite(spent):
+        e_k, d_k = group_privacy_epsilon(spent, delta, k)
+        patient = {"max_records_per_patient": k, "epsilon": e_k, "delta": d_k,
+                   "method": "group privacy: (k*eps, k*exp((k-1)*eps)*delta), loose"}
+    if k is None:
+        h.add("privacy_unit", "attention",
+              f"{h.name}: record-level unit; records per patient unknown (the data carries no patient ids)",
+              "records per patient unknown at a hospital")
+    elif k > 1:
+        h.add("privacy_unit", "attention",
+              f"{h.name}: record-level unit while a patient has up to {k} records (patient-level epsilon {e_k:.4g} by group privacy)",
+              "patients with several records under a record-level unit")
+    attended = sum(1 for p in h.participation if p["status"] == "trained")
+    h.mechanism = {
+        "noise_multiplier": sigma,
+        "noise_source": plan.get("noise_source"),
+        "max_grad_norm": float(plan.get("max_grad_norm")),
+        "sampling": sampling_used,
+        "sample_rates": sorted({float(q) for q, _ in schedule}),
+        "round_schedule": [[q, k_] for q, k_ in schedule],
+        "batch_size": run.batch_size,
+        "local_epochs": run.local_epochs,
+        "steps_per_round": sum(k_ for _, k_ in schedule),
+        "steps_total": sum(int(e["steps"]) for e in h.dp_rounds),
+        "rounds_planned": rounds_planned,
+        "rounds_attended": attended,
+        "n_records": n,
+        "secure_mode": bool(plan.get("secure_mode")),
+    }
+    h.accounting = {
+        "accountant": acc,
+        "accountant_library": plan.get("accountant_library"),
+        "eps_error": PRV_EPS_ERROR if acc == "prv" else None,
+        "delta": delta,
+        "delta_default": plan.get("delta_default"),
+        "one_over_n": 1.0 / n if isinstance(n, int) and n > 0 else None,
+        "delta_lt_1_over_n": delta_ok,
+        "epsilon_spent": finite(spent),
+        "epsilon_budget": budget,
+        "epsilon_remaining": finite(budget - spent),
+        "planned_epsilon": finite(planned) if planned is not None else None,
+        "gdp_mu": finite(gdp_mu(history)),
+        "epsilon_by_round": by_round,
+        "assumptions": {"sampling_assumed": "poisson", "sampling_used": sampling_used,
+                        "assumptions_hold": sampling_used == "poisson"},
+        "independent_recomputation": {
+            "library": f"dp_accounting {_version('dp-accounting')}", "method": method,
+            "epsilon": finite(ind), "relative_difference": rel,
+        },
+        "patient_level": patient,
+        "privacy_unit": plan.get("privacy_unit", "record"),
+        "adjacency": plan.get("adjacency", "add/remove"),
+        "on_exhaustion": plan.get("on_exhaustion"),
+    }
+    _dp_events(run, h, of_run, delta, acc, sigma, schedule)
+
+
+def _non_dp_events(run: "RunFacts", h: HospitalFacts, of_run: list[dict]) -> None:
+    h.events = [ev for p in h.participation for ev in p.get("events", [])]
+
+
+def _dp_events(run, h: HospitalFacts, of_run, delta, acc, sigma, schedule) -> None:
+    events = []
+    for e in of_run:
+        kind = e.get("event")
+        if kind == "skipped_budget":
+            before = [x for x in h.dp_rounds if x["seq"] < e["seq"]]
+            spent = account(history_of(before), delta, acc)
+            projected = account(history_of(before) + [Step(sigma, q, k) for q, k in schedule], delta, acc)
+            for field_, mine in (("epsilon_spent", spent), ("projected_epsilon", projected)):
+                if e.get(field_) is not None and not close(e[field_], finite(mine)):
+                    h.add("epsilon_recomputed", "fail",
+                          f"{h.ledger_rel} seq {e['seq']}: skipped_budget records {field_} {e[field_]!r}, recomputed {mine!r}",
+                          "a recorded epsilon differs from its recomputation")
+            events.append({"round": e.get("round"), "event": "skipped_budget", "reason": e.get("reason", "budget"),
+                           "epsilon_spent": finite(spent), "projected_epsilon": finite(projected),
+                           "epsilon_budget": e.get("target_epsilon"), "action": e.get("on_exhaustion")})
+        elif kind == "refused":
+            events.append({"round": e.get("round"), "event": "refused", "reason": str(e.get("reason", ""))})
+        elif kind == "resume":
+            restored = account(history_of([x for x in h.dp_rounds if x["seq"] < e["seq"]]), delta, acc)
+            events.append({"round": None, "event": "resume", "reason": "ledger-restored spend after a restart",
+                           "epsilon_spent": finite(restored), "rounds_recorded": e.get("rounds_recorded")})
+    for p in h.participation:
+        events.extend(ev for ev in p.get("events", []) if ev["event"] != "skipped_budget")
+    h.events = sorted(events, key=lambda ev: (ev["round"] is None, ev["round"] or 0))
+
+
+def _version(dist_name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the run
+@dataclass
+class RunFacts:
+    run_dir: Path
+    cfg: Any
+    summary: dict
+    rounds: list[dict]
+    clients: list[str]
+    config_dp: bool
+    rounds_planned: int
+    batch_size: int
+    local_epochs: int
+    records_per_patient: dict[str, int | None] = field(default_factory=dict)
+    inventory: dict = field(default_factory=dict)
+    run_id: str = ""
+
+    @property
+    def rounds_run(self) -> int:
+        return max([r["round"] for r in self.rounds if r.get("round", 0) >= 1] or [0])
+
+    def record(self, r: int) -> dict | None:
+        return next((x for x in self.rounds if x.get("round") == r), None)
+
+    def aggregated_rounds(self) -> list[int]:
+        return [x["round"] for x in self.rounds if x.get("round", 0) >= 1 and "client_model_test" in x]
+
+    def metric_epsilon(self, client: str, r: int) -> float | None:
+        rec = self.record(r) or {}
+        return (rec.get("clients", {}).get(client) or {}).get("epsilon-spent")
+
+    def metric_steps(self, client: str, r: int, task: str | None) -> int | None:
+        rec = self.record(r) or {}
+        return (rec.get("clients", {}).get(client) or {}).get(f"{task}.steps")
+
+    def participation(self, client: str) -> list[dict]:
+        out = []
+        for r in range(1, self.rounds_run + 1):
+            rec = self.record(r)
+            if rec is None:
+                out.append({"round": r, "status": "no_record", "events": []})
+                continue
+            stats = rec.get("clients", {}).get(client)
+            events = []
+            rejected = rec.get("rejected", {}) or {}
+            if client in rejected:
+                status = "rejected"
+                events.append({"round": r, "event": "rejected", "reason": str(rejected[client])})
+            elif stats is None:
+                status = "absent"
+                events.append({"round": r, "event": "absent", "reason": "no reply this round (failed or dropped out)"})
+            elif stats.get("skipped-budget"):
+                status = "skipped_budget"
+                events.append({"round": r, "event": "skipped_budget", "reason": "budget"})
+            else:
+                status = "trained"
+            if rec.get("stopped"):
+                events.append({"round": r, "event": "run_stopped", "reason": str(rec["stopped"])})
+            out.append({"round": r, "status": status, "events": events})
+        return out
+
+
+def load_run_facts(run_dir: Path) -> RunFacts:
+    from secure_fedkim.config import RunConfig
+
+    cfg_file = run_dir / "resolved_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a secure-fedkim run directory (no resolved_config.json)")
+    cfg = RunConfig.model_validate_json(cfg_file.read_text())
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    rounds = []
+    for p in sorted((run_dir / "metrics").glob("round_*.json")):
+        rec = json.loads(p.read_text())
+        rec.setdefault("round", int(re.sub(r"\D", "", p.stem)))
+        rounds.append(rec)
+    facts = RunFacts(
+        run_dir=run_dir, cfg=cfg, summary=summary, rounds=rounds, clients=list(cfg.federation.clients),
+        config_dp=bool(cfg.privacy.dp), rounds_planned=cfg.run.rounds, batch_size=cfg.client.batch_size,
+        local_epochs=cfg.client.local_epochs,
+    )
+    _data_facts(facts)
+    return facts
+
+
+SUPPRESS_BELOW = 10
+
+
+def suppress(n: int | None) -> int | str | None:
+    """A count for the data inventory: cells below 10 (zero included) are shown as "<10"."""
+    if n is None:
+        return None
+    return int(n) if n >= SUPPRESS_BELOW else f"<{SUPPRESS_BELOW}"
+
+
+def _data_facts(facts: RunFacts) -> None:
+    """Counts from the run's data plan (a simulation can rebuild it): per hospital and task, records,
+    positives and the largest number of records of one patient. Counts only, suppressed below 10 later."""
+    import numpy as np
+
+    inv: dict = {"source": "data plan rebuilt from resolved_config.json", "tasks": {}, "error": None}
+    try:
+        from secure_fedkim.artifacts import load_run
+
+        plans = load_run(facts.run_dir).plans
+    except Exception as e:  # a report must not need the hospitals' data; say what is missing instead
+        inv["error"] = f"the data plan could not be rebuilt here ({type(e).__name__}: {e}); counts from the run's metrics only"
+        inv["source"] = "metrics and summary.json"
+        facts.inventory = inv
+        facts.records_per_patient = {c: None for c in facts.clients}
+        return
+    per_patient: dict[str, int | None] = {c: 1 for c in facts.clients}
+    for name, p in plans.items():
+        t = {"role": p.task.role, "modality": p.task.modality, "records": len(p.data),
+             "positives": int(np.asarray(p.data.y).sum()), "test_records": len(p.split.test),
+             "public_records": len(p.split.public), "patient_ids": p.data.group is not None, "hospitals": {}}
+        if p.task.role == "train":
+            for c in facts.clients:
+                shard = p.shard(c)
+                k = None
+                if p.data.group is not None and len(shard):
+                    _, counts = np.unique(np.asarray(shard.group).astype(str), return_counts=True)
+                    k = int(counts.max())
+                if len(shard):
+                    per_patient[c] = None if (per_patient[c] is None or k is None) else max(per_patient[c], k)
+                t["hospitals"][c] = {"records": len(shard), "positives": int(np.asarray(shard.y).sum()),
+                                     "max_records_per_patient": k}
+        inv["tasks"][name] = t
+    facts.inventory = inv
+    facts.records_per_patient = per_patient
