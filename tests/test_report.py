@@ -402,24 +402,24 @@ def test_poisson_assumed_but_not_used_needs_attention(copy_run):
     assert a["assumptions"]["assumptions_hold"] is False
 
 
-def test_record_level_unit_with_several_records_per_patient_needs_attention(copy_run, monkeypatch):
-    from secure_fedkim.report import collect
-
-    original = collect._data_facts
-
-    def with_patients(facts, k):
-        original(facts)
-        facts.records_per_patient = {c: k for c in facts.clients}
-
+def test_record_level_unit_with_several_records_per_patient_needs_attention(copy_run):
     run = copy_run()
-    monkeypatch.setattr(collect, "_data_facts", lambda facts: with_patients(facts, 3))
+    cfg_path = run / "resolved_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert status_of(build_report(run), "privacy_unit")["status"] == "attention"  # unknown: no ids, no bound
+    cfg["privacy"]["max_records_per_patient"] = 3
+    cfg_path.write_text(json.dumps(cfg))
     report = build_report(run)
     check = status_of(report, "privacy_unit")
     assert check["status"] == "attention" and "up to 3 records" in check["reason"]
     a = report["hospitals"][0]["accounting"]
     assert a["patient_level"]["epsilon"] == pytest.approx(3 * a["epsilon_spent"])
-    monkeypatch.setattr(collect, "_data_facts", lambda facts: with_patients(facts, 1))
-    assert status_of(build_report(run), "privacy_unit")["status"] == "pass"
+    assert a["patient_level"]["delta"] == pytest.approx(min(1.0, 3 * math.exp(2 * a["epsilon_spent"]) * a["delta"]))
+    cfg["privacy"]["max_records_per_patient"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    report = build_report(run)
+    assert status_of(report, "privacy_unit")["status"] == "pass"
+    assert "also a patient-level guarantee" in report["guarantee_statement"]["text"]
 
 
 def test_secagg_dropout_at_the_threshold_and_plain_aggregation_need_attention(copy_run):
@@ -587,6 +587,16 @@ def test_verify_names_a_ledger_rewritten_with_a_fresh_chain(written, tmp_path):
     msgs = verify_report(d / "report.json")
     assert any(m.startswith("clients/cleveland/ledger.jsonl: chain head") and "provenance.ledger_heads.cleveland" in m
                for m in msgs), msgs
+
+
+def test_verify_names_entries_appended_after_the_report(written, tmp_path):
+    d = _fresh(written, tmp_path)
+    n = len(PrivacyLedger(ledger_path(d, "hungary")).entries())
+    PrivacyLedger(ledger_path(d, "hungary")).append("refused", run_id="later", round=9, reason="policy")
+    msgs = verify_report(d / "report_hungary.json")
+    assert msgs == [f"clients/hungary/ledger.jsonl: 1 entry appended after the report (seq {n} to {n}); head now "
+                    f"{PrivacyLedger(ledger_path(d, 'hungary')).head()}, the report's provenance.ledger_heads.hungary is "
+                    f"{json.loads((d / 'report_hungary.json').read_text())['provenance']['ledger_heads']['hungary']}"]
 
 
 def test_verify_recomputes_epsilons_and_names_the_field(written, tmp_path, monkeypatch):

@@ -32,10 +32,8 @@ attention
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
-import statistics
 import subprocess
 import uuid
 from pathlib import Path
@@ -48,7 +46,6 @@ from .collect import (
     Finding,
     HospitalFacts,
     RunFacts,
-    close,
     collect_hospital,
     digest_of,
     dist,
@@ -758,7 +755,7 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
         "status": {"overall": overall, "counts": {s: sum(c["status"] == s for c in checks) for s in STATUSES}},
         "checks": checks,
         "scope": text.scope(run.cfg, partner, len(run.clients)),
-        "privacy_definition": text.privacy_definition(run.cfg, f["any_dp"], run.records_per_patient, view),
+        "privacy_definition": text.privacy_definition(run.cfg, f["any_dp"], _per_patient(run), view),
         "hospitals": [_hospital_entry(hs[c]) for c in view],
         "other_hospitals": _others([hs[c] for c in others]) if partner else None,
         "accounting": {
@@ -795,6 +792,11 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
              "other_hospitals", "accounting", "budget", "aggregation", "threat_model", "audit", "utility",
              "data_inventory", "provenance", "regulatory_mapping", "hazards", "limitations", "sign_off", "glossary", "plots"]
     return {k: report[k] for k in order}
+
+
+def _per_patient(run: RunFacts) -> dict[str, int | None]:
+    configured = getattr(run.cfg.privacy, "max_records_per_patient", None)
+    return {c: configured if configured is not None else run.records_per_patient.get(c) for c in run.clients}
 
 
 def _audit_view(audit: dict, partner: str | None) -> dict:

@@ -152,6 +152,16 @@ def pick_run_id(plans: list[dict], run_dir: Path, summary: dict) -> str | None:
     return ids[-1]
 
 
+def _commitment(e: dict) -> dict:
+    """A dataset_commitment entry for the report: hashes, with record counts suppressed below 10."""
+    tasks = {}
+    for name, t in (e.get("tasks") or {}).items():
+        if isinstance(t, dict):
+            tasks[name] = {k: (suppress(v) if k == "records" and isinstance(v, int) else v) for k, v in t.items()
+                           if k == "records" or (isinstance(v, (str, dict)) and "sha" in k)}
+    return {"seq": e.get("seq"), "time": e.get("time"), "tasks": tasks}
+
+
 def history_of(dp_rounds: list[dict]) -> list[Step]:
     return [Step(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in dp_rounds]
 
@@ -181,10 +191,7 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     of_run = [e for e in entries if h.run_id is None or e.get("run_id") in (h.run_id, None)]
     h.plan = next((e for e in of_run if e.get("event") == "dp_plan"), None)
     h.dp_rounds = [e for e in of_run if e.get("event") == "dp_round"]
-    h.commitments = [
-        {k: v for k, v in e.items() if k not in ("prev_hash", "hash")}
-        for e in of_run if e.get("event") == "dataset_commitment"
-    ]
+    h.commitments = [_commitment(e) for e in of_run if e.get("event") == "dataset_commitment"]
     h.participation = run.participation(name)
     _dp_facts(run, h, of_run, config_dp)
     return h
@@ -337,16 +344,31 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         h.add("epsilon_recomputed", "fail",
               f"{h.ledger_rel} dp_plan records planned_epsilon {plan['planned_epsilon']!r}, recomputed {planned!r}",
               "a recorded epsilon differs from its recomputation")
-    # -- patient level
-    k = run.records_per_patient.get(h.name)
+    # -- patient level: the config's bound on records per patient, else what the data's patient ids show
+    configured = getattr(run.cfg.privacy, "max_records_per_patient", None)
+    k = configured if configured is not None else run.records_per_patient.get(h.name)
     patient = None
     if k is not None and math.isfinite(spent):
         e_k, d_k = group_privacy_epsilon(spent, delta, k)
         patient = {"max_records_per_patient": k, "epsilon": e_k, "delta": d_k,
+                   "source": "config privacy.max_records_per_patient" if configured is not None else "patient ids in the data",
                    "method": "group privacy: (k*eps, k*exp((k-1)*eps)*delta), loose"}
-    if k is None:
+        for r in range(1, last_round + 1):
+            rec = (run.record(r) or {}).get("clients", {}).get(h.name) or {}
+            if "epsilon-patient" in rec:
+                eps_r = next((x["epsilon"] for x in by_round if x["round"] == r), None)
+                want = group_privacy_epsilon(eps_r, delta, k) if eps_r is not None else (None, None)
+                if not (close(rec["epsilon-patient"], want[0]) and close(rec.get("delta-patient"), want[1])):
+                    h.add("epsilon_recomputed", "fail",
+                          f"metrics/round_{r:03d}.json reports patient-level ({rec['epsilon-patient']!r}, "
+                          f"{rec.get('delta-patient')!r}) for {h.name}; group privacy of the ledger's spend gives {want}",
+                          "a reported epsilon differs from its recomputation")
+    if plan.get("privacy_unit") == "patient":
+        pass  # accounted at the patient level: nothing to add
+    elif k is None:
         h.add("privacy_unit", "attention",
-              f"{h.name}: record-level unit; records per patient unknown (the data carries no patient ids)",
+              f"{h.name}: record-level unit; records per patient unknown (no privacy.max_records_per_patient in the "
+              f"config and no patient ids in the data)",
               "records per patient unknown at a hospital")
     elif k > 1:
         h.add("privacy_unit", "attention",

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
