@@ -119,14 +119,18 @@ def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[di
     return model.state_dict(), strategy.history, None
 
 
-def single_hospital_baseline(cfg: RunConfig) -> dict[str, dict[str, dict]]:
-    """Each hospital alone: the same model, seed and epochs (rounds x local epochs) on its own shards only."""
+def single_hospital_baseline(cfg: RunConfig, run_dir: Path) -> dict[str, dict[str, dict]]:
+    """Each hospital alone: the same model, seed, epochs (rounds x local epochs) and privacy budget, on its
+    own shards only (with DP on, it spends its budget from a ledger of its own under baseline/)."""
+    from secure_fedkim.client_app import hospital_dp
+
     plans = build_plan(cfg)
     out: dict[str, dict[str, dict]] = {}
     for client in cfg.federation.clients:
         model = new_client_model(cfg, plans)
+        dp = hospital_dp(cfg, plans, client, run_dir / "baseline" / client, f"baseline-{client}")
         for r in range(1, cfg.run.rounds + 1):
-            local_round(model, plans, client, cfg, r)
+            local_round(model, plans, client, cfg, r, dp=dp)
         out[client] = {
             name: evaluate_task(model.task_model(name), p.test().x, p.test().y)
             for name, p in plans.items()
@@ -160,7 +164,7 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
     save_model(model, run_dir / "model" / "client_model.safetensors")
 
     final_test = history[-1]["client_model_test"]
-    single = single_hospital_baseline(cfg) if cfg.baseline.single_hospital else {}
+    single = single_hospital_baseline(cfg, run_dir) if cfg.baseline.single_hospital else {}
     summary = {
         "run_dir": str(run_dir),
         "config_sha256": config_sha256(config_text),

@@ -8,6 +8,7 @@ depends only on the weights is post-processing and keeps the DP guarantee intact
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import numpy as np
@@ -16,6 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from secure_fedkim.metrics import binary_metrics
+
+# Opacus's hooks fire on every first layer whose input needs no gradient: expected, not a problem.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 class Privatizer(Protocol):
