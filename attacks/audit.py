@@ -581,7 +581,7 @@ def _acc_cell(acc: dict | None) -> str:
 
 
 def format_audit_table(audit: dict) -> str:
-    """The audit as a text table: rows target x attack; AUC, TPR@1%, TPR@0.1%, eps lower bound, accountant eps."""
+    """The audit as a text table: rows target x attack; n, AUC, TPR@1%, TPR@0.1%, eps lower bound, accountant eps."""
     accountant = audit.get("accountant", {})
     rows = []
     for e in audit.get("mia", []):
@@ -598,7 +598,7 @@ def format_audit_table(audit: dict) -> str:
                 acc = "inf (no noise)" if any(x is None for x in eps) else f"max {max(eps):.3f}"
         rows.append([
             e["target"] if e["target_kind"] == "global" else f"{e['target']} (local)", e["task"], e["attack"],
-            _fmt(e["auc"]), _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", acc,
+            str(e["n_members"]), _fmt(e["auc"]), _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", acc,
         ])
     for d in audit.get("dp_audit", []):
         attack = f"canaries ({d['mode'].replace('_', '-')}, {d['canaries']} {d['kind']})"
@@ -608,8 +608,9 @@ def format_audit_table(audit: dict) -> str:
             acc = "n/a (non-private)"
         else:
             acc = "inf (no noise)" if d["eps_accountant"] is None else f"{d['eps_accountant']:.3f} *"
-        rows.append([f"{d['hospital']} (training)", d["task"], attack, _fmt(d["canary_auc"]), "-", "-", lb_cell, acc])
-    header = ["target", "task", "attack", "AUC", "TPR@1%", "TPR@0.1%", "eps lower bound", "accountant eps"]
+        rows.append([f"{d['hospital']} (training)", d["task"], attack, str(d["canaries"] * d["trials"]),
+                     _fmt(d["canary_auc"]), "-", "-", lb_cell, acc])
+    header = ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps lower bound", "accountant eps"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [f"Leakage audit of {audit.get('run_dir', '?')}", line(header), line(["-" * w for w in widths])]
@@ -621,7 +622,8 @@ def format_audit_table(audit: dict) -> str:
             "(its noise, clip, sample rate and steps); the lower bound is the larger of the Clopper-Pearson "
             f"and one-run bounds at {audit['dp_audit'][0]['confidence']:.0%} confidence."
         )
-    if any(r[4].startswith("n/a") or r[5].startswith("n/a") for r in rows):
+    notes.append("n: members (= matched non-members) per MIA row; canaries (x trials) per canary row.")
+    if any(r[5].startswith("n/a") or r[6].startswith("n/a") for r in rows):
         notes.append("n/a (<N non-m.): too few non-members to measure that FPR; the audit says so instead of a number.")
     notes.append("accountant eps of a local model: the hospital's whole-run spend from its ledger; global: the max over hospitals.")
     recon = [r for r in audit.get("reconstruction", []) if r.get("update") in ("plain", "dp")]

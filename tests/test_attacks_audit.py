@@ -86,8 +86,8 @@ def test_audit_table_has_a_row_per_target_and_attack(audited):
     table = format_audit_table(audit)
     lines = table.splitlines()
     assert lines[0] == f"Leakage audit of {run_dir}"
-    assert lines[1].split() == ["target", "task", "attack", "AUC", "TPR@1%", "TPR@0.1%", "eps", "lower", "bound",
-                                "accountant", "eps"]
+    assert lines[1].split() == ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps", "lower",
+                                "bound", "accountant", "eps"]
     audited_targets = {e["target"] for e in audit["mia"]}
     skipped = {s["what"] for s in audit["skipped"]}
     for c in CLIENTS:  # a hospital too small for a matched MIA is skipped, and the table says why
