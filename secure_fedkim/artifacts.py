@@ -20,7 +20,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from secure_fedkim.client import new_client_model
-from secure_fedkim.config import RunConfig
+from pydantic import ValidationError
+
+from secure_fedkim.config import ConfigError, RunConfig
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan, build_plan
 
@@ -74,5 +76,11 @@ def load_run(run_dir: str | Path) -> Run:
     cfg_file = run_dir / "resolved_config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir}: not a secure-fedkim run directory (no resolved_config.json)")
-    cfg = RunConfig.model_validate_json(cfg_file.read_text())
+    try:
+        cfg = RunConfig.model_validate_json(cfg_file.read_text())
+    except ValidationError as e:
+        raise ConfigError(
+            f"{cfg_file}: this run's config does not validate with this version of secure-fedkim "
+            f"({e.errors()[0]['loc']}: {e.errors()[0]['msg']})"
+        ) from None
     return Run(run_dir, cfg, build_plan(cfg))

@@ -97,6 +97,15 @@ def _budget_for_config(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from attacks.audit import audit_run, format_audit_table, load_audit_config
+
+    audit = audit_run(args.run_dir, load_audit_config(args.config), progress=not args.quiet)
+    print(format_audit_table(audit))
+    print(f"audit written to {Path(args.run_dir) / 'audit'}")
+    return 0
+
+
 class UsageError(ValueError):
     """A command was called with arguments that do not fit together."""
 
@@ -122,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", type=Path, help="plan every hospital of this federation from its real shards")
     b.add_argument("--write", type=Path, help="with --config: write a copy of the config with this budget")
     b.set_defaults(func=_cmd_budget)
+
+    a = sub.add_parser("audit", help="leakage audits of a finished run: membership inference, DP canaries, inversion")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("--config", type=Path, default=None, help="audit config (default: the values in configs/audit.yaml)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=_cmd_audit)
     return p
 
 
@@ -134,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileExistsError, UsageError) as e:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, UsageError) as e:
         print(f"secure-fedkim: error: {e}", file=sys.stderr)
         return 2
 
