@@ -526,6 +526,21 @@ def test_partner_report_has_no_other_partners_figures(written):
     assert "hungary" in pdf_text and not any(c in pdf_text for c in others)
 
 
+def test_build_reads_only_and_write_refuses_a_report_that_does_not_fit_the_schema(copy_run, monkeypatch):
+    run = copy_run()
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    report = build_report(run)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+    from secure_fedkim.report import render
+
+    broken = copy.deepcopy(report)
+    broken["status"]["overall"] = "great"
+    monkeypatch.setattr(render, "build_report", lambda *a, **k: copy.deepcopy(broken))
+    with pytest.raises(jsonschema.ValidationError):
+        write_report(run)
+    assert not (run / "report.json").exists() and not (run / "report.sig").exists()
+
+
 def test_unknown_partner_is_refused(run_dir):
     with pytest.raises(ValueError, match="not a hospital"):
         build_report(run_dir, partner="nowhere")

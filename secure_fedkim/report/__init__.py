@@ -6,6 +6,15 @@
     problems = verify_report(paths.json)               # [] when signature, ledgers, hashes and epsilons match
 
 See REPORTING.md (fields, status rules, plots, hazards) and :mod:`secure_fedkim.report.build` for the rules.
+
+Public API:
+    build_report(run_dir, partner=None, *, reference=None) -> dict        report.json content (reads only)
+    write_report(run_dir, partner=None, *, reference=None) -> ReportPaths  (json, html, pdf, sig)
+    verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[str]   [] = everything matches
+    load_schema() -> dict; validate_report(report) -> None (raises jsonschema.ValidationError)
+
+The CLI (`secure-fedkim report RUN_DIR [--partner NAME]`, `secure-fedkim verify REPORT [--public-key PEM]`) calls
+write_report and verify_report; verify exits non-zero when the list is not empty.
 """
 
 from .build import SCHEMA_VERSION, build_report, status_of

@@ -125,7 +125,7 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
     (``top_exposed``) are never copied."""
     path = run_dir / "audit" / "audit.json"
     out = {"run": False, "source": "audit/audit.json", "mia": [], "dp_audit": [], "reconstruction": [],
-           "roc_images": [], "note": None, "auditor_knowledge": None, "skipped": []}
+           "roc_images": [], "note": None, "auditor_knowledge": None, "skipped": [], "low_fpr_note": None}
     if not path.is_file():
         out["note"] = "audit not run: no audit/audit.json in the run directory (run `secure-fedkim audit RUN_DIR`)"
         return out, [Finding("attention", out["note"], None, out["note"])]
@@ -171,6 +171,8 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
                 "tpr_at_fpr": tpr,
                 "n_members": node.get("n_members") if isinstance(node.get("n_members"), int) else None,
                 "n_nonmembers": node.get("n_nonmembers") if isinstance(node.get("n_nonmembers"), int) else None,
+                "tpr_at_fpr_note": {f"{_fpr_value(k):g}": str(v) for k, v in (node.get("tpr_at_fpr_note") or {}).items()
+                                    if _fpr_value(k) is not None} if isinstance(node.get("tpr_at_fpr_note"), dict) else {},
                 "per_record_exposure": _histogram(node.get("per_record_exposure")),
                 "roc_png": node.get("roc_png") if isinstance(node.get("roc_png"), str) else None,
             })
@@ -211,6 +213,12 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
         out["auditor_knowledge"] = data.get("auditor_knowledge") if isinstance(data.get("auditor_knowledge"), str) else None
         out["skipped"] = [{"what": str(x.get("what")), "why": str(x.get("why"))}
                           for x in data.get("skipped", []) if isinstance(x, dict)]
+    unmeasured = [m for m in out["mia"] if m["tpr_at_fpr"].get("0.001") is None]
+    if out["mia"] and len(unmeasured) == len(out["mia"]):
+        out["low_fpr_note"] = ("TPR at FPR 1e-3 was not measurable in any MIA result (fewer than 1000 non-members); "
+                               "the rule cannot be checked")
+    elif unmeasured:
+        out["low_fpr_note"] = f"{len(unmeasured)} of {len(out['mia'])} MIA results could not measure TPR at FPR 1e-3"
     for m in out["mia"]:
         t = m["tpr_at_fpr"].get("0.001")
         if t is not None and t > 2 * 1e-3:
@@ -477,7 +485,8 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
             or (name == "secagg_dropout_margin" and mode != "secagg")
             or (name == "server_secret_key" and mode == "plain")
             or (name == "audit_consistent_with_accountant" and not f["audit"]["dp_audit"])
-            or (name == "mia_low_fpr" and not f["audit"]["mia"])
+            or (name == "mia_low_fpr" and (not f["audit"]["mia"]
+                                           or all(m["tpr_at_fpr"].get("0.001") is None for m in f["audit"]["mia"])))
         )
         if not found:
             status = "not_applicable" if na else "pass"
@@ -486,9 +495,10 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
                     "he_parameters": "not he mode", "secagg_dropout_margin": "not secagg mode",
                     "server_secret_key": "plain mode has no secret key (see secure_aggregation)",
                     "audit_consistent_with_accountant": "no canary DP audit in audit.json" if f["audit"]["run"] else "audit not run",
-                    "mia_low_fpr": "no MIA result in audit.json" if f["audit"]["run"] else "audit not run",
+                    "mia_low_fpr": (f["audit"].get("low_fpr_note") or "no MIA result in audit.json") if f["audit"]["run"]
+                    else "audit not run",
                 }.get(name, "no differential privacy in this run"),
-                "pass": ok,
+                "pass": ok + (f" ({f['audit']['low_fpr_note']})" if name == "mia_low_fpr" and f["audit"].get("low_fpr_note") else ""),
             }[status]
         else:
             status = worst(x.status for x in found)

@@ -365,6 +365,12 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
                           "a reported epsilon differs from its recomputation")
     if plan.get("privacy_unit") == "patient":
         pass  # accounted at the patient level: nothing to add
+    elif k is None and run.records_per_patient_at_least.get(h.name, 1) > 1:
+        least = run.records_per_patient_at_least[h.name]
+        h.add("privacy_unit", "attention",
+              f"{h.name}: record-level unit while a patient has at least {least} records "
+              f"({run.records_per_patient_where.get(h.name)}); other tasks carry no patient ids",
+              "patients with several records under a record-level unit")
     elif k is None:
         h.add("privacy_unit", "attention",
               f"{h.name}: record-level unit; records per patient unknown (no privacy.max_records_per_patient in the "
@@ -412,6 +418,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
             "epsilon": finite(ind), "relative_difference": rel,
         },
         "patient_level": patient,
+        "records_per_patient_at_least": run.records_per_patient_at_least.get(h.name),
         "privacy_unit": plan.get("privacy_unit", "record"),
         "adjacency": plan.get("adjacency", "add/remove"),
         "on_exhaustion": plan.get("on_exhaustion"),
@@ -472,6 +479,8 @@ class RunFacts:
     batch_size: int
     local_epochs: int
     records_per_patient: dict[str, int | None] = field(default_factory=dict)
+    records_per_patient_at_least: dict[str, int] = field(default_factory=dict)
+    records_per_patient_where: dict[str, str] = field(default_factory=dict)
     inventory: dict = field(default_factory=dict)
     run_id: str = ""
 
@@ -570,6 +579,7 @@ def _data_facts(facts: RunFacts) -> None:
         facts.records_per_patient = {c: None for c in facts.clients}
         return
     per_patient: dict[str, int | None] = {c: 1 for c in facts.clients}
+    known: dict[str, int] = {c: 1 for c in facts.clients}  # the most records of one patient among tasks with ids
     for name, p in plans.items():
         t = {"role": p.task.role, "modality": p.task.modality, "records": len(p.data),
              "positives": int(np.asarray(p.data.y).sum()), "test_records": len(p.split.test),
@@ -583,8 +593,12 @@ def _data_facts(facts: RunFacts) -> None:
                     k = int(counts.max())
                 if len(shard):
                     per_patient[c] = None if (per_patient[c] is None or k is None) else max(per_patient[c], k)
+                    if k is not None and k > known[c]:
+                        known[c] = k
+                        facts.records_per_patient_where[c] = name
                 t["hospitals"][c] = {"records": len(shard), "positives": int(np.asarray(shard.y).sum()),
                                      "max_records_per_patient": k}
         inv["tasks"][name] = t
     facts.inventory = inv
     facts.records_per_patient = per_patient
+    facts.records_per_patient_at_least = known

@@ -166,7 +166,7 @@ def plot_utility(report: dict) -> bytes | None:
     tasks = [t for t in report["utility"]["tasks"] if t["client_model"] or t["foundation_model"]]
     if not tasks:
         return None
-    fig = _figure(6.4, 3.2)
+    fig = _figure(7.2, 3.8)
     ax = fig.add_subplot()
     labels = [f"{t['task']} ({'seen' if t['seen'] else 'unseen'})" for t in tasks]
     kinds = [("client_model", "federated client model"), ("foundation_model", "foundation model"),
@@ -182,7 +182,7 @@ def plot_utility(report: dict) -> bytes | None:
         ax.bar([i + len(kinds) * width for i in range(len(tasks))], vals, width,
                label="single hospital" + (" (mean)" if report["partner"] is None else ""))
     ax.axhline(0.5, color="k", lw=0.6, ls=":")
-    ax.set_xticks([i + width for i in range(len(tasks))], labels, fontsize=7)
+    ax.set_xticks([i + width for i in range(len(tasks))], labels, fontsize=7, rotation=25, ha="right")
     ax.set_ylabel("AUROC (test split)")
     ax.set_ylim(0, 1)
     ax.set_title("Utility per task", fontsize=9)
@@ -270,7 +270,8 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     h2("privacy")
     pdef = report["privacy_definition"]
     B.append(Block("kv", [("DP setting", pdef["dp_setting"]), ("privacy unit", _v(pdef["privacy_unit"])),
-                          ("records per patient", _v(pdef["max_records_per_patient"])),
+                          ("records per patient (max)", "; ".join(f"{c} {'unknown' if k is None else k}" for c, k in
+                                                                  (pdef["max_records_per_patient"] or {}).items()) or "-"),
                           ("adjacency", _v(pdef["adjacency"])), ("release scope", _v(pdef["release_scope"])),
                           ("not differential privacy", "; ".join(pdef["not_differential_privacy"]))]))
     B.append(Block("table", (["access", "status", "reason"],
@@ -370,11 +371,13 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
             B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI"] + [f"TPR@{k}" for k in fprs] +
                                      ["members / non-members"],
                                      [[_v(m["hospital"]), _v(m["target"]), _v(m["task"]), m["attack"], _v(m["auc"]),
-                                       _v(m["auc_ci95"])] + [_v(m["tpr_at_fpr"].get(k)) for k in fprs] +
+                                       _v(m["auc_ci95"])] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
+                                                             k in (m.get("tpr_at_fpr_note") or {}) else _v(m["tpr_at_fpr"].get(k))
+                                                             for k in fprs] +
                                       [f"{_v(m['n_members'])} / {_v(m['n_nonmembers'])}"] for m in au["mia"]]), None))
         if au["dp_audit"]:
-            B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound", "accountant eps",
-                                      "consistent"],
+            B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound",
+                                      "accountant eps (audit's replay)", "consistent"],
                                      [[_v(a.get("hospital")), _v(a.get("task")), _v(a.get("canaries")), _v(a.get("eps_lb")),
                                        _v(a.get("eps_lb_one_run")), _v(a.get("eps_accountant")),
                                        _v(a.get("consistent_with_accountant"))] for a in au["dp_audit"]]), None))

@@ -305,6 +305,9 @@ def _hospital_statement(h: dict, mode: str) -> str:
                  f"{g(p['epsilon'])}, delta = {g(p['delta'])}) by group privacy.")
     elif p:
         text += " Each patient has one record here, so this is also a patient-level guarantee."
+    elif (a.get("records_per_patient_at_least") or 1) > 1:
+        text += (f" A patient can have at least {a['records_per_patient_at_least']} records here: this is a record-level "
+                 f"guarantee only and does not bound what the run reveals about one patient.")
     else:
         text += " Records per patient are unknown: this is a record-level guarantee only."
     if mode in ("he", "secagg"):
