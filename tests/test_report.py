@@ -715,3 +715,33 @@ def test_a_real_run_with_budget_12_needs_attention(tmp_path):
     assert check["status"] == "attention"
     assert all(10 < h["accounting"]["epsilon_spent"] <= 12 for h in report["hospitals"])
     assert verify_report(paths.json) == []
+
+
+@pytest.mark.slow
+def test_report_of_a_real_audit(written, tmp_path):
+    """attacks.audit on the fixture run (small budgets), then the report reads its audit.json and ROC PNGs."""
+    from attacks.audit import audit_run, parse_audit_config
+
+    d = _fresh(written, tmp_path)
+    audit_run(d, parse_audit_config({"tasks": ["heart_disease"], "mia": {"attacks": ["loss", "rmia"], "reference_models": 2,
+                                                                         "bootstrap": 20},
+                                     "canary": {"canaries": 40}, "inversion": {"steps": 50}}), progress=False)
+    assert any(m.startswith("audit/audit.json: present in the run but not in the report") for m in verify_report(d / "report.json"))
+    paths = write_report(d)
+    report = json.loads(paths.json.read_text())
+    assert report["audit"]["run"] and report["audit"]["mia"] and report["audit"]["dp_audit"]
+    assert status_of(report, "audit_run")["status"] == "pass"
+    assert status_of(report, "audit_consistent_with_accountant")["status"] == "pass"
+    pngs = sorted((d / "audit").glob("*.png"))
+    assert pngs and [r["path"] for r in report["audit"]["roc_images"]] == [f"audit/{p.name}" for p in pngs]
+    assert paths.html.read_text().count("data:image/png;base64,") >= len(pngs)
+    audit = json.loads((d / "audit" / "audit.json").read_text())
+    assert len(report["audit"]["mia"]) == len(audit["mia"]) and len(report["audit"]["skipped"]) == len(audit["skipped"])
+    for mine, theirs in zip(report["audit"]["mia"], audit["mia"]):
+        assert (mine["auc"], mine["tpr_at_fpr"], mine["n_members"]) == (theirs["auc"], theirs["tpr_at_fpr"], theirs["n_members"])
+    assert "shard_index" not in paths.json.read_text() and "top_exposed" not in paths.json.read_text()
+    assert verify_report(paths.json) == []
+    part = write_report(d, partner="cleveland")
+    text = part.json.read_text() + part.html.read_text()
+    assert not any(c in text for c in CLIENTS if c != "cleveland")
+
