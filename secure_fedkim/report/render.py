@@ -202,7 +202,7 @@ def plot_audit_bounds(report: dict) -> bytes | None:
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], lbs, 0.4, label="empirical lower bound", color="C3")
     ax.bar([x + 0.2 for x in xs], acc, 0.4, label="accountant epsilon", color="C0")
-    ax.set_xticks(list(xs), names, fontsize=7)
+    ax.set_xticks(list(xs), names, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("epsilon")
     ax.set_title("Empirical epsilon lower bound vs accountant", fontsize=9)
     ax.legend(fontsize=7)
@@ -382,9 +382,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
                                        _v(a.get("eps_lb_one_run")), _v(a.get("eps_accountant")),
                                        _v(a.get("consistent_with_accountant"))] for a in au["dp_audit"]]), None))
         if au["reconstruction"]:
-            B.append(Block("table", (["update", "visible to server", "relative MSE", "cosine", "note"],
-                                     [[_v(r.get("update")), _v(r.get("visible")), _v(r.get("relative_mse")), _v(r.get("cosine")),
-                                       _v(r.get("note"))] for r in au["reconstruction"]]), None))
+            B.append(Block("table", (["hospital", "task", "update", "visible to server", "relative MSE", "cosine", "note"],
+                                     [[_v(r.get("hospital")), _v(r.get("task")), _v(r.get("update")), _v(r.get("visible")),
+                                       _v(r.get("relative_mse")), _v(r.get("cosine")), _v(r.get("note"))]
+                                      for r in au["reconstruction"]]), None))
         if au.get("other_hospitals"):
             B.append(Block("p", "Other hospitals' audits (aggregate): " + _v(au["other_hospitals"]) + "."))
         img = plot_audit_bounds(report)
