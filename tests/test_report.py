@@ -680,10 +680,9 @@ def test_pdf_has_pages_that_render(written, tmp_path):
         from PIL import Image, ImageStat
 
         assert max(ImageStat.Stat(Image.open(p).convert("L")).stddev[0] for p in pages) > 10  # not blank
-    else:
-        pypdf = pytest.importorskip("pypdf", reason="neither pdftoppm nor pypdf to read the PDF")
-        reader = pypdf.PdfReader(str(pdf))
-        assert len(reader.pages) >= 5 and "Guarantee statement" in reader.pages[0].extract_text() + reader.pages[1].extract_text()
+    else:  # no renderer here: count the page objects fpdf2 wrote (uncompressed page dictionaries)
+        assert len(re.findall(rb"/Type\s*/Page\b", data)) >= 5
+        assert data.rstrip().endswith(b"%%EOF")
 
 
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium to render the HTML headless")
