@@ -106,6 +106,24 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from secure_fedkim.report import write_report
+
+    p = write_report(args.run_dir, partner=args.partner, reference=args.reference)
+    print(f"report written to {p.json}, {p.html}, {p.pdf} (signature {p.sig})")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from secure_fedkim.report import verify_report
+
+    problems = verify_report(args.report, public_key=args.public_key)
+    for m in problems:
+        print(m)
+    print("report verified: signature, ledgers, config and artifacts match" if not problems else f"{len(problems)} mismatch(es)")
+    return 1 if problems else 0
+
+
 class UsageError(ValueError):
     """A command was called with arguments that do not fit together."""
 
@@ -137,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", type=Path, default=None, help="audit config (default: the values in configs/audit.yaml)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=_cmd_audit)
+
+    rp = sub.add_parser("report", help="signed compliance report of a run: report.json, report.html, report.pdf")
+    rp.add_argument("run_dir", type=Path)
+    rp.add_argument("--partner", default=None, help="one hospital's report: its figures in full, others in aggregate")
+    rp.add_argument("--reference", type=Path, default=None, help="a non-private run to show utility beside")
+    rp.set_defaults(func=_cmd_report)
+
+    v = sub.add_parser("verify", help="check a report's signature against its run's ledgers, config and artifacts")
+    v.add_argument("report", type=Path, help="report.json (or report_<partner>.json)")
+    v.add_argument("--public-key", type=Path, default=None, help="the issuer's public key (default: beside the run)")
+    v.set_defaults(func=_cmd_verify)
     return p
 
 
