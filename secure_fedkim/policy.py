@@ -216,16 +216,22 @@ def load_policy(path: str | Path, public_key) -> HospitalPolicy:
 # ------------------------------------------------------------------------------------- the code
 
 
-def code_sha256(packages: tuple[str, ...] = CODE_PACKAGES) -> str:
+def code_sha256(packages: tuple[str, ...] = CODE_PACKAGES, search_path: list[str | Path] | None = None) -> str:
     """The sha256 of the installed sources of `packages`, computed the same way on every machine.
 
     Every .py/.json/.yaml file under each package's directory (not __pycache__), in sorted order of its
     path relative to the package's parent, hashed as (path, length, bytes) with length prefixes, so a
     renamed, added, removed or edited file changes the hash. Compiled caches and file times do not count.
+    `search_path`: hash the packages found in these directories instead of the imported ones.
     """
     h = hashlib.sha256(b"secure-fedkim/code/v1\0")
     for name in packages:
-        spec = importlib.util.find_spec(name)
+        if search_path is None:
+            spec = importlib.util.find_spec(name)
+        else:
+            from importlib.machinery import PathFinder
+
+            spec = PathFinder.find_spec(name, [str(p) for p in search_path])
         if spec is None or not spec.submodule_search_locations:
             raise PolicyError(f"package {name!r} is not installed: cannot hash the code this node runs")
         root = Path(list(spec.submodule_search_locations)[0])
