@@ -82,6 +82,7 @@ def make_server_app(cfg: RunConfig, run_dir: Path, outcome: dict, on_round=None,
     def main(grid: Grid, context: Context) -> None:
         if quiet_flower:
             update_console_handler(level=logging.WARNING)  # our own per-round table replaces Flower's log
+            logging.getLogger("flwr").propagate = False  # not again through a root handler (Opacus adds one)
         try:
             run_fedkim(grid, context, cfg, run_dir, outcome, on_round)
         except Exception as e:  # surfaced by the caller: Flower's simulation would only log it
