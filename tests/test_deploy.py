@@ -208,3 +208,36 @@ def test_a_tampered_policy_stops_the_node_before_it_starts(tmp_path):
         assert node.proc is None
     finally:
         d.close()
+
+
+def test_deploy_commands_write_what_they_say(tmp_path, capsys):
+    """`secure-fedkim deploy ...` subcommands (secure_fedkim.cli adds them with add_deploy_parser)."""
+    import argparse
+
+    from secure_fedkim.deploy import add_deploy_parser
+
+    parser = argparse.ArgumentParser(prog="secure-fedkim")
+    add_deploy_parser(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv) -> list[str]:
+        args = parser.parse_args(["deploy", *argv])
+        assert args.func(args) == 0
+        return capsys.readouterr().out.strip().splitlines()
+
+    assert run("tls", str(tmp_path / "tls"))[-1] == f"TLS files written to {tmp_path / 'tls'}"
+    assert run("node-keys", str(tmp_path / "keys"), "north")[-1].startswith("node keys written to")
+    home = tmp_path / "north"
+    out = run("hospital", "north", "--home", str(home), "--server-keys", str(tmp_path / "server"), "--max-epsilon", "3")
+    assert out[-1] == f"hospital north written to {home}"
+    assert (tmp_path / "server" / "north.pub").read_bytes() == load_signing_key(home).public_key().public_bytes_raw()
+    out = run("check-policy", str(home / "policy.yaml"), "--home", str(home))
+    assert "is approved" in out[-2] and '"max_target_epsilon": 3.0' in "\n".join(out)
+    assert run("code-hash") == [code_sha256()]
+    cfg = tmp_path / "fed.yaml"
+    cfg.write_text(
+        "federation: {clients: [north, south], aggregation: he}\n"
+        "tasks: {train: [{name: heart_disease, partition: iid}]}\n"
+    )
+    out = run("init", str(cfg), "--out", str(tmp_path / "dep"))
+    assert out[-1].startswith(f"deployment laid out in {tmp_path / 'dep'}")
+    assert (tmp_path / "dep" / "federation.yaml").read_text() == cfg.read_text()
