@@ -62,8 +62,13 @@ def state_dir(context: Context, run_dir: str, client: str) -> Path:
     return client_dir(run_dir, client)
 
 
-def hospital_dp(cfg: RunConfig, plans, client: str, home: Path, run_id: str) -> HospitalDP | None:
-    """This hospital's DP state for the run, rebuilt from its own ledger (None when DP is off)."""
+def hospital_dp(
+    cfg: RunConfig, plans, client: str, home: Path, run_id: str, noise_multiplier: float | None = None
+) -> HospitalDP | None:
+    """This hospital's DP state for the run, rebuilt from its own ledger (None when DP is off).
+
+    `noise_multiplier`: reuse a noise already calibrated for exactly this schedule and budget (the
+    single-hospital baseline reuses the federation's plan instead of calibrating again)."""
     profile = cfg.dp_profile(client)
     if profile is None:
         return None
@@ -74,6 +79,7 @@ def hospital_dp(cfg: RunConfig, plans, client: str, home: Path, run_id: str) -> 
         dp_round_schedule(plans, client, cfg),
         cfg.run.rounds,
         n_records=hospital_records(plans, client),
+        noise_multiplier=noise_multiplier,
     )
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from flwr.app import ArrayRecord
 
+from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import local_round, new_client_model
 from secure_fedkim.config import RunConfig, config_sha256
@@ -128,7 +129,10 @@ def single_hospital_baseline(cfg: RunConfig, run_dir: Path) -> dict[str, dict[st
     out: dict[str, dict[str, dict]] = {}
     for client in cfg.federation.clients:
         model = new_client_model(cfg, plans)
-        dp = hospital_dp(cfg, plans, client, run_dir / "baseline" / client, f"baseline-{client}")
+        federation_ledger = client_dir(run_dir, client) / "ledger.jsonl"
+        plan = PrivacyLedger(federation_ledger).events("dp_plan") if federation_ledger.exists() else []
+        noise = plan[0]["noise_multiplier"] if plan else None  # same schedule and budget: same calibration
+        dp = hospital_dp(cfg, plans, client, run_dir / "baseline" / client, f"baseline-{client}", noise)
         for r in range(1, cfg.run.rounds + 1):
             local_round(model, plans, client, cfg, r, dp=dp)
         out[client] = {
