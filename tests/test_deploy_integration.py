@@ -146,10 +146,12 @@ def test_he_deployment_matches_the_simulation(fed):
 
 
 def test_secagg_deployment_matches_the_simulation(fed):
-    # SecAgg+ rounds each masked value stochastically to a grid (flwr's quantize); like HE's flooding, the
-    # next round trains from that: with the default 2**22 levels the two engines end 7e-4 apart after two
-    # rounds (measured). With 2**29 levels (modulus 2**32 still holds 8 shares' sums) the grid step is
-    # 128 times finer and the comparison is between the engines.
+    # SecAgg+ rounds each value stochastically to a grid (flwr's quantize: (w + clip) * range / (2 clip),
+    # random up or down); like HE's flooding, the next round trains from that: with the default 2**22
+    # levels the two engines end 7e-4 apart after two rounds (measured). With 2**29 levels the grid
+    # (2**-25) is finer than float32's spacing of w + clip (2**-20 for clip 8), so every value is already
+    # on the grid, the rounding is exact, and the comparison is between the engines (modulus 2**32 still
+    # holds 8 shares' sums).
     text = config_text("dep-secagg", "secagg", quantization_range=2**29)
     run_dir, status = fed.run("dep-secagg", text)
     assert status == "finished:completed", fed.d.superlink.log_tail()
