@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("report", type=Path, help="report.json (or report_<partner>.json)")
     v.add_argument("--public-key", type=Path, default=None, help="the issuer's public key (default: beside the run)")
     v.set_defaults(func=_cmd_verify)
+
+    from secure_fedkim.deploy import add_deploy_parser
+
+    add_deploy_parser(sub)  # secure-fedkim deploy {tls, node-keys, hospital, check-policy, code-hash, init, local}
     return p
 
 
@@ -175,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from secure_fedkim.config import ConfigError
     from secure_fedkim.data import DataError
+    from secure_fedkim.deploy import DeployError
+    from secure_fedkim.policy import PolicyError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, UsageError) as e:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, UsageError, DeployError, PolicyError) as e:
         print(f"secure-fedkim: error: {e}", file=sys.stderr)
         return 2
 
