@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
-import numpy as np
 import yaml
 from safetensors.torch import load_file
 
-import secure_fedkim.run as run_module
+from bench_rounds import round_seconds
 from secure_fedkim.config import parse_config
+from secure_fedkim.run import run_federation
 
 
 def run_mode(base: dict, mode: str, rounds: int):
@@ -29,22 +28,11 @@ def run_mode(base: dict, mode: str, rounds: int):
     data.pop("injection", None)
     data["baseline"] = {"single_hospital": False}
     cfg = parse_config(data)
-    stamps = {}
-    original = run_module.format_round_table
-
-    def stamp(server_round, record):
-        stamps[server_round] = time.perf_counter()
-        return original(server_round, record)
-
-    run_module.format_round_table = stamp
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            result = run_module.run_federation(cfg, yaml.safe_dump(data), out_dir=f"{d}/run", progress=False)
-            weights = load_file(f"{d}/run/model/client_model.safetensors")
-    finally:
-        run_module.format_round_table = original
-    later = [stamps[r] - stamps[r - 1] for r in range(2, rounds + 1)]
-    return result.final_test, float(np.mean(later)), weights
+    with tempfile.TemporaryDirectory() as d:
+        result = run_federation(cfg, yaml.safe_dump(data), out_dir=f"{d}/run", progress=False)
+        weights = load_file(f"{d}/run/model/client_model.safetensors")
+        per_round = round_seconds(f"{d}/run", rounds)
+    return result.final_test, per_round, weights
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
     for m, (_, s, w) in results.items():
         diff = max(float((w[k] - plain_w[k]).abs().max()) for k in w)
         print(f"{m:<8}{s:>9.2f}{s / plain_s:>9.2f}{diff:>20.2e}")
-    print("round time = mean of rounds 2..N (round 1 starts the simulation's workers); injection off")
+    print("round time = mean over rounds 2..N, from the end of round 1 (which also starts the workers); injection off")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ this process and all its children (the simulation's workers), sampled every 0.2 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import threading
@@ -64,27 +65,20 @@ class PeakMemory:
         self._thread.join()
 
 
+def round_seconds(run_dir: str, rounds: int) -> float:
+    """Mean time between the end of consecutive rounds 1..N, from the run's own round records."""
+    ends = [json.loads(open(f"{run_dir}/metrics/round_{r:03d}.json").read())["finished_at"] for r in range(1, rounds + 1)]
+    return (ends[-1] - ends[0]) / (rounds - 1)
+
+
 def measure(n: int, rounds: int) -> tuple[float, float, float]:
     cfg = parse_config(config(n, rounds))
-    stamps = {}
-    import secure_fedkim.run as run_module
-
-    original = run_module.format_round_table
-
-    def stamp(server_round, record):
-        stamps[server_round] = time.perf_counter()
-        return original(server_round, record)
-
-    run_module.format_round_table = stamp
-    try:
-        with tempfile.TemporaryDirectory() as d, PeakMemory() as mem:
-            start = time.perf_counter()
-            run_federation(cfg, "bench", out_dir=f"{d}/run", progress=False)
-            total = time.perf_counter() - start
-    finally:
-        run_module.format_round_table = original
-    later = [stamps[r] - stamps[r - 1] for r in range(2, rounds + 1)]
-    return sum(later) / len(later), total, mem.peak / 2**30
+    with tempfile.TemporaryDirectory() as d, PeakMemory() as mem:
+        start = time.perf_counter()
+        run_federation(cfg, "bench", out_dir=f"{d}/run", progress=False)
+        total = time.perf_counter() - start
+        per_round = round_seconds(f"{d}/run", rounds)
+    return per_round, total, mem.peak / 2**30
 
 
 def main() -> None:
@@ -97,7 +91,7 @@ def main() -> None:
     print(f"\n{'hospitals':>9}  {'s/round':>8}  {'x vs ' + str(base[0]):>8}  {'run s':>7}  {'peak GiB':>8}  {'x vs ' + str(base[0]):>8}")
     for n, per_round, total, peak in rows:
         print(f"{n:>9}  {per_round:>8.2f}  {per_round / base[1]:>8.2f}  {total:>7.1f}  {peak:>8.2f}  {peak / base[3]:>8.2f}")
-    print(f"cpus: {os.cpu_count()}; rounds 2..{args.rounds} averaged (round 1 starts the simulation's workers)")
+    print(f"cpus: {os.cpu_count()}; mean over rounds 2..{args.rounds}, from the end of round 1 (which also starts the workers)")
 
 
 if __name__ == "__main__":

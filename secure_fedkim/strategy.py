@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -142,7 +143,7 @@ class FedKIM(FedAvg):
             if plan.task.role == "train":
                 t = plan.test()
                 test[name] = evaluate_task(model.task_model(name), t.x, t.y)
-        record = {"round": server_round, "client_model_test": test, **(self._client_stats if server_round else {})}
+        record = {"round": server_round, "finished_at": time.time(), "client_model_test": test, **(self._client_stats if server_round else {})}
         if self.injector is not None:
             record["fm_test"] = self.injector.evaluate(model)
         self.history.append(record)
