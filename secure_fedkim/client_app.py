@@ -111,7 +111,9 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
         if dp is None:  # a training loss on private data is itself unprotected: not sent under DP
             metrics[f"{task}.loss"] = float(s["loss"])
     if dp is not None:
-        metrics["epsilon-spent"] = dp.spent_epsilon()
+        recorded = [st["epsilon"] for st in stats.values() if "epsilon" in st]
+        # the last record_round already returned the whole run's spend: no second accountant pass
+        metrics["epsilon-spent"] = recorded[-1] if recorded else dp.spent_epsilon()
         metrics["noise-multiplier"] = dp.noise_multiplier
         k = cfg.privacy.max_records_per_patient
         if k:
