@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from privacy.dp import HospitalDP, PrivacyProfile
+from privacy.dp import GRAD_SAMPLE_MODES, HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.client import dp_round_schedule, hospital_records, new_client_model
 from secure_fedkim.config import load_config
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--hospital", default="cleveland")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None, help="override the config's batch size")
-    ap.add_argument("--mode", choices=["hooks", "ghost"], default="hooks", help="Opacus per-sample gradient mode")
+    ap.add_argument("--mode", choices=GRAD_SAMPLE_MODES, default="lean", help="per-sample gradient mode (HospitalDP's default: lean)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in the simulation's ClientApps
     cfg, _ = load_config(args.config)

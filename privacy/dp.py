@@ -40,8 +40,11 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
 ]
 
-#: Opacus per-sample-gradient modes allowed by :meth:`HospitalDP.make_private`.
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+#: Per-sample-gradient modes allowed by :meth:`HospitalDP.make_private`: Opacus's ``"hooks"`` and
+#: ``"ghost"``, and ``"lean"`` (:mod:`privacy.fast_dp`: Opacus's per-layer rules, optimizer, Poisson loader
+#: and accountant with less per-step Python; the default, falling back to ``"hooks"`` for layers without
+#: an Opacus rule).
+GRAD_SAMPLE_MODES = ("lean", "hooks", "ghost")
 _ON_EXHAUSTION = ("exclude_client", "stop_run")
 _BUDGET_SLACK = 1e-9
 
@@ -163,7 +166,7 @@ class HospitalDP:
             reference run. That is NOT differential privacy: ledger entries say ``"dp": false`` and
             ``epsilon`` null (infinite); no budget is enforced (:meth:`can_train` is True and
             :meth:`record_round` returns ``inf`` without raising), because no DP guarantee is claimed.
-        grad_sample_mode: default Opacus mode for :meth:`make_private`: ``"hooks"`` or ``"ghost"``.
+        grad_sample_mode: default mode for :meth:`make_private`: ``"lean"`` (default), ``"hooks"`` or ``"ghost"``.
 
     Raises:
         ValueError: bad schedule, delta >= 1/n, unreachable target, sigma = 0 without the testing flag,
@@ -181,7 +184,7 @@ class HospitalDP:
         n_records: int,
         noise_multiplier: float | None = None,
         allow_no_noise: bool = False,
-        grad_sample_mode: str = "hooks",
+        grad_sample_mode: str = "lean",
     ):
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
@@ -328,13 +331,16 @@ class HospitalDP:
     ):
         """Wrap model, optimizer and loader with Opacus for one round of DP-SGD.
 
-        Uses ``opacus.PrivacyEngine(accountant=..., secure_mode=profile.secure_mode).make_private`` with the
-        run's calibrated noise multiplier, ``max_grad_norm``, Poisson sampling and ``grad_sample_mode``
-        (``"hooks"`` default, or ``"ghost"`` for fast gradient clipping). The optimizer's steps are
+        Uses ``privacy.fast_dp.LeanPrivacyEngine(accountant=..., secure_mode=profile.secure_mode).make_private``
+        (an ``opacus.PrivacyEngine``) with the run's calibrated noise multiplier, ``max_grad_norm``, Poisson
+        sampling and ``grad_sample_mode``: ``"lean"`` (default; the same per-sample gradients, clipping,
+        noise, Poisson loader and accountant as ``"hooks"`` with less per-step overhead, used when every
+        trainable layer has an Opacus per-sample rule, otherwise ``"hooks"``), ``"hooks"``, or ``"ghost"``
+        for fast gradient clipping. The mode used is kept in ``self.last_grad_sample_mode``. The optimizer's steps are
         counted so :meth:`record_round` can refuse an understated step count.
 
         Returns:
-            ``(module, optimizer, data_loader)`` for ``"hooks"``; ``(module, optimizer, criterion,
+            ``(module, optimizer, data_loader)`` for ``"lean"`` and ``"hooks"``; ``(module, optimizer, criterion,
             data_loader)`` for ``"ghost"`` (as Opacus does: compute the loss with the returned criterion).
 
         Raises:
@@ -342,7 +348,8 @@ class HospitalDP:
             RuntimeError: a previous make_private session's steps were never recorded.
         """
         import torch.nn as nn
-        from opacus import PrivacyEngine
+
+        from .fast_dp import LEAN_MODE, LeanPrivacyEngine, lean_supported
 
         mode = grad_sample_mode or self.grad_sample_mode
         if mode not in GRAD_SAMPLE_MODES:
@@ -353,7 +360,10 @@ class HospitalDP:
                 f"call record_round() before starting another training session"
             )
         assert_dp_compatible(module)
-        engine = PrivacyEngine(accountant=self.accountant, secure_mode=self.profile.secure_mode)
+        if mode == LEAN_MODE and not lean_supported(module):
+            mode = "hooks"
+        self.last_grad_sample_mode = mode
+        engine = LeanPrivacyEngine(accountant=self.accountant, secure_mode=self.profile.secure_mode)
         out = engine.make_private(
             module=module,
             optimizer=optimizer,
