@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _cmd_run(args) -> int:
     from secure_fedkim.config import load_config
-    from secure_fedkim.run import format_comparison, run_federation
+    from secure_fedkim.run import format_comparison, format_injection, run_federation
 
     cfg, text = load_config(args.config)
     if cfg.study is not None:
@@ -24,6 +24,8 @@ def _cmd_run(args) -> int:
     result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet)
     if result.single_hospital:
         print(format_comparison(result))
+    if format_injection(result):
+        print(format_injection(result))
     print(f"run written to {result.run_dir}")
     return 0
 

@@ -27,6 +27,13 @@ def _train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
     return [(name, p) for name, p in plans.items() if p.task.role == "train"]
 
 
+def task_local_epochs(cfg: RunConfig, task: str) -> int:
+    """A task's local epochs per round: its own `local_epochs` in the config, else client.local_epochs.
+    A few hundred records need more passes per round than thousands do."""
+    entry = next((t for t in cfg.tasks.train if t.name == task), None)
+    return entry.local_epochs if entry is not None and entry.local_epochs else cfg.client.local_epochs
+
+
 def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -> list[tuple[float, int]]:
     """One round's DP-SGD blocks at this hospital: (Poisson sample rate, steps) per task it holds.
 
@@ -34,11 +41,11 @@ def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -
     per epoch.
     """
     schedule = []
-    for _, plan in _train_plans(plans):
+    for name, plan in _train_plans(plans):
         n = len(plan.split.clients.get(client, ()))
         if n:
             batches = math.ceil(n / min(cfg.client.batch_size, n))
-            schedule.append((1.0 / batches, batches * cfg.client.local_epochs))
+            schedule.append((1.0 / batches, batches * task_local_epochs(cfg, name)))
     return schedule
 
 
@@ -66,7 +73,7 @@ def local_round(
         shard = plan.shard(client)
         stats[name] = train_task(
             model.task_model(name), shard.x, shard.y,
-            epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm,
+            epochs=task_local_epochs(cfg, name), batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm,
             seed=cfg.run.seed * 100_003 + server_round * 101 + i, proximal_mu=proximal_mu,
             privatizer=dp if len(shard) else None,
         )

@@ -93,6 +93,7 @@ class TaskEntry(_Strict):
     partition: Literal["natural", "iid", "dirichlet"] = "iid"
     alpha: float = Field(0.5, gt=0.0)
     max_records: int | None = Field(None, ge=20)
+    local_epochs: int | None = Field(None, ge=1)  # this task's local epochs per round (default: client.local_epochs)
     # Only for tasks that are not in the registry, or to override the registry's wording:
     modality: str | None = None
     source: DataSource | None = None

@@ -200,3 +200,20 @@ def format_comparison(result: RunResult) -> str:
             f"{task:<22}{cell(m):>16}" + "".join(f"{cell(a):>16}" for a in alone) + f"{cell(mean):>16}  {verdict}"
         )
     return "\n".join(lines)
+
+
+def format_injection(result: RunResult) -> str:
+    """The foundation model after the last round's injection vs the same FM before any injection (round 0:
+    FedPlug's starting point, projection untrained), per task, AUROC on the same test sets."""
+    if len(result.history) < 2 or "fm_test" not in result.history[-1]:
+        return ""
+    before, after = result.history[0]["fm_test"], result.history[-1]["fm_test"]
+    last = len(result.history) - 1
+    lines = [f"Foundation model: injected (round {last}) vs without injection (round 0), test AUROC",
+             f"{'task':<22}{'role':>8}{'round 0':>10}{f'round {last}':>10}"]
+    nan = float("nan")
+    for task, m in after.items():
+        a, b = before.get(task, {}).get("auroc", nan), m.get("auroc", nan)
+        verdict = "better" if b > a else "NOT better"
+        lines.append(f"{task:<22}{m.get('role', ''):>8}{a:>10.3f}{b:>10.3f}  {verdict}")
+    return "\n".join(lines)

@@ -60,3 +60,37 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"secure-fedkim: error: {bad}: run.epochs: unknown key"
     assert not (tmp_path / "x").exists()
+
+
+def test_a_task_can_set_its_own_local_epochs(tmp_path):
+    import math
+
+    import yaml
+
+    from secure_fedkim.client import dp_round_schedule, local_round
+    from secure_fedkim.config import RunConfig
+
+    raw = yaml.safe_load(TINY)
+    raw["tasks"]["train"][1]["local_epochs"] = 3  # report_abnormal; heart_disease keeps client.local_epochs (1)
+    cfg = RunConfig.model_validate(raw)
+    plans = build_plan(cfg)
+    stats = local_round(new_client_model(cfg, plans), plans, "hungary", cfg, server_round=1)
+    batches = {t: math.ceil(len(plans[t].shard("hungary")) / 32) for t in ("heart_disease", "report_abnormal")}
+    assert stats["heart_disease"]["steps"] == batches["heart_disease"]
+    assert stats["report_abnormal"]["steps"] == 3 * batches["report_abnormal"]
+    # the DP plan counts the same steps: what the accountant is calibrated for is what the client runs
+    assert [steps for _, steps in dp_round_schedule(plans, "hungary", cfg)] == [batches["heart_disease"], 3 * batches["report_abnormal"]]
+
+
+def test_injection_table_compares_the_last_round_with_round_0():
+    from pathlib import Path
+
+    from secure_fedkim.run import RunResult, format_injection
+
+    fm = lambda a, b: {"a": {"role": "train", "auroc": a}, "u": {"role": "unseen", "auroc": b}}
+    history = [{"fm_test": fm(0.5, 0.6)}, {"fm_test": fm(0.55, 0.7)}, {"fm_test": fm(0.7, 0.4)}]
+    lines = format_injection(RunResult(Path("."), history, {})).splitlines()
+    assert lines[0].startswith("Foundation model: injected (round 2) vs without injection (round 0)")
+    assert lines[2].split() == ["a", "train", "0.500", "0.700", "better"]
+    assert lines[3].split() == ["u", "unseen", "0.600", "0.400", "NOT", "better"]
+    assert format_injection(RunResult(Path("."), [{"client_model_test": {}}], {})) == ""

@@ -103,8 +103,9 @@ TASKS: dict[str, Task] = {
             task_description="The image type task involves analyzing a medical image to determine whether it is "
             "a cross-sectional CT or MR slice rather than a radiograph, ultrasound or nuclear medicine image.",
             question="Is this image a CT or MR slice?",
-            label_rule="DICOM Modality tag of the source image in {CT, MR}; records are random crops, all crops of "
-            "one image share its file name as group (one 'patient')",
+            label_rule="DICOM Modality tag of the source image in {CT, MR}; records are random crops, each inside "
+            "one of 3x3 regions of its image; the crops of one region share a group (file#region), so training "
+            "and test crops never share pixels, but test regions come from images also seen in training",
             role="train",
             source="pydicom + pydicom-data: uncompressed de-identified test DICOMs, random crops",
             label_honesty="real metadata",

@@ -21,6 +21,7 @@ from typing import Any
 
 from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
 from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger
+from secure_fedkim.client import task_local_epochs
 
 #: relative tolerance when a recorded epsilon (ledger, metrics) is compared with the recomputation
 EPS_RTOL = 1e-6
@@ -390,6 +391,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         "round_schedule": [[q, k_] for q, k_ in schedule],
         "batch_size": run.batch_size,
         "local_epochs": run.local_epochs,
+        "local_epochs_by_task": run.local_epochs_by_task,
         "steps_per_round": sum(k_ for _, k_ in schedule),
         "steps_total": sum(int(e["steps"]) for e in h.dp_rounds),
         "rounds_planned": rounds_planned,
@@ -478,6 +480,7 @@ class RunFacts:
     rounds_planned: int
     batch_size: int
     local_epochs: int
+    local_epochs_by_task: dict[str, int] = field(default_factory=dict)
     records_per_patient: dict[str, int | None] = field(default_factory=dict)
     records_per_patient_at_least: dict[str, int] = field(default_factory=dict)
     records_per_patient_where: dict[str, str] = field(default_factory=dict)
@@ -547,6 +550,7 @@ def load_run_facts(run_dir: Path) -> RunFacts:
         run_dir=run_dir, cfg=cfg, summary=summary, rounds=rounds, clients=list(cfg.federation.clients),
         config_dp=bool(cfg.privacy.dp), rounds_planned=cfg.run.rounds, batch_size=cfg.client.batch_size,
         local_epochs=cfg.client.local_epochs,
+        local_epochs_by_task={t.name: task_local_epochs(cfg, t.name) for t in cfg.tasks.train},
     )
     _data_facts(facts)
     return facts
