@@ -77,14 +77,23 @@ def lean_supported(module: nn.Module) -> bool:
 
 
 class LeanGradSampleModule(GradSampleModule):
-    """``GradSampleModule`` with cheaper hooks; same per-sample gradients in ``p.grad_sample``.
+    """``GradSampleModule`` with cheaper hooks; the same per-sample gradients, some kept factored.
 
     One forward hook per layer that has trainable parameters saves the layer's (detached) inputs and puts
-    a gradient hook on its output; that hook calls Opacus's per-sample gradient rule for the layer
-    (``GRAD_SAMPLERS[type(layer)]``) with the output gradient, scaled by the batch size for a mean loss
-    exactly as Opacus's ``rearrange_grad_samples`` does. A layer called several times in one forward pass
-    gets the sum of its per-sample gradients (what the whole pass's per-sample gradient is). A second
-    backward pass without ``zero_grad`` raises, as Opacus does under Poisson sampling.
+    a gradient hook on its output; that hook calls the layer's per-sample gradient rule (Opacus's
+    ``GRAD_SAMPLERS[type(layer)]``) with the output gradient, scaled by the batch size for a mean loss
+    exactly as Opacus's ``rearrange_grad_samples`` does, and stores the result in ``p.grad_sample``.
+
+    A Linear weight's per-sample gradient is ``G_n = B_n^T A_n`` (``A_n`` [T, in]: record n's inputs at
+    its T positions, ``B_n`` [T, out]: the output gradients). When ``T = 1`` or ``T*(in+out) <= in*out``
+    it is not built:
+    ``(A, B)`` is kept in ``p._lean_factors`` and :class:`FusedDPOptimizer` uses
+    ``||G_n||^2 = sum((A_n A_n^T) * (B_n B_n^T))`` for the norm and ``sum_n c_n G_n = (c*B)^T A`` for the
+    clipped sum (the "book-keeping" form of per-sample clipping; exact, one backward pass).
+
+    A layer called several times in one forward pass gets the sum of its per-sample gradients (what the
+    whole pass's per-sample gradient is). A second backward pass without ``zero_grad`` raises, as Opacus
+    does under Poisson sampling.
     """
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean", strict: bool = True):
@@ -109,11 +118,38 @@ class LeanGradSampleModule(GradSampleModule):
                     f"use grad_sample_mode 'hooks'"
                 )
             handles.append(module.register_forward_hook(self._forward_hook(rule, loss_reduction == "mean")))
+        for p in self._module.parameters():
+            p._lean_factors = None
         self.enable_hooks()
+
+    def cleanup(self):
+        super().cleanup()
+        for p in self._module.parameters():
+            for attr in ("_lean_factors", "_lean_pass", "_lean_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+    def set_grad_sample_to_none(self):
+        super().set_grad_sample_to_none()
+        for p in self._module.parameters():
+            p._lean_factors = None
 
     def forward(self, *args, **kwargs):
         self._pass += 1
         return self._module(*args, **kwargs)
+
+    @staticmethod
+    def _accept(p: torch.Tensor, pass_id: int) -> bool:
+        """True if p already holds this pass's per-sample gradient (layer used twice); raise if an older one."""
+        if p.grad_sample is None and p._lean_factors is None:
+            p._lean_pass = pass_id
+            return False
+        if getattr(p, "_lean_pass", None) == pass_id:
+            return True
+        raise ValueError(
+            "Poisson sampling is not compatible with grad accumulation. You need to call "
+            "optimizer.step() (or zero_grad()) after every forward/backward pass"
+        )
 
     def _forward_hook(self, rule: Callable, mean: bool):
         def hook(module: nn.Module, inputs, output) -> None:
@@ -130,22 +166,48 @@ class LeanGradSampleModule(GradSampleModule):
                 backprops = grad.detach()
                 if mean:
                     backprops = backprops * backprops.shape[0]
+                if type(module) is nn.Linear and module.weight.requires_grad:
+                    n = backprops.shape[0]
+                    b = backprops.reshape(n, -1, backprops.shape[-1])  # [n, T, out]
+                    a = activations[0].to(b.dtype).reshape(n, -1, module.in_features)  # [n, T, in]
+                    t, i, o = b.shape[1], module.in_features, module.out_features
+                    if t == 1 or t * (i + o) <= i * o:  # the Gram matrices cost less than building G_n
+                        w = module.weight
+                        if self._accept(w, pass_id):
+                            if w._lean_factors is None:  # materialised by an earlier call in this pass
+                                w.grad_sample = w.grad_sample + torch.bmm(b.transpose(1, 2), a)
+                            else:  # sum of B_j^T A_j = [B_1 B_2]^T [A_1 A_2] (positions concatenated)
+                                a0, b0 = w._lean_factors
+                                w._lean_factors = (torch.cat([a0, a], 1), torch.cat([b0, b], 1))
+                        else:
+                            w._lean_factors, w._lean_processed = (a, b), False
+                        if module.bias is not None and module.bias.requires_grad:
+                            self._store(module.bias, b.sum(dim=1), pass_id)
+                        return
                 for p, gs in rule(module, activations, backprops).items():
-                    if not p.requires_grad:
-                        continue
-                    if p.grad_sample is None:
-                        p.grad_sample, p._lean_pass = gs, pass_id
-                    elif getattr(p, "_lean_pass", None) == pass_id:  # layer used twice in this pass
-                        p.grad_sample = p.grad_sample + gs
-                    else:
-                        raise ValueError(
-                            "Poisson sampling is not compatible with grad accumulation. You need to call "
-                            "optimizer.step() (or zero_grad()) after every forward/backward pass"
-                        )
+                    if p.requires_grad:
+                        self._store(p, gs, pass_id)
 
             output.register_hook(on_grad)
 
         return hook
+
+    def _store(self, p: torch.Tensor, gs: torch.Tensor, pass_id: int) -> None:
+        if not self._accept(p, pass_id):
+            p.grad_sample = gs
+        elif p._lean_factors is not None:  # factored by an earlier call in this pass: materialise both
+            a, b = p._lean_factors
+            p._lean_factors, p.grad_sample = None, torch.bmm(b.transpose(1, 2), a) + gs
+        else:
+            p.grad_sample = p.grad_sample + gs
+
+
+def materialize(p: torch.Tensor) -> None:
+    """Turn a factored Linear weight's per-sample gradient into ``p.grad_sample`` ([B, out, in])."""
+    factors = getattr(p, "_lean_factors", None)
+    if factors is not None:
+        a, b = factors
+        p._lean_factors, p.grad_sample = None, torch.bmm(b.transpose(1, 2), a)
 
 
 class FusedDPOptimizer(DPOptimizer):
@@ -154,8 +216,22 @@ class FusedDPOptimizer(DPOptimizer):
     Same algorithm as :class:`opacus.optimizers.DPOptimizer` (flat clipping): per-sample norm over all
     parameters, clip factor ``min(1, C / (norm + 1e-6))``, sum over the batch, add ``N(0, (sigma*C)^2)``
     to every coordinate, divide by ``expected_batch_size * accumulated_iterations`` for a mean loss, then
-    the step hook (the accountant's) and the wrapped optimizer's step.
+    the step hook (the accountant's) and the wrapped optimizer's step. Factored Linear weights
+    (:class:`LeanGradSampleModule`) enter the norm and the clipped sum without being built.
     """
+
+    @property
+    def accumulated_iterations(self) -> int:
+        for p in self.params:
+            if getattr(p, "_lean_factors", None) is not None and p.grad_sample is None:
+                return 1  # factors exist only for one pass: accumulation raises in the hooks
+        return super().accumulated_iterations
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none)
+        for p in self.params:
+            if getattr(p, "_lean_factors", None) is not None:
+                p._lean_factors = None
 
     def _fusable(self, params: list) -> bool:
         if self.secure_mode or self._step_skip_queue or not params:
@@ -163,31 +239,50 @@ class FusedDPOptimizer(DPOptimizer):
         first = params[0]
         for p in params:
             gs = getattr(p, "grad_sample", None)
-            if not isinstance(gs, torch.Tensor) or getattr(p, "summed_grad", None) is not None:
+            factors = getattr(p, "_lean_factors", None)
+            if getattr(p, "summed_grad", None) is not None or (gs is None) == (factors is None):
                 return False
-            if p.dtype != first.dtype or p.device != first.device or gs.dtype != p.dtype or gs.device != p.device:
+            ref = factors[0] if gs is None else gs
+            if not isinstance(ref, torch.Tensor) or p.dtype != first.dtype or p.device != first.device or ref.dtype != p.dtype or ref.device != p.device:
                 return False
         return True
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         params = self.params
         if not self._fusable(params):
+            for p in params:
+                materialize(p)
             return super().pre_step(closure)
-        grad_samples = [p.grad_sample for p in params]
-        for g in grad_samples:
-            _check_processed_flag(g)
-        batch = grad_samples[0].shape[0]
-        if any(g.shape[0] != batch for g in grad_samples):
+        dense = [p for p in params if p._lean_factors is None]
+        factored = [p for p in params if p._lean_factors is not None]
+        if any(p._lean_processed for p in factored):
+            raise ValueError("this step's per-sample gradients were already clipped and noised; run a new backward pass")
+        for p in dense:
+            _check_processed_flag(p.grad_sample)
+        batch = (dense[0].grad_sample if dense else factored[0]._lean_factors[0]).shape[0]
+        if any(p.grad_sample.shape[0] != batch for p in dense) or any(p._lean_factors[0].shape[0] != batch for p in factored):
             raise ValueError("per-sample gradients of different batch sizes")
-        flat = torch.cat([g.reshape(batch, -1) for g in grad_samples], dim=1)  # [B, D]
-        if batch == 0:
-            summed = flat.new_zeros(flat.shape[1])
-        else:
-            norms = torch.linalg.vector_norm(flat, dim=1)
-            clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            summed = clip_factor @ flat
-        for g in grad_samples:
-            _mark_as_processed(g)
+        flat = torch.cat([p.grad_sample.reshape(batch, -1) for p in dense], dim=1) if dense else None  # [B, D]
+        sq = torch.linalg.vector_norm(flat, dim=1).square() if dense else torch.zeros(batch, dtype=params[0].dtype, device=params[0].device)
+        for p in factored:
+            a, b = p._lean_factors
+            if a.shape[1] == 1:  # one position: ||b a^T|| = ||a|| ||b||
+                sq = sq + a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
+            else:
+                sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum(dim=(1, 2))
+        clip_factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        sums = {}
+        if dense:
+            for p, s in zip(dense, (clip_factor @ flat).split([p.numel() for p in dense])):
+                sums[p] = s
+        for p in factored:
+            a, b = p._lean_factors
+            sums[p] = ((b * clip_factor[:, None, None]).reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).reshape(-1)
+        summed = torch.cat([sums[p] for p in params])
+        for p in dense:
+            _mark_as_processed(p.grad_sample)
+        for p in factored:
+            p._lean_processed = True
         std = self.noise_multiplier * self.max_grad_norm
         if std > 0:
             noise = torch.normal(0.0, std, size=summed.shape, device=summed.device, dtype=summed.dtype, generator=self.generator)

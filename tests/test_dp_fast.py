@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the"),
 ]
 
-DIM, TOKENS, B = 16, 4, 12
+TOKENS, B = 4, 12
 
 
 def _text_ids(n):
@@ -43,10 +43,10 @@ ENCODERS = {  # modality -> (one sample's shape, batch maker), as secure_fedkim.
 }
 
 
-def task_model(modality, seed=0):
+def task_model(modality, seed=0, dim=16):
     torch.manual_seed(seed)
     shape, _ = ENCODERS[modality]
-    return TaskModel(build_encoder(modality, shape, DIM, TOKENS), TaskHead(DIM))
+    return TaskModel(build_encoder(modality, shape, dim, TOKENS), TaskHead(dim))
 
 
 def batch(modality, n=B, seed=1):
@@ -88,39 +88,47 @@ def private_step_grads(model, x, y, c, mode, sigma=0.0, n=None):
     return out
 
 
+@pytest.mark.parametrize("dim", [16, 64])  # 64 (the demo's) keeps more Linear weights factored
 @pytest.mark.parametrize("mode", ["lean", "hooks"])
 @pytest.mark.parametrize("modality", sorted(ENCODERS))
-def test_clipped_per_sample_sum_matches_per_record_backward_passes(modality, mode):
+def test_clipped_per_sample_sum_matches_per_record_backward_passes(modality, mode, dim):
     x, y = batch(modality)
-    ref_model = task_model(modality)
+    ref_model = task_model(modality, dim=dim)
     # C at the median per-record norm: about half the records are clipped, half are not
     c = sorted(reference_clipped_sum(ref_model, x, y, 1.0)[2])[B // 2]
     ref, factors, _ = reference_clipped_sum(ref_model, x, y, c)
     assert 0 < sum(f < 1 for f in factors) < len(factors)
 
-    summed, grads, opt = private_step_grads(task_model(modality), x, y, c, mode)
+    summed, grads, opt = private_step_grads(task_model(modality, dim=dim), x, y, c, mode)
     assert isinstance(opt, FusedDPOptimizer) == (mode == "lean")
     for r, s, g in zip(ref, summed, grads):
         torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g, r / opt.expected_batch_size, rtol=1e-4, atol=1e-7)
 
 
-def test_lean_sums_a_layer_used_twice_in_one_pass():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.out = nn.Linear(6, 6), nn.Linear(6, 1)
+class Twice(nn.Module):
+    """One Linear applied twice per forward pass: on [B, 6] inputs (factored), then on [B, T, 6]."""
 
-        def forward(self, x):
-            return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x))))).squeeze(-1)
+    def __init__(self, positions):
+        super().__init__()
+        self.positions = positions
+        self.lin, self.out = nn.Linear(6, 6), nn.Linear(6, 1)
 
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))  # [B, 6]
+        h = h.unsqueeze(1).expand(-1, self.positions, -1) * torch.linspace(0.5, 1.5, self.positions)[:, None]
+        return self.out(torch.tanh(self.lin(h)).mean(dim=1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("positions", [1, 3, 9])  # second call factored, factored (Gram), built (T*T > 36)
+def test_lean_sums_a_layer_used_twice_in_one_pass(positions):
     torch.manual_seed(0)
     x, y = torch.randn(8, 6), torch.randint(0, 2, (8,)).float()
     torch.manual_seed(3)
-    ref, factors, _ = reference_clipped_sum(Twice(), x, y, 0.05)
+    ref, factors, _ = reference_clipped_sum(Twice(positions), x, y, 0.05)
     assert min(factors) < 1
     torch.manual_seed(3)
-    summed, _, _ = private_step_grads(Twice(), x, y, 0.05, "lean")
+    summed, _, _ = private_step_grads(Twice(positions), x, y, 0.05, "lean")
     for r, s in zip(ref, summed):
         torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-6)
 
