@@ -121,6 +121,20 @@ def test_privacy_section_errors():
     assert _error(d).startswith("bad.yaml: privacy.profile.target_epsilon:")
 
 
+def test_secure_mode_without_a_secure_rng_is_refused_before_anything_runs():
+    import importlib.util
+
+    d = demo()
+    d["privacy"] = {"dp": True, "profile": {"target_epsilon": 8.0, "secure_mode": True}}
+    if importlib.util.find_spec("torchcsprng") is not None:
+        assert parse_config(d).privacy.profile.secure_mode  # installed: accepted
+        return
+    msg = _error(d)
+    assert msg.startswith("bad.yaml: privacy.profile.secure_mode: needs the torchcsprng package")
+    d["privacy"]["profile"]["secure_mode"] = False
+    assert not parse_config(d).privacy.profile.secure_mode
+
+
 def test_aggregation_mode_errors():
     d = demo()
     d["federation"]["aggregation"] = "he"
