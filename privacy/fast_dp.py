@@ -9,8 +9,8 @@ recomputed once per parameter). This module keeps every privacy-relevant piece o
 only that bookkeeping:
 
 * :class:`LeanGradSampleModule` computes the same per-sample gradients with Opacus's own per-layer rules
-  (``GradSampleModule.GRAD_SAMPLERS``: conv, group/layer norm, embedding; Linear's einsum is written as
-  the equivalent single ``bmm``); it captures a layer's
+  (``GradSampleModule.GRAD_SAMPLERS``: group/layer norm, embedding; Linear's and ungrouped Conv1d/2d's
+  einsums are written as the equivalent single ``bmm``); it captures a layer's
   input with a forward hook and its output gradient with a tensor hook on the output, and stores the
   rule's result directly in ``p.grad_sample``. Layers without an Opacus rule are refused (no functorch
   fallback), as is gradient accumulation across backward passes (Poisson sampling forbids it anyway).
@@ -34,13 +34,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from opacus import PrivacyEngine
+import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 __all__ = ["LeanGradSampleModule", "FusedDPOptimizer", "LeanPrivacyEngine", "LEAN_MODE", "lean_supported"]
 
 LEAN_MODE = "lean"
+_BIG = 16384  # parameters in one tensor above which a per-sample gradient is worth not copying or building
 
 
 def _linear_rule(layer: nn.Linear, activations: list, backprops: torch.Tensor) -> dict:
@@ -59,7 +62,33 @@ def _linear_rule(layer: nn.Linear, activations: list, backprops: torch.Tensor) -
     return ret
 
 
-_OWN_RULES = {nn.Linear: _linear_rule}
+def _conv_rule(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+    """Opacus's ``compute_conv_grad_sample`` for ungrouped, zero-padded Conv1d/Conv2d, as unfold + one bmm.
+
+    Per record n: dW_n = B_n X_n^T with X_n the unfolded input patches [C*k, L] and B_n the output
+    gradients [out, L]; db_n = B_n summed over positions. Other convolutions use Opacus's rule.
+    """
+    if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return compute_conv_grad_sample(layer, activations, backprops)
+    a = activations[0].to(backprops.dtype)
+    n = a.shape[0]
+    if isinstance(layer, nn.Conv1d):
+        cols = F.unfold(
+            a.unsqueeze(-2), kernel_size=(1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]),
+            padding=(0, layer.padding[0]), stride=(1, layer.stride[0]),
+        )
+    else:
+        cols = F.unfold(a, kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    b = backprops.reshape(n, backprops.shape[1], -1)  # [n, out, L]
+    ret = {}
+    if layer.weight.requires_grad:
+        ret[layer.weight] = torch.bmm(b, cols.transpose(1, 2)).view(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = b.sum(dim=2)
+    return ret
+
+
+_OWN_RULES = {nn.Linear: _linear_rule, nn.Conv1d: _conv_rule, nn.Conv2d: _conv_rule}
 
 
 def _rule(layer_type: type):
@@ -85,8 +114,8 @@ class LeanGradSampleModule(GradSampleModule):
     exactly as Opacus's ``rearrange_grad_samples`` does, and stores the result in ``p.grad_sample``.
 
     A Linear weight's per-sample gradient is ``G_n = B_n^T A_n`` (``A_n`` [T, in]: record n's inputs at
-    its T positions, ``B_n`` [T, out]: the output gradients). When ``T = 1`` or ``T*(in+out) <= in*out``
-    it is not built:
+    its T positions, ``B_n`` [T, out]: the output gradients). For a large weight (``in*out >= 16384``;
+    smaller ones are cheap to build) with ``T*(in+out) <= in*out`` it is not built:
     ``(A, B)`` is kept in ``p._lean_factors`` and :class:`FusedDPOptimizer` uses
     ``||G_n||^2 = sum((A_n A_n^T) * (B_n B_n^T))`` for the norm and ``sum_n c_n G_n = (c*B)^T A`` for the
     clipped sum (the "book-keeping" form of per-sample clipping; exact, one backward pass).
@@ -117,7 +146,8 @@ class LeanGradSampleModule(GradSampleModule):
                     f"grad_sample_mode 'lean' has no per-sample gradient rule for {type(module).__name__}; "
                     f"use grad_sample_mode 'hooks'"
                 )
-            handles.append(module.register_forward_hook(self._forward_hook(rule, loss_reduction == "mean")))
+            wide = type(module) is nn.Linear and module.weight.requires_grad and module.weight.numel() >= _BIG
+            handles.append(module.register_forward_hook(self._forward_hook(rule, loss_reduction == "mean", wide)))
         for p in self._module.parameters():
             p._lean_factors = None
         self.enable_hooks()
@@ -151,7 +181,7 @@ class LeanGradSampleModule(GradSampleModule):
             "optimizer.step() (or zero_grad()) after every forward/backward pass"
         )
 
-    def _forward_hook(self, rule: Callable, mean: bool):
+    def _forward_hook(self, rule: Callable, mean: bool, wide: bool):
         def hook(module: nn.Module, inputs, output) -> None:
             if not self.hooks_enabled or not module.training or not torch.is_grad_enabled():
                 return
@@ -166,12 +196,12 @@ class LeanGradSampleModule(GradSampleModule):
                 backprops = grad.detach()
                 if mean:
                     backprops = backprops * backprops.shape[0]
-                if type(module) is nn.Linear and module.weight.requires_grad:
+                if wide:  # a Linear weight with in*out >= _BIG
                     n = backprops.shape[0]
                     b = backprops.reshape(n, -1, backprops.shape[-1])  # [n, T, out]
                     a = activations[0].to(b.dtype).reshape(n, -1, module.in_features)  # [n, T, in]
                     t, i, o = b.shape[1], module.in_features, module.out_features
-                    if t == 1 or t * (i + o) <= i * o:  # the Gram matrices cost less than building G_n
+                    if t * (i + o) <= i * o:  # the Gram matrices cost less than building G_n
                         w = module.weight
                         if self._accept(w, pass_id):
                             if w._lean_factors is None:  # materialised by an earlier call in this pass
@@ -233,37 +263,44 @@ class FusedDPOptimizer(DPOptimizer):
             if getattr(p, "_lean_factors", None) is not None:
                 p._lean_factors = None
 
-    def _fusable(self, params: list) -> bool:
+    def _split(self, params: list):
+        """(small, big, factored) parameter lists for the fused step, or None to use DPOptimizer's own."""
         if self.secure_mode or self._step_skip_queue or not params:
-            return False
-        first = params[0]
+            return None
+        small, big, factored = [], [], []
+        dtype, device = params[0].dtype, params[0].device
         for p in params:
-            gs = getattr(p, "grad_sample", None)
-            factors = getattr(p, "_lean_factors", None)
-            if getattr(p, "summed_grad", None) is not None or (gs is None) == (factors is None):
-                return False
+            gs, factors = getattr(p, "grad_sample", None), getattr(p, "_lean_factors", None)
+            if getattr(p, "summed_grad", None) is not None or (gs is None) == (factors is None) or p.dtype != dtype or p.device != device:
+                return None
             ref = factors[0] if gs is None else gs
-            if not isinstance(ref, torch.Tensor) or p.dtype != first.dtype or p.device != first.device or ref.dtype != p.dtype or ref.device != p.device:
-                return False
-        return True
+            if not isinstance(ref, torch.Tensor) or ref.dtype != dtype or ref.device != device:
+                return None
+            (factored if gs is None else big if p.numel() >= _BIG else small).append(p)
+        return small, big, factored
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         params = self.params
-        if not self._fusable(params):
+        split = self._split(params)
+        if split is None:
             for p in params:
                 materialize(p)
             return super().pre_step(closure)
-        dense = [p for p in params if p._lean_factors is None]
-        factored = [p for p in params if p._lean_factors is not None]
+        # small per-sample gradients are concatenated into one [B, D] matrix; large ones (copying them would
+        # cost more than the extra calls) are used in place; factored Linear weights are never built
+        small, big, factored = split
         if any(p._lean_processed for p in factored):
             raise ValueError("this step's per-sample gradients were already clipped and noised; run a new backward pass")
-        for p in dense:
+        for p in small + big:
             _check_processed_flag(p.grad_sample)
-        batch = (dense[0].grad_sample if dense else factored[0]._lean_factors[0]).shape[0]
-        if any(p.grad_sample.shape[0] != batch for p in dense) or any(p._lean_factors[0].shape[0] != batch for p in factored):
+        batches = {p.grad_sample.shape[0] for p in small + big} | {p._lean_factors[0].shape[0] for p in factored}
+        if len(batches) != 1:
             raise ValueError("per-sample gradients of different batch sizes")
-        flat = torch.cat([p.grad_sample.reshape(batch, -1) for p in dense], dim=1) if dense else None  # [B, D]
-        sq = torch.linalg.vector_norm(flat, dim=1).square() if dense else torch.zeros(batch, dtype=params[0].dtype, device=params[0].device)
+        batch = batches.pop()
+        flat = torch.cat([p.grad_sample.reshape(batch, -1) for p in small], dim=1) if small else None  # [B, D]
+        sq = torch.linalg.vector_norm(flat, dim=1).square() if small else torch.zeros(batch, dtype=params[0].dtype, device=params[0].device)
+        for p in big:
+            sq = sq + torch.linalg.vector_norm(p.grad_sample.reshape(batch, -1), dim=1).square()
         for p in factored:
             a, b = p._lean_factors
             if a.shape[1] == 1:  # one position: ||b a^T|| = ||a|| ||b||
@@ -271,15 +308,17 @@ class FusedDPOptimizer(DPOptimizer):
             else:
                 sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum(dim=(1, 2))
         clip_factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        sums = {}
-        if dense:
-            for p, s in zip(dense, (clip_factor @ flat).split([p.numel() for p in dense])):
-                sums[p] = s
-        for p in factored:
-            a, b = p._lean_factors
-            sums[p] = ((b * clip_factor[:, None, None]).reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).reshape(-1)
-        summed = torch.cat([sums[p] for p in params])
-        for p in dense:
+        if not big and not factored:  # all in flat, in the optimizer's parameter order
+            summed = clip_factor @ flat
+        else:
+            sums = dict(zip(small, (clip_factor @ flat).split([p.numel() for p in small]))) if small else {}
+            for p in big:
+                sums[p] = clip_factor @ p.grad_sample.reshape(batch, -1)
+            for p in factored:
+                a, b = p._lean_factors
+                sums[p] = ((b * clip_factor[:, None, None]).reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).reshape(-1)
+            summed = torch.cat([sums[p] for p in params])
+        for p in small + big:
             _mark_as_processed(p.grad_sample)
         for p in factored:
             p._lean_processed = True

@@ -107,28 +107,37 @@ def test_clipped_per_sample_sum_matches_per_record_backward_passes(modality, mod
 
 
 class Twice(nn.Module):
-    """One Linear applied twice per forward pass: on [B, 6] inputs (factored), then on [B, T, 6]."""
+    """One Linear applied twice per forward pass: on [B, W] inputs, then on [B, T, W].
 
-    def __init__(self, positions):
+    Width 128 (16384 weights) keeps it factored where T*(in+out) <= in*out; width 8 never does."""
+
+    def __init__(self, positions, width, seq_first=False):
         super().__init__()
-        self.positions = positions
-        self.lin, self.out = nn.Linear(6, 6), nn.Linear(6, 1)
+        self.positions, self.seq_first = positions, seq_first
+        self.lin, self.out = nn.Linear(width, width), nn.Linear(width, 1)
+
+    def spread(self, h):  # [B, W] -> [B, T, W]
+        return h.unsqueeze(1).expand(-1, self.positions, -1) * torch.linspace(0.5, 1.5, self.positions)[:, None]
 
     def forward(self, x):
-        h = torch.tanh(self.lin(x))  # [B, 6]
-        h = h.unsqueeze(1).expand(-1, self.positions, -1) * torch.linspace(0.5, 1.5, self.positions)[:, None]
-        return self.out(torch.tanh(self.lin(h)).mean(dim=1)).squeeze(-1)
+        if self.seq_first:  # backward then reaches the [B, W] call first
+            h = torch.tanh(self.lin(torch.tanh(self.lin(self.spread(x))).mean(dim=1)))
+        else:
+            h = torch.tanh(self.lin(self.spread(torch.tanh(self.lin(x))))).mean(dim=1)
+        return self.out(h).squeeze(-1)
 
 
-@pytest.mark.parametrize("positions", [1, 3, 9])  # second call factored, factored (Gram), built (T*T > 36)
-def test_lean_sums_a_layer_used_twice_in_one_pass(positions):
+# width 128: T=1 and T=1 (factors concatenated: Gram), T=1 and T=3 (Gram), T=1 and T=100 (100*256 > 16384:
+# built, and the factored call is built and added, in either backward order); width 8: always built
+@pytest.mark.parametrize("positions,width,seq_first", [(1, 128, False), (3, 128, False), (100, 128, False), (100, 128, True), (3, 8, False)])
+def test_lean_sums_a_layer_used_twice_in_one_pass(positions, width, seq_first):
     torch.manual_seed(0)
-    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,)).float()
+    x, y = torch.randn(8, width), torch.randint(0, 2, (8,)).float()
     torch.manual_seed(3)
-    ref, factors, _ = reference_clipped_sum(Twice(positions), x, y, 0.05)
+    ref, factors, _ = reference_clipped_sum(Twice(positions, width, seq_first), x, y, 0.05)
     assert min(factors) < 1
     torch.manual_seed(3)
-    summed, _, _ = private_step_grads(Twice(positions), x, y, 0.05, "lean")
+    summed, _, _ = private_step_grads(Twice(positions, width, seq_first), x, y, 0.05, "lean")
     for r, s in zip(ref, summed):
         torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-6)
 
