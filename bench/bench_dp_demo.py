@@ -1,10 +1,12 @@
 """DP-SGD local epoch / non-private local epoch on the demo's own client models and shards, one run.
 
-    python bench/bench_dp_demo.py [--config configs/demo.yaml] [--hospital cleveland] [--repeats 5]
+    python bench/bench_dp_demo.py [--config configs/demo.yaml] [--hospital cleveland] [--repeats 5] [--mode lean|hooks|ghost]
 
 For every training task of the config, the same encoder + head trains one local epoch on the same
-hospital's shard, once plain (shuffled batches, global clipping) and once with DP-SGD (Opacus hooks,
-Poisson sampling, per-sample clipping, noise), alternating plain/DP to share the machine's load fairly.
+hospital's shard, once plain (shuffled batches, global clipping) and once with DP-SGD (Opacus's Poisson
+sampling, per-sample clipping, noise and accountant hook; per-sample gradients by ``--mode``: ``lean``,
+HospitalDP's default, see privacy/fast_dp.py, or Opacus's ``hooks`` / ``ghost``), alternating plain/DP
+to share the machine's load fairly.
 Prints the median seconds and the ratio per task and for the whole local round.
 """
 

@@ -14,17 +14,23 @@ only that bookkeeping:
   input with a forward hook and its output gradient with a tensor hook on the output, and stores the
   rule's result directly in ``p.grad_sample``. Layers without an Opacus rule are refused (no functorch
   fallback), as is gradient accumulation across backward passes (Poisson sampling forbids it anyway).
-* :class:`FusedDPOptimizer` clips and noises all parameters at once: per-sample gradients are flattened
-  into one ``[B, D]`` matrix, the per-sample norm is the norm of each row (= the norm of the per-parameter
-  norms that Opacus computes), the clipped sum is one ``clip_factor @ G`` product, and the Gaussian noise
-  is one ``N(0, (sigma*C)^2 I_D)`` draw (the same distribution as one draw per parameter). Secure mode,
-  skipped (virtual) steps and mixed dtypes/devices use ``DPOptimizer``'s own per-parameter code.
+  A wide Linear weight's per-sample gradient is kept factored (inputs and output gradients) instead of
+  built as a ``[B, out, in]`` tensor (see the class). The output's tensor hook also sees the gradient of
+  the output as the layer produced it when a later op modifies it in place (where Opacus's full backward
+  hook raises).
+* :class:`FusedDPOptimizer` clips and noises all parameters at once: small per-sample gradients are
+  flattened into one ``[B, D]`` matrix (large ones are used in place, factored ones through their
+  factors), the per-sample norm over all parameters is the square root of the summed squared row norms
+  (= the norm of the per-parameter norms that Opacus computes), the clipped sum is ``clip_factor @ G``,
+  and the Gaussian noise is one ``N(0, (sigma*C)^2 I_D)`` draw over all D coordinates (the same
+  distribution as one draw per parameter). Secure mode, skipped (virtual) steps and mixed dtypes/devices
+  build any factored gradients and use ``DPOptimizer``'s own per-parameter code.
 * :class:`LeanPrivacyEngine` is ``opacus.PrivacyEngine`` with those two classes plugged in; the Poisson
   ``DPDataLoader``, the sample rate, the noise multiplier, ``max_grad_norm`` and the accountant's step
   hook all come from Opacus unchanged.
 
-``tests/test_dp_fast.py`` checks the clipped sums against per-sample backward passes (noise off) and the
-noise's scale.
+``tests/test_dp_fast.py`` checks the clipped sums against one backward pass per record (noise off) on every
+encoder of the demo's client models, and the noise's scale.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from opacus import PrivacyEngine
 import torch.nn.functional as F
+from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizer
@@ -92,7 +98,7 @@ _OWN_RULES = {nn.Linear: _linear_rule, nn.Conv1d: _conv_rule, nn.Conv2d: _conv_r
 
 
 def _rule(layer_type: type):
-    """The per-layer rule "lean" uses: Opacus's registered one, except a cheaper call for Linear."""
+    """The per-layer rule "lean" uses: Opacus's registered one, except cheaper calls for Linear and Conv."""
     return _OWN_RULES.get(layer_type) or GradSampleModule.GRAD_SAMPLERS.get(layer_type)
 
 

@@ -142,6 +142,41 @@ def test_lean_sums_a_layer_used_twice_in_one_pass(positions, width, seq_first):
         torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-6)
 
 
+def test_lean_layer_output_modified_in_place():
+    """The gradient hook sees the gradient of the layer's output as produced, before later in-place ops."""
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.relu, self.b = nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            h.mul_(2.0)
+            return self.b(self.relu(h)).squeeze(-1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 5), torch.randint(0, 2, (10,)).float()
+    torch.manual_seed(1)
+    ref, factors, _ = reference_clipped_sum(InPlace(), x, y, 0.1)
+    assert min(factors) < 1
+    torch.manual_seed(1)
+    summed, _, _ = private_step_grads(InPlace(), x, y, 0.1, "lean")
+    for r, s in zip(ref, summed):
+        torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_unfused_fallback_gives_the_same_step(monkeypatch):
+    """Where the fused step does not apply (secure mode, virtual steps), factored weights are built and
+    Opacus's own DPOptimizer step runs: same clipped sums."""
+    x, y = batch("tabular")
+    fused, _, _ = private_step_grads(task_model("tabular", dim=64), x, y, 0.5, "lean")
+    monkeypatch.setattr(FusedDPOptimizer, "_split", lambda self, params: None)
+    unfused, _, _ = private_step_grads(task_model("tabular", dim=64), x, y, 0.5, "lean")
+    for f, u in zip(fused, unfused):
+        torch.testing.assert_close(f, u, rtol=1e-4, atol=1e-6)
+
+
 def test_lean_noise_has_the_calibrated_scale():
     """grad * expected_batch - clipped sum is the noise: mean 0, std sigma * C on every coordinate."""
     x, y = batch("tabular", n=16)
