@@ -256,8 +256,12 @@ class FusedDPOptimizer(DPOptimizer):
     (:class:`LeanGradSampleModule`) enter the norm and the clipped sum without being built.
     """
 
+    _lean_fused = False  # True inside a fused step (LeanGradSampleModule refuses accumulation: 1 pass)
+
     @property
     def accumulated_iterations(self) -> int:
+        if self._lean_fused:
+            return 1
         for p in self.params:
             if getattr(p, "_lean_factors", None) is not None and p.grad_sample is None:
                 return 1  # factors exist only for one pass: accumulation raises in the hooks
@@ -295,6 +299,13 @@ class FusedDPOptimizer(DPOptimizer):
         # small per-sample gradients are concatenated into one [B, D] matrix; large ones (copying them would
         # cost more than the extra calls) are used in place; factored Linear weights are never built
         small, big, factored = split
+        self._lean_fused = True
+        try:
+            return self._fused_step(params, small, big, factored)
+        finally:
+            self._lean_fused = False
+
+    def _fused_step(self, params: list, small: list, big: list, factored: list) -> bool:
         if any(p._lean_processed for p in factored):
             raise ValueError("this step's per-sample gradients were already clipped and noised; run a new backward pass")
         for p in small + big:
@@ -335,13 +346,10 @@ class FusedDPOptimizer(DPOptimizer):
         else:
             grad = summed.clone()
         if self.loss_reduction == "mean":
-            grad /= self.expected_batch_size * self.accumulated_iterations
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.summed_grad = summed[offset : offset + n].view_as(p)
-            p.grad = grad[offset : offset + n].view_as(p)
-            offset += n
+            grad /= self.expected_batch_size  # accumulated_iterations is 1 (a single backward pass)
+        sizes = [p.numel() for p in params]
+        for p, s, g in zip(params, summed.split(sizes), grad.split(sizes)):
+            p.summed_grad, p.grad = s.view_as(p), g.view_as(p)
         if self.step_hook:
             self.step_hook(self)
         self._is_last_step_skipped = False
