@@ -29,6 +29,8 @@ from secure_fedkim.data.formats import (  # noqa: E402
 )
 from secure_fedkim.data.loaders import (  # noqa: E402
     IMAGE_FILES,
+    IMAGE_GRID,
+    random_crops,
     ecg_irregular_labels,
     heart_feature_names,
     stratified_subsample,
@@ -44,7 +46,7 @@ EXPECTED = {
     "mortality": ((9000, 12000), (0.06, 0.14)),
     "cardiovascular_event": ((8000, 11000), (0.08, 0.18)),
     "ecg_irregular": ((280, 298), (0.30, 0.55)),
-    "cross_sectional": ((840, 840), (0.55, 0.62)),
+    "cross_sectional": ((864, 864), (0.55, 0.62)),
     "report_abnormal": ((3700, 3930), (0.58, 0.70)),
     "report_cardiomegaly": ((3700, 3930), (0.07, 0.13)),
 }
@@ -170,16 +172,34 @@ def test_ecg_label_rule():
 
 def test_cross_sectional_crops_and_groups():
     d = load_task("cross_sectional")
-    groups = sorted(set(d.group))
-    assert groups == sorted(IMAGE_FILES)
-    for g in groups:  # one label per source image; positives are exactly the CT and MR images
-        assert len(set(d.y[d.group == g])) == 1
-    assert sorted(set(d.group[d.y == 1])) == sorted(
+    files = np.array([g.split("#")[0] for g in d.group])
+    regions = np.array([int(g.split("#")[1]) for g in d.group])
+    assert sorted(set(files)) == sorted(IMAGE_FILES)
+    assert set(regions) == set(range(IMAGE_GRID * IMAGE_GRID))  # a group is one region of one image
+    for f in set(files):  # one label per source image; positives are exactly the CT and MR images
+        assert len(set(d.y[files == f])) == 1
+    assert sorted(set(files[d.y == 1])) == sorted(
         ["693_UNCI.dcm", "CT_small.dcm", "eCT_Supplemental.dcm", "MR2_UNCI.dcm", "MR_small.dcm", "emri_small.dcm",
          "MR-SIEMENS-DICOM-WithOverlays.dcm"]
     )
     assert (d.x.reshape(len(d), -1).max(axis=1) == 1).mean() > 0.95  # per-crop min-max
     np.testing.assert_array_equal(d.x, load_task("cross_sectional").x)  # fixed seed
+
+
+def test_crops_stay_inside_their_region():
+    # only the centre region has content: a crop of any other region is constant unless it strays over
+    g, side = IMAGE_GRID, 96
+    frame = np.zeros((side, side))
+    centre = (g * g) // 2
+    rh = side // g
+    top, left = (centre // g) * rh, (centre % g) * rh
+    frame[top : top + rh, left : left + rh] = np.random.default_rng(0).random((rh, rh)) + 1.0
+    crops, region = random_crops(frame[None], 300, np.random.default_rng(1))
+    assert set(region) == set(range(g * g)) and crops.shape == (300, 1, 32, 32)
+    flat = crops.reshape(len(crops), -1)
+    has_content = flat.max(axis=1) > flat.min(axis=1)
+    assert has_content[region == centre].all()
+    assert not has_content[region != centre].any()
 
 
 def test_text_tasks():
