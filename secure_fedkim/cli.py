@@ -24,8 +24,9 @@ def _cmd_run(args) -> int:
     result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet)
     if result.single_hospital:
         print(format_comparison(result))
-    if format_injection(result):
-        print(format_injection(result))
+    injection = format_injection(result)
+    if injection:
+        print(injection)
     print(f"run written to {result.run_dir}")
     return 0
 
