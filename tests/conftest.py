@@ -8,6 +8,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """2 shared cores: one thread per test process trains the attack tests' tiny models fastest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def flower_identity(monkeypatch):
     """Flower stamps messages with the run/node/task id it sets when it runs an app; tests that build

@@ -16,12 +16,7 @@ from secure_fedkim.models import ClientModel
 N_TRAIN, CANARIES, EPOCHS, BATCH = 200, 200, 100, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed):

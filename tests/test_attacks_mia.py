@@ -21,13 +21,7 @@ from secure_fedkim.data import load_task
 from secure_fedkim.models import ClientModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one thread per test process trains these tiny models fastest."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task_model_factory(modality, shape, dim=16, tokens=2):
