@@ -1,11 +1,10 @@
-"""The Flower ClientApps: one hospital's node.
+"""One hospital's node: `hospital_round`, and the ClientApp of the Message-API transports.
 
 A hospital receives the global client model and the run config, trains on its own persistent shards
-(with DP-SGD when its profile says so), and replies with its update in the run's transport:
-- `app` (Flower's Message API): `plain` sends weights, `he` sends a signed CKKS ciphertext only;
-- `secagg_app`: Flower's SecAgg+ protocol (`secaggplus_mod`), which masks the weights so that the
-  server learns only their sum.
-Both call the same `hospital_round`, and both run unchanged in Flower's simulation or on a SuperNode.
+(with DP-SGD when its profile says so), and replies with its update in the run's transport
+(`secure_fedkim.federation.transports`): `app` here for `plain` (weights) and `he` (a signed CKKS
+ciphertext only); SecAgg+ has its own ClientApp (`transports.secagg.secagg_app`), which calls the same
+`hospital_round`. Both run unchanged in Flower's simulation or on a SuperNode.
 """
 
 from __future__ import annotations
@@ -14,27 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client import NumPyClient
-from flwr.client.mod import secaggplus_mod
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privacy.accounting import group_privacy_epsilon
 from privacy.dp import HospitalDP, PrivacyProfile
-from privacy.he import encrypt_update
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.aggregation import flatten_state
 from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import dp_round_schedule, hospital_records, local_round, new_client_model
 from secure_fedkim.config import RunConfig
-from secure_fedkim.identity import load_signing_key
+from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import build_plan
 from secure_fedkim.policy import check_node
-
-
-class BudgetSkip(RuntimeError):
-    """This hospital cannot afford the round within its privacy budget (recorded in its ledger)."""
 
 
 @dataclass
@@ -121,7 +112,7 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
     return RoundResult(client, model, metrics)
 
 
-# --- plain and he: Flower's Message API -----------------------------------------------------------
+# --- the Message-API transports (plain, he) ---------------------------------------------------------
 
 app = ClientApp()
 
@@ -132,37 +123,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.model_validate_json(str(config["run-config"]))
     result = hospital_round(cfg, context, config, msg.content["arrays"].to_torch_state_dict())
     content = RecordDict({"metrics": MetricRecord(result.metrics)})
-    if result.model is None:
-        return Message(content, reply_to=msg)
-    if cfg.federation.aggregation == "he":  # only ciphertext leaves the hospital
+    if result.model is not None:  # None: skipped for budget, only the metrics say so
         home = state_dir(context, str(config["run-dir"]), result.client)
-        update = encrypt_update(
-            flatten_state(result.model.state_dict()), result.metrics["num-examples"],
-            bytes(config["he-public-context"]), load_signing_key(home),
-            run_id=str(config["run-id"]), round=int(config["server-round"]), client=result.client,
+        reply = transport_for(cfg).reply(
+            result.model.state_dict(), result.metrics["num-examples"], config, home, result.client
         )
-        content["he"] = ConfigRecord({"update": update.to_bytes()})
-    else:
-        content["arrays"] = ArrayRecord(result.model.state_dict())
+        for key, record in reply.items():
+            content[key] = record
     return Message(content, reply_to=msg)
-
-
-# --- secagg: Flower's SecAgg+ protocol (its mod masks what `fit` returns) ---------------------------
-
-
-class SecAggHospital(NumPyClient):
-    def __init__(self, context: Context):
-        self.context = context
-
-    def fit(self, parameters, config):
-        cfg = RunConfig.model_validate_json(str(config["run-config"]))
-        template = new_client_model(cfg, build_plan(cfg)).state_dict()
-        state = {k: torch.from_numpy(a.copy()) for k, a in zip(template, parameters)}
-        result = hospital_round(cfg, self.context, config, state)
-        if result.model is None:  # to SecAgg+ this is a dropout: its masks are recovered from the shares
-            raise BudgetSkip(f"{result.client}: privacy budget exhausted, not training this round")
-        arrays = [t.detach().numpy() for t in result.model.state_dict().values()]
-        return arrays, int(result.metrics["num-examples"]), result.metrics
-
-
-secagg_app = ClientApp(client_fn=lambda context: SecAggHospital(context).to_client(), mods=[secaggplus_mod])

@@ -91,6 +91,14 @@ class Injector:
                 self.trained_examples += len(idx)
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(losses)}
 
+    def sampler_state(self) -> dict:
+        """What a checkpoint must keep to resume injection exactly: the public-batch sampler and its count."""
+        return {"rng": self._rng.bit_generator.state, "trained_examples": self.trained_examples}
+
+    def restore_sampler_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self.trained_examples = int(state["trained_examples"])
+
     @torch.no_grad()
     def evaluate(self, model: ClientModel) -> dict[str, dict]:
         """The FM's answers on every task's test split; unseen tasks are answered zero-shot."""

@@ -68,32 +68,33 @@ def format_round_table(server_round: int, record: dict) -> str:
     return "\n".join(lines)
 
 
-def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]]:
+def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], dict]:
     from flwr.simulation import run_simulation
 
-    from secure_fedkim.client_app import app, secagg_app
-    from secure_fedkim.server_app import make_server_app
+    from secure_fedkim.federation.engine import make_server_app
+    from secure_fedkim.federation.transports import transport_for
 
-    if cfg.federation.aggregation == "he":
+    transport = transport_for(cfg)
+    if transport.signs_updates:
         register_hospitals(cfg, run_dir)
-    outcome: dict = {}
-    server_app = make_server_app(cfg, run_dir, outcome, on_round=on_round)
+    server_app, outcome = make_server_app(cfg, run_dir, on_round=on_round)
     n = len(cfg.federation.clients)
     cpus = max(1, min(os.cpu_count() or 1, n))
     run_simulation(
         server_app=server_app,
-        client_app=secagg_app if cfg.federation.aggregation == "secagg" else app,
+        client_app=transport.client_app(),
         num_supernodes=n,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": False},
         },
     )
-    if "error" in outcome:
-        raise outcome["error"]
-    if "arrays" not in outcome:
+    if outcome.error is not None:
+        raise outcome.error
+    if outcome.result is None:
         raise RuntimeError("the Flower simulation ended without a result; see its log above")
-    return outcome["arrays"].to_torch_state_dict(), outcome["strategy"].history, outcome.get("he")
+    result = outcome.result
+    return result.arrays.to_torch_state_dict(), result.history, result.aggregation
 
 
 def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
@@ -105,19 +106,18 @@ def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
         (keys / f"{client}.pub").write_bytes(ensure_signing_key(client_dir(run_dir, client)))
 
 
-def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], None]:
+def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], dict]:
     """FEDKIM_pub: no hospital takes part; the server trains encoders and M3OE on its public split alone."""
+    from secure_fedkim.federation.strategy import FedKIM
     from secure_fedkim.injection import Injector
-    from secure_fedkim.strategy import FedKIM
 
     plans = build_plan(cfg)
     strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, injector=Injector(cfg, plans))
     model = new_client_model(cfg, plans)
     strategy.evaluate(0, ArrayRecord(model.state_dict()))
     for r in range(1, cfg.run.rounds + 1):
-        strategy._client_stats = {"clients": {}, "injection": strategy.injector.inject(model)}
-        strategy.evaluate(r, ArrayRecord(model.state_dict()))
-    return model.state_dict(), strategy.history, None
+        strategy.public_only_round(r, model)
+    return model.state_dict(), strategy.history, strategy.transport.facts()
 
 
 def single_hospital_baseline(cfg: RunConfig, run_dir: Path) -> dict[str, dict[str, dict]]:
@@ -159,9 +159,9 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
             bar.update(1)
 
     if cfg.injection.enabled and cfg.injection.method == "fedkim_pub":
-        state, history, he_parameters = _public_only(cfg, run_dir, on_round)
+        state, history, aggregation = _public_only(cfg, run_dir, on_round)
     else:
-        state, history, he_parameters = _simulate(cfg, run_dir, on_round)
+        state, history, aggregation = _simulate(cfg, run_dir, on_round)
     bar.close()
     model = new_client_model(cfg, plans)
     model.load_state_dict(state)
@@ -174,7 +174,7 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
         "config_sha256": config_sha256(config_text),
         "seconds": round(time.time() - started, 1),
         "tasks": {n: {"role": p.task.role, "modality": p.task.modality, "records": len(p.data)} for n, p in plans.items()},
-        "aggregation": {"mode": cfg.federation.aggregation, **({"ckks": he_parameters} if he_parameters else {})},
+        "aggregation": aggregation,
         "federated_test": final_test,
         **({"fm_test": history[-1]["fm_test"], "fm_test_round0": history[0]["fm_test"]} if "fm_test" in history[-1] else {}),
         "single_hospital_test": single,

@@ -31,7 +31,8 @@ from secure_fedkim.deploy import (
     tagged_pids,
     write_app,
 )
-from secure_fedkim.deploy_app import _is_secagg, load_checkpoint, save_checkpoint
+from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
+from secure_fedkim.federation.transports.secagg import is_secagg_message
 from secure_fedkim.identity import load_signing_key
 from secure_fedkim.policy import code_sha256, load_policy
 
@@ -111,7 +112,7 @@ def test_client_routes_secagg_protocol_messages_and_message_api_ones(flower_iden
     plain = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1, message_type="train")
     stage = Message(RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}), dst_node_id=1, message_type="train")
     fit = Message(RecordDict({"fitins.config": ConfigRecord({})}), dst_node_id=1, message_type="train")
-    assert not _is_secagg(plain) and _is_secagg(stage) and _is_secagg(fit)
+    assert not is_secagg_message(plain) and is_secagg_message(stage) and is_secagg_message(fit)
 
 
 def test_checkpoint_round_trip_and_a_corrupt_one_is_refused(tmp_path):

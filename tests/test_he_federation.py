@@ -13,11 +13,11 @@ from secure_fedkim.artifacts import client_dir, load_run
 from secure_fedkim.client import new_client_model
 from secure_fedkim.client_app import app as client_app
 from secure_fedkim.config import parse_config
-from secure_fedkim.keyholder import KeyHolderError, KeyHolderProcess
+from secure_fedkim.federation.keyholder import KeyHolderError, KeyHolderProcess
+from secure_fedkim.federation.strategy import FedKIM, RoundFailed
+from secure_fedkim.federation.transports.he import CKKSTransport, registered_keys
 from secure_fedkim.plan import build_plan
 from secure_fedkim.run import register_hospitals
-from secure_fedkim.server_app import registered_keys
-from secure_fedkim.strategy import FedKIM, RoundFailed
 
 CLIENTS = ["cleveland", "hungary", "switzerland", "va_long_beach"]
 CFG = {
@@ -71,7 +71,7 @@ def test_aggregate_of_ciphertexts_is_the_weighted_mean_and_no_plaintext_leaves(f
     assert not server_ctx.has_secret_key() and not server_ctx.is_private()
     assert holder.process.pid != os.getpid()  # the secret key lives in another process
 
-    strategy = FedKIM(cfg, build_plan(cfg), run_dir, keyholder=holder, verify_keys=registered_keys(run_dir, CLIENTS))
+    strategy = FedKIM(cfg, build_plan(cfg), run_dir, CKKSTransport(cfg, holder, registered_keys(run_dir, CLIENTS)))
     arrays, metrics = strategy.aggregate_train(1, replies)
     got = flatten_state(arrays.to_torch_state_dict()).astype(np.float64)
     weights = [r.content["metrics"]["num-examples"] for r in replies]
@@ -88,9 +88,9 @@ def test_tampered_update_is_rejected_and_the_round_goes_on_without_it(flower_ide
     payload = bytearray(replies[1].content.config_records["he"]["update"])
     payload[-100] ^= 0xFF
     replies[1].content.config_records["he"]["update"] = bytes(payload)
-    strategy = FedKIM(cfg, build_plan(cfg), run_dir, keyholder=holder, verify_keys=registered_keys(run_dir, CLIENTS))
+    strategy = FedKIM(cfg, build_plan(cfg), run_dir, CKKSTransport(cfg, holder, registered_keys(run_dir, CLIENTS)))
     arrays, metrics = strategy.aggregate_train(2, replies)
-    rejected = strategy._client_stats["rejected"]
+    rejected = strategy.round_stats["rejected"]
     assert list(rejected) == ["hungary"] and "hungary" in rejected["hungary"]
     got = flatten_state(arrays.to_torch_state_dict()).astype(np.float64)
     w = [replies[i].content["metrics"]["num-examples"] for i in (0, 2)]
@@ -108,7 +108,7 @@ def test_too_few_valid_contributions_are_never_decrypted(flower_identity, keyhol
     replies = [client_reply(cfg, run_dir, holder, i, server_round=3) for i in (0, 1)]
     payload = bytearray(replies[0].content.config_records["he"]["update"])
     replies[0].content.config_records["he"]["update"] = bytes(payload[: len(payload) // 2])  # truncated
-    strategy = FedKIM(cfg, build_plan(cfg), run_dir, keyholder=holder, verify_keys=registered_keys(run_dir, CLIENTS))
+    strategy = FedKIM(cfg, build_plan(cfg), run_dir, CKKSTransport(cfg, holder, registered_keys(run_dir, CLIENTS)))
     with pytest.raises(RoundFailed, match="cleveland"):
         strategy.aggregate_train(3, replies)
     ledger = (run_dir / "keyholder" / "ledger.jsonl").read_text()

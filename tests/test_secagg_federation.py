@@ -13,9 +13,10 @@ from flwr.simulation import run_simulation
 
 from secure_fedkim.aggregation import flatten_state
 from secure_fedkim.artifacts import load_run
-from secure_fedkim.client_app import SecAggHospital, client_name
+from secure_fedkim.client_app import client_name
 from secure_fedkim.config import RunConfig, parse_config
-from secure_fedkim.server_app import make_server_app
+from secure_fedkim.federation.engine import make_server_app
+from secure_fedkim.federation.transports.secagg import SecAggHospital
 
 CLIENTS = ["cleveland", "hungary", "switzerland", "va_long_beach"]
 CFG = {
@@ -56,15 +57,15 @@ def secagg_run(tmp_path_factory):
     run_dir.mkdir()
     cfg = parse_config(CFG)
     (run_dir / "resolved_config.json").write_text(cfg.model_dump_json())
-    outcome = {}
     probe_app = ClientApp(client_fn=lambda c: SecAggHospital(c).to_client(), mods=[make_probe_mod(out), secaggplus_mod])
+    server_app, outcome = make_server_app(cfg, run_dir)
     run_simulation(
-        server_app=make_server_app(cfg, run_dir, outcome), client_app=probe_app, num_supernodes=4,
+        server_app=server_app, client_app=probe_app, num_supernodes=4,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )
-    if "error" in outcome:
-        raise outcome["error"]
-    return cfg, run_dir, out, outcome
+    if outcome.error is not None:
+        raise outcome.error
+    return cfg, run_dir, out, outcome.result
 
 
 def test_a_dropout_mid_round_leaves_the_weighted_mean_of_the_others(secagg_run):
@@ -76,7 +77,7 @@ def test_a_dropout_mid_round_leaves_the_weighted_mean_of_the_others(secagg_run):
     weights = [record["clients"][c]["num-examples"] for c in others]
     expected = sum(w * flatten_state(run.local_model(c).state_dict()).astype(np.float64) for w, c in zip(weights, others))
     expected /= sum(weights)
-    got = flatten_state(outcome["arrays"].to_torch_state_dict())
+    got = flatten_state(outcome.arrays.to_torch_state_dict())
     # documented precision: 2 * clipping_range / quantization_range / (sum of weights / max_weight)
     s = cfg.federation.secagg
     step = 2 * s.clipping_range / s.quantization_range / (sum(weights) / s.max_weight)

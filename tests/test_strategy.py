@@ -9,7 +9,7 @@ from secure_fedkim.aggregation import flatten_state
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import parse_config
 from secure_fedkim.plan import build_plan
-from secure_fedkim.strategy import FedKIM, RoundFailed
+from secure_fedkim.federation.strategy import FedKIM, RoundFailed
 
 CFG = {
     "run": {"rounds": 1, "seed": 3},

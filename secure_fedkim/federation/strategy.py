@@ -1,8 +1,12 @@
-"""FEDKIM's server strategy: Flower's FedAvg round loop with our aggregation and evaluation.
+"""FEDKIM's server strategy: Flower's FedAvg round loop with our transports, evaluation and injection.
 
 Flower runs the rounds (sampling, messaging, timeouts); this class decides what a round's replies become:
-the sample-weighted mean of the client models (FedProx differs only on the client side), a record of
-each client's training statistics, and the global model's metrics on every task's held-out test split.
+each client's training statistics, the aggregate its transport computes (plain mean, CKKS sum decrypted by
+the key holder, or SecAgg+'s unmasked sum), the knowledge injected into the foundation model, and the
+global model's metrics on every task's held-out test split. The same class serves the simulation and the
+deployment engine: rounds are numbered from `offset` (0 unless resumed from a checkpoint), a first round
+may wait `join_timeout` seconds for every hospital, and `after_round` (e.g. a checkpoint) runs after each
+evaluated round.
 """
 
 from __future__ import annotations
@@ -10,15 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from privacy.he import Aggregator, HEPayloadError, InsufficientContributionsError
-from secure_fedkim.aggregation import flatten_state, unflatten_state, weighted_mean
+from secure_fedkim.aggregation import unflatten_state
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan
@@ -35,36 +38,57 @@ class BudgetExhausted(RuntimeError):
     """A hospital's privacy budget cannot pay for another round and the config says to stop the run."""
 
 
+def wait_for_nodes(count: Callable[[], int], n: int, min_clients: int, deadline: float, poll: float = 0.5) -> int:
+    """Wait until `n` nodes are online or `deadline`; how many may be sampled (>= min_clients)."""
+    while True:
+        available = count()
+        if available >= n or time.time() >= deadline:
+            return max(min_clients, min(n, available))
+        time.sleep(poll)
+
+
 class FedKIM(FedAvg):
     def __init__(
-        self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, on_round=None, keyholder=None,
-        verify_keys=None, injector=None,
+        self, cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, transport=None, on_round=None,
+        injector=None, *, offset: int = 0, join_timeout: float = 0.0,
+        after_round: Callable[[int, ArrayRecord], None] | None = None,
     ):
+        from secure_fedkim.federation.transports import transport_for
+
         n = len(cfg.federation.clients)
-        super().__init__(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
-        )
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
         self.cfg, self.plans, self.run_dir = cfg, plans, Path(run_dir)
+        self.transport = transport if transport is not None else transport_for(cfg)
         self.on_round = on_round  # callback(round, record) for progress display
-        self.keyholder, self.verify_keys = keyholder, verify_keys  # he mode: a KeyHolderProcess, never a secret key
         self.injector = injector  # knowledge injection into the foundation model, or None
+        self.offset = offset  # rounds completed before this server started (resume)
+        self.join_timeout = join_timeout  # seconds the first round waits for every hospital
+        self.after_round = after_round  # e.g. a checkpoint, after each evaluated round
         self.template = new_client_model(cfg, plans).state_dict()
         self.history: list[dict] = []
-        self._client_stats: dict[str, dict] = {}
+        self.round_stats: dict = {}  # what this round's record says about the clients (set by `collect`)
+        self._joined = False
+
+    # --- sampling: absolute round numbers, and the first round waits for every hospital -------------
+    def sample_size(self, count: Callable[[], int]) -> int:
+        n, m = len(self.cfg.federation.clients), self.cfg.federation.min_clients
+        wait = self.join_timeout if not self._joined else 0.0
+        self._joined = True
+        return wait_for_nodes(count, n, m, time.time() + wait)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        k = self.sample_size(lambda: len(list(grid.get_node_ids())))
+        self.min_available_nodes = self.min_train_nodes = k
+        return super().configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         replies = list(replies)
         valid = [m for m in replies if not m.has_error()]
         failed = [m.error.reason for m in replies if m.has_error()]
         contributions = self.collect(server_round, [m.content["metrics"] for m in valid], failed)
         by_client = {self.client_of(m.content["metrics"]): m.content for m in valid}
-        if self.keyholder is None:
-            mean = weighted_mean(
-                [flatten_state(by_client[c].array_records["arrays"].to_torch_state_dict()) for c, _ in contributions],
-                [w for _, w in contributions],
-            )
-        else:
-            mean = self._he_mean(server_round, [(c, by_client[c]) for c, _ in contributions])
+        mean = self.transport.aggregate(self, server_round, [(c, w, by_client[c]) for c, w in contributions])
         return self.finish_round(server_round, mean, contributions)
 
     def client_of(self, metrics) -> str:
@@ -84,9 +108,9 @@ class FedKIM(FedAvg):
                 skipped.append(client)
             else:
                 contributions.append((client, float(metrics["num-examples"])))
-        self._client_stats = {"clients": stats, "failed": failed, "skipped_budget": skipped}
+        self.round_stats = {"clients": stats, "failed": failed, "skipped_budget": skipped}
         if skipped and self.cfg.privacy.on_exhaustion == "stop_run":
-            self._write_round(server_round, {"round": server_round, **self._client_stats, "stopped": "budget"})
+            self._write_round(server_round, {"round": server_round, **self.round_stats, "stopped": "budget"})
             raise BudgetExhausted(
                 f"round {server_round}: {skipped} cannot afford another round within their privacy budget; "
                 f"the run stops (privacy.on_exhaustion: stop_run)"
@@ -104,30 +128,17 @@ class FedKIM(FedAvg):
         if self.injector is not None:
             model = new_client_model(self.cfg, self.plans)
             model.load_state_dict(state)
-            self._client_stats["injection"] = self.injector.inject(model)
+            self.round_stats["injection"] = self.injector.inject(model)
             if self.cfg.injection.sync_back:
                 state = model.state_dict()
         arrays = ArrayRecord(state)
         total = int(sum(w for _, w in contributions))
         return arrays, MetricRecord({"num-clients": len(contributions), "num-examples": total})
 
-    def _he_mean(self, server_round: int, contributions) -> "np.ndarray":
-        """Sum the ciphertexts here (public context only); the key holder decrypts the mean, once."""
-        aggregator = Aggregator(
-            self.keyholder.public_context, self.verify_keys, self.run_dir.name, server_round, self.cfg.federation.min_clients
-        )
-        rejected = {}
-        for client, content in contributions:
-            try:
-                aggregator.add(bytes(content.config_records["he"]["update"]))
-            except HEPayloadError as e:  # the round goes on with the others if min_clients still holds
-                rejected[client] = str(e)
-        self._client_stats["rejected"] = rejected
-        try:
-            encrypted = aggregator.aggregate()
-        except InsufficientContributionsError as e:
-            raise RoundFailed(f"round {server_round}: {e}; rejected: {rejected}") from None
-        return self.keyholder.decrypt(encrypted.to_bytes()).astype(np.float32)
+    def public_only_round(self, server_round: int, model) -> None:
+        """FEDKIM_pub: no hospital takes part; the server injects from its public split alone, then evaluates."""
+        self.round_stats = {"clients": {}, "injection": self.injector.inject(model)}
+        self.evaluate(server_round, ArrayRecord(model.state_dict()))
 
     def _write_round(self, server_round: int, record: dict) -> None:
         out = self.run_dir / "metrics"
@@ -135,7 +146,9 @@ class FedKIM(FedAvg):
         (out / f"round_{server_round:03d}.json").write_text(json.dumps(record, indent=2))
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Centralised evaluation of the global lightweight model on every training task's test split."""
+        """Centralised evaluation of the global lightweight model on every training task's test split.
+
+        `server_round` is absolute (offset included); round 0 is the initial model."""
         model = new_client_model(self.cfg, self.plans)
         model.load_state_dict(arrays.to_torch_state_dict())
         test = {}
@@ -143,13 +156,14 @@ class FedKIM(FedAvg):
             if plan.task.role == "train":
                 t = plan.test()
                 test[name] = evaluate_task(model.task_model(name), t.x, t.y)
-        record = {"round": server_round, "finished_at": time.time(), "client_model_test": test, **(self._client_stats if server_round else {})}
+        record = {"round": server_round, "finished_at": time.time(), "client_model_test": test,
+                  **(self.round_stats if server_round else {})}
         if self.injector is not None:
             record["fm_test"] = self.injector.evaluate(model)
         self.history.append(record)
         self._write_round(server_round, record)
         if self.on_round:
             self.on_round(server_round, record)
+        if server_round > 0 and self.after_round is not None:
+            self.after_round(server_round, arrays)
         return MetricRecord({f"{k}.{m}": float(v) for k, r in test.items() for m, v in r.items()})
-
-

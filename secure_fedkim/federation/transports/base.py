@@ -1,0 +1,74 @@
+"""What a transport is: how a hospital's update travels to the server and becomes one aggregate.
+
+A transport knows both sides of one wire format: the hospital's reply (`reply`, or its own ClientApp),
+what the server must set up first (`open` / `close`, e.g. a key holder), how a round's contributions become
+the weighted mean (`aggregate`), how the rounds are driven (`run_rounds`), and what the run directory's
+summary says about it (`facts`). The strategy (`secure_fedkim.federation.strategy.FedKIM`) does the rest,
+the same for every transport.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+if TYPE_CHECKING:
+    import numpy as np
+    from flwr.app import Context, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid
+
+    from secure_fedkim.config import RunConfig
+    from secure_fedkim.federation.strategy import FedKIM
+
+
+class Transport:
+    name: ClassVar[str]
+    #: one line for people: what the server can see of one hospital's update
+    server_sees: ClassVar[str]
+    #: hospitals sign their updates, so each registers a public signing key before round 1
+    signs_updates: ClassVar[bool] = False
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    # --- the hospital's side ---------------------------------------------------------------------------
+    def client_app(self) -> ClientApp:
+        """The ClientApp hospitals run in this transport (Flower's Message API by default)."""
+        from secure_fedkim.client_app import app
+
+        return app
+
+    def reply(self, model_state: dict, num_examples: float, config, home: Path, client: str) -> dict[str, Any]:
+        """The records a hospital adds to its reply for this round's update (Message API transports)."""
+        raise NotImplementedError
+
+    # --- the server's side -------------------------------------------------------------------------------
+    def open(self, run_dir: Path, keys_dir: Path | None) -> dict[str, Any]:
+        """Set up what the server needs before round 1; returns train-config entries every hospital gets."""
+        return {}
+
+    def close(self) -> None:
+        """Stop what `open` started."""
+
+    def aggregate(self, strategy: FedKIM, server_round: int, contributions: list[tuple[str, float, RecordDict]]) -> np.ndarray:
+        """The weighted mean (flat float32) of the contributions (hospital, weight, reply content)."""
+        raise NotImplementedError
+
+    def run_rounds(
+        self, strategy: FedKIM, grid: Grid, context: Context, initial: ArrayRecord, train_config: dict,
+        num_rounds: int, round_timeout: float,
+    ) -> ArrayRecord:
+        """Rounds offset+1 .. offset+num_rounds through Flower's Message API; returns the final global arrays."""
+        offset = strategy.offset
+        result = strategy.start(
+            grid, initial, num_rounds=num_rounds, timeout=round_timeout, train_config=ConfigRecord(train_config),
+            evaluate_fn=lambda r, arrays: strategy.evaluate(r + offset, arrays) if r > 0 else None,
+        )
+        return result.arrays
+
+    def facts(self) -> dict[str, Any]:
+        """What summary.json records about this run's aggregation."""
+        return {"mode": self.name}

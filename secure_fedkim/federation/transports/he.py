@@ -1,0 +1,88 @@
+"""`he`: hospitals send only signed CKKS ciphertexts; a separate key holder decrypts only their sum.
+
+The server process sums ciphertexts with the public context alone (`privacy.he.Aggregator`); the key
+holder (`secure_fedkim.federation.keyholder`, its own process) holds the secret key, checks the
+contributions' signatures and its policy, and releases the noise-flooded weighted mean once per round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from secure_fedkim.federation.transports.base import Transport
+
+
+def registered_keys(run_dir: Path, clients: list[str], direct: bool = False) -> dict[str, bytes]:
+    """The hospitals' public signing keys, as registered when they joined (run_dir/keys/<hospital>.pub,
+    or <run_dir>/<hospital>.pub with `direct`, for a keys directory kept elsewhere)."""
+    keys = {}
+    for c in clients:
+        path = Path(run_dir) / ("" if direct else "keys") / f"{c}.pub"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: hospital {c!r} has no registered signing key")
+        keys[c] = path.read_bytes()
+    return keys
+
+
+class CKKSTransport(Transport):
+    name = "he"
+    server_sees = "ciphertexts only; the key holder sees only the noise-flooded sum"
+    signs_updates = True
+
+    def __init__(self, cfg, keyholder=None, verify_keys: dict[str, bytes] | None = None):
+        """`keyholder` / `verify_keys`: an already started key holder (tests); otherwise `open` starts one."""
+        super().__init__(cfg)
+        self.keyholder, self.verify_keys = keyholder, verify_keys
+        self._owns_keyholder = False
+
+    def reply(self, model_state, num_examples, config, home, client):
+        from privacy.he import encrypt_update
+        from secure_fedkim.aggregation import flatten_state
+        from secure_fedkim.identity import load_signing_key
+
+        update = encrypt_update(
+            flatten_state(model_state), num_examples, bytes(config["he-public-context"]), load_signing_key(home),
+            run_id=str(config["run-id"]), round=int(config["server-round"]), client=client,
+        )
+        return {"he": ConfigRecord({"update": update.to_bytes()})}  # only ciphertext leaves the hospital
+
+    def open(self, run_dir, keys_dir):
+        from secure_fedkim.federation.keyholder import KeyHolderProcess
+
+        fed = self.cfg.federation
+        self.verify_keys = registered_keys(keys_dir or Path(run_dir) / "keys", fed.clients, direct=True)
+        self.keyholder = KeyHolderProcess(run_dir, self.verify_keys, Path(run_dir).name, fed.min_clients, fed.he.flooding_sigma)
+        self._owns_keyholder = True
+        return {"he-public-context": self.keyholder.public_context}
+
+    def close(self):
+        if self._owns_keyholder and self.keyholder is not None:
+            self.keyholder.close()
+
+    def aggregate(self, strategy, server_round, contributions):
+        """Sum the ciphertexts here (public context only); the key holder decrypts the mean, once."""
+        from privacy.he import Aggregator, HEPayloadError, InsufficientContributionsError
+        from secure_fedkim.federation.strategy import RoundFailed
+
+        aggregator = Aggregator(
+            self.keyholder.public_context, self.verify_keys, strategy.run_dir.name, server_round,
+            self.cfg.federation.min_clients,
+        )
+        rejected = {}
+        for client, _, content in contributions:
+            try:
+                aggregator.add(bytes(content.config_records["he"]["update"]))
+            except HEPayloadError as e:  # the round goes on with the others if min_clients still holds
+                rejected[client] = str(e)
+        strategy.round_stats["rejected"] = rejected
+        try:
+            encrypted = aggregator.aggregate()
+        except InsufficientContributionsError as e:
+            raise RoundFailed(f"round {server_round}: {e}; rejected: {rejected}") from None
+        return self.keyholder.decrypt(encrypted.to_bytes()).astype(np.float32)
+
+    def facts(self):
+        return {"mode": self.name, **({"ckks": self.keyholder.parameters} if self.keyholder is not None else {})}
