@@ -144,9 +144,8 @@ def reconstruction_error(x_hat: np.ndarray, x: np.ndarray, mean: np.ndarray) -> 
     }
 
 
-def aggregated_only_row(mode: str, min_clients: int | None = None) -> dict:
-    """The row for ``he`` / ``secagg`` aggregation: the aggregator never holds a per-client update."""
-    held = "CKKS ciphertexts it cannot decrypt" if mode == "he" else "masked vectors whose masks cancel only in the sum"
+def aggregated_only_row(mode: str, held: str, min_clients: int | None = None) -> dict:
+    """The row for a transport whose aggregator never holds a per-client update (it holds `held` instead)."""
     return {
         "update": mode,
         "visible": False,
@@ -176,10 +175,14 @@ def inversion_audit(
 ) -> list[dict]:
     """Invert one record's plain and DP single-record updates of ``model`` (x -> logit); one row each.
 
-    ``aggregation`` in ``("he", "secagg")`` adds the row saying the aggregator sees no per-client update
+    ``aggregation``: a transport whose aggregator never holds one hospital's update (``he``, ``secagg``) adds the
+    row saying the aggregator sees no per-client update
     (the plain and DP rows then describe what the client itself computes, not what the server sees).
     Rows never contain the record or its reconstruction, only error figures.
     """
+    from secure_fedkim.federation.transports import TRANSPORTS
+
+    held = TRANSPORTS[aggregation].update_held_as
     rows = []
     grad = record_gradient(model, x, y)
     for name, g in (
@@ -190,11 +193,11 @@ def inversion_audit(
         x_hat, final = invert_gradient(
             model, g, y, population_mean, loss=loss, optimizer=optimizer, steps=steps, lr=lr, seed=seed
         )
-        row = {"update": name, "visible": aggregation == "plain", "matching_loss": final, "loss": loss, "optimizer": optimizer,
+        row = {"update": name, "visible": held is None, "matching_loss": final, "loss": loss, "optimizer": optimizer,
                "steps": steps, "seconds": time.perf_counter() - t0, **reconstruction_error(x_hat, x, population_mean)}
         if name == "dp":
             row.update(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
         rows.append(row)
-    if aggregation in ("he", "secagg"):
-        rows.append(aggregated_only_row(aggregation, min_clients))
+    if held is not None:
+        rows.append(aggregated_only_row(aggregation, held, min_clients))
     return rows

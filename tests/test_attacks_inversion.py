@@ -66,4 +66,8 @@ def test_encrypted_or_masked_aggregation_exposes_no_per_client_update(setting):
     assert [r["update"] for r in rows] == ["plain", "dp", "secagg"]
     assert not rows[0]["visible"] and not rows[2]["visible"]
     assert rows[2]["note"].startswith("no per-client update visible")
-    assert "at least 3 hospitals" in aggregated_only_row("he", 3)["note"]
+    assert "masks cancel only in the sum" in rows[2]["note"]  # the transport's own words
+    he = aggregated_only_row("he", "CKKS ciphertexts it cannot decrypt", 3)["note"]
+    assert "at least 3 hospitals" in he and "ciphertexts" in he
+    plain = inversion_audit(model, data.x[0], int(data.y[0]), mean, steps=5, aggregation="plain")
+    assert [r["update"] for r in plain] == ["plain", "dp"] and plain[0]["visible"]

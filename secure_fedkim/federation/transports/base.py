@@ -28,6 +28,8 @@ class Transport:
     name: ClassVar[str]
     #: one line for people: what the server can see of one hospital's update
     server_sees: ClassVar[str]
+    #: what the aggregator holds instead of one hospital's update; None when it sees the update in clear
+    update_held_as: ClassVar[str | None] = None
     #: hospitals sign their updates, so each registers a public signing key before round 1
     signs_updates: ClassVar[bool] = False
 

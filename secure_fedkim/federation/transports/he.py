@@ -31,6 +31,7 @@ class CKKSTransport(Transport):
     name = "he"
     server_sees = "ciphertexts only; the key holder sees only the noise-flooded sum"
     signs_updates = True
+    update_held_as = "CKKS ciphertexts it cannot decrypt"
 
     def __init__(self, cfg, keyholder=None, verify_keys: dict[str, bytes] | None = None):
         """`keyholder` / `verify_keys`: an already started key holder (tests); otherwise `open` starts one."""

@@ -110,6 +110,7 @@ class SecAggRounds(LegacyFedAvg):
 class SecAggTransport(Transport):
     name = "secagg"
     server_sees = "only the sum of masked updates (SecAgg+)"
+    update_held_as = "masked vectors whose masks cancel only in the sum"
 
     def client_app(self):
         return secagg_app
