@@ -24,7 +24,7 @@ import torch
 
 from secure_fedkim.data.tasks import TASKS
 from secure_fedkim.fm import FMConfig, FoundationModel
-from secure_fedkim.m3oe import M3OEConfig
+from secure_fedkim.fm.m3oe import M3OEConfig
 
 
 def make_batch(n: int, tokens: int, enc_dim: int = 64, seed: int = 0):

@@ -109,7 +109,7 @@ def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
 def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], dict]:
     """FEDKIM_pub: no hospital takes part; the server trains encoders and M3OE on its public split alone."""
     from secure_fedkim.federation.strategy import FedKIM
-    from secure_fedkim.injection import Injector
+    from secure_fedkim.fm.injection import Injector
 
     plans = build_plan(cfg)
     strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, injector=Injector(cfg, plans))

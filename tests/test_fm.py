@@ -12,7 +12,7 @@ import torch
 
 from secure_fedkim.data.tasks import TASKS
 from secure_fedkim.fm import FMConfig, FoundationModel, default_fm_path, parse_answer
-from secure_fedkim.m3oe import M3OEConfig, m3oe_layers
+from secure_fedkim.fm.m3oe import M3OEConfig, m3oe_layers
 
 torch.set_num_threads(2)
 

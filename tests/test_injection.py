@@ -7,8 +7,8 @@ import torch
 
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import parse_config
-from secure_fedkim.injection import Injector
-from secure_fedkim.m3oe import m3oe_layers
+from secure_fedkim.fm.injection import Injector
+from secure_fedkim.fm.m3oe import m3oe_layers
 from secure_fedkim.plan import build_plan
 
 

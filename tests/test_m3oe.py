@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from secure_fedkim.data.tasks import TASKS
 from secure_fedkim.fm import FMConfig, FoundationModel, default_fm_path
-from secure_fedkim.m3oe import (
+from secure_fedkim.fm.m3oe import (
     M3OEConfig,
     M3OEGate,
     M3OELinear,

@@ -22,7 +22,7 @@ from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.checkpoint import restore_injector
 from secure_fedkim.federation.strategy import FedKIM
 from secure_fedkim.federation.transports import transport_for
-from secure_fedkim.injection import Injector
+from secure_fedkim.fm.injection import Injector
 from secure_fedkim.plan import build_plan
 
 

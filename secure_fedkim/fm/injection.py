@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from secure_fedkim.config import InjectionSection, RunConfig
-from secure_fedkim.fm import FMConfig, FoundationModel
-from secure_fedkim.m3oe import M3OEConfig
+from secure_fedkim.fm.model import FMConfig, FoundationModel
+from secure_fedkim.fm.m3oe import M3OEConfig
 from secure_fedkim.metrics import binary_metrics
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan
