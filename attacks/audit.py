@@ -1,13 +1,24 @@
 """`secure-fedkim audit RUN_DIR`: run the configured leakage audits against what a run released.
 
-Targets, per training task: each hospital's final local model (what it sent last) and the global
-aggregated model. Audits:
+Targets, per training task: each hospital's final local model (what it sent last), the global
+aggregated model, and the injected foundation model (``fm``: the loss attack on its answer's
+probability; skipped with the reason when the run did not save it under ``RUN_DIR/fm/``). Audits:
 
 * membership inference (:mod:`attacks.mia`): loss, LiRA online/offline, RMIA online/offline, with K
-  reference models the auditor trains like the target;
-* a canary DP audit per hospital (:mod:`attacks.dp_audit`): the hospital's training on its shard,
-  replayed with canaries and the hospital's DP parameters (from its ledger's plan), giving an empirical
-  epsilon lower bound beside the accountant's epsilon for that training;
+  reference models the auditor trains like the target (rounds x the task's own local epochs); each row
+  says what its sample can measure (``n_pairs``, ``min_measurable_fpr``, ``tpr_measurable``: a TPR at an
+  FPR below 1/non-members is null, never a number) and carries a one-sided p-value for AUC > 0.5
+  (Mann-Whitney) with its Holm-Bonferroni adjustment over all MIA rows of the audit (``p_adjusted``;
+  ``significant``: adjusted p < 0.05);
+* the auditor-controlled game per hospital (:func:`attacks.mia.auditor_game`): K models with the
+  hospital's recipe on random halves of its shard, each played as the target against the others, so
+  that TPR at 0.1% FPR gets a number and an interval on small shards (K grows until K x n / 2 >=
+  ``game.min_nonmember_pairs``, up to ``game.max_models``);
+* a black-box canary replay per hospital and task (:mod:`attacks.dp_audit`): the hospital's training of
+  that task on its shard, replayed with canaries at the steps and Poisson rate its ledger records and its
+  DP plan's noise, clip and delta; the lower bound is checked against the ledger's whole-run epsilon of
+  the hospital, and a claim above the largest epsilon the canaries could certify reads ``inconclusive``
+  (never a pass), with that maximum in ``reasons``;
 * update inversion (:mod:`attacks.inversion`) of one record's single-record update of the global model,
   plain and DP, and what the aggregator holds under ``he`` / ``secagg``.
 
@@ -15,9 +26,17 @@ Members and non-members are matched: the same number of each per label, and per 
 task is partitioned by its real sites (``natural``), so that an attack measures membership, not the
 difference between one hospital's patients and the pooled test split.
 
-Outputs go to ``RUN_DIR/audit/``: ``audit.json`` and one log-log ROC PNG per (target, task).
-:func:`format_audit_table` prints the table (rows: target x attack; columns: AUC, TPR@1%, TPR@0.1%,
-empirical epsilon lower bound, accountant epsilon).
+Outputs go to ``RUN_DIR/audit/``: ``audit.json`` and one log-log ROC PNG per (target, task). Every entry
+names its ``threat_model`` (:data:`THREAT_MODELS`); ``summary`` has one row per target (the worst row by
+the lower end of its AUC interval, and how many rows are significant); ``whitebox`` and ``mechanism`` are
+filled by the white-box audits (``attacks.whitebox``, ``attacks.mechanism``); ``cpu_seconds_by_part``
+says where the time went. :func:`format_audit_table` prints the summary, then the table (rows: target x
+attack; columns: n, AUC [95% interval], TPR@1%, TPR@0.1%, empirical epsilon lower bound and status,
+accountant epsilon).
+
+Cost: reference models are most of it. One DP reference model of the demo (5 rounds) took 2-3 CPU-s on
+heart disease, 7-12 on mortality, 5-17 on the ECG task (50 epochs), 5 on the reports (local target vs
+global target; measured on a machine shared with other jobs), hence 4 reference models by default.
 
 What the auditor may see (written into ``audit.json``): the released models (black-box logits for the
 MIA); the candidate records (the target's training records and as many held-out test records); the
@@ -30,6 +49,7 @@ Reading runs goes only through ``secure_fedkim.artifacts.load_run`` (and the led
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -44,13 +64,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from attacks._training import DPSettings
-from attacks.dp_audit import canary_audit
+from attacks.dp_audit import canary_audit, replay_batch_size
 from attacks.inversion import inversion_audit
-from attacks.metrics import fpr_key, plot_roc
-from attacks.mia import ATTACKS, Records, ReferenceTraining, membership_inference
+from attacks.metrics import fpr_key, holm_bonferroni, plot_roc
+from attacks.mechanism import mechanism_for_run
+from attacks.mia import ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
+from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from secure_fedkim.artifacts import Run, load_run
+from secure_fedkim.client import task_local_epochs
 from secure_fedkim.config import ConfigError
 
 __all__ = [
@@ -60,10 +83,20 @@ __all__ = [
     "audit_run",
     "format_audit_table",
     "ledger_epsilon",
+    "mia_summary",
     "AUDITOR_KNOWLEDGE",
+    "THREAT_MODELS",
 ]
 
 SCHEMA = "secure-fedkim-audit/1"
+
+# What the adversary of each figure sees (every entry of audit.json names one)
+THREAT_BLACK_BOX = "black-box final model"
+THREAT_EVERY_STEP = "white-box every step"
+THREAT_ONE_STEP = "white-box one step"
+THREAT_AGGREGATE = "aggregate the server sees"
+THREAT_MODELS = (THREAT_BLACK_BOX, THREAT_EVERY_STEP, THREAT_ONE_STEP, THREAT_AGGREGATE)
+SIGNIFICANCE = 0.05  # family-wise error rate of the MIA rows (Holm-Bonferroni)
 
 AUDITOR_KNOWLEDGE = (
     "Black-box (logit) access to each released model; the candidate records (the target's training "
@@ -87,9 +120,9 @@ class MIASection(_Strict):
     attacks: list[Literal["loss", "lira_online", "lira_offline", "rmia", "rmia_offline"]] = Field(
         default_factory=lambda: list(ATTACKS), min_length=1
     )
-    reference_models: int = Field(8, ge=1)
+    reference_models: int = Field(4, ge=1)  # 4: references are most of the audit's time (module docstring)
     reference_mode: Literal["online", "offline"] = "online"
-    reference_epochs: int | None = Field(None, ge=1)  # None: the run's rounds x local_epochs
+    reference_epochs: int | None = Field(None, ge=1)  # None: the run's rounds x the task's local epochs
     nonmember_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # of the test split; the rest is population data
     max_records: int | None = Field(1000, ge=10)  # members (and as many non-members) per target
     min_records: int = Field(10, ge=2)  # a target with fewer candidates is skipped, with the reason
@@ -115,8 +148,25 @@ class CanarySection(_Strict):
     canaries: int = Field(200, ge=2)
     kind: Literal["ood", "flip"] = "ood"
     trials: int = Field(1, ge=1)  # 1: one-run auditing; more: repeated trainings, pooled
-    epochs: int | None = Field(None, ge=1)  # None: the run's rounds x local_epochs
+    epochs: int | None = Field(None, ge=1)  # None: the hospital's steps of that task, from its ledger
     tasks: list[str] | None = None  # None: every audited task
+
+
+class GameSection(_Strict):
+    """The auditor-controlled membership game (attacks.mia.auditor_game), per hospital and task."""
+
+    enabled: bool = True
+    min_nonmember_pairs: int = Field(1000, ge=10)  # K x n / 2 non-member pairs wanted: 1000 measures TPR@0.1%
+    min_models: int = Field(4, ge=4)
+    max_models: int = Field(16, ge=4)  # cost cap: a shard too small for min_nonmember_pairs gets max_models
+    epochs: int | None = Field(None, ge=1)  # None: the hospital's own (rounds x the task's local epochs)
+    tasks: list[str] | None = None  # None: every audited task
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_models < self.min_models:
+            raise ValueError(f"max_models: must be >= min_models ({self.min_models}), got {self.max_models}")
+        return self
 
 
 class InversionSection(_Strict):
@@ -134,7 +184,7 @@ class InversionSection(_Strict):
 class AuditConfig(_Strict):
     """What `secure-fedkim audit` runs; defaults are configs/audit.yaml's."""
 
-    targets: list[Literal["local", "global"]] = Field(default_factory=lambda: ["local", "global"], min_length=1)
+    targets: list[Literal["local", "global", "fm"]] = Field(default_factory=lambda: ["local", "global", "fm"], min_length=1)
     clients: list[str] | None = None  # None: every hospital of the run
     tasks: list[str] | None = None  # None: every training task of the run
     fprs: list[float] = Field(default_factory=lambda: [0.1, 0.01, 0.001], min_length=1)
@@ -142,7 +192,9 @@ class AuditConfig(_Strict):
     seed: int = 0
     mia: MIASection = MIASection()
     canary: CanarySection = CanarySection()
+    game: GameSection = GameSection()
     inversion: InversionSection = InversionSection()
+    whitebox: WhiteboxSection = WhiteboxSection()
 
     @model_validator(mode="after")
     def _check(self):
@@ -207,12 +259,30 @@ def load_audit_config(path: str | Path | None) -> AuditConfig:
 # ---------------------------------------------------------------------------------------------- ledger
 
 
-def ledger_epsilon(run: Run, client: str) -> dict | None:
-    """The accountant's epsilon for ``client`` from its ledger (None: no ledger or no DP plan: non-private).
+def _run_id_of(run: Run, plans: list[dict]) -> str | None:
+    """This run's id in a ledger that may hold several runs: the run directory's name (what ``secure-fedkim
+    run`` and the deployment ServerApp record as the run id), else the name recorded in summary.json (a
+    moved run directory), else the ledger's only run id. None when none of these picks one."""
+    ids = list(dict.fromkeys(p["run_id"] for p in plans))
+    candidates = [Path(run.run_dir).name]
+    try:
+        candidates.append(Path(str(run.summary().get("run_dir", ""))).name)
+    except (OSError, ValueError, AttributeError):
+        pass
+    for candidate in candidates:
+        if candidate in ids:
+            return candidate
+    return ids[0] if len(ids) == 1 else None
 
-    Uses the last ``dp_plan`` in the ledger (its run id, delta, accountant) and the ``dp_round`` history of
-    that run (``PrivacyLedger.dp_history`` + ``privacy.accounting.epsilon``). A ledger that does not
-    verify gives ``{"error": ...}`` instead of a number.
+
+def ledger_epsilon(run: Run, client: str) -> dict | None:
+    """The accountant's whole-run epsilon for ``client`` from its ledger (None: no ledger or no DP plan).
+
+    The run's DP plan is the first ``dp_plan`` entry of this run's id (see :func:`_run_id_of`; a resumed
+    run keeps its first plan, as :class:`privacy.dp.HospitalDP` does), and the spend is that run's
+    ``dp_round`` history (``PrivacyLedger.dp_history`` + ``privacy.accounting.epsilon``). ``tasks`` gives
+    each task's recorded steps and Poisson sample rate (for the canary replay). A ledger that does not
+    verify, or holds several runs none of which is this one, gives ``{"error": ...}`` instead of a number.
     """
     path = run.ledger_path(client)
     if not path.is_file():
@@ -222,11 +292,22 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
         plans = ledger.events("dp_plan")
         if not plans:
             return None
-        plan = plans[-1]
-        history = ledger.dp_history(plan["run_id"])
+        run_id = _run_id_of(run, plans)
+        if run_id is None:
+            ids = sorted({p["run_id"] for p in plans})
+            return {"error": f"the ledger holds DP plans of runs {ids}, none of them this run ({Path(run.run_dir).name})"}
+        plan = next(p for p in plans if p["run_id"] == run_id)
+        history = ledger.dp_history(run_id)
+        rounds = ledger.events("dp_round", run_id)
     except LedgerTampered as exc:
         return {"error": f"ledger does not verify: {exc}"}
     eps = epsilon(history, float(plan["delta"]), plan["accountant"])
+    tasks: dict[str, dict] = {}
+    for e in rounds:
+        t = tasks.setdefault(str(e.get("task")), {"steps": 0, "sample_rate": 0.0, "rounds": 0})
+        t["steps"] += int(e["steps"])
+        t["sample_rate"] = max(t["sample_rate"], float(e["sample_rate"]))
+        t["rounds"] += 1
     return {
         "epsilon": eps if math.isfinite(eps) else None,
         "dp": bool(plan.get("dp", True)),
@@ -237,14 +318,16 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
         "target_epsilon": plan.get("target_epsilon"),
         "rounds_recorded": len(history),
         "steps_recorded": sum(s.num_steps for s in history),
-        "ledger_run_id": plan["run_id"],
+        "tasks": tasks,
+        "ledger_run_id": run_id,
+        "ledger_plan_seq": plan.get("seq"),
     }
 
 
 def _dp_settings(acc: dict | None) -> DPSettings | None:
     if not acc or "error" in acc:
         return None
-    return DPSettings(acc["noise_multiplier"], acc["max_grad_norm"], None, acc["accountant"])
+    return DPSettings(acc["noise_multiplier"], acc["max_grad_norm"], acc["delta"], acc["accountant"])
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -360,6 +443,110 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _task_epochs(run: Run, task: str) -> int:
+    """Epochs a hospital trains ``task`` for over the whole run: rounds x the task's own local epochs."""
+    return run.cfg.run.rounds * task_local_epochs(run.cfg, task)
+
+
+def _hospital_schedule(run: Run, task: str, n_records: int, acc: dict | None) -> dict:
+    """How ``task`` was trained at a hospital: the ledger's recorded steps and Poisson rate when it has them,
+    else the config's (rounds x the task's local epochs, rate 1/ceil(n/batch))."""
+    batch = run.cfg.client.batch_size
+    rate = 1.0 / math.ceil(n_records / min(batch, n_records))
+    epochs = _task_epochs(run, task)
+    recorded = (acc or {}).get("tasks", {}).get(task)
+    if recorded and recorded["steps"]:
+        rate = recorded["sample_rate"]
+        epochs = max(1, round(recorded["steps"] * rate))  # steps = epochs x 1/rate batches
+        return {"epochs": epochs, "sample_rate": rate, "steps": recorded["steps"], "source": "ledger"}
+    return {"epochs": epochs, "sample_rate": rate, "steps": epochs * round(1 / rate), "source": "config"}
+
+
+def _fm_scorer(run: Run, task: str):
+    """The injected foundation model as a black box for ``task``: records -> logit of its "Yes" answer.
+
+    Needs the adapter the run saved under ``RUN_DIR/fm/`` (FoundationModel.save_adapter) and the global
+    model's encoders; raises FileNotFoundError with the reason when the run did not save it."""
+    from secure_fedkim.fm import ADAPTER_FILE, FoundationModel
+    from secure_fedkim.fm.injection import fm_config
+
+    fm_dir = run.run_dir / "fm"
+    if not run.cfg.injection.enabled:
+        raise FileNotFoundError("the run has no knowledge injection, so no injected foundation model")
+    if not (fm_dir / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(
+            f"the run did not save the injected foundation model ({fm_dir / ADAPTER_FILE} is missing; "
+            f"`secure-fedkim run` saves it only when it calls FoundationModel.save_adapter)"
+        )
+    fm = FoundationModel(fm_config(run.cfg.injection, run.cfg.client.token_dim))
+    fm.load_adapter(fm_dir)
+    encoders = run.global_model().encoders
+    spec = run.plans[task].task
+
+    @torch.no_grad()
+    def score(x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        _, p = fm.predict(encoders[spec.modality](x), [spec.question] * n, [spec.modality_description] * n,
+                          [spec.task_description] * n)
+        p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+        return torch.from_numpy(np.log(p) - np.log1p(-p))
+
+    return score
+
+
+def _skip(audit: dict, what: str, why: str, threat_model: str) -> None:
+    audit["skipped"].append({"what": what, "why": why, "threat_model": threat_model})
+
+
+def _adjust_mia_p_values(rows: list[dict]) -> None:
+    """Holm-Bonferroni over every MIA row of the audit (one family): ``p_adjusted``, ``significant``."""
+    if not rows:
+        return
+    adjusted = holm_bonferroni([r["p_value"] for r in rows])
+    for r, p in zip(rows, adjusted):
+        r["p_adjusted"] = float(p)
+        r["significant"] = bool(p < SIGNIFICANCE)
+
+
+def _summary_target(e: dict) -> str:
+    kind = e.get("target_kind")
+    if kind == "local":
+        return f"{e['target']} local model"
+    if kind == "game":
+        return f"{e['target']} training recipe (auditor game)"
+    return {"global": "global model", "fm": "injected foundation model"}.get(kind, str(e.get("target")))
+
+
+def _smallest_measured_tpr(e: dict) -> dict | None:
+    measured = [(float(k), v) for k, v in (e.get("tpr_at_fpr") or {}).items() if v is not None]
+    if not measured:
+        return None
+    fpr, tpr = min(measured)
+    return {"fpr": fpr, "tpr": tpr, "tpr_ci": (e.get("tpr_ci") or {}).get(fpr_key(fpr))}
+
+
+def mia_summary(rows: list[dict]) -> list[dict]:
+    """One row per target: the worst MIA row (highest lower end of the AUC interval) and how many rows are
+    significant after the Holm correction."""
+    by_target: dict[str, list[dict]] = {}
+    for e in rows:
+        by_target.setdefault(_summary_target(e), []).append(e)
+    out = []
+    for target, es in by_target.items():
+        ci = lambda e: (e.get("auc_ci") or e.get("auc_ci95") or [e["auc"], e["auc"]])  # noqa: E731
+        worst = max(es, key=lambda e: ci(e)[0])
+        out.append({
+            "target": target,
+            "threat_model": worst.get("threat_model", THREAT_BLACK_BOX),
+            "worst": {"attack": worst["attack"], "task": worst["task"], "auc": worst["auc"], "auc_ci": list(ci(worst)),
+                      "n_pairs": worst.get("n_pairs", worst.get("n_members")),
+                      "tpr_at_smallest_measurable_fpr": _smallest_measured_tpr(worst)},
+            "significant_rows": sum(1 for e in es if e.get("significant")),
+            "rows": len(es),
+        })
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -367,7 +554,8 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     """Run the configured audits on a finished run; write ``RUN_DIR/audit/audit.json`` and ROC PNGs.
 
     Returns the audit as a dict (the content of audit.json). Raises :class:`AuditConfigError` when the
-    config names tasks or hospitals the run does not have.
+    config names tasks or hospitals the run does not have. MIA p-values (one-sided, AUC > 0.5) are
+    corrected with Holm-Bonferroni over every MIA row of the audit.
     """
     from tqdm.auto import tqdm
 
@@ -375,23 +563,13 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     config = config or AuditConfig()
     run = load_run(run_dir)
     train_tasks = [n for n, p in run.plans.items() if p.task.role == "train"]
-    tasks = list(config.tasks) if config.tasks is not None else train_tasks
-    unknown = [t for t in tasks if t not in train_tasks]
-    if unknown:
-        raise AuditConfigError(f"tasks: {unknown} are not training tasks of this run {train_tasks}")
-    clients = list(config.clients) if config.clients is not None else run.clients
-    unknown = [c for c in clients if c not in run.clients]
-    if unknown:
-        raise AuditConfigError(f"clients: {unknown} are not hospitals of this run {run.clients}")
-    canary_tasks = list(config.canary.tasks) if config.canary.tasks is not None else tasks
-    unknown = [t for t in canary_tasks if t not in train_tasks]
-    if unknown:
-        raise AuditConfigError(f"canary.tasks: {unknown} are not training tasks of this run {train_tasks}")
+    tasks = _known(config.tasks, train_tasks, train_tasks, "tasks", "training tasks")
+    clients = _known(config.clients, run.clients, run.clients, "clients", "hospitals")
+    canary_tasks = _known(config.canary.tasks, tasks, train_tasks, "canary.tasks", "training tasks")
+    game_tasks = _known(config.game.tasks, tasks, train_tasks, "game.tasks", "training tasks")
     out_dir = run.run_dir / "audit"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    c = run.cfg.client
-    total_epochs = run.cfg.run.rounds * c.local_epochs
     accountant = {h: ledger_epsilon(run, h) for h in run.clients}
     aggregation = run.cfg.federation.aggregation
     audit: dict[str, Any] = {
@@ -405,6 +583,8 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
         "accountant": accountant,
         "mia": [],
         "dp_audit": [],
+        "whitebox": [],
+        "mechanism": [],
         "reconstruction": [],
         "skipped": [],
     }
@@ -414,145 +594,289 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
         targets += [(h, "local", [h]) for h in clients]
     if "global" in config.targets:
         targets.append(("global", "global", run.clients))
+    if "fm" in config.targets:
+        targets.append(("fm", "fm", run.clients))
 
     inv_tasks = [t for t in tasks if run.plans[t].task.modality in config.inversion.modalities]
     total = (len(tasks) * len(targets) if config.mia.enabled else 0) + (
-        len([t for t in tasks if t in canary_tasks]) * len(clients) if config.canary.enabled else 0
-    ) + (len(inv_tasks) * len(clients) if config.inversion.enabled else 0)
+        len(canary_tasks) * len(clients) if config.canary.enabled else 0
+    ) + (len(game_tasks) * len(clients) if config.game.enabled else 0) + (
+        len(inv_tasks) * len(clients) if config.inversion.enabled else 0)
     bar = tqdm(total=total, desc="audit", disable=not progress)
-    models: dict[str, Any] = {}
-
-    def model_of(name: str, kind: str):
-        if name not in models:
-            models[name] = run.global_model() if kind == "global" else run.local_model(name)
-        return models[name]
-
-    hospital_index = {h: i for i, h in enumerate(run.clients)}
+    ctx = _Context(run, config, audit, accountant, progress, bar)
     for ti, task in enumerate(tasks):
-        plan = run.plans[task]
-        make = _model_factory(run, task)
         nonmembers, population = _auditor_data(run, task, config.mia.nonmember_fraction, config.seed + ti)
-        where = _where(run, task)
         if config.mia.enabled:
-            for name, kind, holders in targets:
-                bar.set_description(f"MIA {name}/{task}")
-                pool = _members(run, task, holders)
-                members, nonmem, strata = _matched(run, task, pool, nonmembers, config.mia.max_records,
-                                                   config.seed + 7 * ti)
-                if len(members) < config.mia.min_records:
-                    audit["skipped"].append({
-                        "what": f"mia {name}/{task}",
-                        "why": f"too few candidates: {len(pool)} training records and {len(nonmembers)} held-out "
-                               f"records give {len(members)} matched pairs (same {strata}); at least "
-                               f"{config.mia.min_records} needed",
-                    })
-                    bar.update()
-                    continue
-                try:
-                    target = model_of(name, kind)
-                except FileNotFoundError as exc:
-                    audit["skipped"].append({"what": f"mia {name}/{task}", "why": str(exc)})
-                    bar.update()
-                    continue
-                dps = [_dp_settings(accountant[h]) for h in holders]
-                dp = min((d for d in dps if d is not None), key=lambda d: d.noise_multiplier, default=None)
-                training = ReferenceTraining(
-                    make, train_size=len(pool), epochs=config.mia.reference_epochs or total_epochs,
-                    batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm, dp=dp,
-                )
-                res = membership_inference(
-                    target.task_model(task), members, nonmem, population, training,
-                    attacks=config.mia.attacks, num_references=config.mia.reference_models,
-                    reference_mode=config.mia.reference_mode, rmia_gamma=config.mia.rmia_gamma,
-                    rmia_offline_a=config.mia.rmia_offline_a,
-                    per_record_variance_min=config.mia.per_record_variance_min,
-                    max_records=config.mia.max_records, seed=config.seed + 1000 * ti, progress=progress,
-                    desc=f"reference models {name}/{task}",
-                )
-                metrics = res.metrics(config.fprs, config.mia.top_k, n_boot=config.mia.bootstrap, seed=config.seed)
-                png = out_dir / f"roc_{_safe(name)}_{_safe(task)}.png"
-                plot_roc({a: (s, res.labels) for a, s in res.scores.items()}, png,
-                         f"{'global model' if kind == 'global' else name + ' local model'} / {task}: "
-                         f"{res.details['n_members']} members, "
-                         f"{res.details['n_nonmembers']} non-members")
-                for attack, m in metrics.items():
-                    entry = m.as_dict()
-                    entry["top_exposed"] = [
-                        {"hospital": where[t["id"]][0], "shard_index": where[t["id"]][1], "score": t["score"]}
-                        for t in entry["top_exposed"]
-                    ]
-                    entry.update(
-                        target=name, target_kind=kind,
-                        target_artifact="hospital's final local model (encoders + heads)" if kind == "local"
-                        else "global aggregated model (encoders + heads)",
-                        task=task, modality=plan.task.modality, access="black-box (logits)",
-                        matched_on=strata, training_records=len(pool),
-                        reference_models=res.details["num_references"] if attack != "loss" else 0,
-                        reference_mode=res.details["reference_mode"] if attack != "loss" else None,
-                        reference_dp=None if dp is None or attack == "loss" else {
-                            "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm},
-                        per_record_exposure=_exposure_histogram(res.scores[attack], res.labels),
-                        roc_png=png.name,
-                    )
-                    if f"{attack}_variance" in res.details:
-                        entry["lira_variance"] = res.details[f"{attack}_variance"]
-                    audit["mia"].append(entry)
-                for attack, why in res.skipped.items():
-                    audit["skipped"].append({"what": f"mia {attack} on {name}/{task}", "why": why})
-                bar.update()
+            for target in targets:
+                with ctx.timed(f"mia {target[1]}", task):
+                    _mia_target(ctx, ti, task, target, nonmembers, population)
+        if config.game.enabled and task in game_tasks:
+            for h in clients:
+                with ctx.timed("game", task):
+                    _game(ctx, ti, task, h)
         if config.canary.enabled and task in canary_tasks:
             for h in clients:
-                bar.set_description(f"canaries {h}/{task}")
-                shard = _members(run, task, [h])
-                if len(shard) < 2:
-                    audit["skipped"].append({"what": f"canary audit {h}/{task}", "why": f"{len(shard)} training records"})
-                    bar.update()
-                    continue
-                acc = accountant[h]
-                res = canary_audit(
-                    shard, make, epochs=config.canary.epochs or total_epochs, batch_size=c.batch_size, lr=c.lr,
-                    dp=_dp_settings(acc), max_grad_norm=c.max_grad_norm, canaries=config.canary.canaries,
-                    kind=config.canary.kind, trials=config.canary.trials, pool=population,
-                    confidence=config.confidence, seed=config.seed + 17 * ti + 1009 * hospital_index[h],
-                    progress=progress,
-                    desc=f"canary trainings {h}/{task}",
-                )
-                res.update(hospital=h, task=task, ledger_epsilon=None if not acc else acc.get("epsilon"))
-                audit["dp_audit"].append(res)
-                bar.update()
+                with ctx.timed("canary", task):
+                    _canary(ctx, ti, task, h, population)
         if config.inversion.enabled and task in inv_tasks:
-            try:
-                global_model = model_of("global", "global")
-            except FileNotFoundError as exc:
-                audit["skipped"].append({"what": f"inversion {task}", "why": str(exc)})
-                bar.update(len(clients))
-                continue
-            mean = population.x.mean(axis=0) if len(population) else nonmembers.x.mean(axis=0)
-            for h in clients:
-                bar.set_description(f"inversion {h}/{task}")
-                shard = _members(run, task, [h])
-                rng = np.random.default_rng(config.seed + 31 * ti)
-                dp = _dp_settings(accountant[h])
-                for pos in rng.choice(len(shard), size=min(config.inversion.records, len(shard)), replace=False):
-                    rows = inversion_audit(
-                        global_model.task_model(task), shard.x[pos], int(shard.y[pos]), mean,
-                        max_grad_norm=dp.max_grad_norm if dp else config.inversion.max_grad_norm,
-                        noise_multiplier=dp.noise_multiplier if dp else config.inversion.noise_multiplier,
-                        loss=config.inversion.loss, optimizer=config.inversion.optimizer,
-                        steps=config.inversion.steps, lr=config.inversion.lr, seed=config.seed + int(pos),
-                        aggregation=aggregation, min_clients=run.cfg.federation.min_clients,
-                    )
-                    for r in rows:
-                        r.update(hospital=h, task=task, shard_index=int(pos), model="global model (what each client trains from)")
-                        if r["update"] == "dp":
-                            r["dp_source"] = "the hospital's DP plan" if dp else "illustrative (the hospital trained without DP)"
-                    audit["reconstruction"].extend(rows)
-                bar.update()
+            with ctx.timed("inversion", task):
+                _inversion(ctx, ti, task, clients, nonmembers, population)
     bar.close()
+    if config.whitebox.enabled:
+        with ctx.timed("whitebox", "all"):
+            _whitebox(ctx, tasks, clients)
+    _adjust_mia_p_values(audit["mia"])
+    audit["summary"] = mia_summary(audit["mia"])
     audit["seconds"] = time.perf_counter() - t_start
+    audit["cpu_seconds_by_part"] = ctx.cpu_seconds
     audit = _jsonable(audit)
     (out_dir / "audit.json").write_text(json.dumps(audit, indent=2, allow_nan=False))
     return audit
+
+
+def _whitebox(ctx, tasks: list[str], clients: list[str]) -> None:
+    """The white-box audits of each DP hospital: gradient canaries through its real DP-SGD step on every
+    chosen task (attacks.whitebox) and the per-step mechanism audit once (attacks.mechanism)."""
+    section = ctx.config.whitebox
+    # by default one task per hospital: the DP-SGD step under test is the same code for every task, and each
+    # hospital's replay takes tens of CPU-seconds at 20,000 canaries (list more tasks to check each one's steps)
+    wb_tasks = _known(section.tasks, tasks[:1], tasks, "whitebox.tasks", "audited tasks")
+    hospitals = _known(section.hospitals, clients, clients, "whitebox.hospitals", "audited hospitals")
+    for h in hospitals:
+        for ti, task in enumerate(wb_tasks):
+            seed = ctx.config.seed + 17 * ti + 1009 * ctx.hospital_index[h]
+            try:
+                entry = whitebox_for_run(ctx.run, h, task, section, confidence=ctx.config.confidence, seed=seed)
+            except LedgerTampered as exc:
+                ctx.audit["skipped"].append({"what": f"whitebox {h}/{task}", "why": str(exc), "threat_model": "white-box every step"})
+                continue
+            if entry is None:
+                ctx.audit["skipped"].append({
+                    "what": f"whitebox {h}/{task}", "threat_model": "white-box every step",
+                    "why": "no DP plan in the hospital's ledger, no records, or no DP rounds on this task: nothing to check",
+                })
+            else:
+                ctx.audit["whitebox"].append(entry)
+        if section.mechanism and wb_tasks:
+            entry = mechanism_for_run(ctx.run, h, wb_tasks[0], trials=section.mechanism_trials,
+                                      grad_sample_mode=section.grad_sample_mode, confidence=ctx.config.confidence,
+                                      seed=ctx.config.seed)
+            if entry is not None:
+                ctx.audit["mechanism"].append(entry)
+
+
+def _known(asked: list[str] | None, default: list[str], allowed: list[str], key: str, what: str) -> list[str]:
+    chosen = list(asked) if asked is not None else list(default)
+    unknown = [x for x in chosen if x not in allowed]
+    if unknown:
+        raise AuditConfigError(f"{key}: {unknown} are not {what} of this run {allowed}")
+    return chosen
+
+
+class _Context:
+    """What every audit step of one `audit_run` shares: the run, the config, the audit dict, the models."""
+
+    def __init__(self, run: Run, config: AuditConfig, audit: dict, accountant: dict, progress: bool, bar):
+        self.run, self.config, self.audit, self.accountant, self.progress, self.bar = run, config, audit, accountant, progress, bar
+        self.models: dict[str, Any] = {}
+        self.hospital_index = {h: i for i, h in enumerate(run.clients)}
+        self.cpu_seconds: dict[str, dict[str, float]] = {}  # part -> task -> CPU seconds (where the time goes)
+
+    @contextlib.contextmanager
+    def timed(self, part: str, task: str):
+        t0 = time.process_time()
+        try:
+            yield
+        finally:
+            by_task = self.cpu_seconds.setdefault(part, {})
+            by_task[task] = by_task.get(task, 0.0) + time.process_time() - t0
+
+    def model_of(self, name: str, kind: str):
+        if name not in self.models:
+            self.models[name] = self.run.global_model() if kind == "global" else self.run.local_model(name)
+        return self.models[name]
+
+    def dp_of(self, holders: list[str]) -> DPSettings | None:
+        """The least noisy DP plan among ``holders`` (what reference models of their target train with)."""
+        dps = [_dp_settings(self.accountant[h]) for h in holders]
+        return min((d for d in dps if d is not None), key=lambda d: d.noise_multiplier, default=None)
+
+
+_ARTIFACTS = {
+    "local": "hospital's final local model (encoders + heads)",
+    "global": "global aggregated model (encoders + heads)",
+    "fm": "injected foundation model (its answer per task, through the global encoders)",
+}
+
+
+def _mia_target(ctx: _Context, ti: int, task: str, target: tuple, nonmembers: Records, population: Records) -> None:
+    run, config, audit = ctx.run, ctx.config, ctx.audit
+    name, kind, holders = target
+    ctx.bar.set_description(f"MIA {name}/{task}")
+    plan = run.plans[task]
+    pool = _members(run, task, holders)
+    members, nonmem, strata = _matched(run, task, pool, nonmembers, config.mia.max_records, config.seed + 7 * ti)
+    if len(members) < config.mia.min_records:
+        _skip(audit, f"mia {name}/{task}",
+              f"too few candidates: {len(pool)} training records and {len(nonmembers)} held-out records give "
+              f"{len(members)} matched pairs (same {strata}); at least {config.mia.min_records} needed", THREAT_BLACK_BOX)
+        ctx.bar.update()
+        return
+    try:
+        scorer = _fm_scorer(run, task) if kind == "fm" else ctx.model_of(name, kind).task_model(task)
+    except FileNotFoundError as exc:
+        _skip(audit, f"mia {name}/{task}", str(exc), THREAT_BLACK_BOX)
+        ctx.bar.update()
+        return
+    c = run.cfg.client
+    dp = ctx.dp_of(holders)
+    attacks = config.mia.attacks if kind != "fm" else [a for a in config.mia.attacks if a == "loss"]
+    if kind == "fm" and len(attacks) < len(config.mia.attacks):
+        _skip(audit, f"mia reference attacks on fm/{task}",
+              "reference models of the injected foundation model would each need a federation and an injection; "
+              "only the loss attack (its answer's confidence) is run", THREAT_BLACK_BOX)
+    if not attacks:
+        ctx.bar.update()
+        return
+    training = ReferenceTraining(
+        _model_factory(run, task), train_size=len(pool), epochs=config.mia.reference_epochs or _task_epochs(run, task),
+        batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm, dp=dp,
+    )
+    res = membership_inference(
+        scorer, members, nonmem, population, training, attacks=attacks,
+        num_references=config.mia.reference_models, reference_mode=config.mia.reference_mode,
+        rmia_gamma=config.mia.rmia_gamma, rmia_offline_a=config.mia.rmia_offline_a,
+        per_record_variance_min=config.mia.per_record_variance_min, max_records=config.mia.max_records,
+        seed=config.seed + 1000 * ti, progress=ctx.progress, desc=f"reference models {name}/{task}",
+    )
+    metrics = res.metrics(config.fprs, config.mia.top_k, n_boot=config.mia.bootstrap, seed=config.seed)
+    png = run.run_dir / "audit" / f"roc_{_safe(name)}_{_safe(task)}.png"
+    label = {"global": "global model", "fm": "injected FM"}.get(kind, f"{name} local model")
+    plot_roc({a: (s, res.labels) for a, s in res.scores.items()}, png,
+             f"{label} / {task}: {res.details['n_members']} members, {res.details['n_nonmembers']} non-members")
+    where = _where(run, task)
+    for attack, m in metrics.items():
+        entry = m.as_dict()
+        entry["top_exposed"] = [
+            {"hospital": where[t["id"]][0], "shard_index": where[t["id"]][1], "score": t["score"]}
+            for t in entry["top_exposed"]
+        ]
+        entry.update(
+            target=name, target_kind=kind, threat_model=THREAT_BLACK_BOX, target_artifact=_ARTIFACTS[kind],
+            task=task, modality=plan.task.modality,
+            access="black-box (the FM's answer probability)" if kind == "fm" else "black-box (logits)",
+            matched_on=strata, training_records=len(pool),
+            reference_models=res.details["num_references"] if attack != "loss" else 0,
+            reference_mode=res.details["reference_mode"] if attack != "loss" else None,
+            reference_dp=None if dp is None or attack == "loss" else {
+                "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm},
+            per_record_exposure=_exposure_histogram(res.scores[attack], res.labels),
+            roc_png=png.name,
+        )
+        if f"{attack}_variance" in res.details:
+            entry["lira_variance"] = res.details[f"{attack}_variance"]
+        audit["mia"].append(entry)
+    for attack, why in res.skipped.items():
+        _skip(audit, f"mia {attack} on {name}/{task}", why, THREAT_BLACK_BOX)
+    ctx.bar.update()
+
+
+def _game(ctx: _Context, ti: int, task: str, h: str) -> None:
+    """The auditor-controlled game on hospital ``h``'s shard with its training recipe (attacks.mia.auditor_game)."""
+    run, config, audit = ctx.run, ctx.config, ctx.audit
+    ctx.bar.set_description(f"auditor game {h}/{task}")
+    shard = _members(run, task, [h])
+    if len(shard) < config.mia.min_records:
+        _skip(audit, f"auditor game {h}/{task}",
+              f"{len(shard)} training records; at least {config.mia.min_records} needed", THREAT_BLACK_BOX)
+        ctx.bar.update()
+        return
+    g = config.game
+    k = game_models_needed(len(shard), g.min_nonmember_pairs, g.min_models, g.max_models)
+    sched = _hospital_schedule(run, task, len(shard), ctx.accountant[h])
+    half = max(1, len(shard) // 2)
+    c = run.cfg.client
+    dp = _dp_settings(ctx.accountant[h])
+    training = ReferenceTraining(
+        _model_factory(run, task), train_size=half, epochs=g.epochs or sched["epochs"],
+        batch_size=replay_batch_size(half, sched["sample_rate"]), lr=c.lr, max_grad_norm=c.max_grad_norm, dp=dp,
+    )
+    entry = auditor_game(shard, training, k, fprs=config.fprs, confidence=config.confidence,
+                         per_record_variance_min=config.mia.per_record_variance_min, n_boot=config.mia.bootstrap,
+                         seed=config.seed + 3 * ti + 101 * ctx.hospital_index[h], progress=ctx.progress,
+                         desc=f"auditor game {h}/{task}")
+    entry.update(
+        target=h, target_kind="game", threat_model=THREAT_BLACK_BOX,
+        target_artifact=f"{k} models the auditor trained with the hospital's recipe, each on a random half of its shard",
+        task=task, modality=run.plans[task].task.modality, access="black-box (logits)", matched_on="auditor's coin",
+        training_records=half, reference_models=k - 1, reference_mode="online (leave one model out)",
+        reference_dp=None if dp is None else {"noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm},
+        game_epochs=training.epochs, game_sample_rate=1.0 / math.ceil(half / training.batch_size),
+    )
+    audit["mia"].append(entry)
+    ctx.bar.update()
+
+
+def _canary(ctx: _Context, ti: int, task: str, h: str, population: Records) -> None:
+    """Black-box canary replay of hospital ``h``'s training of ``task``, checked against its ledger."""
+    run, config, audit = ctx.run, ctx.config, ctx.audit
+    ctx.bar.set_description(f"canaries {h}/{task}")
+    shard = _members(run, task, [h])
+    if len(shard) < 2:
+        _skip(audit, f"canary audit {h}/{task}", f"{len(shard)} training records", THREAT_BLACK_BOX)
+        ctx.bar.update()
+        return
+    acc = ctx.accountant[h]
+    sched = _hospital_schedule(run, task, len(shard), acc)
+    c = run.cfg.client
+    res = canary_audit(
+        shard, _model_factory(run, task), epochs=config.canary.epochs or sched["epochs"], batch_size=c.batch_size,
+        lr=c.lr, dp=_dp_settings(acc), max_grad_norm=c.max_grad_norm, canaries=config.canary.canaries,
+        kind=config.canary.kind, trials=config.canary.trials, pool=population, sample_rate=sched["sample_rate"],
+        claimed_epsilon=None if not acc else acc.get("epsilon"), confidence=config.confidence,
+        seed=config.seed + 17 * ti + 1009 * ctx.hospital_index[h], progress=ctx.progress,
+        desc=f"canary trainings {h}/{task}",
+    )
+    res.update(hospital=h, task=task, ledger_epsilon=None if not acc else acc.get("epsilon"),
+               steps_ledger=sched["steps"] if sched["source"] == "ledger" else None,
+               sample_rate_ledger=sched["sample_rate"] if sched["source"] == "ledger" else None,
+               replay_schedule_from=sched["source"])
+    if acc and "error" in acc:
+        res["status"], res["reasons"] = "inconclusive", [f"no accountant epsilon to check: {acc['error']}"]
+    audit["dp_audit"].append(res)
+    ctx.bar.update()
+
+
+def _inversion(ctx: _Context, ti: int, task: str, clients: list[str], nonmembers: Records, population: Records) -> None:
+    run, config, audit = ctx.run, ctx.config, ctx.audit
+    try:
+        global_model = ctx.model_of("global", "global")
+    except FileNotFoundError as exc:
+        _skip(audit, f"inversion {task}", str(exc), THREAT_ONE_STEP)
+        ctx.bar.update(len(clients))
+        return
+    mean = population.x.mean(axis=0) if len(population) else nonmembers.x.mean(axis=0)
+    for h in clients:
+        ctx.bar.set_description(f"inversion {h}/{task}")
+        shard = _members(run, task, [h])
+        rng = np.random.default_rng(config.seed + 31 * ti)
+        dp = _dp_settings(ctx.accountant[h])
+        for pos in rng.choice(len(shard), size=min(config.inversion.records, len(shard)), replace=False):
+            rows = inversion_audit(
+                global_model.task_model(task), shard.x[pos], int(shard.y[pos]), mean,
+                max_grad_norm=dp.max_grad_norm if dp else config.inversion.max_grad_norm,
+                noise_multiplier=dp.noise_multiplier if dp else config.inversion.noise_multiplier,
+                loss=config.inversion.loss, optimizer=config.inversion.optimizer,
+                steps=config.inversion.steps, lr=config.inversion.lr, seed=config.seed + int(pos),
+                aggregation=run.cfg.federation.aggregation, min_clients=run.cfg.federation.min_clients,
+            )
+            for r in rows:
+                r.update(hospital=h, task=task, shard_index=int(pos), model="global model (what each client trains from)",
+                         threat_model=THREAT_AGGREGATE if r["update"] in ("he", "secagg") else THREAT_ONE_STEP)
+                if r["update"] == "dp":
+                    r["dp_source"] = "the hospital's DP plan" if dp else "illustrative (the hospital trained without DP)"
+            audit["reconstruction"].extend(rows)
+        ctx.bar.update()
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -580,12 +904,61 @@ def _acc_cell(acc: dict | None) -> str:
     return "inf (no noise)" if acc.get("epsilon") is None else f"{acc['epsilon']:.3f}"
 
 
+def _auc_cell(e: dict) -> str:
+    ci = e.get("auc_ci") or e.get("auc_ci95")
+    cell = _fmt(e["auc"]) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return cell + (" *" if e.get("significant") else "")
+
+
+def _target_cell(e: dict) -> str:
+    kind = e.get("target_kind")
+    if kind == "local":
+        return f"{e['target']} (local)"
+    if kind == "game":
+        return f"{e['target']} (game)"
+    return e["target"]
+
+
+def _canary_lb_cell(d: dict) -> str:
+    lb = max(d["eps_lb"], d.get("eps_lb_one_run") or 0.0)
+    status = d.get("status")
+    if status is None:  # an audit.json from before statuses
+        return f"{lb:.3f}" + ("  DP BUG" if d.get("consistent_with_accountant") is False else "")
+    if status == "inconsistent":
+        return f"{lb:.3f}  DP BUG (inconsistent)"
+    cap = d.get("max_certifiable_epsilon")
+    return f"{lb:.3f}  {status}" + (f" (max {cap:.2f})" if cap is not None else "")
+
+
+def format_summary(audit: dict) -> list[str]:
+    """The per-target summary lines (audit.json ``summary``): worst row with its interval, significant rows."""
+    rows = audit.get("summary")
+    if rows is None:
+        return []
+    out = ["Summary per target (worst = highest lower end of the AUC's 95% interval; * = significant after Holm)"]
+    for r in rows:
+        w = r["worst"]
+        tpr = w.get("tpr_at_smallest_measurable_fpr")
+        tpr_txt = "no TPR measurable" if tpr is None else f"TPR@{tpr['fpr']:g} {tpr['tpr']:.3f}" + (
+            f" [{tpr['tpr_ci'][0]:.3f}, {tpr['tpr_ci'][1]:.3f}]" if tpr.get("tpr_ci") else "")
+        out.append(
+            f"  {r['target']}: worst {w['attack']} on {w['task']}, AUC {w['auc']:.3f} "
+            f"[{w['auc_ci'][0]:.3f}, {w['auc_ci'][1]:.3f}] (n={w['n_pairs']}), {tpr_txt}; "
+            f"{r['significant_rows']} of {r['rows']} rows significant"
+        )
+    for d in audit.get("dp_audit", []):
+        if d.get("status"):
+            out.append(f"  canary replay {d['hospital']}/{d['task']}: {d['status']}: {'; '.join(d.get('reasons', []))}")
+    return out + [""]
+
+
 def format_audit_table(audit: dict) -> str:
-    """The audit as a text table: rows target x attack; n, AUC, TPR@1%, TPR@0.1%, eps lower bound, accountant eps."""
+    """The audit as text: the per-target summary, then the table (rows target x attack; n, AUC with its
+    95% interval, TPR@1%, TPR@0.1%, eps lower bound, accountant eps). Reads old audit.json files too."""
     accountant = audit.get("accountant", {})
     rows = []
     for e in audit.get("mia", []):
-        if e["target_kind"] == "local":
+        if e["target_kind"] in ("local", "game"):
             acc = _acc_cell(accountant.get(e["target"]))
         else:
             cells = [accountant.get(h) for h in accountant]
@@ -597,32 +970,45 @@ def format_audit_table(audit: dict) -> str:
                 eps = [a["epsilon"] for a in cells]
                 acc = "inf (no noise)" if any(x is None for x in eps) else f"max {max(eps):.3f}"
         rows.append([
-            e["target"] if e["target_kind"] == "global" else f"{e['target']} (local)", e["task"], e["attack"],
-            str(e["n_members"]), _fmt(e["auc"]), _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", acc,
+            _target_cell(e), e["task"], e["attack"], str(e.get("n_pairs", e["n_members"])), _auc_cell(e),
+            _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", acc,
         ])
     for d in audit.get("dp_audit", []):
         attack = f"canaries ({d['mode'].replace('_', '-')}, {d['canaries']} {d['kind']})"
-        lb = max(d["eps_lb"], d.get("eps_lb_one_run") or 0.0)
-        lb_cell = f"{lb:.3f}" + ("  DP BUG" if d.get("consistent_with_accountant") is False else "")
         if not d["dp"]:
             acc = "n/a (non-private)"
         else:
             acc = "inf (no noise)" if d["eps_accountant"] is None else f"{d['eps_accountant']:.3f} *"
         rows.append([f"{d['hospital']} (training)", d["task"], attack, str(d["canaries"] * d["trials"]),
-                     _fmt(d["canary_auc"]), "-", "-", lb_cell, acc])
+                     _fmt(d["canary_auc"]), "-", "-", _canary_lb_cell(d), acc])
     header = ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps lower bound", "accountant eps"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-    out = [f"Leakage audit of {audit.get('run_dir', '?')}", line(header), line(["-" * w for w in widths])]
+    out = [f"Leakage audit of {audit.get('run_dir', '?')}", *format_summary(audit), line(header),
+           line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     notes = []
     if audit.get("dp_audit"):
+        new = "status" in audit["dp_audit"][0]
         notes.append(
-            "* canary rows: the accountant's epsilon for the audit's own replay of that hospital's training "
-            "(its noise, clip, sample rate and steps); the lower bound is the larger of the Clopper-Pearson "
-            f"and one-run bounds at {audit['dp_audit'][0]['confidence']:.0%} confidence."
+            ("* canary rows: the hospital's whole-run epsilon from its ledger; the replay trains the task with "
+             "the ledger's steps and sample rate. " if new else
+             "* canary rows: the accountant's epsilon for the audit's own replay of that hospital's training "
+             "(its noise, clip, sample rate and steps); ")
+            + "the lower bound is the larger of the Clopper-Pearson "
+            f"and one-run bounds at {audit['dp_audit'][0]['confidence']:.0%} confidence"
+            + ("; inconclusive (max E): the claim is above the largest epsilon E these canaries can certify." if new else ".")
         )
-    notes.append("n: members (= matched non-members) per MIA row; canaries (x trials) per canary row.")
+    notes.append("n: matched member/non-member pairs per MIA row ((model, record) pairs per model in a game row); "
+                 "canaries (x trials) per canary row. AUC [95% bootstrap interval].")
+    if any(e.get("p_adjusted") is not None for e in audit.get("mia", [])):
+        notes.append(
+            f"*: significant after the Holm-Bonferroni correction over all {len(audit['mia'])} MIA rows "
+            f"(one-sided Mann-Whitney p-value for AUC > 0.5, adjusted p < {SIGNIFICANCE})."
+        )
+    if any(e.get("target_kind") == "game" for e in audit.get("mia", [])):
+        notes.append("(game): the auditor's own models trained with the hospital's recipe on random halves of its "
+                     "shard, each played as the target against the others (LiRA's experiment).")
     if any(r[5].startswith("n/a") or r[6].startswith("n/a") for r in rows):
         notes.append("n/a (<N non-m.): too few non-members to measure that FPR; the audit says so instead of a number.")
     notes.append("accountant eps of a local model: the hospital's whole-run spend from its ledger; global: the max over hospitals.")

@@ -23,9 +23,18 @@ Procedure (Jagielski et al. 2020; Nasr et al. 2021; one-run auditing, Steinke, N
    ``2 m delta alpha``) is reported as well (``eps_lb_one_run``): guess IN for the k highest and OUT for
    the k lowest scores, count the correct guesses, and find the largest eps for which that many correct
    guesses would have p-value < 1 - confidence; max over a grid of k.
-6. The accountant's epsilon for the same training: :func:`privacy.accounting.epsilon` over the steps
-   the audit training took (its Poisson sample rate, its noise multiplier, the run's delta and
-   accountant). ``consistent_with_accountant`` is False when a lower bound exceeds it: a DP bug.
+6. The claim to check: the ledger's whole-run epsilon of the hospital (``claimed_epsilon``, what
+   :func:`attacks.audit.audit_run` passes), or, without one, :func:`privacy.accounting.epsilon` over the
+   steps the replay took (``eps_accountant_replay``: its Poisson sample rate, its noise multiplier, the
+   run's delta and accountant).
+7. What the audit can decide (DESIGN.md, "Evidence must be able to fail"): ``max_certifiable_epsilon``
+   is the larger of the two bounds above when every guess is correct (perfectly separated scores with
+   the same inclusion draw); 200 canaries certify at most about 4.19 (one-run) and 3.28
+   (Clopper-Pearson). ``status`` (:func:`consistency_status`): ``inconsistent`` when a lower bound
+   exceeds the claim (a DP bug); otherwise ``inconclusive`` when the claim is above the certifiable
+   maximum (the audit could not have caught a violation), or when there is no claim (no DP); otherwise
+   ``consistent``. ``reasons`` says why, in words. ``consistent_with_accountant`` (kept for old readers)
+   is False only for ``inconsistent``: True is no evidence of a bug, never a pass.
 
 ``accountant_noise_multiplier`` lets a test train with one noise multiplier (e.g. 0: a broken
 mechanism) while the accountant is told another (what the implementation claims), to check that the
@@ -50,9 +59,14 @@ __all__ = [
     "clopper_pearson",
     "empirical_epsilon",
     "one_run_epsilon",
+    "max_certifiable_epsilon",
+    "consistency_status",
+    "replay_batch_size",
     "make_canaries",
     "canary_audit",
 ]
+
+THREAT_MODEL = "black-box final model"
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -163,6 +177,61 @@ def one_run_epsilon(scores, included, delta: float, confidence: float = 0.95, gr
     return best
 
 
+def max_certifiable_epsilon(included, delta: float, confidence: float = 0.95) -> dict:
+    """The largest lower bound these canaries can give: every guess correct (perfectly separated scores).
+
+    Returns ``{"one_run", "clopper_pearson", "max"}`` for this inclusion draw; a claim above ``max`` cannot
+    be refuted by this audit however the training behaves.
+    """
+    b = np.asarray(included).astype(bool)
+    perfect = b.astype(np.float64)
+    one = one_run_epsilon(perfect, b, delta, confidence)["eps_lb"]
+    cp = empirical_epsilon(perfect, b, delta, confidence)["eps_lb"]
+    return {"one_run": one, "clopper_pearson": cp, "max": max(one, cp)}
+
+
+def consistency_status(lower_bound: float, claimed: float | None, max_certifiable: float | None, what: str = "canaries") -> tuple[str, list[str]]:
+    """``(status, reasons)`` of a DP-consistency check (module docstring, step 7).
+
+    ``claimed`` None: no finite DP claim (non-private training, or no noise). ``max_certifiable`` None:
+    unknown (no cap is applied).
+    """
+    if claimed is None:
+        return "inconclusive", [
+            f"no DP claim to check (no finite accountant epsilon); the lower bound {lower_bound:.3f} shows "
+            f"what the training leaks"
+        ]
+    if lower_bound > claimed:
+        return "inconsistent", [
+            f"the empirical lower bound {lower_bound:.3f} exceeds the accountant's epsilon {claimed:.3f} by "
+            f"{lower_bound - claimed:.3f}: the training leaks more than its accounting claims (a DP bug)"
+        ]
+    if max_certifiable is not None and claimed > max_certifiable:
+        return "inconclusive", [
+            f"the claimed epsilon {claimed:.3g} is above the largest epsilon {max_certifiable:.3g} that "
+            f"{what} can certify, so this audit could not have caught a violation"
+        ]
+    return "consistent", [
+        f"the lower bound {lower_bound:.3f} is at most the accountant's epsilon {claimed:.3f}, which "
+        f"{what} could have refuted (they certify up to {max_certifiable:.3g})"
+        if max_certifiable is not None else
+        f"the lower bound {lower_bound:.3f} is at most the accountant's epsilon {claimed:.3f}"
+    ]
+
+
+def replay_batch_size(n: int, sample_rate: float) -> int:
+    """The batch size whose Poisson rate 1/ceil(n/b) on ``n`` records is closest to ``sample_rate``.
+
+    Ties go to the higher rate (the replay must not be more subsampled, so more private, than the
+    hospital's training).
+    """
+    if n < 1 or not 0 < sample_rate <= 1:
+        raise ValueError(f"need n >= 1 and a sample rate in (0, 1], got {n} and {sample_rate!r}")
+    rates = 1.0 / np.ceil(n / np.arange(1, n + 1))
+    gap = np.abs(rates - sample_rate) - 1e-12 * rates  # the tie-break: higher rate first
+    return int(np.argmin(gap)) + 1
+
+
 # ----------------------------------------------------------------------------------- canaries
 
 
@@ -203,6 +272,8 @@ def canary_audit(
     trials: int = 1,
     pool: Records | None = None,
     accountant_noise_multiplier: float | None = None,
+    sample_rate: float | None = None,
+    claimed_epsilon: float | None = None,
     confidence: float = 0.95,
     seed: int = 0,
     progress: bool = False,
@@ -212,14 +283,17 @@ def canary_audit(
 
     ``make_model(seed)`` returns a fresh module x -> one logit; ``max_grad_norm`` is the global-norm
     clipping of non-private training (DP training clips per sample at ``dp.max_grad_norm``). ``trials`` = 1 is one-run auditing;
-    more trials pool fresh inclusion draws over repeated trainings. Returns a JSON-ready dict.
+    more trials pool fresh inclusion draws over repeated trainings. ``sample_rate``: replay at the
+    hospital's Poisson rate (the batch size is chosen by :func:`replay_batch_size`; default: the rate
+    ``batch_size`` gives). ``claimed_epsilon``: the epsilon to check (the ledger's whole-run epsilon;
+    default: the accountant's for this replay). Returns a JSON-ready dict (module docstring, 6-7).
     """
     if canaries < 2:
         raise ValueError(f"need at least 2 canaries, got {canaries}")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     cans = make_canaries(train, canaries, kind, seed=seed, pool=pool)
-    all_scores, all_in, steps, sample_rate = [], [], 0, 0.0
+    all_scores, all_in, steps, observed_rate = [], [], 0, 0.0
     delta = None
     it = range(trials)
     if progress:
@@ -231,13 +305,14 @@ def canary_audit(
         if inc.all() or not inc.any():
             inc[0] = not inc[0]
         data = Records.concat([train, cans.take(np.flatnonzero(inc))])
+        batch = batch_size if sample_rate is None else replay_batch_size(len(data), sample_rate)
         model, stats, d = train_model(
-            make_model, data.x, data.y, epochs=epochs, batch_size=batch_size, lr=lr,
+            make_model, data.x, data.y, epochs=epochs, batch_size=batch, lr=lr,
             max_grad_norm=dp.max_grad_norm if dp else max_grad_norm, dp=dp, seed=seed * 1000 + t,
         )
         delta = d if d is not None else delta
         steps += int(stats["steps"])
-        sample_rate = max(sample_rate, float(stats["sample_rate"]))
+        observed_rate = max(observed_rate, float(stats["sample_rate"]))
         all_scores.append(signed_logit(target_logits(model, cans.x), cans.y))
         all_in.append(inc)
     scores, included = np.concatenate(all_scores), np.concatenate(all_in)
@@ -248,6 +323,7 @@ def canary_audit(
     from attacks.metrics import roc_auc
 
     out = {
+        "threat_model": THREAT_MODEL,
         "canaries": canaries,
         "kind": kind,
         "mode": "one_run" if trials == 1 else "repeated",
@@ -258,34 +334,40 @@ def canary_audit(
         "max_grad_norm": None if dp is None else dp.max_grad_norm,
         "accountant": None if dp is None else dp.accountant,
         "epochs": epochs,
-        "batch_size": batch_size,
+        "batch_size": batch,
         "steps_per_training": steps // trials,
-        "sample_rate": sample_rate,
+        "sample_rate": observed_rate,
+        "sample_rate_requested": sample_rate,
         "delta": delta,
         "confidence": confidence,
         "canary_auc": roc_auc(scores, included.astype(np.int64)),
         **{k: bound[k] for k in ("eps_lb", "threshold", "direction", "tpr", "fpr", "n_included", "n_excluded")},
     }
+    cap = max_certifiable_epsilon(all_in[0], delta, confidence) if trials == 1 else {
+        "one_run": None, "clopper_pearson": max_certifiable_epsilon(included, delta, confidence)["clopper_pearson"]}
     if trials == 1:
         one = one_run_epsilon(scores, included, delta, confidence)
         out["eps_lb_one_run"] = one["eps_lb"]
         out["one_run_guesses"], out["one_run_correct"] = one["guesses"], one["correct"]
-    claimed = accountant_noise_multiplier if accountant_noise_multiplier is not None else (dp.noise_multiplier if dp else None)
-    out["accountant_noise_multiplier"] = claimed
-    if dp is None:
-        out["eps_accountant"] = None
-        out["consistent_with_accountant"] = None
-        out["note"] = "n/a (non-private): no accountant claim to check; eps_lb shows what the training leaks"
-    else:
+    out["max_certifiable_epsilon"] = max(v for v in (cap["one_run"], cap["clopper_pearson"]) if v is not None)
+    out["max_certifiable_one_run"], out["max_certifiable_clopper_pearson"] = cap["one_run"], cap["clopper_pearson"]
+    claimed_sigma = accountant_noise_multiplier if accountant_noise_multiplier is not None else (dp.noise_multiplier if dp else None)
+    out["accountant_noise_multiplier"] = claimed_sigma
+    eps_replay = None
+    if dp is not None:
         # one training's steps; repeated trials are independent trainings, each with this guarantee
-        eps_acc = epsilon([Step(float(claimed), sample_rate, steps // trials)], delta, dp.accountant)
-        out["eps_accountant"] = eps_acc if math.isfinite(eps_acc) else None
-        lbs = [out["eps_lb"], out.get("eps_lb_one_run", 0.0)]
-        out["consistent_with_accountant"] = bool(max(lbs) <= eps_acc)
-        if not out["consistent_with_accountant"]:
-            out["note"] = (
-                f"DP BUG: the empirical lower bound {max(lbs):.3f} exceeds the accountant's epsilon {eps_acc:.3f} "
-                f"for noise multiplier {claimed}: the training leaks more than its accounting claims"
-            )
+        e = epsilon([Step(float(claimed_sigma), observed_rate, steps // trials)], delta, dp.accountant)
+        eps_replay = e if math.isfinite(e) else None
+    claim = None if dp is None else (claimed_epsilon if claimed_epsilon is not None else eps_replay)
+    lb = max(out["eps_lb"], out.get("eps_lb_one_run", 0.0))
+    out["eps_accountant_replay"] = eps_replay
+    out["accountant_epsilon"] = out["eps_accountant"] = claim
+    out["ratio"] = lb / claim if claim else None
+    out["status"], out["reasons"] = consistency_status(lb, claim, out["max_certifiable_epsilon"], f"{canaries} canaries")
+    out["consistent_with_accountant"] = None if claim is None else out["status"] != "inconsistent"
+    if dp is None:
+        out["note"] = "n/a (non-private): no accountant claim to check; eps_lb shows what the training leaks"
+    elif out["status"] == "inconsistent":
+        out["note"] = f"DP BUG: {out['reasons'][0]} (noise multiplier {claimed_sigma})"
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -28,6 +28,9 @@ __all__ = [
     "balanced_accuracy",
     "tpr_at_fpr",
     "auc_null_std",
+    "auc_p_value",
+    "holm_bonferroni",
+    "measurability",
     "bootstrap_auc_ci",
     "attack_metrics",
     "top_exposed",
@@ -121,6 +124,41 @@ def auc_null_std(n_members: int, n_nonmembers: int) -> float:
     return math.sqrt((n1 + n0 + 1) / (12.0 * n1 * n0))
 
 
+def auc_p_value(scores, labels) -> float:
+    """One-sided p-value of H0 "AUC <= 0.5" against "AUC > 0.5": the Mann-Whitney U test (members score
+    higher), exact for small samples without ties, normal with tie correction otherwise (scipy's choice)."""
+    from scipy.stats import mannwhitneyu
+
+    s, y = _check(scores, labels)
+    return float(mannwhitneyu(s[y == 1], s[y == 0], alternative="greater").pvalue)
+
+
+def holm_bonferroni(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (Holm 1979): sort ascending, multiply the i-th smallest (0-based)
+    by m - i, take the running maximum, cap at 1. Rejecting where the adjusted p < alpha controls the
+    family-wise error rate at alpha over all m tests, with no assumption on their dependence."""
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    if np.any((p < 0) | (p > 1)) or np.isnan(p).any():
+        raise ValueError("p-values must be in [0, 1]")
+    m = len(p)
+    order = np.argsort(p, kind="mergesort")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def measurability(n_members: int, n_nonmembers: int, fprs: Sequence[float]) -> dict:
+    """What a sample of this size can measure: ``n_pairs``, ``min_measurable_fpr`` (1 / non-members) and
+    ``tpr_measurable`` ({fpr key: bool}; TPR at an FPR below 1/N is never a number)."""
+    n0 = int(n_nonmembers)
+    return {
+        "n_pairs": min(int(n_members), n0),
+        "min_measurable_fpr": 1.0 / n0 if n0 else None,
+        "tpr_measurable": {fpr_key(f): n0 >= math.ceil(1.0 / f - 1e-9) for f in fprs},
+    }
+
+
 def bootstrap_auc_ci(scores, labels, n_boot: int = 200, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of the AUC, resampling members and non-members separately."""
     s, y = _check(scores, labels)
@@ -152,10 +190,15 @@ class AttackMetrics:
     n_nonmembers: int = 0
     auc_null_std: float = 0.0
     top_exposed: list[dict] = field(default_factory=list)
+    p_value: float | None = None  # one-sided, AUC > 0.5 (auc_p_value); adjusted over a family by the caller
+    n_pairs: int = 0
+    min_measurable_fpr: float | None = None
+    tpr_measurable: dict[str, bool] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["auc_ci95"] = list(self.auc_ci95)
+        d["auc_ci"] = list(self.auc_ci95)
         return d
 
 
@@ -191,6 +234,8 @@ def attack_metrics(
         n_nonmembers=n0,
         auc_null_std=auc_null_std(n1, n0),
         top_exposed=top,
+        p_value=auc_p_value(s, y),
+        **measurability(n1, n0, fprs),
     )
 
 

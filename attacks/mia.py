@@ -26,6 +26,15 @@ Who sees what (the auditor's knowledge, stated in every result):
   used as non-members (nothing from any hospital's shard);
 * the architecture and training hyperparameters (from the run's config).
 
+The auditor-controlled game (:func:`auditor_game`, as in LiRA's own experiments, Carlini et al. 2022,
+Sec. V): the auditor trains K models with the target's recipe, each on a random half of a hospital's
+candidate records (each record IN for exactly K/2), and plays every model as the target in turn, with the
+other K - 1 as its reference models (LiRA online). Membership is the auditor's own coin, so members and
+non-members come from the same distribution by construction, and the K x n (model, record) pairs give
+K x n / 2 non-member pairs: TPR at 0.1% FPR becomes measurable on a shard of a few hundred records. The
+figure is about the hospital's training recipe on its own kind of records, not about the released model.
+Pairs share records and models, so the intervals, which treat pairs as independent, are approximate.
+
 Reference models (``online`` mode): K models of the target's architecture, each trained on a random half
 of the candidates (each candidate is IN for exactly K/2 of them, as in Carlini et al.'s code), topped up
 with population records to the target's training-set size. All five attacks come from this one set;
@@ -62,6 +71,8 @@ __all__ = [
     "lira_scores",
     "rmia_scores",
     "membership_inference",
+    "auditor_game",
+    "game_models_needed",
 ]
 
 ATTACKS = ("loss", "lira_online", "lira_offline", "rmia", "rmia_offline")
@@ -419,3 +430,80 @@ def membership_inference(
     res.details["seconds"] = time.perf_counter() - t0
     res.scores = {a: res.scores[a] for a in attacks if a in res.scores}
     return res
+
+
+# ---------------------------------------------------------------------------------------------- game
+
+
+def game_models_needed(n_candidates: int, min_nonmember_pairs: int, min_models: int, max_models: int) -> int:
+    """Models for the auditor game: enough that K x n / 2 >= ``min_nonmember_pairs``, even, in
+    [max(min_models, 4), max_models] (each record needs IN and OUT references besides the target)."""
+    k = max(min_models, 4, math.ceil(2 * min_nonmember_pairs / max(n_candidates, 1)))
+    k = min(k + k % 2, max_models - max_models % 2)
+    if k < 4:
+        raise ValueError(f"the auditor game needs at least 4 models (an even number), got max_models {max_models}")
+    return k
+
+
+def auditor_game(
+    candidates: Records,
+    training: ReferenceTraining,
+    k: int,
+    *,
+    fprs: Sequence[float] = (0.01, 0.001),
+    confidence: float = 0.95,
+    per_record_variance_min: int = 32,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "auditor game",
+) -> dict:
+    """The auditor-controlled membership game (module docstring) with LiRA online; a JSON-ready dict.
+
+    Trains ``k`` (even, >= 4) models with ``training`` on random halves of ``candidates``, scores every
+    (model, record) pair with the other models as references (``k/2 - 1`` IN and as many OUT per record), and
+    returns the pooled metrics
+    (:func:`attacks.metrics.attack_metrics`) plus ``tpr_ci``: a Clopper-Pearson interval of the TPR at
+    each measurable FPR (the threshold is taken as fixed).
+    """
+    from attacks.dp_audit import clopper_pearson
+    from attacks.metrics import attack_metrics, fpr_key
+
+    if k < 4 or k % 2:
+        raise ValueError(f"the auditor game needs an even number of models >= 4, got {k}")
+    if len(candidates) < 2:
+        raise ValueError(f"the auditor game needs at least 2 candidate records, got {len(candidates)}")
+    from scipy.stats import norm
+
+    empty = Records(candidates.x[:0], candidates.y[:0], candidates.ids[:0])
+    refs = train_references(candidates, empty, training, k, "online", seed, progress, desc)
+    rng = np.random.default_rng(seed + 1)
+    n = len(candidates)
+    scores, labels = [], []
+    for j in range(k):
+        others = np.arange(k) != j
+        phi, in_o, target_in = refs.phi_candidates[others], refs.in_candidates[others], refs.in_candidates[j]
+        # Without model j, a record has k/2 - 1 references on j's side and k/2 on the other; a mean over
+        # fewer models sits farther from phi_j, which biases members' scores down (AUC ~0.33 with no signal
+        # at k = 4). Drop one random model of the larger side per record: k/2 - 1 on each side.
+        larger = np.where(target_in, ~in_o, in_o)
+        drop = (rng.random(larger.shape) * larger).argmax(axis=0)
+        keep = np.ones_like(in_o)
+        keep[drop, np.arange(n)] = False
+        mu_in, sd_in, how = _masked_mean_std(phi, in_o & keep, per_record_variance_min)
+        mu_out, sd_out, _ = _masked_mean_std(phi, ~in_o & keep, per_record_variance_min)
+        phi_j = refs.phi_candidates[j]
+        scores.append(norm.logpdf(phi_j, mu_in, sd_in) - norm.logpdf(phi_j, mu_out, sd_out))
+        labels.append(target_in.astype(np.int64))
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    out = attack_metrics("lira_online", s, y, fprs, n_boot=n_boot, seed=seed).as_dict()
+    n_in = int(y.sum())
+    out["tpr_ci"] = {}
+    for f in fprs:
+        t = out["tpr_at_fpr"][fpr_key(f)]
+        if t is not None:
+            lo, hi = clopper_pearson(round(t * n_in), n_in, confidence)
+            out["tpr_ci"][fpr_key(f)] = [float(lo), float(hi)]
+    out.update(game_models=k, candidate_records=len(candidates), lira_variance=how,
+               train_seconds=refs.train_seconds)
+    return out

@@ -31,6 +31,11 @@ only that bookkeeping:
 
 ``tests/test_dp_fast.py`` checks the clipped sums against one backward pass per record (noise off) on every
 encoder of the demo's client models, and the noise's scale.
+
+For auditing only, :func:`add_canary_rows` adds records with a one-coordinate gradient to the next step
+(clipped, summed and noised by the optimizer's own code; ``attacks/whitebox.py``, ``attacks/mechanism.py``).
+Clipping factors and noise draws are the methods ``FusedDPOptimizer._clip_factor`` and ``_draw_noise`` so
+``attacks/planted_bugs.py`` can break them on purpose in tests; nothing changes unless they are called.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-__all__ = ["LeanGradSampleModule", "FusedDPOptimizer", "LeanPrivacyEngine", "LEAN_MODE", "lean_supported"]
+__all__ = [
+    "LeanGradSampleModule", "FusedDPOptimizer", "LeanPrivacyEngine", "LEAN_MODE", "lean_supported", "add_canary_rows",
+]
 
 LEAN_MODE = "lean"
 _BIG = 16384  # parameters in one tensor above which a per-sample gradient is worth not copying or building
@@ -257,6 +264,7 @@ class FusedDPOptimizer(DPOptimizer):
     """
 
     _lean_fused = False  # True inside a fused step (LeanGradSampleModule refuses accumulation: 1 pass)
+    _canary_rows = None  # auditing only (see add_canary_rows): (flat coordinates, values) of extra records
 
     @property
     def accumulated_iterations(self) -> int:
@@ -295,6 +303,9 @@ class FusedDPOptimizer(DPOptimizer):
         if split is None:
             for p in params:
                 materialize(p)
+            if self._canary_rows is not None:
+                _append_dense_rows(params, *self._canary_rows)
+                self._canary_rows = None
             return super().pre_step(closure)
         # small per-sample gradients are concatenated into one [B, D] matrix; large ones (copying them would
         # cost more than the extra calls) are used in place; factored Linear weights are never built
@@ -324,7 +335,12 @@ class FusedDPOptimizer(DPOptimizer):
                 sq = sq + a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
             else:
                 sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum(dim=(1, 2))
-        clip_factor = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        canary, self._canary_rows = self._canary_rows, None
+        if canary is not None:  # one-coordinate records: their squared norm is their value squared
+            sq = torch.cat([sq, canary[1].square()])
+        clip_factor = self._clip_factor(sq)
+        if canary is not None:
+            clip_factor, canary_clip = clip_factor[:batch], clip_factor[batch:]
         if not big and not factored:  # all in flat, in the optimizer's parameter order
             summed = clip_factor @ flat
         else:
@@ -335,14 +351,15 @@ class FusedDPOptimizer(DPOptimizer):
                 a, b = p._lean_factors
                 sums[p] = ((b * clip_factor[:, None, None]).reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).reshape(-1)
             summed = torch.cat([sums[p] for p in params])
+        if canary is not None:
+            summed = summed.index_add(0, canary[0], canary_clip * canary[1])
         for p in small + big:
             _mark_as_processed(p.grad_sample)
         for p in factored:
             p._lean_processed = True
         std = self.noise_multiplier * self.max_grad_norm
         if std > 0:
-            noise = torch.normal(0.0, std, size=summed.shape, device=summed.device, dtype=summed.dtype, generator=self.generator)
-            grad = summed + noise
+            grad = summed + self._draw_noise(std, summed)
         else:
             grad = summed.clone()
         if self.loss_reduction == "mean":
@@ -354,6 +371,48 @@ class FusedDPOptimizer(DPOptimizer):
             self.step_hook(self)
         self._is_last_step_skipped = False
         return True
+
+    def _clip_factor(self, sq_norms: torch.Tensor) -> torch.Tensor:
+        """Per-sample clip factors ``min(1, C / (norm + 1e-6))`` from squared norms (Opacus's formula)."""
+        return (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+
+    def _draw_noise(self, std: float, like: torch.Tensor) -> torch.Tensor:
+        """One ``N(0, std^2)`` draw per coordinate of ``like`` from the optimizer's generator."""
+        return torch.normal(0.0, std, size=like.shape, device=like.device, dtype=like.dtype, generator=self.generator)
+
+
+def add_canary_rows(optimizer: DPOptimizer, index: torch.Tensor, values: torch.Tensor) -> None:
+    """AUDITING ONLY: add ``len(index)`` records to the current step, record k's per-sample gradient being
+    ``values[k]`` at flat coordinate ``index[k]`` (coordinates of the optimizer's parameters concatenated in
+    ``optimizer.params`` order) and 0 elsewhere.
+
+    Call after ``loss.backward()`` and before ``optimizer.step()``. The rows are clipped, summed and noised
+    with the batch's own records by the optimizer's own code: :class:`FusedDPOptimizer` takes them into its
+    fused clip (never building them), Opacus's ``DPOptimizer`` gets them appended to every ``p.grad_sample``.
+    Nothing is added unless this is called (``attacks/whitebox.py`` and ``attacks/mechanism.py`` do).
+    """
+    index = torch.as_tensor(index, dtype=torch.long)
+    values = torch.as_tensor(values, dtype=optimizer.params[0].dtype)
+    if index.shape != values.shape or index.dim() != 1:
+        raise ValueError(f"index and values must be 1-d and of the same length, got {tuple(index.shape)} and {tuple(values.shape)}")
+    total = sum(p.numel() for p in optimizer.params)
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= total):
+        raise ValueError(f"canary coordinates must be in [0, {total}), the optimizer's parameter count")
+    if isinstance(optimizer, FusedDPOptimizer):
+        optimizer._canary_rows = (index, values)
+    else:
+        _append_dense_rows(optimizer.params, index, values)
+
+
+def _append_dense_rows(params: list, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Append one per-sample gradient row per canary to every ``p.grad_sample`` (Opacus's layout)."""
+    start = 0
+    for p in params:
+        rows = torch.zeros((len(index), p.numel()), dtype=p.grad_sample.dtype, device=p.grad_sample.device)
+        mine = (index >= start) & (index < start + p.numel())
+        rows[mine.nonzero().squeeze(1), index[mine] - start] = values[mine].to(rows.dtype)
+        p.grad_sample = torch.cat([p.grad_sample, rows.view(len(index), *p.shape)])
+        start += p.numel()
 
 
 class LeanPrivacyEngine(PrivacyEngine):

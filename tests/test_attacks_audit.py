@@ -30,7 +30,8 @@ federation: {clients: [cleveland, hungary, switzerland, va_long_beach], min_clie
 tasks:
   max_test_records: 120
   train:
-    - {name: heart_disease, partition: natural}
+    - {name: heart_disease, partition: natural, local_epochs: 3}
+    - {name: mortality, partition: iid, max_records: 200}
 client: {local_epochs: 2, batch_size: 32, token_dim: 16, num_tokens: 2}
 privacy: {dp: true, profile: {target_epsilon: 8.0}, hospitals: {switzerland: {target_epsilon: 1.0}}}
 injection: {enabled: false}
@@ -38,9 +39,11 @@ baseline: {single_hospital: false}
 """
 
 SMALL = {
+    "tasks": ["heart_disease"],  # mortality is trained (it spends budget) but not audited
     "fprs": [0.1, 0.01, 0.001],
     "mia": {"reference_models": 2, "bootstrap": 20, "min_records": 10},
     "canary": {"canaries": 20},
+    "game": {"min_models": 4, "max_models": 4},
     "inversion": {"steps": 30},
 }
 
@@ -67,7 +70,7 @@ def test_audit_writes_json_and_roc_plots(audited):
     assert on_disk == audit
     assert audit["schema"] == "secure-fedkim-audit/1" and audit["auditor_knowledge"]
     pngs = {p.name for p in out.glob("*.png")}
-    assert {e["roc_png"] for e in audit["mia"]} <= pngs and "roc_global_heart_disease.png" in pngs
+    assert {e["roc_png"] for e in audit["mia"] if e["target_kind"] != "game"} <= pngs and "roc_global_heart_disease.png" in pngs
     for p in pngs:
         assert (out / p).read_bytes()[:4] == b"\x89PNG"
     loss = [e for e in audit["mia"] if e["attack"] == "loss"]
@@ -86,9 +89,11 @@ def test_audit_table_has_a_row_per_target_and_attack(audited):
     table = format_audit_table(audit)
     lines = table.splitlines()
     assert lines[0] == f"Leakage audit of {run_dir}"
-    assert lines[1].split() == ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps", "lower",
+    assert lines[1].startswith("Summary per target")  # the short summary comes above the full table
+    header = next(line for line in lines if line.startswith("target "))
+    assert header.split() == ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps", "lower",
                                 "bound", "accountant", "eps"]
-    audited_targets = {e["target"] for e in audit["mia"]}
+    audited_targets = {e["target"] for e in audit["mia"] if e["target_kind"] != "game"}  # game rows: own label
     skipped = {s["what"] for s in audit["skipped"]}
     for c in CLIENTS:  # a hospital too small for a matched MIA is skipped, and the table says why
         assert c in audited_targets or f"mia {c}/heart_disease" in skipped
@@ -158,5 +163,134 @@ def test_audit_config_file_and_validation(tmp_path):
 
 def test_audit_refuses_tasks_the_run_does_not_have(audited):
     run_dir, _ = audited
-    with pytest.raises(AuditConfigError, match=r"tasks: \['mortality'\] are not training tasks of this run"):
-        audit_run(run_dir, parse_audit_config({"tasks": ["mortality"]}), progress=False)
+    with pytest.raises(AuditConfigError, match=r"tasks: \['ecg_irregular'\] are not training tasks of this run"):
+        audit_run(run_dir, parse_audit_config({"tasks": ["ecg_irregular"]}), progress=False)
+
+
+# ------------------------------------------------------------------------------- issue 15: what the audit can decide
+
+
+def test_canary_replay_uses_the_ledgers_steps_and_rate_for_that_task(audited):
+    """heart_disease trains 3 local epochs per round (client default 2): the replay takes the ledger's steps
+    and Poisson rate for that task, not rounds x client.local_epochs."""
+    run_dir, audit = audited
+    run = load_run(run_dir)
+    assert audit["dp_audit"]
+    for d in audit["dp_audit"]:
+        rounds = [e for e in PrivacyLedger(run.ledger_path(d["hospital"])).events("dp_round") if e["task"] == "heart_disease"]
+        assert d["replay_schedule_from"] == "ledger"
+        assert d["steps_ledger"] == sum(e["steps"] for e in rounds) == d["steps_per_training"]
+        assert d["sample_rate_ledger"] == rounds[0]["sample_rate"] == pytest.approx(d["sample_rate"])
+        assert d["epochs"] == 2 * 3  # rounds x the task's own local epochs
+        assert d["threat_model"] == "black-box final model"
+
+
+def test_canary_replay_is_checked_against_the_ledgers_whole_run_epsilon(audited):
+    """Two tasks spend each hospital's budget; the claim checked is the whole run's, not the one-task replay's."""
+    _, audit = audited
+    for d in audit["dp_audit"]:
+        whole = audit["accountant"][d["hospital"]]["epsilon"]
+        assert d["accountant_epsilon"] == d["eps_accountant"] == pytest.approx(whole)
+        assert d["eps_accountant_replay"] < 0.95 * whole  # heart_disease alone spends visibly less
+        assert d["ratio"] == pytest.approx(max(d["eps_lb"], d["eps_lb_one_run"]) / whole)
+        assert d["delta"] == audit["accountant"][d["hospital"]]["delta"]
+
+
+def test_a_claim_above_what_the_canaries_can_certify_is_inconclusive(audited):
+    """20 canaries certify at most about 1.5; epsilon 8 cannot be checked, and the audit says so."""
+    _, audit = audited
+    statuses = {}
+    for d in audit["dp_audit"]:
+        assert d["status"] in ("consistent", "inconclusive")
+        above = d["accountant_epsilon"] > d["max_certifiable_epsilon"]
+        assert (d["status"] == "inconclusive") == above, d
+        if above:
+            assert f"above the largest epsilon {d['max_certifiable_epsilon']:.3g} that 20 canaries can certify" in d["reasons"][0]
+        statuses[d["hospital"]] = d["status"]
+    assert statuses["cleveland"] == "inconclusive"  # epsilon 8
+    assert "inconclusive (max" in format_audit_table(audit)
+
+
+def test_mia_rows_say_what_they_can_measure_and_are_holm_corrected(audited):
+    _, audit = audited
+    rows = audit["mia"]
+    p = sorted(e["p_value"] for e in rows)
+    for e in rows:
+        assert e["threat_model"] == "black-box final model"
+        assert e["min_measurable_fpr"] == pytest.approx(1 / e["n_nonmembers"])
+        for key, measurable in e["tpr_measurable"].items():
+            assert measurable == (e["tpr_at_fpr"][key] is not None)  # a number only where it can be measured
+        assert e["auc_ci"] == e["auc_ci95"]
+        rank = p.index(e["p_value"])  # Holm: at least (m - rank) x p, never below a smaller p's adjustment
+        assert e["p_adjusted"] >= min(1.0, (len(rows) - rank) * e["p_value"]) - 1e-12
+        assert e["significant"] == (e["p_adjusted"] < 0.05)
+    games = [e for e in rows if e["target_kind"] == "game"]
+    assert {e["target"] for e in games} == set(CLIENTS) and all(e["game_models"] == 4 for e in games)
+    targets = {r["target"] for r in audit["summary"]}
+    assert "global model" in targets and "cleveland training recipe (auditor game)" in targets
+    label = {"local": "{} local model", "game": "{} training recipe (auditor game)", "global": "global model"}
+    for r in audit["summary"]:
+        mine = [e for e in rows if label[e["target_kind"]].format(e["target"]) == r["target"]]
+        assert r["rows"] == len(mine) and r["significant_rows"] == sum(e["significant"] for e in mine)
+        assert r["worst"]["auc_ci"][0] == max(e["auc_ci"][0] for e in mine)
+    assert audit["whitebox"] == [] and audit["mechanism"] == []
+    assert any(s["what"] == "mia fm/heart_disease" and "no knowledge injection" in s["why"] for s in audit["skipped"])
+    assert all(s["threat_model"] for s in audit["skipped"]) and all(r["threat_model"] for r in audit["reconstruction"])
+
+
+def test_an_audit_json_from_before_issue_15_still_formats(audited):
+    """No summary, statuses, p-values or intervals: the table prints what there is, as before."""
+    _, audit = audited
+    new_keys = {"p_value", "p_adjusted", "significant", "auc_ci", "n_pairs", "min_measurable_fpr", "tpr_measurable",
+                "threat_model", "status", "reasons", "max_certifiable_epsilon", "accountant_epsilon", "ratio"}
+    strip = lambda e: {k: v for k, v in e.items() if k not in new_keys}  # noqa: E731
+    old = {k: v for k, v in audit.items() if k not in ("summary", "whitebox", "mechanism")}
+    old["mia"] = [strip(e) for e in audit["mia"] if e["target_kind"] != "game"]
+    old["dp_audit"] = [strip(d) for d in audit["dp_audit"]]
+    table = format_audit_table(old)
+    assert "Summary per target" not in table and "Holm" not in table
+    assert any(line.startswith("cleveland (training)") for line in table.splitlines())
+    assert "inconclusive" not in table
+
+
+def test_ledger_epsilon_takes_this_runs_plan_when_the_ledger_holds_several(tmp_path):
+    """A ledger with this run and a later one (a re-run into the same hospital home): the later plan is not
+    this run's; plans[-1] would pick it."""
+    from privacy.accounting import Step
+
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    for run_id, sigma in (("run-a", 1.2), ("run-b", 0.6)):
+        ledger.append("dp_plan", run_id=run_id, dp=True, delta=1e-5, accountant="prv", noise_multiplier=sigma,
+                      max_grad_norm=1.0, target_epsilon=8.0)
+        for task in ("heart_disease", "mortality"):
+            ledger.append("dp_round", run_id=run_id, round=1, task=task, steps=40, sample_rate=0.125,
+                          noise_multiplier=sigma, epsilon=None)
+
+    class FakeRun:
+        run_dir = tmp_path / "run-a"
+
+        def ledger_path(self, client):
+            return tmp_path / "ledger.jsonl"
+
+        def summary(self):
+            return {}
+
+    got = ledger_epsilon(FakeRun(), "cleveland")
+    assert got["ledger_run_id"] == "run-a" and got["noise_multiplier"] == 1.2
+    assert got["epsilon"] == pytest.approx(epsilon([Step(1.2, 0.125, 80)], 1e-5, "prv"))
+    assert got["tasks"]["heart_disease"] == {"steps": 40, "sample_rate": 0.125, "rounds": 1}
+    FakeRun.run_dir = tmp_path / "run-c"  # neither: no guess
+    assert "none of them this run (run-c)" in ledger_epsilon(FakeRun(), "cleveland")["error"]
+
+
+def test_the_injected_fm_is_skipped_with_the_reason_when_the_run_did_not_save_it(tmp_path):
+    import yaml
+
+    from attacks.audit import _fm_scorer
+    from secure_fedkim.config import RunConfig
+
+    data = yaml.safe_load(TINY)
+    data["injection"] = {"enabled": True}
+    (tmp_path / "resolved_config.json").write_text(RunConfig.model_validate(data).model_dump_json())
+    with pytest.raises(FileNotFoundError, match=r"did not save the injected foundation model \(.*fm/adapter\.safetensors is missing"):
+        _fm_scorer(load_run(tmp_path), "heart_disease")

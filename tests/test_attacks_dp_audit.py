@@ -7,7 +7,16 @@ import pytest
 import torch
 from scipy.stats import beta, binom
 
-from attacks.dp_audit import DPSettings, canary_audit, clopper_pearson, empirical_epsilon, one_run_epsilon
+from attacks.dp_audit import (
+    DPSettings,
+    canary_audit,
+    clopper_pearson,
+    consistency_status,
+    empirical_epsilon,
+    max_certifiable_epsilon,
+    one_run_epsilon,
+    replay_batch_size,
+)
 from attacks.mia import Records
 from privacy.accounting import calibrate_noise
 from secure_fedkim.data import load_task
@@ -99,3 +108,45 @@ def test_non_private_training_has_no_claim_to_check(hospital):
     res = canary_audit(hospital, make, epochs=5, batch_size=BATCH, lr=1e-2, dp=None, canaries=20, seed=1)
     assert res["eps_accountant"] is None and res["consistent_with_accountant"] is None
     assert res["note"].startswith("n/a (non-private)")
+
+
+# ------------------------------------------------------------------------------------- what an audit can decide
+
+
+def test_the_certifiable_maximum_of_200_canaries_is_the_designs():
+    """DESIGN.md: every guess right, 100 in / 100 out, delta 1e-5, 95%: one-run 4.19, Clopper-Pearson 3.28."""
+    inc = np.r_[np.ones(100), np.zeros(100)].astype(bool)
+    cap = max_certifiable_epsilon(inc, 1e-5)
+    assert cap["one_run"] == pytest.approx(4.19, abs=0.01)
+    cp = math.log((beta.ppf(0.025, 100, 1) - 1e-5) / beta.ppf(0.975, 1, 100))  # perfect separation, by hand
+    assert cap["clopper_pearson"] == pytest.approx(cp) == pytest.approx(3.28, abs=0.01)
+    assert cap["max"] == cap["one_run"]
+
+
+def test_consistency_status_never_passes_a_claim_it_cannot_check():
+    assert consistency_status(4.19, 8.0, 4.19, "200 canaries") == ("inconclusive", [
+        "the claimed epsilon 8 is above the largest epsilon 4.19 that 200 canaries can certify, so this audit "
+        "could not have caught a violation"])
+    status, reasons = consistency_status(2.5, 1.0, 4.19)
+    assert status == "inconsistent" and "exceeds the accountant's epsilon 1.000 by 1.500" in reasons[0]
+    assert consistency_status(0.3, 2.0, 4.19)[0] == "consistent"
+    assert consistency_status(0.3, None, 4.19)[0] == "inconclusive"  # no DP claim: nothing to pass
+
+
+def test_no_noise_at_a_claim_of_8_reads_inconclusive_not_consistent(hospital):
+    """The issue's case: a training with no noise, claimed epsilon 8, checked by 40 canaries. Its lower
+    bound cannot exceed what 40 canaries certify, so it is not a pass, and the reason states the maximum."""
+    res = canary_audit(hospital, make, epochs=10, batch_size=BATCH, lr=1e-2, dp=DPSettings(0.0, 1.0, delta=1e-5),
+                       canaries=40, accountant_noise_multiplier=sigma_for(8.0), claimed_epsilon=8.0, seed=0)
+    assert res["accountant_epsilon"] == 8.0 and res["max_certifiable_epsilon"] < 8.0
+    assert res["status"] == "inconclusive" and res["consistent_with_accountant"] is True
+    assert f"largest epsilon {res['max_certifiable_epsilon']:.3g} that 40 canaries can certify" in res["reasons"][0]
+    assert res["ratio"] == pytest.approx(max(res["eps_lb"], res["eps_lb_one_run"]) / 8.0)
+
+
+def test_the_replay_trains_at_the_requested_sample_rate(hospital):
+    """The hospital's Poisson rate, not the one its batch size gives on the shard plus the canaries."""
+    assert replay_batch_size(160, 0.5) == 80 and replay_batch_size(210, 1 / 7) == 30
+    res = canary_audit(hospital, make, epochs=3, batch_size=BATCH, lr=1e-2, dp=DPSettings(1.0, 1.0, delta=1e-5),
+                       canaries=20, sample_rate=0.25, seed=0)
+    assert res["sample_rate"] == 0.25 and res["steps_per_training"] == 3 * 4

@@ -9,14 +9,18 @@ import torch
 from attacks.metrics import (
     attack_metrics,
     auc_null_std,
+    auc_p_value,
     balanced_accuracy,
+    holm_bonferroni,
+    measurability,
     plot_roc,
     roc_auc,
     roc_points,
     top_exposed,
     tpr_at_fpr,
 )
-from attacks.mia import Records, ReferenceTraining, membership_inference, train_references
+from attacks.mia import Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference, train_references
+from scipy.stats import beta, norm
 from secure_fedkim.data import load_task
 from secure_fedkim.models import ClientModel
 
@@ -161,3 +165,78 @@ def test_offline_references_skip_the_online_attacks_and_say_why():
     with pytest.raises(ValueError, match="even number >= 2"):
         membership_inference(training.train(members.x, members.y, 1), members, nonmembers, population, training,
                              num_references=3)
+
+
+# ---------------------------------------------------------------------------------------- issue 15
+
+
+def test_holm_matches_the_step_down_procedure_it_defines():
+    """Independent computation: Holm's step-down rejects H_(1..j) while p_(i) <= alpha / (m - i + 1);
+    p_adjusted < alpha must reject exactly those, at every alpha."""
+    rng = np.random.default_rng(0)
+    p = np.r_[rng.uniform(size=20) ** 4, 0.001, 0.001, 1.0]
+    adjusted = holm_bonferroni(p)
+    m = len(p)
+    for alpha in (0.001, 0.01, 0.05, 0.1, 0.3):
+        rejected = set()
+        for i, j in enumerate(np.argsort(p, kind="mergesort")):
+            if p[j] > alpha / (m - i):
+                break
+            rejected.add(int(j))
+        assert {int(j) for j in np.flatnonzero(adjusted <= alpha)} == rejected, alpha
+    assert holm_bonferroni([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # by hand
+    assert np.all(adjusted >= p) and adjusted.max() <= 1.0
+
+
+def test_auc_p_value_is_the_one_sided_mann_whitney_normal_approximation():
+    rng = np.random.default_rng(1)
+    mem, non = rng.normal(0.3, 1, 60), rng.normal(0, 1, 80)
+    scores, labels = np.r_[mem, non], np.r_[np.ones(60), np.zeros(80)].astype(int)
+    u = roc_auc(scores, labels) * 60 * 80  # no ties
+    z = (u - 60 * 80 / 2 - 0.5) / math.sqrt(60 * 80 * (60 + 80 + 1) / 12)  # with continuity correction
+    assert auc_p_value(scores, labels) == pytest.approx(norm.sf(z), rel=1e-9)
+    assert auc_p_value(-scores, labels) > 0.5  # one-sided: an AUC below 0.5 is no evidence of leakage
+
+
+def test_tpr_at_an_unmeasurable_fpr_is_null_and_the_row_says_so():
+    rng = np.random.default_rng(2)
+    scores, labels = rng.normal(size=300), np.r_[np.ones(150), np.zeros(150)].astype(int)
+    m = attack_metrics("loss", scores, labels, fprs=(0.1, 0.01, 0.001))
+    assert (m.n_pairs, m.min_measurable_fpr) == (150, pytest.approx(1 / 150))
+    assert m.tpr_measurable == {"0.1": True, "0.01": True, "0.001": False}
+    assert m.tpr_at_fpr["0.001"] is None and m.tpr_at_fpr["0.01"] is not None
+    assert measurability(10, 1000, (0.001,))["tpr_measurable"] == {"0.001": True}
+    d = m.as_dict()
+    assert d["auc_ci"] == d["auc_ci95"] and 0 <= d["p_value"] <= 1
+
+
+def test_auditor_game_measures_tpr_at_0_1_percent_with_an_interval_on_a_small_shard():
+    """100 records, 20 models on random halves: 2,000 (model, record) pairs, 1,000 of them non-members, so
+    TPR at 0.1% FPR is a number with a Clopper-Pearson interval. The recipe (10 epochs, no DP) leaks: its
+    lower end is above the 0.1% a useless attack gives (measured 0.023-0.033 at TPR 0.033-0.047)."""
+    assert game_models_needed(100, 1000, 8, 64) == 20 and game_models_needed(30, 1000, 8, 64) == 64
+    assert game_models_needed(5000, 1000, 8, 64) == 8
+    data = load_task("heart_disease")
+    shard = Records(data.x[:100], data.y[:100], np.arange(100))
+    training = ReferenceTraining(task_model_factory("tabular", (35,)), 50, epochs=10, batch_size=32, lr=3e-3)
+    out = auditor_game(shard, training, 20, fprs=(0.01, 0.001), n_boot=20, seed=0)
+    assert (out["n_members"], out["n_nonmembers"], out["game_models"]) == (1000, 1000, 20)
+    assert out["tpr_measurable"]["0.001"] and out["tpr_at_fpr"]["0.001"] is not None
+    lo, hi = out["tpr_ci"]["0.001"]
+    k = round(out["tpr_at_fpr"]["0.001"] * 1000)
+    assert (lo, hi) == (pytest.approx(beta.ppf(0.025, k, 1001 - k)), pytest.approx(beta.ppf(0.975, k + 1, 1000 - k)))
+    assert lo > 0.001, out["tpr_at_fpr"]
+    with pytest.raises(ValueError, match="even number of models >= 4"):
+        auditor_game(shard, training, 3)
+
+
+def test_auditor_game_with_nothing_to_find_gives_chance_auc():
+    """Models that learn nothing (lr 0: each is its random initialisation) leak nothing; leaving the target
+    model out must not bias the score (with k/2 - 1 references on one side and k/2 on the other, this gave
+    AUCs of 0.41-0.43 here, and 0.33 on a DP shard of the tiny audit run). Measured with the balanced
+    references: 0.51, 0.54, 0.51 on seeds 0-2."""
+    data = load_task("heart_disease")
+    shard = Records(data.x[:100], data.y[:100], np.arange(100))
+    training = ReferenceTraining(task_model_factory("tabular", (35,)), 50, epochs=3, batch_size=32, lr=0.0)
+    aucs = [auditor_game(shard, training, 4, fprs=(0.01,), n_boot=10, seed=seed)["auc"] for seed in (0, 1, 2)]
+    assert all(0.45 < a < 0.6 for a in aucs), aucs

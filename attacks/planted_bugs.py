@@ -1,0 +1,136 @@
+"""DP-SGD bugs planted on purpose, to show that the audits can fail (DESIGN.md: "Evidence must be able to fail").
+
+Each bug is a context manager that patches the shipped classes only while it is active and restores them
+on exit, so the default code path is never changed. They cover both per-step paths hospitals run:
+``privacy.fast_dp.FusedDPOptimizer`` (``grad_sample_mode="lean"``) and Opacus's own ``DPOptimizer``
+(``"hooks"``), and the ledger/accountant side of ``privacy.dp.HospitalDP``:
+
+* ``no_noise``: (a) the Gaussian noise is never added;
+* ``half_noise``: (b) the noise's standard deviation is half of ``sigma * C``;
+* ``no_clipping``: (c) per-sample gradients are summed without clipping;
+* ``reused_noise``: (d) one noise draw is reused at every step;
+* ``ledger_half_steps``: (e) the ledger records half the steps taken;
+* ``accountant_half_rate``: (f) the accountant is told half the Poisson loader's sample rate.
+
+``plant(name)`` returns the context manager for a name in :data:`BUGS`; ``plant("honest")`` patches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+from unittest import mock
+
+import torch
+from opacus.optimizers import optimizer as opacus_optimizer
+from opacus.optimizers.optimizer import DPOptimizer, _mark_as_processed
+
+from privacy.dp import HospitalDP
+from privacy.fast_dp import FusedDPOptimizer
+
+__all__ = ["BUGS", "plant"]
+
+
+def _patch_noise(make: Callable[[Callable], Callable], make_fused: Callable[[Callable], Callable]):
+    """Patch Opacus's noise function and the fused optimizer's noise method together."""
+    return _both(
+        mock.patch.object(opacus_optimizer, "_generate_noise", make(opacus_optimizer._generate_noise)),
+        mock.patch.object(FusedDPOptimizer, "_draw_noise", make_fused(FusedDPOptimizer._draw_noise)),
+    )
+
+
+@contextlib.contextmanager
+def _both(*patches) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def no_noise():
+    """(a) Clipped sums released without noise."""
+    return _patch_noise(
+        lambda orig: lambda std, reference, generator=None, secure_mode=False: torch.zeros_like(reference),
+        lambda orig: lambda self, std, like: torch.zeros_like(like),
+    )
+
+
+def half_noise():
+    """(b) Noise of standard deviation sigma * C / 2."""
+    return _patch_noise(
+        lambda orig: lambda std, reference, generator=None, secure_mode=False: orig(std / 2, reference, generator, secure_mode),
+        lambda orig: lambda self, std, like: orig(self, std / 2, like),
+    )
+
+
+def reused_noise():
+    """(d) The first noise draw (per tensor shape) is returned again at every later step."""
+    cache: dict = {}
+
+    def remember(key, draw):
+        if key not in cache:
+            cache[key] = draw()
+        return cache[key].clone()
+
+    return _patch_noise(
+        lambda orig: lambda std, reference, generator=None, secure_mode=False: remember(
+            ("opacus", tuple(reference.shape)), lambda: orig(std, reference, generator, secure_mode)),
+        lambda orig: lambda self, std, like: remember(("fused", tuple(like.shape)), lambda: orig(self, std, like)),
+    )
+
+
+def _unclipped_accumulate(self: DPOptimizer) -> None:
+    for p in self.params:
+        grad = self._get_flat_grad_sample(p).to(p.dtype).sum(dim=0)
+        p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+        _mark_as_processed(p.grad_sample)
+
+
+def no_clipping():
+    """(c) Per-sample gradients summed as they are (clip factor 1 for every record)."""
+    return _both(
+        mock.patch.object(DPOptimizer, "clip_and_accumulate", _unclipped_accumulate),
+        mock.patch.object(FusedDPOptimizer, "_clip_factor", lambda self, sq: torch.ones_like(sq)),
+    )
+
+
+def _misreport(steps_factor: float = 1.0, rate_factor: float = 1.0):
+    """``HospitalDP.record_round`` writing scaled steps / sample rate, its own understatement check fooled too."""
+    original = HospitalDP.record_round
+
+    def record_round(self, round, task, steps, sample_rate):
+        if self._pending is not None:
+            self._pending = {**self._pending, "steps": int(self._pending["steps"] * steps_factor),
+                             "sample_rate": self._pending["sample_rate"] * rate_factor}
+        return original(self, round, task, max(1, int(steps * steps_factor)), sample_rate * rate_factor)
+
+    return mock.patch.object(HospitalDP, "record_round", record_round)
+
+
+def ledger_half_steps():
+    """(e) The ledger records half the DP-SGD steps the optimizer took."""
+    return _misreport(steps_factor=0.5)
+
+
+def accountant_half_rate():
+    """(f) The accountant (through the ledger) is told half the Poisson loader's sample rate."""
+    return _misreport(rate_factor=0.5)
+
+
+BUGS: dict[str, Callable] = {
+    "no_noise": no_noise,
+    "half_noise": half_noise,
+    "no_clipping": no_clipping,
+    "reused_noise": reused_noise,
+    "ledger_half_steps": ledger_half_steps,
+    "accountant_half_rate": accountant_half_rate,
+}
+
+
+def plant(name: str):
+    """The context manager planting bug ``name`` (one of :data:`BUGS`), or a no-op for ``"honest"``."""
+    if name == "honest":
+        return contextlib.nullcontext()
+    if name not in BUGS:
+        raise ValueError(f"unknown planted bug {name!r}; expected 'honest' or one of {sorted(BUGS)}")
+    return BUGS[name]()

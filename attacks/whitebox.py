@@ -1,0 +1,497 @@
+"""White-box gradient-canary audit of the real DP-SGD step, observed at every step (issue #15, item 1).
+
+Threat model: ``"white-box every step"``: the auditor sees each step's noisy summed gradient (what a
+server that received every step's update, or a hospital's own auditor, sees) and knows the model, the
+DP plan and its own canaries. Procedure (Dirac gradient canaries: Nasr et al. 2023; one-run statistics:
+Steinke, Nasr and Jagielski 2023):
+
+1. Pick ``m`` coordinates of the model that the real gradients barely touch (the smallest squared batch
+   gradients in a non-private pilot pass over the shard), one canary per coordinate. Canary k's
+   per-sample gradient is ``canary_norm * C`` on its coordinate and 0 elsewhere; clipped, it adds C.
+2. Include each canary in the dataset with probability 1/2. At every step each included canary joins the
+   batch with the Poisson loader's own sample rate q, and its gradient enters the optimizer's clipping,
+   sum and noise as a record's would (``privacy.fast_dp.add_canary_rows``: the lean fused step, or
+   Opacus's ``p.grad_sample``). Training is :class:`privacy.dp.HospitalDP`'s ``make_private`` with the
+   hospital's noise multiplier, clip norm and Poisson sampling.
+3. Score canary k by the log-likelihood ratio of its coordinate's observed sums ``y_t`` under the
+   claimed mechanism (Poisson-subsampled Gaussian, noise ``s = sigma C``):
+   ``sum_t log(1 - q + q exp((C y_t - C^2/2) / s^2))``, the optimal test statistic for one canary.
+4. Report (a) the one-run lower bound (``attacks.dp_audit.one_run_epsilon``; rigorous, at most the
+   bound with every guess correct: ``max_certifiable_epsilon``) and (b) a Gaussian-DP fit (Nasr et al.
+   2023): ``mu = (mean_in - mean_out) / sd_out`` of the scores with a normal-approximation interval,
+   and the epsilon a mu-GDP mechanism has at delta. Beside them: the accountant's epsilon and CLT GDP mu
+   for the audited steps as the ledger records them, the run's whole ledger epsilon, and
+   ``claimed_score_mu``: the mu this score has in expectation if the mechanism is exactly what the ledger
+   claims (sigma, its sample rate, its steps; numerical integration). The GDP interval is checked against
+   that (within :data:`MU_TOLERANCE`, 10%) rather than by converting it to epsilon: the fit is a Gaussian
+   approximation, and ``gdp_epsilon(mu)`` of an honest run's fit is within a few percent of the
+   accountant's epsilon (at epsilon 1, sigma 4.7, q 1/7, 70 steps: 0.255 expected, CLT 0.254), so a plain
+   epsilon comparison would flag honest runs about as often as its confidence level allows.
+5. Checks only an every-step observer can make: steps observed <= steps the ledger records; the observed
+   Poisson rate (records per step / n) not above the ledger's (more than 5 standard errors); the noise
+   independent across steps (mean correlation of consecutive steps' sums over the canary coordinates
+   <= 0.5: a reused noise draw gives about 1, independent draws about 0).
+
+Status: ``inconsistent`` when the one-run bound exceeds the accountant's epsilon for the audited steps,
+the GDP interval's lower end exceeds the claimed mechanism's mu by more than 10%, or a check fails;
+``inconclusive`` when that epsilon is above ``max_certifiable_epsilon`` and nothing failed; else
+``consistent``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import norm
+from torch import nn
+from torch.utils.data import DataLoader
+
+from attacks.dp_audit import one_run_epsilon
+from privacy.accounting import Step, epsilon, gdp_mu
+from privacy.dp import HospitalDP, PrivacyProfile
+from privacy.fast_dp import add_canary_rows
+from privacy.ledger import PrivacyLedger
+from secure_fedkim.training import as_tensors
+
+__all__ = [
+    "THREAT_MODEL",
+    "WhiteboxSection",
+    "CanaryObservation",
+    "pick_coordinates",
+    "replay_with_canaries",
+    "canary_scores",
+    "gdp_fit",
+    "claimed_score_mu",
+    "gdp_epsilon",
+    "whitebox_entry",
+    "whitebox_for_run",
+]
+
+THREAT_MODEL = "white-box every step"
+MU_CAP = 1e6  # stands for "unbounded" (scores perfectly separated with no spread) in JSON
+CORRELATION_LIMIT = 0.5
+MU_TOLERANCE = 0.10
+RATE_Z_LIMIT = 5.0
+
+
+class WhiteboxSection(BaseModel):
+    """Options of the white-box audits (``audit.yaml``'s ``whitebox:`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    canaries: int = Field(20_000, ge=100)  # gradient canaries per hospital and task (one per coordinate)
+    canary_norm: float = Field(2.0, gt=0.0)  # canary gradient norm in units of C (clipping brings it to C)
+    grad_sample_mode: Literal["lean", "hooks"] = "lean"  # the path audited: the fused lean step or Opacus's
+    tasks: list[str] | None = None  # None: every audited task
+    hospitals: list[str] | None = None  # None: every audited hospital
+    mechanism: bool = True  # also the per-step mechanism audit (attacks.mechanism), once per hospital
+    mechanism_trials: int = Field(50_000, ge=1000)
+
+
+@dataclass
+class CanaryObservation:
+    """What the white-box auditor saw in one replayed training."""
+
+    coords: np.ndarray  # [m] flat coordinate of each canary
+    included: np.ndarray  # [m] bool: canary in the dataset
+    updates: np.ndarray  # [T, m] noisy summed gradient at the canary coordinates, each optimizer step
+    batch_sizes: np.ndarray  # [T] real records in each step's batch
+    n_records: int
+    sample_rate: float  # the Poisson loader's rate
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: str
+
+
+def _flat_grads(params: list[torch.Tensor], which: str = "grad") -> torch.Tensor:
+    return torch.cat([getattr(p, which).reshape(-1) for p in params])
+
+
+def pick_coordinates(model: nn.Module, x: np.ndarray, y: np.ndarray, m: int, *, batch_size: int, seed: int) -> np.ndarray:
+    """The ``m`` flat coordinates (trainable parameters in order) with the smallest summed squared batch
+    gradient over one non-private pass of (x, y) (ties in random order)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    if m > total:
+        raise ValueError(f"canaries: {m} canaries need {m} coordinates; this model has {total} trainable parameters")
+    energy = torch.zeros(total, dtype=torch.float64)
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    for xb, yb in DataLoader(as_tensors(x, y), batch_size=batch_size):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(xb), yb).backward()
+        energy += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double().square()
+    model.zero_grad(set_to_none=True)
+    tie = np.random.default_rng(seed).random(total)
+    return np.lexsort((tie, energy.numpy()))[:m]
+
+
+def replay_with_canaries(
+    make_model: Callable[[int], nn.Module],
+    x: np.ndarray,
+    y: np.ndarray,
+    dp: HospitalDP,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    canaries: int,
+    canary_norm: float = 2.0,
+    grad_sample_mode: str = "lean",
+    task: str | None = None,
+    record: bool = True,
+    seed: int = 0,
+) -> CanaryObservation:
+    """Train ``make_model(seed)`` on (x, y) through ``dp.make_private`` as ``secure_fedkim.training.train_task``
+    does (Adam, BCE, Poisson batches), with gradient canaries, and observe every step's noisy sum.
+
+    ``record``: write the steps to ``dp``'s ledger afterwards (``record_round``), as a hospital does.
+    """
+    rng = np.random.default_rng(seed)
+    model = make_model(seed)
+    coords = pick_coordinates(model, x, y, canaries, batch_size=min(batch_size, len(x)), seed=seed)
+    included = rng.random(canaries) < 0.5
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    loader = DataLoader(as_tensors(x, y), batch_size=min(batch_size, len(x)), shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    loss_fn = nn.BCEWithLogitsLoss()
+    module, optimizer, loader = dp.make_private(model, optimizer, loader, criterion=loss_fn, grad_sample_mode=grad_sample_mode)
+    q = float(loader.sample_rate)
+    index = torch.from_numpy(coords)
+    value = canary_norm * dp.max_grad_norm
+    scale = optimizer.expected_batch_size if optimizer.loss_reduction == "mean" else 1
+    updates, sizes, steps = [], [], 0
+    module.train()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            steps += 1
+            if len(xb) == 0:  # as train_task: an empty Poisson batch takes no optimizer step
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(module(xb), yb).backward()
+            sampled = np.flatnonzero(included & (rng.random(canaries) < q))
+            add_canary_rows(optimizer, index[sampled], torch.full((len(sampled),), value))
+            optimizer.step()
+            updates.append((_flat_grads(optimizer.params)[index] * scale).numpy().astype(np.float64))
+            sizes.append(len(xb))
+    if hasattr(module, "_close"):
+        module._close()
+    if record:
+        dp.record_round(round=0, task=task, steps=steps, sample_rate=q)
+    return CanaryObservation(
+        coords=coords, included=included, updates=np.asarray(updates).reshape(len(updates), canaries),
+        batch_sizes=np.asarray(sizes), n_records=len(x), sample_rate=q, noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm, grad_sample_mode=dp.last_grad_sample_mode,
+    )
+
+
+def canary_scores(obs: CanaryObservation, noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Per-canary log-likelihood ratio, summed over steps, of "included" vs "excluded" under the claimed
+    Poisson-subsampled Gaussian (module docstring, step 3). Without noise: the plain sum of updates."""
+    c = obs.max_grad_norm
+    if noise_multiplier <= 0:
+        return obs.updates.sum(axis=0)
+    s2 = (noise_multiplier * c) ** 2
+    z = (obs.updates * c - c * c / 2) / s2
+    q = min(sample_rate, 1.0)
+    if q >= 1.0:
+        return z.sum(axis=0)
+    return np.logaddexp(math.log1p(-q), math.log(q) + z).sum(axis=0)
+
+
+def gdp_fit(scores, included, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Gaussian-DP ``mu`` of the scores (Nasr et al. 2023): ``(mean_in - mean_out) / sd_out``, with a
+    normal-approximation interval, ``Var(mu) ~ sd_in^2 / (sd_out^2 n_in) + 1/n_out + mu^2 / (2 n_out)``.
+    Returns ``(mu, lo, hi)``, each capped at :data:`MU_CAP`."""
+    s = np.asarray(scores, dtype=np.float64)
+    b = np.asarray(included).astype(bool)
+    s_in, s_out = s[b], s[~b]
+    if len(s_in) < 2 or len(s_out) < 2:
+        raise ValueError(f"need at least 2 included and 2 excluded canaries, got {len(s_in)} and {len(s_out)}")
+    sd_out = float(s_out.std(ddof=1))
+    diff = float(s_in.mean() - s_out.mean())
+    if sd_out <= 1e-12 * max(abs(diff), 1.0):
+        mu = MU_CAP if diff > 0 else 0.0
+        return mu, mu, mu
+    mu = diff / sd_out
+    ratio = float(s_in.std(ddof=1)) / sd_out
+    se = math.sqrt(ratio**2 / len(s_in) + 1.0 / len(s_out) + mu**2 / (2 * len(s_out)))
+    z = float(norm.ppf(0.5 + confidence / 2))
+    cap = lambda v: float(min(max(v, 0.0), MU_CAP))  # noqa: E731
+    return cap(mu), cap(mu - z * se), cap(mu + z * se)
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """Epsilon of a mu-GDP mechanism at ``delta`` (Dong, Roth and Su 2022, Corollary 2.13):
+    the root of ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta`` (0 if mu-GDP already meets delta)."""
+    if mu <= 0:
+        return 0.0
+
+    def excess(eps: float) -> float:
+        return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2))) - delta
+
+    if excess(0.0) <= 0:
+        return 0.0
+    hi = 1.0
+    while excess(hi) > 0 and hi < 1e6:
+        hi *= 2
+    lo = 0.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return hi
+
+
+def claimed_score_mu(history: list[Step]) -> float:
+    """The mu (``(E_in - E_out) / sd_out``) of the step-3 score when the mechanism is exactly ``history``:
+    per step, the log-likelihood ratio ``L(u) = log(1 - q + q exp(u/sigma - 1/(2 sigma^2)))`` of the
+    standardised sum u ~ N(0, 1) (out) or the mixture with N(1/sigma, 1) (in), integrated numerically;
+    steps add means and variances."""
+    gap, var = 0.0, 0.0
+    for b in history:
+        if b.noise_multiplier <= 0:
+            return math.inf
+        a, q = 1.0 / b.noise_multiplier, b.sample_rate
+        u = np.linspace(-14.0, 14.0 + a, 40_001)
+        llr = np.log(q) + a * u - a * a / 2 if q >= 1 else np.logaddexp(math.log1p(-q), math.log(q) + a * u - a * a / 2)
+        out = norm.pdf(u)
+        e_out = np.trapezoid(llr * out, u)
+        gap += b.num_steps * q * (np.trapezoid(llr * norm.pdf(u - a), u) - e_out)
+        var += b.num_steps * (np.trapezoid(llr * llr * out, u) - e_out**2)
+    return float(gap / math.sqrt(var)) if var > 0 else 0.0
+
+
+def _noise_correlation(updates: np.ndarray) -> float | None:
+    """Mean over consecutive step pairs of the correlation (across canary coordinates) of their sums."""
+    if len(updates) < 2:
+        return None
+    a, b = updates[:-1], updates[1:]
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
+    return float(r.mean())
+
+
+def _checks(obs: CanaryObservation, steps_ledger: int, rate_ledger: float | None) -> list[dict]:
+    steps = len(obs.updates)
+    out = [{
+        "name": "steps observed <= steps in the ledger",
+        "passed": steps <= steps_ledger,
+        "detail": f"{steps} noisy updates observed, the ledger records {steps_ledger} steps",
+    }]
+    seen = steps * obs.n_records
+    rate = float(obs.batch_sizes.sum()) / seen if seen else 0.0
+    if rate_ledger is None:
+        out.append({"name": "observed sample rate <= the ledger's", "passed": False,
+                    "detail": "the ledger records no sample rate for these steps"})
+    else:
+        se = math.sqrt(max(rate_ledger * (1 - rate_ledger), 1e-12) / max(seen, 1))
+        z = (rate - rate_ledger) / se
+        out.append({
+            "name": "observed sample rate <= the ledger's",
+            "passed": bool(z <= RATE_Z_LIMIT),
+            "detail": f"{rate:.4f} of the {obs.n_records} records per step observed, the ledger says {rate_ledger:.4f} "
+                      f"({z:+.1f} standard errors; fails above +{RATE_Z_LIMIT:g})",
+        })
+    corr = _noise_correlation(obs.updates)
+    out.append({
+        "name": "noise independent across steps",
+        "passed": corr is None or corr <= CORRELATION_LIMIT,
+        "detail": "one step: nothing to compare" if corr is None else
+                  f"mean correlation of consecutive steps' sums on the {len(obs.coords)} canary coordinates "
+                  f"{corr:.3f} (fresh noise each step gives about 0, one draw reused about 1; fails above {CORRELATION_LIMIT})",
+    })
+    return out
+
+
+def whitebox_entry(
+    obs: CanaryObservation,
+    *,
+    steps_ledger: int,
+    history_ledger: list[Step],
+    delta: float,
+    accountant: str,
+    accountant_epsilon: float | None,
+    hospital: str | None = None,
+    task: str | None = None,
+    confidence: float = 0.95,
+    seconds: float | None = None,
+    one_run_grid: int = 40,
+) -> dict:
+    """The contract's ``whitebox`` entry for one observed training (module docstring, steps 3-5).
+
+    ``history_ledger``: the ledger's ``Step`` blocks for the audited steps (their accountant epsilon is the
+    claim checked); ``accountant_epsilon``: the ledger's whole-run epsilon of the hospital (reported).
+    ``one_run_grid``: ``one_run_epsilon``'s grid of guess counts (k = m/2 x j/grid); the best k for gradient
+    canaries is small (a few hundred confident guesses), which the default grid of 10 skips.
+    """
+    t0 = time.perf_counter()
+    rate_ledger = max((s.sample_rate for s in history_ledger), default=None)
+    sigma = obs.noise_multiplier
+    scores = canary_scores(obs, sigma, obs.sample_rate)
+    one = one_run_epsilon(scores, obs.included, delta, confidence, grid=one_run_grid)
+    cert = one_run_epsilon(obs.included.astype(np.float64), obs.included, delta, confidence)["eps_lb"]
+    mu, mu_lo, mu_hi = gdp_fit(scores, obs.included, confidence)
+    eps_mu_lo = gdp_epsilon(mu_lo, delta)
+    eps_claim = epsilon(history_ledger, delta, accountant) if history_ledger else math.inf
+    claim = eps_claim if math.isfinite(eps_claim) else None
+    checks = _checks(obs, steps_ledger, rate_ledger)
+    reasons = [f"check failed: {c['name']}: {c['detail']}" for c in checks if not c["passed"]]
+    if claim is not None and one["eps_lb"] > claim:
+        reasons.append(f"the one-run lower bound {one['eps_lb']:.3f} exceeds the accountant's epsilon {claim:.3f} "
+                       f"for these steps by {one['eps_lb'] - claim:.3f}")
+    mu_claim = claimed_score_mu(history_ledger) if history_ledger else math.inf
+    if claim is not None and mu_lo > mu_claim * (1 + MU_TOLERANCE):
+        reasons.append(f"the Gaussian-DP interval's lower end mu {mu_lo:.3f} (epsilon {eps_mu_lo:.3f} at delta {delta:g}) "
+                       f"exceeds the mu {mu_claim:.3f} the ledger's mechanism gives these canaries by "
+                       f"{mu_lo / mu_claim - 1:.0%} (tolerance {MU_TOLERANCE:.0%}; accountant's epsilon {claim:.3f})")
+    if claim is None:
+        status = "inconsistent" if reasons else "inconclusive"
+        reasons = reasons or ["no finite accountant epsilon for these steps: nothing to check"]
+    elif reasons:
+        status = "inconsistent"
+    elif claim > cert:
+        status = "inconclusive"
+        reasons = [f"the claimed epsilon {claim:.3g} is above the largest epsilon {cert:.3g} that {len(scores)} "
+                   f"gradient canaries can certify (one-run bound, every guess correct); the GDP estimate and the "
+                   f"per-step audit still apply"]
+    else:
+        status = "consistent"
+        reasons = [f"the lower bound {one['eps_lb']:.3f} is within the accountant's epsilon {claim:.3f}, the GDP "
+                   f"interval [{mu_lo:.3f}, {mu_hi:.3f}] within the claimed mechanism's mu {mu_claim:.3f}; every check passed"]
+    steps = len(obs.updates)
+    return {
+        "threat_model": THREAT_MODEL,
+        "hospital": hospital,
+        "task": task,
+        "grad_sample_mode": obs.grad_sample_mode,
+        "canaries": len(scores),
+        "canaries_included": int(obs.included.sum()),
+        "noise_multiplier": sigma,
+        "max_grad_norm": obs.max_grad_norm,
+        "steps_observed": steps,
+        "steps_ledger": int(steps_ledger),
+        "sample_rate_observed": float(obs.batch_sizes.sum()) / (steps * obs.n_records) if steps else 0.0,
+        "sample_rate_loader": obs.sample_rate,
+        "sample_rate_ledger": rate_ledger,
+        "eps_lb_one_run": one["eps_lb"],
+        "one_run_guesses": one["guesses"],
+        "one_run_correct": one["correct"],
+        "gdp_mu_estimate": mu,
+        "gdp_mu_interval": [mu_lo, mu_hi],
+        "gdp_epsilon_lower": eps_mu_lo,
+        "accountant_gdp_mu": gdp_mu(history_ledger) if history_ledger else None,
+        "claimed_score_mu": mu_claim if math.isfinite(mu_claim) else None,
+        "accountant_epsilon_audited_steps": claim,
+        "accountant_epsilon": accountant_epsilon,
+        "delta": delta,
+        "confidence": confidence,
+        "max_certifiable_epsilon": cert,
+        "ratio": one["eps_lb"] / claim if claim else None,
+        "checks": checks,
+        "status": status,
+        "reasons": reasons,
+        "seconds": (seconds or 0.0) + time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def _shard(run, task: str, hospital: str) -> tuple[np.ndarray, np.ndarray]:
+    plan = run.plans[task]
+    idx = np.asarray(plan.split.clients.get(hospital, np.zeros(0, np.int64)), dtype=np.int64)
+    data = plan.data.subset(idx)
+    return data.x, data.y
+
+
+def _task_model_factory(run, task: str) -> Callable[[int], nn.Module]:
+    def make(seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            model = run.new_model()
+            torch.manual_seed(seed)
+            for m in model.modules():
+                if m is not model and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        return model.task_model(task)
+
+    return make
+
+
+def ledger_plan(run, hospital: str) -> tuple[dict, list[dict], float | None] | None:
+    """(last dp_plan, its dp_round entries, whole-run epsilon) from the hospital's ledger; None without DP.
+
+    Raises ``privacy.ledger.LedgerTampered`` when the ledger does not verify."""
+    path = run.ledger_path(hospital)
+    if not path.is_file():
+        return None
+    ledger = PrivacyLedger(path)
+    plans = ledger.events("dp_plan")
+    if not plans or not plans[-1].get("dp", True):
+        return None
+    plan = plans[-1]
+    eps = epsilon(ledger.dp_history(plan["run_id"]), float(plan["delta"]), plan["accountant"])
+    return plan, ledger.events("dp_round", plan["run_id"]), (eps if math.isfinite(eps) else None)
+
+
+def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | None = None, *,
+                     confidence: float = 0.95, seed: int = 0) -> dict | None:
+    """Replay ``hospital``'s DP training on ``task`` of a finished run with gradient canaries; the
+    ``whitebox`` entry, or None when the hospital trained without DP (nothing to check).
+
+    ``run`` is ``secure_fedkim.artifacts.load_run(run_dir)``. The replay uses the ledger's plan (noise
+    multiplier, C, accountant, delta), the hospital's shard (so the Poisson loader's sample rate), and the
+    config's steps: ``ceil(n / batch)`` x the task's ``local_epochs`` (``tasks.train[].local_epochs``, else
+    ``client.local_epochs``) per round the ledger shows the hospital trained on the task. The claim checked
+    is the accountant's epsilon of the ledger's entries for this task; ``accountant_epsilon`` is the ledger's
+    whole-run epsilon.
+    """
+    from secure_fedkim.client import task_local_epochs
+
+    t0 = time.perf_counter()
+    section = section or WhiteboxSection()
+    found = ledger_plan(run, hospital)
+    if found is None:
+        return None
+    plan, rounds, eps_run = found
+    rounds = [e for e in rounds if e.get("task") == task]
+    x, y = _shard(run, task, hospital)
+    if not rounds or len(x) < 2:
+        return None
+    c = run.cfg.client
+    batches = math.ceil(len(x) / min(c.batch_size, len(x)))
+    with tempfile.TemporaryDirectory(prefix="whitebox-ledger-") as tmp:
+        dp = HospitalDP(
+            PrivacyProfile(target_epsilon=1e6, delta=float(plan["delta"]), max_grad_norm=float(plan["max_grad_norm"]),
+                           accountant=plan["accountant"]),
+            PrivacyLedger(Path(tmp) / "replay.jsonl"), "whitebox-replay", [(1.0 / batches, batches)], 1,
+            n_records=len(x), noise_multiplier=float(plan["noise_multiplier"]),
+        )
+        obs = replay_with_canaries(
+            _task_model_factory(run, task), x, y, dp, epochs=len(rounds) * task_local_epochs(run.cfg, task),
+            batch_size=c.batch_size, lr=c.lr, canaries=min(section.canaries, _trainable(run, task)),
+            canary_norm=section.canary_norm, grad_sample_mode=section.grad_sample_mode, record=False, seed=seed,
+        )
+    history = [Step(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in rounds]
+    return whitebox_entry(
+        obs, steps_ledger=sum(int(e["steps"]) for e in rounds), history_ledger=history, delta=float(plan["delta"]),
+        accountant=plan["accountant"], accountant_epsilon=eps_run, hospital=hospital, task=task,
+        confidence=confidence, seconds=time.perf_counter() - t0,
+    )
+
+
+def _trainable(run, task: str) -> int:
+    return sum(p.numel() for p in _task_model_factory(run, task)(0).parameters() if p.requires_grad)
