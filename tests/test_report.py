@@ -5,6 +5,7 @@ recomputed from the ledgers here; verify names what changed; a partner report ne
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from statistics import NormalDist
 
 import jsonschema
 import pytest
@@ -22,6 +24,8 @@ from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.cli import main
 from secure_fedkim.report import SCHEMA_VERSION, build_report, load_schema, status_of, verify_report, write_report
+from secure_fedkim.report.sign import KEY_ENV, fingerprint, load_public_key, manifest, new_issuer_key, public_key_path
+from secure_fedkim.report.text import g, tpr_at_fpr
 
 CLIENTS = ["cleveland", "hungary", "switzerland", "va_long_beach"]
 CFG = """
@@ -32,9 +36,27 @@ tasks:
   train:
     - {name: heart_disease, partition: natural}
 client: {local_epochs: 1, batch_size: 32, token_dim: 16, num_tokens: 2}
-baseline: {single_hospital: true}
+baseline: {single_hospital: false}
 privacy: {dp: true, profile: {target_epsilon: 8.0}}
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def issuer_key(tmp_path_factory):
+    """The report issuer's signing key, in a key store outside every run directory (as `secure-fedkim report-key`)."""
+    key = new_issuer_key(tmp_path_factory.mktemp("issuer") / "report_signing_key.pem", "Ada Example", "Test Federation Office")
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(key)
+    yield key
+    if old is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = old
+
+
+def verify(path, **kw):
+    """verify_report with the issuer's published public key, as a partner would call it."""
+    return verify_report(path, public_key=public_key_path(Path(os.environ[KEY_ENV])), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -466,9 +488,21 @@ def test_no_differential_privacy_is_said_and_no_epsilon_printed(copy_run):
     assert report["privacy_definition"]["dp"] is False
     assert report["privacy_definition"]["dp_setting"] == "no differential privacy"
     assert "no differential privacy" in report["guarantee_statement"]["text"].lower()
-    assert "used no differential privacy" in report["summary"]["plain_language"]
-    assert status_of(report, "differential_privacy")["status"] == "attention"
-    assert status_of(report, "budget_respected")["status"] == "not_applicable"
+    lead = report["summary"]["plain_language"].split(". ")[0]  # the first line says it
+    assert lead.startswith("Overall status: FAIL (do not release)") and "used no differential privacy" in lead
+    assert report["status"]["overall"] == "fail" and report["summary"]["first_page"]["decision"] == "do not release"
+    # every DP-dependent check and regulatory row fails; checks with nothing behind them are not applicable
+    from secure_fedkim.report.build import DP_DEPENDENT
+    from secure_fedkim.report.text import DP_ROWS
+
+    for name in DP_DEPENDENT:
+        assert status_of(report, name)["status"] == "fail", status_of(report, name)
+    assert {r["framework"] for r in report["regulatory_mapping"] if r["status"] == "fail"} >= DP_ROWS
+    ehds = next(r for r in report["regulatory_mapping"] if r["framework"].startswith("EHDS"))
+    assert "NOT differentially private" in ehds["note"] and "DP-trained aggregates" not in ehds["note"]
+    assert not [r for r in report["regulatory_mapping"] if r["status"] == "pass" and not r["checks"]]
+    ledger = status_of(report, "ledger_verified")  # the key holder's ledger is still behind it (he mode)
+    assert ledger["status"] == "pass"
     assert all(h["accounting"] is None and h["mechanism"] is None for h in report["hospitals"])
     assert report["plots"]["epsilon_by_round"] is None
     assert report["aggregation"]["is_differential_privacy"] is False
@@ -501,8 +535,7 @@ def test_partner_report_has_no_other_partners_figures(written):
 
     walk(report)
     mine = {h["hospital"]: h for h in federation["hospitals"]}
-    aggregate = {v for s in report["other_hospitals"].values() if isinstance(s, dict) for v in s.values()}
-    aggregate |= {v for band in report["plots"]["epsilon_by_round"]["others"] for v in band.values()}  # per-round min/median/max
+    aggregate = set()  # no aggregate over the others carries any of their values
     own = mine["hungary"]
     for c in others:
         assert mine[c]["ledger"]["head"] not in leaves
@@ -516,8 +549,10 @@ def test_partner_report_has_no_other_partners_figures(written):
             assert v not in leaves or v in aggregate or v in own_values, f"{c}'s {field} {v} is in the partner report"
     assert [h["hospital"] for h in report["hospitals"]] == ["hungary"]
     assert report["other_hospitals"]["count"] == 3 and report["other_hospitals"]["stats_shown"]
-    eps = sorted(mine[c]["accounting"]["epsilon_spent"] for c in others)  # the aggregate is over exactly the others
-    assert report["other_hospitals"]["epsilon_spent"] == {"min": eps[0], "median": eps[1], "max": eps[2]}
+    eps = sorted(mine[c]["accounting"]["epsilon_total"] for c in others)  # a coarse band around exactly the others
+    band = report["other_hospitals"]["epsilon_total"]
+    assert band["low"] <= eps[0] and eps[2] <= band["high"] and band["low"] == math.floor(band["low"])
+    assert report["plots"]["epsilon_by_round"]["others"] is None
     assert report["hospitals"][0]["accounting"] == mine["hungary"]["accounting"]
     pytest.importorskip("pypdf")
     from pypdf import PdfReader
@@ -547,18 +582,24 @@ def test_unknown_partner_is_refused(run_dir):
 
 
 # ------------------------------------------------------------------------------------------ integrity
-def test_signature_and_keys(written):
+def test_signature_and_keys(written, issuer_key):
     d, fed, part = written
-    key = d / "report_signing" / "signing_key.pem"
-    assert key.stat().st_mode & 0o777 == 0o600
-    assert (d / "report_signing" / "public_key.pem").is_file()
+    assert issuer_key.stat().st_mode & 0o777 == 0o600 and not issuer_key.resolve().is_relative_to(d.resolve())
+    assert not (d / "report_signing").exists()  # no report-signing key is made in the run directory
+    from secure_fedkim.report.sign import fingerprint, load_public_key
+
+    fp = fingerprint(load_public_key(public_key_path(issuer_key)))
     for p in (fed, part):
-        assert verify_report(p.json) == []
+        assert verify(p.json) == []
         data = p.json.read_bytes()
-        assert b"PRIVATE KEY" not in data and b"signing_key.pem" not in data.replace(b"report_signing/", b"")
+        assert b"PRIVATE KEY" not in data
         assert len(p.sig.read_bytes()) == 64
+        signer = json.loads(data)["provenance"]["signature"]["signer"]
+        assert signer == {"name": "Ada Example", "organisation": "Test Federation Office", "public_key_sha256": fp}
+        assert "Ada Example" in p.html.read_text()
+    assert verify_report(fed.json)[0].startswith("report.json: no issuer public key given")
     if shutil.which("openssl"):
-        res = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "report_signing/public_key.pem", "-rawin",
+        res = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(public_key_path(issuer_key)), "-rawin",
                               "-in", "report.json", "-sigfile", "report.sig"], cwd=d, capture_output=True, text=True)
         assert res.returncode == 0, res.stdout + res.stderr
 
@@ -576,7 +617,7 @@ def test_verify_names_one_changed_byte_of_the_report(written, tmp_path):
     i = data.index(b'"federation_name"') + len(b'"federation_name": "')
     data[i] ^= 0x01
     p.write_bytes(bytes(data))
-    msgs = verify_report(p)
+    msgs = verify(p)
     assert msgs and msgs[0].startswith("report.json: the Ed25519 signature in report.sig does not verify")
 
 
@@ -588,10 +629,10 @@ def test_verify_names_one_changed_ledger_entry(written, tmp_path):
     entry["sample_rate"] = entry["sample_rate"] / 2
     lines[2] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
     p.write_text("\n".join(lines) + "\n")
-    msgs = verify_report(d / "report.json")
+    msgs = verify(d / "report.json")
     assert any(m.startswith("clients/switzerland/ledger.jsonl: does not verify: line 3 (seq 2)") for m in msgs), msgs
     # the partner report of another hospital says a ledger it commits to changed, without naming it
-    pm = verify_report(d / "report_hungary.json")
+    pm = verify(d / "report_hungary.json")
     assert any("other_hospitals_ledger_heads_sha256" in m for m in pm) and not any("switzerland" in m for m in pm)
 
 
@@ -599,7 +640,7 @@ def test_verify_names_a_ledger_rewritten_with_a_fresh_chain(written, tmp_path):
     d = _fresh(written, tmp_path)  # a valid chain on its own: only the report's recorded head shows the rewrite
     rewrite_ledger(ledger_path(d, "cleveland"), lambda ev, b: {**b, "steps": b["steps"] - 1} if ev == "dp_round" else b,
                    recompute=False)
-    msgs = verify_report(d / "report.json")
+    msgs = verify(d / "report.json")
     assert any(m.startswith("clients/cleveland/ledger.jsonl: chain head") and "provenance.ledger_heads.cleveland" in m
                for m in msgs), msgs
 
@@ -608,7 +649,7 @@ def test_verify_names_entries_appended_after_the_report(written, tmp_path):
     d = _fresh(written, tmp_path)
     n = len(PrivacyLedger(ledger_path(d, "hungary")).entries())
     PrivacyLedger(ledger_path(d, "hungary")).append("refused", run_id="later", round=9, reason="policy")
-    msgs = verify_report(d / "report_hungary.json")
+    msgs = verify(d / "report_hungary.json")
     assert msgs == [f"clients/hungary/ledger.jsonl: 1 entry appended after the report (seq {n} to {n}); head now "
                     f"{PrivacyLedger(ledger_path(d, 'hungary')).head()}, the report's provenance.ledger_heads.hungary is "
                     f"{json.loads((d / 'report_hungary.json').read_text())['provenance']['ledger_heads']['hungary']}"]
@@ -621,7 +662,7 @@ def test_verify_recomputes_epsilons_and_names_the_field(written, tmp_path, monke
 
     real = collect.account
     monkeypatch.setattr(collect, "account", lambda h, delta, acc: real(h, delta, acc) * 1.01)  # a different accountant
-    msgs = verify_report(d / "report.json")
+    msgs = verify(d / "report.json")
     assert any(m.startswith("hospitals[cleveland].accounting.epsilon_spent: the report says") for m in msgs), msgs
 
 
@@ -631,11 +672,11 @@ def test_verify_names_one_changed_artifact(written, tmp_path):
     data = bytearray(p.read_bytes())
     data[-1] ^= 0x01
     p.write_bytes(bytes(data))
-    msgs = verify_report(d / "report.json")
+    msgs = verify(d / "report.json")
     assert msgs == [m for m in msgs if m.startswith("model/client_model.safetensors: sha256")] and len(msgs) == 1
     (d / "audit").mkdir()
     (d / "audit" / "audit.json").write_text("{}")
-    assert any(m.startswith("audit/audit.json: present in the run but not in the report") for m in verify_report(d / "report.json"))
+    assert any(m.startswith("audit/audit.json: present in the run but not in the report") for m in verify(d / "report.json"))
 
 
 def test_verify_with_another_public_key_fails(written, tmp_path):
@@ -701,6 +742,374 @@ def test_html_renders_in_headless_chromium(written, tmp_path):
     assert im.size == (1200, 2400) and ImageStat.Stat(im).stddev[0] > 10
 
 
+# ================================================================================= issue #16: reports to rely on
+# Status rules that fail what should fail, every released DP spend composed, partner views that reveal no other
+# hospital, signatures bound to the issuer's key and to the HTML/PDF people read, a first page with a decision.
+
+
+def history(path: Path) -> tuple[list[Step], dict]:
+    entries = PrivacyLedger(path).entries()
+    plan = next(e for e in entries if e["event"] == "dp_plan")
+    return [Step(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries if e["event"] == "dp_round"], plan
+
+
+def add_dp_baselines(run: Path) -> None:
+    """What a run with `baseline: {single_hospital: true}` and DP leaves: each hospital's baseline trained on the
+    same records under the same schedule, noise and budget (a ledger of its own), its test metrics released."""
+    cfg = json.loads((run / "resolved_config.json").read_text())
+    cfg["baseline"]["single_hospital"] = True
+    (run / "resolved_config.json").write_text(json.dumps(cfg))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["single_hospital_test"] = {}
+    for c in CLIENTS:
+        (run / "baseline" / c).mkdir(parents=True)
+        shutil.copy(ledger_path(run, c), run / "baseline" / c / "ledger.jsonl")
+        summary["single_hospital_test"][c] = {"heart_disease": {"accuracy": 0.7, "auroc": 0.75, "n": 60}}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def resign(path: Path, key_path: Path, report: dict) -> None:
+    """Re-write a report's JSON and both signatures with ``key_path`` (what someone holding that key can do)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    data = (json.dumps(report, indent=2) + "\n").encode()
+    path.write_bytes(data)
+    path.with_suffix(".sig").write_bytes(key.sign(data))
+    files = manifest({p.name: p.read_bytes() for p in (path, path.with_suffix(".html"), path.with_suffix(".pdf"))})
+    path.with_suffix(".sha256").write_bytes(files)
+    path.with_suffix(".sha256.sig").write_bytes(key.sign(files))
+
+
+# ------------------------------------------------------------------------------------------ status rules
+def write_audit(run: Path, audit: dict) -> None:
+    (run / "audit").mkdir(exist_ok=True)
+    (run / "audit" / "audit.json").write_text(json.dumps(audit))
+
+
+MIA = {"attack": "loss", "target": "global", "task": "heart_disease", "auc": 0.52, "tpr_at_fpr": {"0.01": 0.02},
+       "n_members": 100, "n_nonmembers": 100, "threat_model": "black-box final model"}
+
+
+def test_measured_leakage_is_attention_or_fail_by_its_interval(copy_run):
+    run = copy_run()
+    write_audit(run, {"mia": [dict(MIA, p_value=0.3, p_adjusted=0.9, significant=False, auc_ci=[0.45, 0.6])]})
+    report = build_report(run)
+    assert status_of(report, "measured_leakage")["status"] == "pass"
+    # significant (Holm-adjusted) with the interval's lower bound below report.mia_auc_fail (0.65): attention
+    write_audit(run, {"mia": [dict(MIA, auc=0.61, p_value=0.001, p_adjusted=0.004, significant=True, auc_ci=[0.55, 0.67])]})
+    check = status_of(build_report(run), "measured_leakage")
+    assert check["status"] == "attention" and "0.55 to 0.67" in check["reason"]
+    # the non-private demo's AUC 0.787 (0.66-0.90): fail; an old audit.json (no p-values) is judged by its interval
+    write_audit(run, {"mia": [dict(MIA, auc=0.787, auc_ci95=[0.66, 0.90])]})
+    report = build_report(run)
+    check = status_of(report, "measured_leakage")
+    assert check["status"] == "fail" and "0.787" in check["reason"] and report["status"]["overall"] == "fail"
+    assert report["summary"]["first_page"]["worst_leakage"]["auc_ci"] == [0.66, 0.90]
+    assert "0.66 to 0.9" in report["summary"]["first_page"]["worst_leakage_text"]
+    # nothing behind the check: not applicable, never pass
+    write_audit(run, {"mia": [], "skipped": [{"what": "mia", "why": "too few records"}]})
+    assert status_of(build_report(run), "measured_leakage")["status"] == "not_applicable"
+
+
+def test_audit_verdicts_inconsistent_fails_and_inconclusive_is_never_pass(copy_run):
+    run = copy_run()
+    inconclusive = {"hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.3, "eps_lb_one_run": 0.3,
+                    "status": "inconclusive", "max_certifiable_epsilon": 4.19, "accountant_epsilon": 7.9, "delta": 1e-5,
+                    "ratio": 0.04, "threat_model": "black-box final model",
+                    "reasons": ["the claimed epsilon 7.9 is above the largest epsilon 4.19 that 200 canaries can certify"]}
+    write_audit(run, {"dp_audit": [inconclusive]})
+    report = build_report(run)
+    check = status_of(report, "audit_consistent_with_accountant")
+    assert check["status"] == "inconclusive" and "4.19" in check["reason"] and "cleveland" in check["reason"]
+    assert report["status"]["overall"] != "pass" and report["summary"]["first_page"]["decision"] != "release"
+    whitebox = {"hospital": "hungary", "task": "heart_disease", "canaries": 1000, "eps_lb_one_run": 12.5,
+                "gdp_mu_estimate": 9.0, "gdp_mu_interval": [7.5, 10.2], "accountant_gdp_mu": 1.6, "status": "inconsistent",
+                "reasons": ["Gaussian-DP mu interval [7.5, 10.2] lies above the accountant's 1.6 (noise x0.25?)"],
+                "checks": [{"name": "mu", "passed": False, "detail": "above"}], "threat_model": "white-box every step"}
+    mechanism = {"hospital": "switzerland", "noise_multiplier": 1.1, "max_grad_norm": 1.0, "trials": 20000,
+                 "mu_configured": 0.9, "mu_estimate": 0.91, "mu_interval": [0.85, 0.97], "status": "consistent",
+                 "reasons": [], "threat_model": "white-box one step"}
+    write_audit(run, {"dp_audit": [inconclusive], "whitebox": [whitebox], "mechanism": [mechanism]})
+    report = build_report(run)
+    check = status_of(report, "audit_consistent_with_accountant")
+    assert check["status"] == "fail" and "hungary" in check["reason"] and "white-box" in check["reason"]
+    assert "mu interval [7.5, 10.2]" in check["reason"]
+    assert {e["kind"] for e in report["audit"]["consistency"]} == {"dp_audit", "whitebox", "mechanism"}
+    bound = status_of(report, "dp_lower_bound")  # 12.5 > report.eps_lower_bound_attention (1.0)
+    assert bound["status"] == "attention" and "12.5" in bound["reason"]
+    # the partner report of switzerland says that an audit failed, without naming whom
+    part = build_report(run, partner="switzerland")
+    assert status_of(part, "audit_consistent_with_accountant")["status"] == "fail"
+    assert "hungary" not in all_text(part) and "cleveland" not in all_text(part)
+
+
+# ------------------------------------------------------------------------------------------ every spend counted
+def test_a_released_dp_baseline_is_composed_into_the_hospitals_epsilon(copy_run):
+    run = copy_run()
+    add_dp_baselines(run)
+    report = build_report(run)
+    for h in report["hospitals"]:
+        hist, plan = history(ledger_path(run, h["hospital"]))
+        a = h["accounting"]
+        both = hist + hist  # the baseline ran the same schedule with the same noise on the same records
+        assert a["epsilon_spent"] == pytest.approx(epsilon(hist, plan["delta"], plan["accountant"]), rel=1e-12)
+        assert a["epsilon_total"] == pytest.approx(epsilon(both, plan["delta"], plan["accountant"]), rel=1e-9)
+        assert a["epsilon_total_pld"] == pytest.approx(independent_epsilon(both, plan["delta"], "pld"), rel=1e-9)
+        assert a["epsilon_total"] > 1.3 * a["epsilon_spent"]
+        assert [x["source"] for x in a["released_spends"]] == [f"clients/{h['hospital']}/ledger.jsonl",
+                                                              f"baseline/{h['hospital']}/ledger.jsonl"]
+    assert status_of(report, "baseline_spend_composed")["status"] == "pass"
+    check = status_of(report, "budget_respected")  # composed, the records carry more than the budget of 8
+    assert check["status"] == "fail" and "single-hospital baseline" in check["reason"]
+    access = next(x for x in report["privacy_definition"]["covered_accesses"] if "baseline" in x["access"])
+    assert access["status"] == "covered" and "composed" in access["reason"]
+    assert "trained without DP" not in json.dumps(report)
+    first = report["summary"]["first_page"]["hospitals"][0]
+    assert first["epsilon"] == report["hospitals"][0]["accounting"]["epsilon_total"]
+    # baseline metrics released but its ledger gone: fail
+    shutil.rmtree(run / "baseline" / "hungary")
+    check = status_of(build_report(run), "baseline_spend_composed")
+    assert check["status"] == "fail" and "baseline/hungary/ledger.jsonl is missing" in check["reason"]
+
+
+def test_verify_reads_every_baseline_ledger(copy_run):
+    run = copy_run()
+    add_dp_baselines(run)
+    paths = write_report(run)
+    assert verify(paths.json) == []
+    before = run.parent / "before"
+    shutil.copytree(run, before)
+    # halve the baseline's recorded epsilon in place: the chain breaks
+    p = run / "baseline" / "cleveland" / "ledger.jsonl"
+    lines = p.read_text().splitlines()
+    i = max(k for k, line in enumerate(lines) if json.loads(line)["event"] == "dp_round")
+    entry = json.loads(lines[i])
+    entry["epsilon"] /= 2
+    lines[i] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    p.write_text("\n".join(lines) + "\n")
+    msgs = verify(paths.json)
+    assert any(m.startswith("baseline/cleveland/ledger.jsonl: does not verify") for m in msgs), msgs
+    # halve it and re-chain (a valid chain on its own): the recorded head and the recomputation both show it
+    shutil.copy(before / "baseline" / "cleveland" / "ledger.jsonl", p)
+    rewrite_ledger(p, lambda ev, b: {**b, "epsilon": b["epsilon"] / 2} if ev == "dp_round" else b, recompute=False)
+    msgs = verify(paths.json)
+    assert any(m.startswith("baseline/cleveland/ledger.jsonl: chain head") for m in msgs), msgs
+    # delete baseline/: verification fails
+    shutil.rmtree(run / "baseline")
+    msgs = verify(paths.json)
+    assert any(m.startswith("baseline/cleveland/ledger.jsonl: missing") for m in msgs), msgs
+
+
+# ------------------------------------------------------------------------------------------ partner views
+def _forms(v) -> set[str]:
+    if isinstance(v, float):
+        return {repr(v), f"{v:.4g}", f"{v:.3g}", f"{v:.6g}"}
+    return {str(v)}
+
+
+def test_partner_outputs_hold_no_other_hospitals_values(written):
+    pytest.importorskip("pypdf")
+    from pypdf import PdfReader
+
+    d, fed, part = written
+    federation = json.loads(fed.json.read_text())
+    texts = {"json": part.json.read_text(), "html": part.html.read_text(),
+             "pdf": " ".join(p.extract_text() for p in PdfReader(str(part.pdf)).pages)}
+    by = {h["hospital"]: h for h in federation["hospitals"]}
+
+    def values(h):
+        a, m = h["accounting"], h["mechanism"]
+        out = [a["epsilon_spent"], a["epsilon_total"], a["epsilon_total_pld"], a["gdp_mu"], a["gdp_mu_total"], a["epsilon_remaining"],
+               a["independent_recomputation"]["epsilon"], a["planned_epsilon"], m["noise_multiplier"], h["ledger"]["head"]]
+        return out + [x["epsilon"] for x in a["epsilon_by_round"]]
+
+    own = set().union(*(_forms(v) for v in values(by["hungary"])))
+    checked = 0
+    for c in CLIENTS:
+        if c == "hungary":
+            continue
+        for v in values(by[c]):
+            for form in _forms(v) - own:
+                checked += 1
+                exact = re.compile(rf"(?<![\w.]){re.escape(form)}(?![\w])")  # the number itself, not a prefix of another
+                for kind, text in texts.items():
+                    assert not exact.search(text), f"{c}'s value {form} is in the hungary partner {kind}"
+    assert checked > 50
+    o = json.loads(texts["json"])["other_hospitals"]
+    assert o["stats_shown"] and set(o["epsilon_total"]) == {"low", "high", "step"}  # a coarse band only
+
+
+def test_fewer_other_hospitals_than_configured_show_no_figure(copy_run):
+    run = copy_run()
+    cfg = json.loads((run / "resolved_config.json").read_text())
+    cfg["report"] = {"min_other_hospitals": 4}
+    (run / "resolved_config.json").write_text(json.dumps(cfg))
+    o = build_report(run, partner="hungary")["other_hospitals"]
+    assert o["count"] == 3 and not o["stats_shown"] and o["epsilon_total"] is None and o["gdp_mu"] is None
+    assert "fewer than 4" in o["stats_note"]
+
+
+def test_a_partner_verifies_its_report_with_its_own_files_only(written, tmp_path):
+    d = tmp_path / "partner_copy"
+    shutil.copytree(written[0], d)
+    for c in CLIENTS:
+        if c != "hungary":
+            shutil.rmtree(d / "clients" / c)  # the other hospitals' ledgers and models are not the partner's
+    assert verify(d / "report_hungary.json") == []
+    # its own ledger changed: named; the federation report cannot be checked without the others' ledgers
+    PrivacyLedger(ledger_path(d, "hungary")).append("refused", run_id="later", round=9, reason="policy")
+    msgs = verify(d / "report_hungary.json")
+    assert msgs and msgs[0].startswith("clients/hungary/ledger.jsonl: 1 entry appended")
+
+
+def test_partner_mismatch_messages_print_no_other_hospitals_statistics(written, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(written[0], d)
+    federation = json.loads((d / "report.json").read_text())
+    rewrite_ledger(ledger_path(d, "switzerland"), lambda ev, b: {**b, "steps": b["steps"] * 3} if ev == "dp_round" else b)
+    sync_metrics(d, "switzerland")
+    msgs = verify(d / "report_hungary.json")
+    assert msgs
+    swiss = next(h for h in federation["hospitals"] if h["hospital"] == "switzerland")["accounting"]
+    now = build_report(d)["hospitals"][2]["accounting"]
+    text = "\n".join(msgs)
+    assert "switzerland" not in text
+    for v in (swiss["epsilon_spent"], now["epsilon_spent"], now["gdp_mu"]):
+        assert not any(form in text for form in _forms(v)), text
+
+
+# ------------------------------------------------------------------------------------------ signing
+def test_the_signing_key_must_live_outside_the_run(copy_run, tmp_path, monkeypatch):
+    run = copy_run()
+    inside = new_issuer_key(run / "report_signing" / "report_signing_key.pem", "Mallory", "Copy holder")
+    with pytest.raises(ValueError, match="inside the run directory"):
+        write_report(run, key=inside)
+    monkeypatch.setenv("SECURE_FEDKIM_REPORT_KEY", str(tmp_path / "none.pem"))
+    with pytest.raises(FileNotFoundError, match="secure-fedkim report-key"):
+        write_report(run)
+
+
+def test_resigned_reports_fail_verification(written, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(written[0], d)
+    path = d / "report.json"
+    report = json.loads(path.read_text())
+    assert report["status"]["overall"] != "pass"
+    forged = copy.deepcopy(report)
+    forged["status"]["overall"] = "pass"
+    # 1. a key at the run's old key location (report_signing/ in the run directory)
+    old = d / "report_signing" / "signing_key.pem"
+    old.parent.mkdir()
+    new_issuer_key(old, "Anyone", "Holder of a copy")
+    resign(path, old, forged)
+    msgs = verify(path)
+    assert any("does not verify under the given public key" in m for m in msgs), msgs
+    # 2. a new key whose fingerprint and signer are written into the report
+    new = new_issuer_key(tmp_path / "keys" / "k.pem", "Eve", "Elsewhere")
+    fp = fingerprint(load_public_key(public_key_path(new)))
+    forged["provenance"]["signature"].update(public_key_sha256=fp, signer={"name": "Eve", "organisation": "Elsewhere",
+                                                                           "public_key_sha256": fp})
+    resign(path, new, forged)
+    msgs = verify(path)
+    assert any("does not verify under the given public key" in m for m in msgs), msgs
+    assert any("is not the fingerprint of the given public key" in m for m in msgs)
+
+
+def test_cli_report_key_and_verify_need_the_issuers_key(written, tmp_path, capsys):
+    key = tmp_path / "store" / "issuer.pem"
+    assert main(["report-key", "--name", "Ada Example", "--organisation", "Office", "--out", str(key)]) == 0
+    assert key.stat().st_mode & 0o777 == 0o600 and public_key_path(key).is_file()
+    assert main(["report-key", "--name", "Ada Example", "--organisation", "Office", "--out", str(key)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["verify", str(written[1].json)]) == 2
+    assert "give --public-key" in capsys.readouterr().err
+    assert main(["verify", str(written[1].json), "--public-key", str(public_key_path(key))]) == 1  # another issuer
+    assert main(["verify", str(written[1].json), "--public-key", str(public_key_path(Path(os.environ[KEY_ENV])))]) == 0
+
+
+def test_verify_recomputes_status_and_summary(written, tmp_path, issuer_key):
+    d = tmp_path / "run"
+    shutil.copytree(written[0], d)
+    path = d / "report.json"
+    report = json.loads(path.read_text())
+    forged = copy.deepcopy(report)
+    forged["status"]["overall"] = "pass"  # signed by the issuer itself: the facts still disagree
+    resign(path, issuer_key, forged)
+    msgs = verify(path)
+    assert any(m.startswith("report.json: status.overall says pass, its checks give attention") for m in msgs), msgs
+    forged = copy.deepcopy(report)
+    forged["summary"]["plain_language"] = forged["summary"]["plain_language"].replace("ATTENTION", "PASS")
+    resign(path, issuer_key, forged)
+    assert any("summary.plain_language is not the text its facts give" in m for m in verify(path))
+
+
+def test_html_or_pdf_changed_to_pass_fails(written, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(written[0], d)
+    page = d / "report.html"
+    page.write_text(page.read_text().replace("ATTENTION", "PASS"))
+    msgs = verify(d / "report.json")
+    assert msgs == ["report.html: sha256 differs from the signed report.sha256: the file was changed after signing"]
+    shutil.copy(written[0] / "report.html", page)
+    pdf = d / "report.pdf"
+    pdf.write_bytes(pdf.read_bytes() + b"\n% edited\n")
+    assert verify(d / "report.json") == ["report.pdf: sha256 differs from the signed report.sha256: the file was changed "
+                                         "after signing"]
+    # an HTML of another report, re-listed and re-signed: it names another JSON's hash
+    data = (d / "report.json").read_bytes()
+    assert f'content="{hashlib.sha256(data).hexdigest()}"' in page.read_text()
+
+
+def test_an_old_report_gets_a_clear_message(written, tmp_path, issuer_key):
+    d = tmp_path / "run"
+    shutil.copytree(written[0], d)
+    path = d / "report.json"
+    old = json.loads(path.read_text())
+    old["schema_version"] = "1.0.0"
+    resign(path, issuer_key, old)
+    assert verify(path) == [f"report.json: schema version '1.0.0', this verifier reads {SCHEMA_VERSION}: regenerate the "
+                            f"report with `secure-fedkim report` (an older report cannot be checked)"]
+
+
+# ------------------------------------------------------------------------------------------ readable
+def test_first_page_decision_and_plain_reading(written):
+    pytest.importorskip("pypdf")
+    from pypdf import PdfReader
+
+    d, fed, part = written
+    report = json.loads(fed.json.read_text())
+    fp = report["summary"]["first_page"]
+    assert fp["decision"] == "release with conditions"  # no audit was run: attention
+    assert any(r.startswith("Leakage audit run: ") for r in fp["reasons"])
+    n = NormalDist()
+    for h, row in zip(report["hospitals"], fp["hospitals"]):
+        mu = h["accounting"]["gdp_mu_total"]
+        assert row["tpr_at_1pct_fpr"] == pytest.approx(n.cdf(n.inv_cdf(0.01) + mu), rel=1e-12)
+        assert f"{row['tpr_at_1pct_fpr']:.0%}" in row["reading"]
+    assert tpr_at_fpr(1.64) == pytest.approx(0.246, abs=0.002)  # the issue's example: about 25%
+    assert tpr_at_fpr(0.0) == pytest.approx(0.01)
+    page1 = PdfReader(str(fed.pdf)).pages[0].extract_text()
+    assert "Decision: RELEASE WITH CONDITIONS" in page1 and "worst measured leakage" in page1
+    for h in report["hospitals"]:
+        assert g(h["accounting"]["epsilon_total"], 4) in page1  # epsilon per hospital, on page 1, in one piece
+    assert "Leakage audit run" in page1 and "audit_run" not in page1  # checks in words
+    html = fed.html.read_text()
+    assert html.index("Decision: RELEASE WITH CONDITIONS") < html.index('id="audit"')
+    for section in ("Intended use, roles and data flow", "Data flow: what leaves which boundary"):
+        assert section in html and section in " ".join(p.extract_text() for p in PdfReader(str(fed.pdf)).pages)
+
+
+def test_pdf_text_is_at_least_8_points(written):
+    pytest.importorskip("pypdf")
+    from pypdf import PdfReader
+
+    sizes = set()
+    for page in PdfReader(str(written[1].pdf)).pages:
+        sizes |= {float(x) for x in re.findall(rb"/F\d+\s+([\d.]+)\s+Tf", page.get_contents().get_data())}
+    assert sizes and min(sizes) >= 8, sorted(sizes)
+
+
 # ------------------------------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_a_real_run_with_budget_12_needs_attention(tmp_path):
@@ -713,7 +1122,7 @@ def test_a_real_run_with_budget_12_needs_attention(tmp_path):
     check = status_of(report, "epsilon_tier")
     assert check["status"] == "attention"
     assert all(10 < h["accounting"]["epsilon_spent"] <= 12 for h in report["hospitals"])
-    assert verify_report(paths.json) == []
+    assert verify(paths.json) == []
 
 
 @pytest.mark.slow
@@ -725,7 +1134,7 @@ def test_report_of_a_real_audit(written, tmp_path):
     audit_run(d, parse_audit_config({"tasks": ["heart_disease"], "mia": {"attacks": ["loss", "rmia"], "reference_models": 2,
                                                                          "bootstrap": 20},
                                      "canary": {"canaries": 40}, "inversion": {"steps": 50}}), progress=False)
-    assert any(m.startswith("audit/audit.json: present in the run but not in the report") for m in verify_report(d / "report.json"))
+    assert any(m.startswith("audit/audit.json: present in the run but not in the report") for m in verify(d / "report.json"))
     paths = write_report(d)
     report = json.loads(paths.json.read_text())
     assert report["audit"]["run"] and report["audit"]["mia"] and report["audit"]["dp_audit"]
@@ -739,7 +1148,7 @@ def test_report_of_a_real_audit(written, tmp_path):
     for mine, theirs in zip(report["audit"]["mia"], audit["mia"]):
         assert (mine["auc"], mine["tpr_at_fpr"], mine["n_members"]) == (theirs["auc"], theirs["tpr_at_fpr"], theirs["n_members"])
     assert "shard_index" not in paths.json.read_text() and "top_exposed" not in paths.json.read_text()
-    assert verify_report(paths.json) == []
+    assert verify(paths.json) == []
     part = write_report(d, partner="cleveland")
     text = part.json.read_text() + part.html.read_text()
     assert not any(c in text for c in CLIENTS if c != "cleveland")

@@ -1,32 +1,49 @@
 """``build_report``: the content of ``report.json`` (REPORTING.md §2.2) and its status rules (§2.3).
 
-Status rules, deterministic (each check has a name, a status and a reason; the overall status is the worst):
+Status rules, deterministic (each check has a name, a status and a reason; the overall status is the worst, with
+``not_applicable`` < ``pass`` < ``inconclusive`` < ``attention`` < ``fail``). A check with nothing behind it is
+``not_applicable``, never ``pass``; the decision on the first page is ``do not release`` for fail, ``release with
+conditions`` for attention or inconclusive, ``release`` when everything with evidence behind it passed.
 
 fail
-  * ``budget_respected``: a hospital's recomputed spend exceeds its budget (or a ledger entry says over_budget).
+  * every DP-dependent check (``DP_DEPENDENT``) when no hospital trained with DP, and ``differential_privacy``
+    when any hospital trained without it (its records carry no guarantee).
+  * ``budget_respected``: a hospital's recomputed spend, composed with every other released DP spend on its
+    records (the single-hospital baseline), exceeds its budget (or a ledger entry says over_budget).
+  * ``baseline_spend_composed``: a baseline's test metrics are released but its ledger is missing or broken.
   * ``ledger_verified``: a privacy ledger (or the key holder's) does not verify, or a DP hospital has none.
   * ``delta_below_1_over_n``: delta >= 1/n for a hospital's n records.
   * ``audit_consistent_with_accountant``: an audit's empirical epsilon lower bound exceeds the accountant's
-    epsilon (or the audit itself says it is inconsistent).
+    epsilon, or an audit entry has status ``inconsistent`` (named with its reasons).
+  * ``measured_leakage``: a significant MIA (Holm-adjusted p < 0.05; in an old audit.json, an AUC interval
+    above 0.5) whose AUC lower bound reaches the config's ``report.mia_auc_fail`` (default 0.65).
   * ``server_secret_key``: the run shows the aggregating server held the CKKS secret key, or an aggregate was
     used without a key-holder decryption on record, or fewer than min_clients contributions were decrypted.
   * ``dp_label_has_accountant``: a hospital is labelled DP (config or ledger) without a dp_plan naming an
     accountant, a delta and a non-zero noise multiplier, or the accountant cannot compute its epsilon.
-  * ``epsilon_recomputed``: a recorded epsilon (ledger, metrics) differs from the recomputation, or the ledger
-    records fewer steps than the optimizer or the metrics.
+  * ``epsilon_recomputed``: a recorded epsilon (ledger, baseline ledger, metrics) differs from the recomputation,
+    or the ledger records fewer steps than the optimizer or the metrics.
   * ``config_hash``: config.yaml no longer hashes to the run's recorded config_sha256.
 attention
-  * ``epsilon_tier``: epsilon spent or budget > 10.
+  * ``measured_leakage``: a significant MIA below the fail threshold.
+  * ``dp_lower_bound``: an audit's epsilon lower bound above ``report.eps_lower_bound_attention`` (default 1.0).
+  * ``epsilon_tier``: epsilon spent (composed) or budget > 10.
   * ``sampling_assumption``: the accountant assumes Poisson sampling and the ledger does not record it as used.
   * ``privacy_unit``: record-level unit while a patient has several records, or records per patient unknown.
   * ``mia_low_fpr``: an MIA's TPR at FPR 1e-3 exceeds 2 x 1e-3.
   * ``secagg_dropout_margin``: a SecAgg+ round lost at least as many hospitals as it tolerates.
   * ``audit_run``: no audit/audit.json.
-  * ``differential_privacy``: DP is off for some or all hospitals ("no differential privacy").
   * ``secure_aggregation``: plain aggregation (the server sees every update).
   * ``independent_accountant_agreement``: dp_accounting's epsilon is more than 5% above the accountant's.
   * ``he_parameters``: CKKS parameters not shown to meet 128-bit security.
   * ``server_secret_key`` (attention only): he mode without a key-holder ledger to show the key's custody.
+inconclusive
+  * ``audit_consistent_with_accountant``: an audit entry with status ``inconclusive`` (with the largest epsilon
+    it can certify) and no failing one.
+
+Partner reports show the other hospitals only as a count and coarse bands (ranges widened to whole steps), and
+nothing when there are fewer than ``report.min_other_hospitals`` (default 3): a min, median or max over a few
+hospitals is one of them.
 """
 
 from __future__ import annotations
@@ -48,7 +65,6 @@ from .collect import (
     RunFacts,
     collect_hospital,
     digest_of,
-    dist,
     load_run_facts,
     read_ledger,
     sha256_file,
@@ -56,11 +72,13 @@ from .collect import (
     _version,
 )
 
-SCHEMA_VERSION = "1.0.0"
-STATUSES = ("pass", "attention", "fail", "not_applicable")
-_RANK = {"not_applicable": -1, "pass": 0, "attention": 1, "fail": 2}
-#: other hospitals' figures are given as min/median/max only when there are at least this many of them
+SCHEMA_VERSION = "2.0.0"
+STATUSES = ("pass", "inconclusive", "attention", "fail", "not_applicable")
+# inconclusive ranks above pass: a report with an undecided audit is never "pass" overall
+_RANK = {"not_applicable": -1, "pass": 0, "inconclusive": 1, "attention": 2, "fail": 3}
+#: default of the config key report.min_other_hospitals: a partner report shows no figure about fewer others
 MIN_OTHERS_FOR_STATS = 3
+AUDIT_CONSISTENCY = ("consistent", "inconsistent", "inconclusive")
 
 # name, report section, reason when nothing was found
 CHECKS: list[tuple[str, str, str]] = [
@@ -81,10 +99,18 @@ CHECKS: list[tuple[str, str, str]] = [
     ("audit_run", "audit", "a leakage audit was run"),
     ("audit_consistent_with_accountant", "audit", "every empirical epsilon lower bound is at most the accountant's epsilon"),
     ("mia_low_fpr", "audit", "MIA TPR at FPR 1e-3 is at most 2 x 1e-3"),
+    ("measured_leakage", "audit", "no membership-inference result shows significant leakage (Holm-adjusted p < 0.05 "
+     "or an AUC interval above 0.5)"),
+    ("dp_lower_bound", "audit", "every empirical epsilon lower bound is at most the configured threshold"),
+    ("baseline_spend_composed", "accounting", "every released DP spend on a hospital's records is composed into its epsilon"),
     ("config_hash", "provenance", "config.yaml hashes to the run's recorded config_sha256"),
 ]
 DP_ONLY = {"epsilon_recomputed", "budget_respected", "delta_below_1_over_n", "epsilon_tier", "sampling_assumption",
            "privacy_unit", "independent_accountant_agreement"}
+#: a run without DP fails these: there is no guarantee for them to hold
+DP_DEPENDENT = DP_ONLY | {"differential_privacy", "dp_label_has_accountant", "audit_consistent_with_accountant",
+                          "baseline_spend_composed"}
+NO_DP_REASON = "no differential privacy in this run: no hospital's records carry a DP guarantee, so this cannot hold"
 
 
 def worst(statuses) -> str:
@@ -124,7 +150,7 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
     an inversion row. The hospital and task come from the object's fields or its path. Record ids
     (``top_exposed``) are never copied."""
     path = run_dir / "audit" / "audit.json"
-    out = {"run": False, "source": "audit/audit.json", "mia": [], "dp_audit": [], "reconstruction": [],
+    out = {"run": False, "source": "audit/audit.json", "mia": [], "dp_audit": [], "reconstruction": [], "consistency": [],
            "roc_images": [], "note": None, "auditor_knowledge": None, "skipped": [], "low_fpr_note": None}
     if not path.is_file():
         out["note"] = "audit not run: no audit/audit.json in the run directory (run `secure-fedkim audit RUN_DIR`)"
@@ -175,12 +201,18 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
                                     if _fpr_value(k) is not None} if isinstance(node.get("tpr_at_fpr_note"), dict) else {},
                 "per_record_exposure": _histogram(node.get("per_record_exposure")),
                 "roc_png": node.get("roc_png") if isinstance(node.get("roc_png"), str) else None,
+                **_mia_significance(node, ci),
             })
             return
+        if node.get("status") in AUDIT_CONSISTENCY:
+            out["consistency"].append(_consistency_entry(node, label, where, ctx))
+            if not isinstance(node.get("eps_lb"), (int, float)):
+                return
         if "eps_lb" in node and isinstance(node.get("eps_lb"), (int, float)):
             keep = ("eps_lb", "eps_lb_one_run", "eps_accountant", "consistent_with_accountant", "canaries", "kind",
                     "mode", "trials", "confidence", "delta", "noise_multiplier", "accountant_noise_multiplier",
-                    "accountant", "dp", "canary_auc", "note")
+                    "accountant", "dp", "canary_auc", "note", "status", "max_certifiable_epsilon",
+                    "accountant_epsilon", "ratio", "threat_model")
             entry = {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), "target": ctx.get("target")}
             entry.update({k: node.get(k) for k in keep if k in node and _scalar(node.get(k))})
             out["dp_audit"].append(entry)
@@ -227,6 +259,106 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
                 "attention", f"{who}{m['attack']} on {m['target']}{' / ' + m['task'] if m['task'] else ''}: TPR {t:.4g} at FPR 1e-3 (> 2 x FPR)",
                 m["hospital"], "an MIA exceeds TPR 2e-3 at FPR 1e-3"))
     return out, findings
+
+
+def _num_or_none(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _mia_significance(node: dict, ci) -> dict:
+    """The audit's significance fields of one MIA row (absent in old audit.json files: None)."""
+    ci = node.get("auc_ci") if isinstance(node.get("auc_ci"), (list, tuple)) else ci
+    measurable = node.get("tpr_measurable")
+    return {
+        "threat_model": node.get("threat_model") if isinstance(node.get("threat_model"), str) else None,
+        "n_pairs": node.get("n_pairs") if isinstance(node.get("n_pairs"), int) else None,
+        "min_measurable_fpr": _num_or_none(node.get("min_measurable_fpr")),
+        "tpr_measurable": {f"{_fpr_value(k):g}": bool(v) for k, v in measurable.items() if _fpr_value(k) is not None}
+        if isinstance(measurable, dict) else None,
+        "p_value": _num_or_none(node.get("p_value")),
+        "p_adjusted": _num_or_none(node.get("p_adjusted")),
+        "significant": node.get("significant") if isinstance(node.get("significant"), bool) else None,
+        "auc_ci": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+    }
+
+
+def _consistency_entry(node: dict, label: str, where: list[str], ctx: dict) -> dict:
+    """A DP-consistency audit (canary replay, white-box gradient canaries, per-step mechanism) with its verdict."""
+    kind = where[0] if where and where[0] in ("dp_audit", "whitebox", "mechanism") else "dp_audit"
+    lbs = [_num_or_none(node.get(k)) for k in ("eps_lb", "eps_lb_one_run")]
+    return {
+        "path": label, "kind": kind, "hospital": ctx.get("hospital"), "task": ctx.get("task"),
+        "threat_model": node.get("threat_model") if isinstance(node.get("threat_model"), str) else None,
+        "status": node["status"],
+        "reasons": [str(r) for r in node.get("reasons", []) if isinstance(r, str)] if isinstance(node.get("reasons"), list) else [],
+        "eps_lb": max((x for x in lbs if x is not None), default=None),
+        "max_certifiable_epsilon": _num_or_none(node.get("max_certifiable_epsilon")),
+        "accountant_epsilon": _num_or_none(node.get("accountant_epsilon")),
+        "ratio": _num_or_none(node.get("ratio")),
+        "mu_estimate": _num_or_none(node.get("gdp_mu_estimate", node.get("mu_estimate"))),
+        "mu_interval": [float(x) for x in node.get("gdp_mu_interval", node.get("mu_interval"))]
+        if isinstance(node.get("gdp_mu_interval", node.get("mu_interval")), list)
+        and len(node.get("gdp_mu_interval", node.get("mu_interval"))) == 2 else None,
+    }
+
+
+KIND_WORDS = {"dp_audit": "black-box canary audit", "whitebox": "white-box gradient-canary audit",
+              "mechanism": "per-step mechanism audit"}
+
+
+def consistency_findings(audit: dict) -> list[Finding]:
+    """``inconsistent`` is evidence of a DP bug (fail, naming the case); ``inconclusive`` cannot decide."""
+    out = []
+    for e in audit["consistency"]:
+        who = f"{e['hospital']}: " if e["hospital"] else ""
+        case = f"{who}{KIND_WORDS[e['kind']]}{' on ' + e['task'] if e['task'] else ''} ({e['path']})"
+        why = "; ".join(e["reasons"]) or "no reason given"
+        if e["status"] == "inconsistent":
+            out.append(Finding("fail", f"{case} is inconsistent with the accountant: {why}", e["hospital"],
+                               "an audit found the training inconsistent with its accounting (a DP bug)"))
+        elif e["status"] == "inconclusive":
+            cert = e["max_certifiable_epsilon"]
+            out.append(Finding("inconclusive", f"{case} is inconclusive: {why}"
+                               + (f" (the largest epsilon it can certify is {cert:.3g})" if cert is not None else ""),
+                               e["hospital"], "an audit could not decide"))
+    return out
+
+
+def leakage_findings(audit: dict, auc_fail: float) -> list[Finding]:
+    """Measured membership leakage. A row is significant when the audit says so (Holm-adjusted p < 0.05) or, in an
+    old audit.json without p-values, when its AUC interval excludes 0.5. Significant: attention; significant with
+    the interval's lower bound at or above ``auc_fail`` (config report.mia_auc_fail): fail."""
+    out = []
+    for m in audit["mia"]:
+        ci = m.get("auc_ci") or m.get("auc_ci95")
+        significant = m.get("significant")
+        if significant is None:
+            significant = ci is not None and ci[0] > 0.5
+        if not significant:
+            continue
+        status = "fail" if ci is not None and ci[0] >= auc_fail else "attention"
+        who = f"{m['hospital']}: " if m["hospital"] else ""
+        interval = f" (95% interval {ci[0]:.3g} to {ci[1]:.3g})" if ci else ""
+        p = f", Holm-adjusted p {m['p_adjusted']:.2g}" if m.get("p_adjusted") is not None else ""
+        out.append(Finding(status, f"{who}{m['attack']} attack on {m['target']}{' / ' + m['task'] if m['task'] else ''}: "
+                           f"AUC {m['auc']:.3g}{interval}{p}: membership is measurably detectable"
+                           + (f" (lower bound at or above {auc_fail:g})" if status == "fail" else ""),
+                           m["hospital"], "an attack measured significant membership leakage"))
+    return out
+
+
+def lower_bound_findings(audit: dict, threshold: float) -> list[Finding]:
+    out = []
+    rows = [(a, max((x for x in (_num_or_none(a.get("eps_lb")), _num_or_none(a.get("eps_lb_one_run"))) if x is not None),
+                    default=None)) for a in audit["dp_audit"]]
+    rows += [(e, e["eps_lb"]) for e in audit["consistency"] if e["kind"] != "dp_audit"]
+    for a, lb in rows:
+        if lb is not None and lb > threshold:
+            who = f"{a['hospital']}: " if a.get("hospital") else ""
+            out.append(Finding("attention", f"{who}audit {a['path']}: empirical epsilon lower bound {lb:.3g} is above the "
+                               f"configured threshold {threshold:g} (report.eps_lower_bound_attention): the training "
+                               f"measurably leaks", a.get("hospital"), "an audit's epsilon lower bound is above the threshold"))
+    return out
 
 
 def audit_vs_accountant(audit: dict, hospitals: dict[str, HospitalFacts]) -> list[Finding]:
@@ -417,6 +549,12 @@ def artifact_paths(run_dir: Path, clients: list[str]) -> list[tuple[str, str | N
     return out
 
 
+def other_commitment(h: HospitalFacts) -> str:
+    """A public, anonymous commitment to one hospital's ledgers (federation and baseline heads): a partner checks
+    the others' part of its report against these hashes without their figures."""
+    return digest_of({"ledger": h.head, "baseline": (h.baseline or {}).get("head"), "hospital": h.name})
+
+
 def _ledger_times(run_dir: Path, hospitals: dict[str, HospitalFacts]) -> list[str]:
     times = []
     for h in hospitals.values():
@@ -452,15 +590,20 @@ def _facts(run_dir: Path) -> dict:
     else:
         findings["mia_low_fpr"].extend(audit_f)
     findings["audit_consistent_with_accountant"].extend(audit_vs_accountant(audit, hospitals))
+    findings["audit_consistent_with_accountant"].extend(consistency_findings(audit))
+    thresholds = run.cfg.report
+    findings["measured_leakage"].extend(leakage_findings(audit, thresholds.mia_auc_fail))
+    findings["dp_lower_bound"].extend(lower_bound_findings(audit, thresholds.eps_lower_bound_attention))
     dp_hosp = [h for h in hospitals.values() if h.dp]
     if not dp_hosp:
-        findings["differential_privacy"].append(Finding("attention", "no differential privacy: no hospital trained with DP-SGD; "
-                                                        "no epsilon is claimed", None, "no differential privacy"))
+        findings["differential_privacy"].append(Finding("fail", "no differential privacy: no hospital trained with DP-SGD, "
+                                                        "so the released models carry no formal privacy guarantee and no "
+                                                        "epsilon is claimed", None, "no differential privacy"))
     for h in hospitals.values():
         if not h.dp and dp_hosp:
-            h.findings.setdefault("differential_privacy", [])
-            findings["differential_privacy"].append(Finding("attention", f"{h.name} trained without differential privacy",
-                                                            h.name, "a hospital trained without DP"))
+            findings["differential_privacy"].append(Finding("fail", f"{h.name} trained without differential privacy: "
+                                                            "its records carry no guarantee", h.name,
+                                                            "a hospital trained without DP"))
     config = run_dir / "config.yaml"
     recorded = run.summary.get("config_sha256")
     config_sha = sha256_file(config) if config.is_file() else None
@@ -477,14 +620,25 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
     rows = []
     any_dp = f["any_dp"]
     mode = f["run"].cfg.federation.aggregation
+    no_ledger = (not any(h.ledger_exists for h in f["hospitals"].values())
+                 and not ((f["aggregation"].get("ckks") or {}).get("key_holder_ledger") or {}).get("exists"))
     for name, section, ok in CHECKS:
         found = f["findings"][name]
+        if not any_dp and name in DP_DEPENDENT:
+            reason = _reason(found, partner) if found else NO_DP_REASON
+            rows.append({"name": name, "status": "fail", "reason": reason, "section": section})
+            continue
         na = (
             (not any_dp and (name in DP_ONLY or name == "dp_label_has_accountant"))
             or (name == "he_parameters" and mode != "he")
             or (name == "secagg_dropout_margin" and mode != "secagg")
             or (name == "server_secret_key" and mode == "plain")
-            or (name == "audit_consistent_with_accountant" and not f["audit"]["dp_audit"])
+            or (name == "audit_consistent_with_accountant" and not f["audit"]["dp_audit"] and not f["audit"]["consistency"])
+            or (name == "ledger_verified" and no_ledger)
+            or (name == "measured_leakage" and not f["audit"]["mia"])
+            or (name == "dp_lower_bound" and not f["audit"]["dp_audit"]
+                and not any(e["eps_lb"] is not None for e in f["audit"]["consistency"]))
+            or (name == "baseline_spend_composed")
             or (name == "mia_low_fpr" and (not f["audit"]["mia"]
                                            or all(m["tpr_at_fpr"].get("0.001") is None for m in f["audit"]["mia"])))
         )
@@ -497,6 +651,11 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
                     "audit_consistent_with_accountant": "no canary DP audit in audit.json" if f["audit"]["run"] else "audit not run",
                     "mia_low_fpr": (f["audit"].get("low_fpr_note") or "no MIA result in audit.json") if f["audit"]["run"]
                     else "audit not run",
+                    "measured_leakage": "no MIA result in audit.json" if f["audit"]["run"] else "audit not run",
+                    "dp_lower_bound": "no epsilon lower bound in audit.json" if f["audit"]["run"] else "audit not run",
+                    "ledger_verified": "no privacy ledger in this run",
+                    "baseline_spend_composed": "no single-hospital baseline's DP spend in this run: the federation's "
+                                               "spend is the only one on each hospital's records",
                 }.get(name, "no differential privacy in this run"),
                 "pass": ok + (f" ({f['audit']['low_fpr_note']})" if name == "mia_low_fpr" and f["audit"].get("low_fpr_note") else ""),
             }[status]
@@ -533,29 +692,43 @@ def _hospital_entry(h: HospitalFacts) -> dict:
     }
 
 
-def _stats_or_none(values: list, n_others: int) -> dict | None:
-    return dist(values) if n_others >= MIN_OTHERS_FOR_STATS else None
+def coarse_band(values: list, step: float) -> dict | None:
+    """The values' range widened outward to multiples of ``step`` (never anyone's exact value): statistical
+    disclosure control for a partner report, where a min, median or max over a few hospitals is one of them."""
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return None
+    low = math.floor(min(vals) / step) * step
+    high = math.ceil(max(vals) / step) * step
+    if high <= low:
+        high = low + step
+    return {"low": round(low, 10), "high": round(high, 10), "step": step}
 
 
-def _others(hs: list[HospitalFacts]) -> dict:
+def min_others(run: RunFacts) -> int:
+    return int(getattr(getattr(run.cfg, "report", None), "min_other_hospitals", MIN_OTHERS_FOR_STATS))
+
+
+def _others(hs: list[HospitalFacts], k: int) -> dict:
+    """The other hospitals of a partner report: counts, and coarse bands only when there are at least ``k``."""
     n = len(hs)
     acc = [h.accounting or {} for h in hs]
     mech = [h.mechanism or {} for h in hs]
-    rounds_att = [sum(1 for p in h.participation if p["status"] == "trained") for h in hs]
+    shown = n >= k
+    band = lambda values, step: coarse_band(values, step) if shown else None
     return {
         "count": n,
         "dp_count": sum(h.dp for h in hs),
         "ledgers_verified": sum(h.ledger_verified for h in hs),
-        "stats_shown": n >= MIN_OTHERS_FOR_STATS,
-        "stats_note": None if n >= MIN_OTHERS_FOR_STATS else
-        f"fewer than {MIN_OTHERS_FOR_STATS} other hospitals: their figures are withheld (min/max would identify them)",
-        "epsilon_spent": _stats_or_none([a.get("epsilon_spent") for a in acc], n),
-        "epsilon_budget": _stats_or_none([a.get("epsilon_budget") for a in acc], n),
-        "delta": _stats_or_none([a.get("delta") for a in acc], n),
-        "gdp_mu": _stats_or_none([a.get("gdp_mu") for a in acc], n),
-        "noise_multiplier": _stats_or_none([m.get("noise_multiplier") for m in mech], n),
-        "rounds_attended": _stats_or_none(rounds_att, n),
-        "n_records_total": suppress(sum(m.get("n_records") or 0 for m in mech)) if n >= MIN_OTHERS_FOR_STATS and any(mech) else None,
+        "min_others": k,
+        "stats_shown": shown,
+        "stats_note": ("only coarse bands (ranges widened to whole steps) are shown: a minimum, median or maximum over "
+                       "a few hospitals is one hospital's own value") if shown else
+        f"fewer than {k} other hospitals (report.min_other_hospitals): their figures are withheld",
+        "epsilon_total": band([a.get("epsilon_total") for a in acc], 1.0),
+        "epsilon_budget": band([a.get("epsilon_budget") for a in acc], 1.0),
+        "gdp_mu": band([a.get("gdp_mu_total") for a in acc], 0.5),
+        "noise_multiplier": band([m.get("noise_multiplier") for m in mech], 0.5),
     }
 
 
@@ -575,15 +748,7 @@ def _epsilon_series(hs: dict[str, HospitalFacts], view: list[str], others: list[
             out["planned_epsilon"][c] = acc["planned_epsilon"]
             out["skipped"][c] = [x["round"] for x in acc["epsilon_by_round"] if x["status"] != "trained"]
     if others:
-        if len(others) >= MIN_OTHERS_FOR_STATS:
-            cols = [series(hs[c]) for c in others if hs[c].accounting]
-            band = []
-            for i in range(rounds):
-                vals = [s[i] for s in cols if i < len(s) and s[i] is not None]
-                band.append(dist(vals))
-            out["others"] = band
-        else:
-            out["others"] = None
+        out["others"] = None  # a per-round band over the others would trace each of them: not shown
     return out
 
 
@@ -616,9 +781,7 @@ def _utility(f: dict, partner: str | None, reference: dict | None) -> dict:
                 if single.get(partner, {}).get(task):
                     row["single_hospital"] = {partner: _pick(single[partner][task])}
                 others = [c for c in single if c != partner and single[c].get(task)]
-                if len(others) >= MIN_OTHERS_FOR_STATS:
-                    row["single_hospital_others"] = {
-                        m: dist([single[c][task].get(m) for c in others]) for m in ("accuracy", "auroc")}
+                row["single_hospital_others"] = {"count": len(others)}  # no figure: each would be one hospital's
         if not row["client_model"] and not row["foundation_model"]:
             row["note"] = "not evaluated in this run" + (" (unseen tasks are answered only by the foundation model)" if role != "train" else "")
         rows.append(row)
@@ -656,7 +819,7 @@ def _inventory(f: dict, partner: str | None) -> dict:
         if partner:
             others = [hc for c, hc in t["hospitals"].items() if c != partner]
             entry["other_hospitals"] = {"count": len(others),
-                                        "records": suppress(sum(h["records"] for h in others)) if len(others) >= MIN_OTHERS_FOR_STATS else None}
+                                        "records": suppress(sum(h["records"] for h in others)) if len(others) >= min_others(run) else None}
         tasks.append(entry)
     if not tasks:  # no data plan: the summary's totals only
         for name, t in (run.summary.get("tasks") or {}).items():
@@ -700,8 +863,10 @@ def _provenance(f: dict, partner: str | None, generated_at: str) -> dict:
             "run_seconds": run.summary.get("seconds"),
         },
         "ledger_heads": {c: hs[c].head for c in view},
+        "baseline_ledger_heads": {c: hs[c].baseline["head"] for c in view if hs[c].baseline},
         "ledger_entries": {c: hs[c].n_entries for c in view},
         "other_hospitals_ledger_heads_sha256": digest_of({c: hs[c].head for c in others}) if others else None,
+        "other_hospitals_commitments": sorted(other_commitment(hs[c]) for c in others),
         "keyholder_ledger_head": kh.get("head"),
         "artifacts": artifacts,
         "other_hospitals_artifacts_sha256": digest_of(other_art) if other_art else None,
@@ -743,7 +908,7 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
     generated_at = utc_now()
     checks = _check_rows(f, partner)
     overall = worst(c["status"] for c in checks)
-    rounds = max(run.rounds_run, max((len((h.accounting or {}).get("epsilon_by_round", [])) for h in hs.values()), default=0))
+    rounds = rounds_of(run, hs)
     agg = {k: v for k, v in f["aggregation"].items()}
     if agg.get("ckks"):
         ckks = dict(agg["ckks"])
@@ -765,9 +930,10 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
         "status": {"overall": overall, "counts": {s: sum(c["status"] == s for c in checks) for s in STATUSES}},
         "checks": checks,
         "scope": text.scope(run.cfg, partner, len(run.clients)),
-        "privacy_definition": text.privacy_definition(run.cfg, f["any_dp"], _per_patient(run), view),
+        "privacy_definition": text.privacy_definition(run.cfg, f["any_dp"], _per_patient(run), view,
+                                                      any(hs[c].baseline for c in view)),
         "hospitals": [_hospital_entry(hs[c]) for c in view],
-        "other_hospitals": _others([hs[c] for c in others]) if partner else None,
+        "other_hospitals": _others([hs[c] for c in others], min_others(run)) if partner else None,
         "accounting": {
             "accountants": sorted({h.accounting["accountant"] for h in hs.values() if h.accounting}),
             "accountant_libraries": sorted({str(h.accounting["accountant_library"]) for h in hs.values() if h.accounting}),
@@ -794,14 +960,19 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
     }
     by_name = {c["name"]: c for c in checks}
     report["hazards"] = text.hazards(by_name)
-    report["regulatory_mapping"] = text.regulatory(by_name)
+    report["regulatory_mapping"] = text.regulatory(by_name, f["any_dp"])
     report["guarantee_statement"] = text.guarantee(report, run.cfg)
     report["summary"] = text.summary(report, run.cfg, rounds)
+    report["summary"]["first_page"] = text.first_page(report, run.cfg)
     order = ["schema_version", "report_id", "generated_at", "generator", "run_id", "federation_name", "partner",
              "status", "summary", "checks", "guarantee_statement", "scope", "privacy_definition", "hospitals",
              "other_hospitals", "accounting", "budget", "aggregation", "threat_model", "audit", "utility",
              "data_inventory", "provenance", "regulatory_mapping", "hazards", "limitations", "sign_off", "glossary", "plots"]
     return {k: report[k] for k in order}
+
+
+def rounds_of(run: RunFacts, hs: dict[str, HospitalFacts]) -> int:
+    return max(run.rounds_run, max((len((h.accounting or {}).get("epsilon_by_round", [])) for h in hs.values()), default=0))
 
 
 def _per_patient(run: RunFacts) -> dict[str, int | None]:
@@ -821,13 +992,13 @@ def _audit_view(audit: dict, partner: str | None) -> dict:
     out["mia"] = [e for e in audit["mia"] if mine(e)]
     out["dp_audit"] = [e for e in audit["dp_audit"] if mine(e)]
     out["reconstruction"] = [e for e in audit["reconstruction"] if mine(e)]
+    out["consistency"] = [e for e in audit["consistency"] if mine(e)]
     out["roc_images"] = [p for p in audit["roc_images"] if p["hospital"] in (None, partner)]
     names = audit.get("_clients", [])
     out["skipped"] = [x for x in audit.get("skipped", []) if not any(c in x["what"] + x["why"] for c in names if c != partner)]
     out["other_hospitals"] = {
         "hospitals": n_oh,
         "mia_results": len(others_mia),
-        "max_auc": max((e["auc"] for e in others_mia), default=None) if n_oh >= MIN_OTHERS_FOR_STATS else None,
         "dp_audits": len(others_dp),
         "all_consistent_with_accountant": all(e.get("consistent_with_accountant") is not False for e in others_dp) if others_dp else None,
     }

@@ -123,6 +123,7 @@ class HospitalFacts:
     mechanism: dict | None = None
     accounting: dict | None = None
     commitments: list[dict] = field(default_factory=list)
+    baseline: dict | None = None  # the single-hospital baseline's ledger, when the run has one
     findings: dict[str, list[Finding]] = field(default_factory=dict)
 
     def add(self, check: str, status: str, message: str, anonymous: str) -> None:
@@ -195,7 +196,73 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     h.commitments = [_commitment(e) for e in of_run if e.get("event") == "dataset_commitment"]
     h.participation = run.participation(name)
     _dp_facts(run, h, of_run, config_dp)
+    _baseline_facts(run, h)
     return h
+
+
+def _baseline_facts(run: "RunFacts", h: HospitalFacts) -> None:
+    """Compose the single-hospital baseline's DP spend (``baseline/<h>/ledger.jsonl``) into the hospital's epsilon.
+
+    The baseline trains on the same records and its test metrics are released, so by sequential composition
+    its spend counts against the same records: the reported epsilon is that of both histories together."""
+    rel = f"baseline/{h.name}/ledger.jsonl"
+    path = run.run_dir / rel
+    released = h.name in (run.summary.get("single_hospital_test") or {})
+    if not path.is_file():
+        if released and h.dp:
+            h.add("baseline_spend_composed", "fail",
+                  f"{h.name}: the single-hospital baseline's test metrics are released but {rel} is missing, so its "
+                  f"DP spend on the same records cannot be composed", "a released baseline's spend is not accounted")
+        return
+    entries, err = read_ledger(path, run.run_dir)
+    h.baseline = {"ledger": rel, "verified": entries is not None, "error": err,
+                  "head": (entries[-1]["hash"] if entries else GENESIS_HASH) if entries is not None else None,
+                  "released": released, "epsilon": None}
+    if entries is None:
+        h.add("baseline_spend_composed", "fail", f"{rel} does not verify: {err}", "a baseline ledger does not verify")
+        return
+    rounds = [e for e in entries if e.get("event") == "dp_round"]
+    if not rounds or h.accounting is None:
+        return
+    acc, delta = h.accounting["accountant"], h.accounting["delta"]
+    try:
+        baseline_history = history_of(rounds)
+    except (KeyError, TypeError, ValueError) as e:
+        h.add("baseline_spend_composed", "fail", f"{rel}: a dp_round entry is not accountable: {e}",
+              "a baseline ledger entry cannot be accounted")
+        return
+    own = account(baseline_history, delta, acc)
+    recorded = rounds[-1].get("epsilon")
+    if recorded is not None and not close(recorded, finite(account(baseline_history, float(rounds[-1].get("delta", delta)), acc))):
+        h.add("epsilon_recomputed", "fail", f"{rel} seq {rounds[-1].get('seq')} records epsilon {recorded!r}; the {acc} "
+              f"accountant recomputes {own!r}", "a recorded epsilon differs from its recomputation")
+    both = history_of(h.dp_rounds) + baseline_history
+    total = account(both, delta, acc)
+    try:
+        total_pld = independent(both, delta, "pld")
+    except Exception:  # the cross-check must not hide the report
+        total_pld = None
+    h.baseline["epsilon"] = finite(own)
+    a = h.accounting
+    a["released_spends"].append({"source": rel, "what": "single-hospital baseline (same records, metrics released)",
+                                 "epsilon": finite(own)})
+    a["epsilon_total"] = finite(total)
+    a["epsilon_total_pld"] = finite(total_pld) if total_pld is not None else None
+    a["gdp_mu_total"] = finite(gdp_mu(both))
+    a["composition"] = ("sequential composition of the federation's and the baseline's DP-SGD steps on the same "
+                        f"records, by the {acc.upper()} accountant (dp_accounting PLD as a cross-check)")
+    h.add("baseline_spend_composed", "pass",
+          f"{h.name}: the baseline's spend ({rel}, epsilon {own:.4g}) is composed with the federation's "
+          f"({a['epsilon_spent']:.4g}) into epsilon {total:.4g}", "the single-hospital baseline's spend is composed")
+    budget = a["epsilon_budget"]
+    if total > budget * (1 + BUDGET_SLACK):
+        h.add("budget_respected", "fail",
+              f"{h.name}: its records carry epsilon {total:.4g} (federation {a['epsilon_spent']:.4g} composed with the "
+              f"single-hospital baseline {own:.4g}), over its budget {budget:.4g}",
+              "a hospital's composed spend exceeds its budget")
+    if total > 10 and a["epsilon_spent"] <= 10 and budget <= 10:
+        h.add("epsilon_tier", "attention", f"{h.name}: composed epsilon {total:.4g} (federation and baseline) is above 10: "
+              "a weak guarantee", "a hospital's epsilon is above 10")
 
 
 def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: bool) -> None:
@@ -408,6 +475,11 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         "one_over_n": 1.0 / n if isinstance(n, int) and n > 0 else None,
         "delta_lt_1_over_n": delta_ok,
         "epsilon_spent": finite(spent),
+        "epsilon_total": finite(spent),
+        "epsilon_total_pld": finite(ind) if method == "pld" and ind is not None else None,
+        "gdp_mu_total": finite(gdp_mu(history)),
+        "released_spends": [{"source": h.ledger_rel, "what": "federated training (every update sent)", "epsilon": finite(spent)}],
+        "composition": "the federation's DP-SGD steps only: no other DP release on these records",
         "epsilon_budget": budget,
         "epsilon_remaining": finite(budget - spent),
         "planned_epsilon": finite(planned) if planned is not None else None,

@@ -9,6 +9,7 @@ canvas (pyplot's global state is left alone) from the data series that report.js
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -18,25 +19,31 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .build import build_report
-from .sign import PUBLIC_KEY, SIGNING_DIR, ensure_report_key, fingerprint, sign_bytes
-from .text import g
+from .sign import load_issuer, manifest, sign_bytes
+from .text import CHECK_TITLES, g
 
-COLORS = {"pass": "#1e7b34", "attention": "#b26a00", "fail": "#b3261e", "not_applicable": "#6b6b6b"}
-FILLS = {"pass": (214, 240, 220), "attention": (255, 236, 200), "fail": (248, 215, 212), "not_applicable": (230, 230, 230)}
+COLORS = {"pass": "#1e7b34", "attention": "#b26a00", "fail": "#b3261e", "not_applicable": "#6b6b6b", "inconclusive": "#3b5b8c"}
+FILLS = {"pass": (214, 240, 220), "attention": (255, 236, 200), "fail": (248, 215, 212), "not_applicable": (230, 230, 230),
+         "inconclusive": (216, 226, 242)}
+DECISION_STATUS = {"do not release": "fail", "release with conditions": "attention", "release": "pass"}
+MIN_PDF_PT = 8  # no PDF text below this size
+MAX_ROC_IMAGES = 6
 SECTIONS = [
-    ("summary", "1. Summary"),
-    ("guarantee", "2. Guarantee statement"),
-    ("privacy", "3. Privacy definition and accounting"),
-    ("budget", "4. Budget ledger and enforcement"),
-    ("aggregation", "5. Aggregation confidentiality"),
-    ("threats", "6. Threat model"),
-    ("audit", "7. Empirical audits"),
-    ("utility", "8. Utility"),
-    ("inventory", "9. Data inventory (counts only)"),
-    ("provenance", "10. Provenance and integrity"),
-    ("regulatory", "11. Regulatory mapping"),
-    ("hazards", "12. Hazards and limitations"),
-    ("glossary", "13. Glossary and sign-off"),
+    ("summary", "1. Summary and decision"),
+    ("checks", "2. Checks"),
+    ("guarantee", "3. Guarantee statement"),
+    ("scope", "4. Intended use, roles and data flow"),
+    ("privacy", "5. Privacy definition and accounting"),
+    ("budget", "6. Budget ledger and enforcement"),
+    ("aggregation", "7. Aggregation confidentiality"),
+    ("threats", "8. Threat model"),
+    ("audit", "9. Empirical audits"),
+    ("utility", "10. Utility"),
+    ("inventory", "11. Data inventory (counts only)"),
+    ("provenance", "12. Provenance and integrity"),
+    ("regulatory", "13. Regulatory mapping"),
+    ("hazards", "14. Hazards and limitations"),
+    ("glossary", "15. Glossary and sign-off"),
 ]
 
 
@@ -122,11 +129,9 @@ def plot_epsilon(series: dict | None) -> bytes | None:
 
 
 def plot_burndown(report: dict) -> bytes | None:
-    rows = [(h["hospital"], h["accounting"]) for h in report["hospitals"] if h.get("accounting")]
-    o = report.get("other_hospitals")
-    if o and o.get("stats_shown") and o.get("epsilon_spent") and o.get("epsilon_budget"):
-        rows.append(("others (median)", {"epsilon_spent": o["epsilon_spent"]["median"],
-                                         "epsilon_budget": o["epsilon_budget"]["median"]}))
+    rows = [(h["hospital"], {"epsilon_spent": h["accounting"]["epsilon_total"],
+                             "epsilon_budget": h["accounting"]["epsilon_budget"]})
+            for h in report["hospitals"] if h.get("accounting")]
     if not rows:
         return None
     fig = _figure(6.4, 0.6 + 0.45 * len(rows))
@@ -136,7 +141,7 @@ def plot_burndown(report: dict) -> bytes | None:
     remaining = [max(r[1]["epsilon_budget"] - (r[1]["epsilon_spent"] or 0), 0) for r in rows]
     ax.barh(names, spent, color="C0", label="spent")
     ax.barh(names, remaining, left=spent, color="C2", alpha=0.4, label="remaining")
-    ax.set_xlabel("epsilon")
+    ax.set_xlabel("epsilon (every released spend composed)")
     ax.set_title("Budget burn-down at the end of the run", fontsize=9)
     ax.legend(fontsize=7)
     ax.invert_yaxis()
@@ -212,9 +217,10 @@ def plot_audit_bounds(report: dict) -> bytes | None:
 # ------------------------------------------------------------------------------------------ blocks
 @dataclass
 class Block:
-    kind: str  # h1 h2 h3 p ul kv table img big pre
+    kind: str  # h1 h2 h3 p ul kv table img big pre decision break
     data: Any
     extra: Any = None
+    style: str | None = None  # "compact": a narrow two-column table
 
 
 def _st(s: str) -> str:
@@ -235,6 +241,29 @@ def _v(x) -> str:
     return str(x)
 
 
+def _interval(ci) -> str:
+    """An interval as one unbreakable word (an en dash, no spaces): it never wraps between its ends."""
+    return "-" if not ci else f"{g(ci[0], 3)}\u2013{g(ci[1], 3)}"
+
+
+def _first_page(B: list[Block], report: dict) -> None:
+    """Section 1: the decision and its reasons, epsilon per hospital in plain words, the worst measured leakage,
+    what is not covered, the checks in words. Fits on the first PDF page."""
+    fp = report["summary"]["first_page"]
+    B.append(Block("h2", dict(SECTIONS)["summary"], "summary"))
+    B.append(Block("decision", f"Decision: {fp['decision'].upper()}", DECISION_STATUS[fp["decision"]]))
+    reasons = [r if len(r) <= 300 else r[:290].rsplit(" ", 1)[0] + " ... (section 2)" for r in fp["reasons"]]
+    B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (section 2)"] if len(reasons) > 6 else [])))
+    rows = [[h["hospital"], _v(h["epsilon"]), _v(h["delta"]), _v(h["gdp_mu"]), h["reading"]] for h in fp["hospitals"]]
+    B.append(Block("table", (["hospital", "epsilon", "delta", "Gaussian-DP mu", "what it means"], rows), None))
+    if fp.get("other_hospitals"):
+        B.append(Block("p", fp["other_hospitals"] + "."))
+    B.append(Block("kv", [("worst measured leakage", fp["worst_leakage_text"]),
+                          ("not covered", "; ".join(fp["not_covered"]) + " (full list in section 3)")]))
+    B.append(Block("table", (["check", "status"], [[c["title"], c["status"]] for c in fp["checks"]]), 1, "compact"))
+    B.append(Block("p", report["summary"]["plain_language"]))
+
+
 def blocks(report: dict, run_dir: Path) -> list[Block]:
     B: list[Block] = []
     h2 = lambda key: B.append(Block("h2", dict(SECTIONS)[key], key))
@@ -242,23 +271,15 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     title = f"Compliance report: run {report['run_id']}" + (f" for {partner}" if partner else " (federation)")
     B.append(Block("h1", title))
     st = report["status"]["overall"]
-    B.append(Block("p", f"Federation '{report['federation_name']}'. Generated {report['generated_at']}. Report id "
-                   f"{report['report_id']}. Schema {report['schema_version']}. Overall status: {st.upper()}.", st))
-    # 1 summary
-    h2("summary")
-    B.append(Block("p", report["summary"]["plain_language"]))
-    hl = report["summary"]["headline"]
-    if partner:
-        B.append(Block("big", [("epsilon", _v(hl.get("epsilon"))), ("delta", _v(hl.get("delta"))),
-                               ("Gaussian-DP mu", _v(hl.get("gdp_mu"))), ("budget", _v(hl.get("epsilon_budget")))]))
-    elif hl.get("epsilon_spent"):
-        e = hl["epsilon_spent"]
-        B.append(Block("big", [("epsilon (min-max)", f"{g(e['min'])} - {g(e['max'])}"), ("delta (max)", _v(hl.get("delta_max"))),
-                               ("Gaussian-DP mu (max)", _v(hl.get("gdp_mu_max")))]))
-    else:
-        B.append(Block("big", [("differential privacy", "none")]))
+    B.append(Block("p", f"Federation '{report['federation_name']}'. Generated {report['generated_at']}. Overall status: "
+                   f"{st.upper()}.", st))
+    _first_page(B, report)
+    B.append(Block("break", None))
+    h2("checks")
     B.append(Block("table", (["check", "status", "reason"],
-                             [[c["name"], c["status"], c["reason"]] for c in report["checks"]]), 1))
+                             [[CHECK_TITLES.get(c["name"], c["name"]), c["status"], c["reason"]] for c in report["checks"]]), 1))
+    B.append(Block("p", "Status rules: a check with nothing behind it is 'not applicable', never 'pass'; 'inconclusive' "
+                        "means the evidence cannot decide. The machine names of the checks are in report.json."))
     # 2 guarantee
     h2("guarantee")
     gs = report["guarantee_statement"]
@@ -266,7 +287,15 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
         B.append(Block("p", para))
     B.append(Block("p", "This guarantee does not cover:"))
     B.append(Block("ul", gs["does_not_cover"]))
-    # 3 privacy definition and accounting
+    h2("scope")
+    sc = report["scope"]
+    B.append(Block("kv", [("intended use", sc["intended_use"]), ("purpose", sc["purpose"])]))
+    B.append(Block("h3", "Roles"))
+    B.append(Block("table", (["party", "role"], [[r["party"], r["role"]] for r in sc["roles"]]), None))
+    B.append(Block("h3", "Data flow: what leaves which boundary, in which form"))
+    B.append(Block("table", (["artifact", "from", "to", "form", "privacy protection"],
+                             [[r["artifact"], r["from"], r["to"], r["form"], r["privacy_protection"]]
+                              for r in sc["release_scope"]]), None))
     h2("privacy")
     pdef = report["privacy_definition"]
     B.append(Block("kv", [("DP setting", pdef["dp_setting"]), ("privacy unit", _v(pdef["privacy_unit"])),
@@ -286,7 +315,11 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
                                    f"{m['rounds_attended']} / {m['rounds_planned']}", _v(m["n_records"]), _v(m["secure_mode"])]
                                   for h in dp_h for m in [h["mechanism"]]]), None))
         B.append(Block("h3", "Accounting per hospital"))
-        B.append(Block("table", (["hospital", "accountant", "epsilon spent", "budget", "remaining", "delta", "1/n",
+        B.append(Block("table", (["hospital", "released spends (ledger: epsilon)", "epsilon (composed)", "dp_accounting PLD"],
+                                 [[h["hospital"], "; ".join(f"{x['source']}: {_v(x['epsilon'])}" for x in a["released_spends"]),
+                                   _v(a["epsilon_total"]), _v(a.get("epsilon_total_pld"))]
+                                  for h in dp_h for a in [h["accounting"]]]), None))
+        B.append(Block("table", (["hospital", "accountant", "federation epsilon", "budget", "remaining", "delta", "1/n",
                                   "Gaussian-DP mu", "independent (library, method)", "relative difference", "patient level"],
                                  [[h["hospital"], f"{a['accountant']} ({a['accountant_library']})", _v(a["epsilon_spent"]),
                                    _v(a["epsilon_budget"]), _v(a["epsilon_remaining"]), _v(a["delta"]), _v(a["one_over_n"]),
@@ -309,12 +342,11 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     if o:
         B.append(Block("h3", f"The other {o['count']} hospitals (aggregate only)"))
         if o["stats_shown"]:
-            B.append(Block("table", (["figure", "min", "median", "max"],
-                                     [[k.replace("_", " "), _v(o[k]["min"]), _v(o[k]["median"]), _v(o[k]["max"])]
-                                      for k in ("epsilon_spent", "epsilon_budget", "delta", "gdp_mu", "noise_multiplier",
-                                                "rounds_attended") if o.get(k)]), None))
-        else:
-            B.append(Block("p", o["stats_note"]))
+            B.append(Block("table", (["figure", "each of them lies between"],
+                                     [[k.replace("_", " "), f"{_v(o[k]['low'])} and {_v(o[k]['high'])}"]
+                                      for k in ("epsilon_total", "epsilon_budget", "gdp_mu", "noise_multiplier") if o.get(k)]),
+                           None))
+        B.append(Block("p", o["stats_note"]))
     img = plot_epsilon(report["plots"]["epsilon_by_round"])
     if img:
         B.append(Block("img", img, "Epsilon over rounds per hospital, with budgets"))
@@ -366,12 +398,19 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     if not au["run"]:
         B.append(Block("p", au["note"] or "audit not run"))
     else:
+        if au.get("consistency"):
+            B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
+            B.append(Block("table", (["audit", "hospital", "task", "status", "largest epsilon it can certify", "reasons"],
+                                     [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]), c["status"],
+                                       _v(c["max_certifiable_epsilon"]), "; ".join(c["reasons"])] for c in au["consistency"]]),
+                           3))
+        B.append(Block("h3", "Membership inference, every result"))
         if au["mia"]:
             fprs = sorted({k for m in au["mia"] for k in m["tpr_at_fpr"]}, key=float)
-            B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI"] + [f"TPR@{k}" for k in fprs] +
-                                     ["members / non-members"],
+            B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI", "significant"]
+                                     + [f"TPR@{k}" for k in fprs] + ["members / non-members"],
                                      [[_v(m["hospital"]), _v(m["target"]), _v(m["task"]), m["attack"], _v(m["auc"]),
-                                       _v(m["auc_ci95"])] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
+                                       _interval(m.get("auc_ci") or m["auc_ci95"]), _v(m.get("significant"))] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
                                                              k in (m.get("tpr_at_fpr_note") or {}) else _v(m["tpr_at_fpr"].get(k))
                                                              for k in fprs] +
                                       [f"{_v(m['n_members'])} / {_v(m['n_nonmembers'])}"] for m in au["mia"]]), None))
@@ -391,10 +430,12 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
         img = plot_audit_bounds(report)
         if img:
             B.append(Block("img", img, "Empirical epsilon lower bound vs accountant epsilon"))
-        for roc in au["roc_images"]:
-            p = run_dir / roc["path"]
-            if p.is_file():
-                B.append(Block("img", p.read_bytes(), f"ROC curve (log-log): {roc['path']}"))
+        shown = [r for r in au["roc_images"] if (run_dir / r["path"]).is_file()][:MAX_ROC_IMAGES]
+        for roc in shown:
+            B.append(Block("img", (run_dir / roc["path"]).read_bytes(), f"ROC curve (log-log): {roc['path']}"))
+        if len(au["roc_images"]) > len(shown):
+            B.append(Block("p", f"{len(au['roc_images']) - len(shown)} more ROC curves are in the run's audit/ directory "
+                                f"(listed with their hashes in section 12)."))
     # 8 utility
     h2("utility")
     ut = report["utility"]
@@ -412,9 +453,8 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
                 rows.append([t["task"], "seen" if t["seen"] else "unseen", f"single hospital {c}", _v(m.get("accuracy")),
                              _v(m.get("auroc")), _v(m.get("f1")), _v(m.get("mcc")), _v(m.get("n"))])
         if t.get("single_hospital_others"):
-            so = t["single_hospital_others"]
-            rows.append([t["task"], "seen" if t["seen"] else "unseen", "single hospital, others (median)",
-                         _v((so.get("accuracy") or {}).get("median")), _v((so.get("auroc") or {}).get("median")), "-", "-", "-"])
+            rows.append([t["task"], "seen" if t["seen"] else "unseen",
+                         f"single hospital, {t['single_hospital_others']['count']} others: not shown", "-", "-", "-", "-", "-"])
         if t.get("note"):
             rows.append([t["task"], "seen" if t["seen"] else "unseen", t["note"], "-", "-", "-", "-", "-"])
     B.append(Block("table", (["task", "seen", "model", "accuracy", "AUROC", "F1", "MCC", "n"], rows), None))
@@ -452,9 +492,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
                              [[c, _v(hd), _v(pv["ledger_entries"].get(c))] for c, hd in pv["ledger_heads"].items()]), None))
     B.append(Block("table", (["artifact", "sha256", "bytes"], [[a["path"], a["sha256"], _v(a["bytes"])] for a in pv["artifacts"]]), None))
     sig = pv.get("signature") or {}
-    B.append(Block("p", f"Signature: {sig.get('algorithm', '-')} over {sig.get('signed_bytes', '-')}, in {sig.get('signature_file', '-')}; "
-                        f"public key {sig.get('public_key_path', '-')} (sha256 of the raw key {sig.get('public_key_sha256', '-')}). "
-                        f"{sig.get('key_custody', '')}"))
+    who = sig.get("signer") or {}
+    B.append(Block("p", f"Signed by {who.get('name', '-')} ({who.get('organisation', '-')}), Ed25519 key fingerprint "
+                        f"(sha256 of the raw public key) {sig.get('public_key_sha256', '-')}: {sig.get('signed_bytes', '-')} "
+                        f"in {sig.get('signature_file', '-')}; {sig.get('files_manifest', '')}. {sig.get('key_custody', '')}"))
     B.append(Block("pre", (pv.get("verify_command") or "") + ("\n" + sig["openssl_command"] if sig.get("openssl_command") else "")))
     # 11 regulatory
     h2("regulatory")
@@ -484,14 +525,18 @@ h1{font-size:22px;border-bottom:3px solid #333;padding-bottom:6px}
 h2{font-size:18px;margin-top:32px;border-bottom:1px solid #aaa;padding-bottom:3px}
 h3{font-size:15px;margin-top:18px}
 table{border-collapse:collapse;width:100%;margin:8px 0 14px 0;font-size:12.5px}
-th,td{border:1px solid #c8c8c8;padding:4px 6px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
+th,td{border:1px solid #c8c8c8;padding:4px 6px;vertical-align:top;text-align:left;overflow-wrap:break-word}
+table.compact{width:auto;min-width:50%}
+.decision{font-size:24px;font-weight:bold;padding:8px 14px;border-radius:6px}
+.hash{font-size:11px;color:#555;overflow-wrap:anywhere}
+.inconclusive{background:#d8e2f2;color:#3b5b8c}
 th{background:#f0f0f0}
 td.st{font-weight:bold;white-space:nowrap}
 .pass{background:#d6f0dc;color:#1e7b34}.attention{background:#ffecc8;color:#8a5200}.fail{background:#f8d7d4;color:#b3261e}.not_applicable{background:#e6e6e6;color:#555}
 .badge{display:inline-block;padding:2px 10px;border-radius:10px;font-weight:bold}
 .big{display:flex;gap:18px;flex-wrap:wrap;margin:12px 0}.big>div{border:1px solid #ccc;border-radius:6px;padding:8px 14px;min-width:130px}
 .big .v{font-size:26px;font-weight:bold}.big .l{font-size:12px;color:#555}
-dl{display:grid;grid-template-columns:220px 1fr;gap:3px 12px;font-size:13px}dt{font-weight:bold;color:#444}dd{margin:0;overflow-wrap:anywhere}
+dl{display:grid;grid-template-columns:220px 1fr;gap:3px 12px;font-size:13px}dt{font-weight:bold;color:#444}dd{margin:0;overflow-wrap:break-word}
 pre{background:#f5f5f5;padding:8px;overflow-x:auto;font-size:12px}
 figure{margin:10px 0}figcaption{font-size:12px;color:#555}img{max-width:100%}
 nav a{margin-right:10px;font-size:12.5px}
@@ -499,15 +544,20 @@ nav a{margin-right:10px;font-size:12.5px}
 """
 
 
-def render_html(report: dict, run_dir: Path, bl: list[Block] | None = None) -> str:
+def render_html(report: dict, run_dir: Path, bl: list[Block] | None = None, json_sha256: str | None = None) -> str:
+    """One self-contained page; ``json_sha256`` (the sha256 of the report.json it renders) goes into a meta tag
+    and under the title, where ``verify`` and readers find it."""
     bl = bl if bl is not None else blocks(report, run_dir)
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f'<meta name="report-json-sha256" content="{e(json_sha256 or "")}">',
            f"<title>{e(bl[0].data)}</title><style>{CSS}</style></head><body>"]
     for b in bl:
         if b.kind == "h1":
             out.append(f"<h1>{e(b.data)}</h1>")
+            if json_sha256:
+                out.append(f'<p class="hash">Renders report.json with sha256 {e(json_sha256)}</p>')
             out.append("<nav>" + "".join(f'<a href="#{k}">{e(t)}</a>' for k, t in SECTIONS) + "</nav>")
         elif b.kind == "h2":
             out.append(f'<h2 id="{b.extra}">{e(b.data)}</h2>')
@@ -516,6 +566,10 @@ def render_html(report: dict, run_dir: Path, bl: list[Block] | None = None) -> s
         elif b.kind == "p":
             cls = f' <span class="badge {b.extra}">{e(b.extra.upper())}</span>' if b.extra else ""
             out.append(f"<p>{e(b.data)}{cls}</p>")
+        elif b.kind == "decision":
+            out.append(f'<p class="decision {b.extra}">{e(b.data)}</p>')
+        elif b.kind == "break":
+            continue
         elif b.kind == "ul":
             out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b.data) + "</ul>")
         elif b.kind == "kv":
@@ -531,7 +585,8 @@ def render_html(report: dict, run_dir: Path, bl: list[Block] | None = None) -> s
         elif b.kind == "table":
             head, rows = b.data
             col = b.extra
-            out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
+            compact = ' class="compact"' if b.style == "compact" else ""
+            out.append(f"<table{compact}><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
             for r in rows:
                 cells = []
                 for i, c in enumerate(r):
@@ -553,7 +608,7 @@ def _fonts() -> dict[str, str]:
     return {"": str(d / "DejaVuSans.ttf"), "B": str(d / "DejaVuSans-Bold.ttf"), "mono": str(d / "DejaVuSansMono.ttf")}
 
 
-def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> bytes:
+def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None, json_sha256: str | None = None) -> bytes:
     from fpdf import FPDF
     from fpdf.enums import TableCellFillMode, XPos, YPos
     from fpdf.fonts import FontFace
@@ -564,18 +619,24 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> by
     class PDF(FPDF):
         def footer(self):
             self.set_y(-12)
-            self.set_font("dv", size=7)
+            self.set_font("dv", size=MIN_PDF_PT)
             self.set_text_color(110)
-            self.cell(0, 6, f"{report['run_id']} - report {report['report_id']} - page {self.page_no()}/{{nb}}", align="C")
+            self.cell(0, 4, f"page {self.page_no()}/{{nb}} - report {report['report_id']}", align="C",
+                      new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+            if json_sha256:
+                self.cell(0, 4, f"renders report.json sha256 {json_sha256}", align="C")
             self.set_text_color(0)
 
     pdf = PDF(orientation="P", unit="mm", format="A4")
     pdf.set_title(bl[0].data)
     pdf.set_creator("secure-fedkim report")
+    pdf.set_creation_date(__import__("datetime").datetime.fromisoformat(report["generated_at"].replace("Z", "+00:00")))
+    if json_sha256:
+        pdf.set_subject(f"report-json-sha256:{json_sha256}")
     pdf.add_font("dv", "", fonts[""])
     pdf.add_font("dv", "B", fonts["B"])
     pdf.add_font("dvmono", "", fonts["mono"])
-    pdf.set_auto_page_break(True, margin=15)
+    pdf.set_auto_page_break(True, margin=18)
     pdf.set_margins(14, 14, 14)
     pdf.add_page()
     width = pdf.epw
@@ -596,6 +657,14 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> by
             para(b.data, 12.5, "B")
         elif b.kind == "h3":
             para(b.data, 10.5, "B")
+        elif b.kind == "break":
+            pdf.add_page()
+        elif b.kind == "decision":
+            pdf.set_fill_color(*FILLS[b.extra])
+            pdf.set_font("dv", "B", 16)
+            pdf.multi_cell(width, 9, b.data, fill=True, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+            pdf.set_fill_color(255, 255, 255)
+            pdf.ln(1.5)
         elif b.kind == "p":
             if b.extra:
                 pdf.set_fill_color(*FILLS[b.extra])
@@ -607,9 +676,9 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> by
                 para(b.data)
         elif b.kind == "ul":
             for item in b.data:
-                para("\u2022 " + item, 9)
+                para("\u2022 " + item, 8.5)
         elif b.kind == "kv":
-            pdf.set_font("dv", size=8)
+            pdf.set_font("dv", size=MIN_PDF_PT)
             with pdf.table(col_widths=(1, 3), first_row_as_headings=False, text_align="LEFT",
                            line_height=3.8, cell_fill_mode=TableCellFillMode.NONE) as t:
                 for k, v in b.data:
@@ -621,7 +690,7 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> by
             pdf.set_font("dv", "B", 15)
             para("    ".join(f"{k}: {v}" for k, v in b.data), 13, "B")
         elif b.kind == "pre":
-            pdf.set_font("dvmono", size=7.5)
+            pdf.set_font("dvmono", size=MIN_PDF_PT)
             pdf.multi_cell(width, 4, b.data, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
             pdf.ln(1.5)
         elif b.kind == "img":
@@ -633,15 +702,16 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> by
             if pdf.get_y() + h_mm > pdf.h - 20:
                 pdf.add_page()
             pdf.image(io.BytesIO(b.data), w=w_mm)
-            para(b.extra, 7.5)
+            para(b.extra, MIN_PDF_PT)
         elif b.kind == "table":
             head, rows = b.data
             col = b.extra
             n = len(head)
-            size = 7.5 if n <= 5 else (6.5 if n <= 8 else 5.8)
+            size = 8.5 if n <= 5 else MIN_PDF_PT
             pdf.set_font("dv", size=size)
-            widths = _col_widths(head, rows, col)
-            with pdf.table(col_widths=widths, text_align="LEFT", line_height=size * 0.48,
+            table_width = width * 0.62 if b.style == "compact" else width
+            widths = _col_widths(pdf, head, [[_st(c) if i == col else c for i, c in enumerate(r)] for r in rows], table_width)
+            with pdf.table(col_widths=widths, width=table_width, align="LEFT", text_align="LEFT", line_height=size * 0.48,
                            headings_style=FontFace(emphasis="BOLD", fill_color=(235, 235, 235)),
                            cell_fill_mode=TableCellFillMode.NONE) as t:
                 hr = t.row()
@@ -659,14 +729,22 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None) -> by
     return bytes(pdf.output())
 
 
-def _col_widths(head, rows, status_col=None) -> tuple:
-    lens = []
+def _col_widths(pdf, head, rows, total: float) -> tuple:
+    """Column widths (mm) summing to ``total``: each column at least as wide as its longest word in the current
+    font (so no number is split across lines; hashes longer than 40% of the table may wrap), the rest shared by
+    the columns' text lengths."""
+    mins, weights = [], []
     for i in range(len(head)):
-        cells = [len(str(head[i]))] + [min(len(str(r[i])), 120) for r in rows if i < len(r)]
-        lens.append(max(6, sum(cells) / len(cells) + 0.3 * max(cells)))
-    if status_col is not None:
-        lens[status_col] = max(lens[status_col], 0.12 * sum(lens))
-    return tuple(lens)
+        cells = [str(r[i]) for r in rows if i < len(r)]
+        words = [w for c in cells for w in c.split()]
+        widest = max([pdf.get_string_width(w) for w in words] + [1.12 * pdf.get_string_width(w) for w in str(head[i]).split()])
+        mins.append(min(widest + 2.5, 0.4 * total))
+        lens = [min(len(c), 120) for c in cells + [str(head[i])]]
+        weights.append(sum(lens) / len(lens) + 0.3 * max(lens))
+    spare = total - sum(mins)
+    if spare <= 0:
+        return tuple(m * total / sum(mins) for m in mins)
+    return tuple(m + spare * w / sum(weights) for m, w in zip(mins, weights))
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -684,37 +762,46 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def write_report(run_dir, partner: str | None = None, *, reference=None) -> ReportPaths:
-    """Write ``report.json`` (schema-validated), ``report.html``, ``report.pdf`` and ``report.sig`` into
-    ``run_dir`` (``report_<partner>.*`` for a partner report) and return their paths.
+def write_report(run_dir, partner: str | None = None, *, reference=None, key=None) -> ReportPaths:
+    """Write ``report.json`` (schema-validated), ``report.html``, ``report.pdf``, ``report.sig`` and the signed
+    manifest ``report.sha256`` / ``report.sha256.sig`` into ``run_dir`` (``report_<partner>.*`` for a partner
+    report) and return their paths.
 
-    The signature is Ed25519 over the exact bytes of the JSON file, with the run's report-signing key
-    (``run_dir/report_signing/``, created at first use, private key mode 0600; see :mod:`.sign`).
-    Raises ``jsonschema.ValidationError`` if the report does not fit the shipped schema (nothing is written then).
+    ``key`` is the issuer's signing key (a path; default ``$SECURE_FEDKIM_REPORT_KEY`` or
+    ``~/.config/secure-fedkim/report_signing_key.pem``, made by ``secure-fedkim report-key``); it must lie outside
+    the run directory. The HTML and PDF carry the sha256 of the JSON they render.
+    Raises FileNotFoundError without a key, ``jsonschema.ValidationError`` if the report does not fit the shipped
+    schema (nothing is written then).
     """
     run_dir = Path(run_dir)
     stem = _stem(partner)
+    signing_key, signer = load_issuer(key, run_dir)
     report = build_report(run_dir, partner, reference=reference)
-    key = ensure_report_key(run_dir)
     report["provenance"]["signature"] = {
         "algorithm": "Ed25519",
-        "public_key_sha256": fingerprint(key.public_key()),
-        "public_key_path": f"{SIGNING_DIR}/{PUBLIC_KEY}",
+        "public_key_sha256": signer["public_key_sha256"],
+        "signer": signer,
         "signature_file": f"{stem}.sig",
         "signed_bytes": f"the exact bytes of {stem}.json",
-        "key_custody": "This key was made for the run in report_signing/ (private key mode 0600). In deployment the "
-                       "signing key belongs to the party issuing the report; verify against its published public key.",
-        "openssl_command": f"openssl pkeyutl -verify -pubin -inkey {SIGNING_DIR}/{PUBLIC_KEY} -rawin -in {stem}.json -sigfile {stem}.sig",
+        "files_manifest": f"{stem}.sha256 lists the sha256 of {stem}.json, {stem}.html and {stem}.pdf; "
+                          f"{stem}.sha256.sig signs it",
+        "key_custody": "The issuer's key, kept outside the run directory. Verify against the issuer's published "
+                       "public key, never against a key found beside the report.",
+        "openssl_command": f"openssl pkeyutl -verify -pubin -inkey ISSUER.pub.pem -rawin -in {stem}.json -sigfile {stem}.sig",
     }
-    report["provenance"]["verify_command"] = f"secure-fedkim verify RUN_DIR/{stem}.json"
+    report["provenance"]["verify_command"] = f"secure-fedkim verify RUN_DIR/{stem}.json --public-key ISSUER.pub.pem"
     validate_report(report)
     data = (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    json_sha = hashlib.sha256(data).hexdigest()
     bl = blocks(report, run_dir)
-    page = render_html(report, run_dir, bl).encode("utf-8")
-    pdf = render_pdf(report, run_dir, bl)
+    page = render_html(report, run_dir, bl, json_sha).encode("utf-8")
+    pdf = render_pdf(report, run_dir, bl, json_sha)
     paths = ReportPaths(run_dir / f"{stem}.json", run_dir / f"{stem}.html", run_dir / f"{stem}.pdf", run_dir / f"{stem}.sig")
+    files = manifest({paths.json.name: data, paths.html.name: page, paths.pdf.name: pdf})
     _write(paths.json, data)
-    _write(paths.sig, sign_bytes(key, data))
+    _write(paths.sig, sign_bytes(signing_key, data))
     _write(paths.html, page)
     _write(paths.pdf, pdf)
+    _write(run_dir / f"{stem}.sha256", files)
+    _write(run_dir / f"{stem}.sha256.sig", sign_bytes(signing_key, files))
     return paths

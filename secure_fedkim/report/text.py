@@ -3,9 +3,47 @@ regulatory mapping, glossary. Every number in a sentence is taken from the repor
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import Any
 
-_RANK = {"not_applicable": -1, "pass": 0, "attention": 1, "fail": 2}
+_RANK = {"not_applicable": -1, "pass": 0, "inconclusive": 1, "attention": 2, "fail": 3}
+
+#: the checks in words, for people (report.json keeps the machine names)
+CHECK_TITLES = {
+    "differential_privacy": "Differential privacy used by every hospital",
+    "dp_label_has_accountant": "Every DP claim backed by an accountant",
+    "ledger_verified": "Privacy ledgers intact",
+    "epsilon_recomputed": "Epsilon recomputed independently matches",
+    "budget_respected": "Privacy budget respected",
+    "delta_below_1_over_n": "Delta small enough for each hospital's size",
+    "epsilon_tier": "Epsilon at most 10",
+    "sampling_assumption": "Sampling as the accountant assumes",
+    "privacy_unit": "Guarantee covers whole patients",
+    "independent_accountant_agreement": "Second accounting library agrees",
+    "server_secret_key": "Server never held the decryption key",
+    "secure_aggregation": "Updates encrypted or masked at the server",
+    "he_parameters": "Encryption parameters at 128-bit security",
+    "secagg_dropout_margin": "Secure aggregation kept its dropout margin",
+    "audit_run": "Leakage audit run",
+    "audit_consistent_with_accountant": "Audit consistent with the claimed epsilon",
+    "mia_low_fpr": "Membership attack weak at 0.1% false positives",
+    "measured_leakage": "No measurable membership leakage",
+    "dp_lower_bound": "Measured epsilon lower bound below threshold",
+    "baseline_spend_composed": "Every released privacy spend counted",
+    "config_hash": "Configuration unchanged since the run",
+}
+DECISIONS = {"fail": "do not release", "attention": "release with conditions", "inconclusive": "release with conditions",
+             "pass": "release", "not_applicable": "do not release"}
+
+
+def tpr_at_fpr(mu: float | None, fpr: float = 0.01) -> float | None:
+    """The best attacker's true-positive rate at false-positive rate ``fpr`` against mu-Gaussian-DP:
+    TPR = Phi(Phi^-1(fpr) + mu) (Dong, Roth and Su 2022)."""
+    if mu is None or not math.isfinite(mu):
+        return None
+    n = NormalDist()
+    return n.cdf(n.inv_cdf(fpr) + mu)
 
 
 def _worst(statuses) -> str:
@@ -71,7 +109,19 @@ def scope(cfg, partner: str | None, n_hospitals: int) -> dict:
     }
 
 
-def privacy_definition(cfg, any_dp: bool, per_patient: dict, view: list[str]) -> dict:
+def _baseline_access(cfg, any_dp: bool, baseline_ledgers: bool) -> list[dict]:
+    if not cfg.baseline.single_hospital and not baseline_ledgers:
+        return []
+    if baseline_ledgers:
+        return [{"access": "single-hospital baselines (each hospital alone, same records; test metrics released)",
+                 "status": "covered", "reason": "trained with DP-SGD under its own ledger (baseline/<hospital>/ledger.jsonl); "
+                 "its spend is composed with the federation's into the hospital's epsilon (sequential composition)"}]
+    return [{"access": "single-hospital baselines (each hospital alone, same records; test metrics released)",
+             "status": "not covered", "reason": "trained without DP in this run (the run has no DP)" if not any_dp else
+             "no baseline ledger found: its spend cannot be composed (see the checks)"}]
+
+
+def privacy_definition(cfg, any_dp: bool, per_patient: dict, view: list[str], baseline_ledgers: bool = False) -> dict:
     covered = "covered" if any_dp else "not covered"
     return {
         "dp": any_dp,
@@ -99,9 +149,7 @@ def privacy_definition(cfg, any_dp: bool, per_patient: dict, view: list[str]) ->
              "reason": "test metrics are computed without DP and published"},
             {"access": "the server's public split used for knowledge injection", "status": "not covered",
              "reason": "treated as public data: it must be public for the guarantee to hold"},
-            {"access": "single-hospital baselines (simulation only)", "status": "not covered",
-             "reason": "trained without DP to compare; only their test metrics are published, the models are not"},
-        ],
+        ] + _baseline_access(cfg, any_dp, baseline_ledgers),
         "not_differential_privacy": ["CKKS encryption and SecAgg+ masking protect the confidentiality of updates; "
                                      "they are not differential privacy and add nothing to epsilon"],
     }
@@ -215,25 +263,28 @@ def hazards(checks: dict[str, dict]) -> list[dict]:
 
 REGULATORY = [
     ("HIPAA Expert Determination, 45 CFR 164.514(b)(1)", "methods and results for a qualified expert",
-     ["privacy_definition", "accounting", "audit"], ["dp_label_has_accountant", "audit_run", "audit_consistent_with_accountant"],
+     ["privacy_definition", "accounting", "audit"], ["differential_privacy", "dp_label_has_accountant", "audit_run",
+                                                     "audit_consistent_with_accountant", "measured_leakage"],
      "evidence only: this tool does not certify de-identification; an expert must determine the risk"),
     ("HIPAA Security Rule, 45 CFR 164.312(b)", "audit controls", ["provenance"], ["ledger_verified"],
      "hash-chained privacy ledgers per hospital, heads in this signed report"),
     ("GDPR Art. 35(7)(a)", "systematic description of the processing and its purposes", ["scope"], [], ""),
     ("GDPR Art. 35(7)(b)", "necessity and proportionality", ["utility", "privacy_definition"], ["*attention"],
      "needs a person's assessment; the report gives utility and privacy figures to weigh"),
-    ("GDPR Art. 35(7)(c)", "risks to the rights and freedoms of data subjects", ["threat_model", "audit"], ["audit_run", "mia_low_fpr"], ""),
+    ("GDPR Art. 35(7)(c)", "risks to the rights and freedoms of data subjects", ["threat_model", "audit"],
+     ["differential_privacy", "audit_run", "mia_low_fpr", "measured_leakage", "dp_lower_bound"], ""),
     ("GDPR Art. 35(7)(d)", "measures, safeguards and security mechanisms", ["accounting", "aggregation"],
      ["differential_privacy", "secure_aggregation", "server_secret_key"], ""),
     ("EU AI Act Art. 12", "automatic logging of events", ["provenance", "budget"], ["ledger_verified"], ""),
     ("EU AI Act Art. 19 / 26(6)", "keep logs for at least six months", ["provenance"], ["*attention"],
      "retention is the operator's duty; the toolkit does not enforce it"),
     ("EU AI Act Art. 15", "robustness and cybersecurity, incl. confidentiality attacks", ["audit", "aggregation"],
-     ["audit_run", "audit_consistent_with_accountant", "mia_low_fpr", "server_secret_key"], ""),
+     ["audit_run", "audit_consistent_with_accountant", "mia_low_fpr", "measured_leakage", "dp_lower_bound",
+      "server_secret_key"], ""),
     ("EHDS (Reg. 2025/327) secondary use", "processing logs; only non-personal data leaves", ["provenance", "accounting", "audit"],
      ["ledger_verified", "differential_privacy", "audit_run"], "released artifacts are DP-trained aggregates; see the guarantee"),
     ("NIST SP 800-226, top of the pyramid", "the privacy-loss parameters", ["accounting"],
-     ["differential_privacy", "epsilon_tier", "delta_below_1_over_n", "budget_respected"], ""),
+     ["differential_privacy", "epsilon_tier", "delta_below_1_over_n", "budget_respected", "baseline_spend_composed"], ""),
     ("NIST SP 800-226, middle of the pyramid", "factors that can undermine the guarantee (security)", ["aggregation", "threat_model"],
      ["server_secret_key", "secure_aggregation", "ledger_verified"], ""),
     ("NIST SP 800-226, bottom of the pyramid", "data collection exposure", ["data_inventory"], ["*attention"],
@@ -241,16 +292,26 @@ REGULATORY = [
 ]
 
 
-def regulatory(checks: dict[str, dict]) -> list[dict]:
+#: rows whose evidence is the DP guarantee: without DP they fail
+DP_ROWS = {"HIPAA Expert Determination, 45 CFR 164.514(b)(1)", "GDPR Art. 35(7)(c)", "EU AI Act Art. 15",
+           "EHDS (Reg. 2025/327) secondary use", "NIST SP 800-226, top of the pyramid"}
+
+
+def regulatory(checks: dict[str, dict], dp: bool = True) -> list[dict]:
     out = []
     for framework, requirement, sections, names, note in REGULATORY:
-        if names == ["*attention"]:
+        if framework.startswith("EHDS") and not dp:
+            note = "released artifacts are NOT differentially private: nothing argues that they are non-personal data"
+        if framework in DP_ROWS and not dp:
+            st = "fail"
+            note = (note + "; " if note else "") + "no differential privacy in this run"
+        elif names == ["*attention"]:
             st = "attention"
         elif not names:
-            st = "pass"
+            st = "not_applicable"
+            note = note or "descriptive: see the report sections named; no check stands behind this row"
         else:
             st = _worst(checks[n]["status"] for n in names)
-            st = "pass" if st == "not_applicable" else st
         out.append({"framework": framework, "requirement": requirement, "sections": sections, "status": st,
                     "checks": [n for n in names if not n.startswith("*")], "note": note})
     return out
@@ -290,15 +351,19 @@ def _hospital_statement(h: dict, mode: str) -> str:
         f"{name}: every update this hospital sent ({m['rounds_attended']} of {m['rounds_planned']} planned rounds; all "
         f"checkpoints, not only the final model) was trained with DP-SGD (Opacus; Poisson sampling at rate {rates}; "
         f"noise multiplier {g(m['noise_multiplier'], 4)}; per-record clipping norm {g(m['max_grad_norm'])}; "
-        f"{m['steps_total']} steps) on {m['n_records']} records. Under add/remove adjacency of one record, the run "
-        f"satisfies (epsilon = {g(a['epsilon_spent'])}, delta = {g(a['delta'])})-differential privacy for this "
-        f"hospital, as computed by the {a['accountant'].upper()} accountant ({a['accountant_library']}) from its "
+        f"{m['steps_total']} steps) on {m['n_records']} records. Under add/remove adjacency of one record, the "
+        f"federated training satisfies (epsilon = {g(a['epsilon_spent'])}, delta = {g(a['delta'])})-differential privacy "
+        f"for this hospital, as computed by the {a['accountant'].upper()} accountant ({a['accountant_library']}) from its "
         f"ledger, against a budget of {g(a['epsilon_budget'])}."
     )
+    if len(a.get("released_spends", [])) > 1:
+        text += (f" Its records were also used by a released single-hospital baseline trained with DP (epsilon "
+                 f"{g(a['released_spends'][1]['epsilon'])}); composed, this hospital's records carry (epsilon = "
+                 f"{g(a['epsilon_total'])}, delta = {g(a['delta'])}): this is the hospital's reported epsilon.")
     if ind.get("epsilon") is not None:
         text += (f" An independent recomputation ({ind['library']}, {ind['method'].upper()}) gives "
                  f"{g(ind['epsilon'])} ({ind['relative_difference']:+.2%}).")
-    text += f" Gaussian-DP mu is about {g(a['gdp_mu'])} (central-limit approximation)."
+    text += f" Gaussian-DP mu is about {g(a.get('gdp_mu_total', a['gdp_mu']))} (central-limit approximation)."
     p = a.get("patient_level")
     if p and p["max_records_per_patient"] > 1:
         text += (f" A patient with up to {p['max_records_per_patient']} records is protected at (epsilon = "
@@ -323,10 +388,10 @@ def guarantee(report: dict, cfg) -> dict:
     others = None
     o = report.get("other_hospitals")
     if o:
-        if o["stats_shown"] and o["epsilon_spent"]:
-            e = o["epsilon_spent"]
-            others = (f"The other {o['count']} hospitals' statements are not part of this partner report; their epsilon "
-                      f"spent ranges from {g(e['min'])} to {g(e['max'])} (median {g(e['median'])}).")
+        if o["stats_shown"] and o.get("epsilon_total"):
+            e = o["epsilon_total"]
+            others = (f"The other {o['count']} hospitals' statements are not part of this partner report; each of their "
+                      f"epsilons lies between {g(e['low'])} and {g(e['high'])} (a coarse band that hides each one).")
         else:
             others = f"The other {o['count']} hospitals' figures are not part of this partner report."
     dnc = does_not_cover(cfg, dp)
@@ -341,47 +406,62 @@ def guarantee(report: dict, cfg) -> dict:
     return {"text": "\n\n".join(parts), "per_hospital": per, "other_hospitals": others, "does_not_cover": dnc}
 
 
+def _lead(report: dict) -> str:
+    """The summary's first sentence: the overall status, the decision and why."""
+    st = report["status"]["overall"]
+    lead = f"Overall status: {st.upper()} ({DECISIONS[st]})"
+    if not report["privacy_definition"]["dp"]:
+        return lead + (": this run used no differential privacy, so the released models carry no formal privacy "
+                       "guarantee.")
+    for status, words in (("fail", "failed"), ("attention", "need attention"), ("inconclusive", "are inconclusive")):
+        names = [CHECK_TITLES.get(c["name"], c["name"]) for c in report["checks"] if c["status"] == status]
+        if names:
+            return lead + f": {len(names)} check(s) {words}: " + "; ".join(names) + "."
+    return lead + "."
+
+
 def summary(report: dict, cfg, rounds: int) -> dict:
     mode = cfg.federation.aggregation
     partner = report["partner"]
     hs = report["hospitals"]
     dp_h = [h for h in hs if h["dp"] and h.get("accounting")]
-    checks = report["checks"]
-    fails = [c["name"] for c in checks if c["status"] == "fail"]
-    atts = [c["name"] for c in checks if c["status"] == "attention"]
     tasks = [t.name for t in cfg.tasks.train]
     n = report["scope"]["federation_size"]
-    s = (f"This report covers run '{report['run_id']}' of the federation '{report['federation_name']}': {n} hospitals "
-         f"trained {', '.join(tasks)} over {rounds} round(s)")
+    s = _lead(report)
+    s += (f" This report covers run '{report['run_id']}' of the federation '{report['federation_name']}': {n} hospitals "
+          f"trained {', '.join(tasks)} over {rounds} round(s)")
     s += f" (a report for {partner})." if partner else "."
     headline: dict[str, Any]
     if partner:
         h = hs[0]
         a = h.get("accounting")
         if a:
-            s += (f" Your hospital trained with differential privacy: epsilon {g(a['epsilon_spent'])} spent of a budget "
-                  f"of {g(a['epsilon_budget'])}, at delta {g(a['delta'])} (Gaussian-DP mu about {g(a['gdp_mu'])}).")
-            headline = {"hospital": partner, "epsilon": a["epsilon_spent"], "delta": a["delta"], "gdp_mu": a["gdp_mu"],
+            s += (f" Your hospital's records carry epsilon {g(a['epsilon_total'])} (budget {g(a['epsilon_budget'])}), at "
+                  f"delta {g(a['delta'])} (Gaussian-DP mu about {g(a['gdp_mu_total'])})"
+                  + (", the federation's and the single-hospital baseline's spends composed." if len(a["released_spends"]) > 1
+                     else "."))
+            headline = {"hospital": partner, "epsilon": a["epsilon_total"], "delta": a["delta"], "gdp_mu": a["gdp_mu_total"],
                         "epsilon_budget": a["epsilon_budget"]}
         else:
             s += (" Your hospital did not train with differential privacy: no epsilon is stated." if not h["dp"] else
                   " Your hospital is labelled DP but no epsilon can be stated (see the failed checks).")
             headline = {"hospital": partner, "epsilon": None, "delta": None, "gdp_mu": None, "epsilon_budget": None}
         o = report["other_hospitals"]
-        if o and o["stats_shown"] and o["epsilon_spent"]:
-            s += (f" The other {o['count']} hospitals spent between {g(o['epsilon_spent']['min'])} and "
-                  f"{g(o['epsilon_spent']['max'])}.")
+        if o and o["stats_shown"] and o.get("epsilon_total"):
+            s += (f" Each of the other {o['count']} hospitals' epsilons lies between {g(o['epsilon_total']['low'])} and "
+                  f"{g(o['epsilon_total']['high'])}.")
     else:
-        eps = [h["accounting"]["epsilon_spent"] for h in dp_h if h["accounting"]["epsilon_spent"] is not None]
+        eps = [h["accounting"]["epsilon_total"] for h in dp_h if h["accounting"]["epsilon_total"] is not None]
         if dp_h and eps:
-            s += (f" {len(dp_h)} of {len(hs)} hospitals trained with differential privacy (record-level DP-SGD): epsilon "
-                  f"spent ranges from {g(min(eps))} to {g(max(eps))}, at delta up to "
-                  f"{g(max(h['accounting']['delta'] for h in dp_h))}.")
+            s += (f" {len(dp_h)} of {len(hs)} hospitals trained with differential privacy (record-level DP-SGD): each "
+                  f"hospital's records carry epsilon {g(min(eps))} to {g(max(eps))} (every released spend composed), at "
+                  f"delta up to {g(max(h['accounting']['delta'] for h in dp_h))}.")
         else:
-            s += " The run used no differential privacy: no epsilon is stated and the models carry no formal guarantee."
+            s += " No epsilon is stated and the models carry no formal guarantee."
         headline = {"epsilon_spent": {"min": min(eps), "max": max(eps)} if eps else None,
                     "delta_max": max((h["accounting"]["delta"] for h in dp_h), default=None),
-                    "gdp_mu_max": max((h["accounting"]["gdp_mu"] for h in dp_h if h["accounting"]["gdp_mu"] is not None), default=None)}
+                    "gdp_mu_max": max((h["accounting"]["gdp_mu_total"] for h in dp_h
+                                       if h["accounting"]["gdp_mu_total"] is not None), default=None)}
     if mode == "he":
         s += (" Updates reached the server only as CKKS ciphertexts; a separate key holder decrypted only sums of several "
               "hospitals (encryption, not differential privacy).")
@@ -396,15 +476,76 @@ def summary(report: dict, cfg, rounds: int) -> dict:
         aucs = [m["auc"] for m in audit["mia"]]
         s += f" A leakage audit was run ({len(audit['mia'])} membership-inference results"
         s += f", highest AUC {g(max(aucs))})." if aucs else ")."
-    st = report["status"]["overall"]
-    s += f" Overall status: {st.upper()}"
-    if fails or atts:
-        s += (f" ({len(fails)} check(s) failed{': ' + ', '.join(fails) if fails else ''}; {len(atts)} need attention"
-              f"{': ' + ', '.join(atts) if atts else ''}).")
-    else:
-        s += "."
     s += " This report is evidence for people to judge; it does not certify compliance with HIPAA, GDPR or any law."
     return {"plain_language": s, "headline": headline}
+
+
+def _reading(mu: float | None) -> str:
+    tpr = tpr_at_fpr(mu)
+    if tpr is None:
+        return "no differential privacy: nothing bounds what an attacker can learn about a record"
+    return (f"an attacker who wrongly flags 1% of people who were not in the training data finds at most about "
+            f"{tpr:.0%} of this hospital's training records (from Gaussian-DP mu {mu:.3g}, an approximation)")
+
+
+def _worst_leakage(audit: dict) -> dict | None:
+    """The MIA row with the highest AUC lower bound (its AUC when it has no interval)."""
+    if not audit.get("mia"):
+        return None
+    ci = lambda m: m.get("auc_ci") or m.get("auc_ci95")
+    m = max(audit["mia"], key=lambda m: ((ci(m) or [m["auc"]])[0], m["auc"]))
+    where = " / ".join(str(x) for x in (m.get("hospital"), m.get("target"), m.get("task")) if x)
+    interval = f", 95% interval {g(ci(m)[0])} to {g(ci(m)[1])}" if ci(m) else ", no interval reported"
+    sig = {True: "significant", False: "not significant", None: "significance not computed"}[m.get("significant")]
+    return {"attack": m["attack"], "where": where, "auc": m["auc"], "auc_ci": ci(m), "significant": m.get("significant"),
+            "threat_model": m.get("threat_model"),
+            "text": f"{m['attack']} attack on {where}: AUC {g(m['auc'])}{interval} ({sig}; 0.5 is chance)"}
+
+
+def first_page(report: dict, cfg) -> dict:
+    """What a privacy officer acts on: the decision with its reasons, epsilon per hospital in plain terms, the
+    worst measured leakage, what is not covered, and the checks in words."""
+    st = report["status"]["overall"]
+    checks = report["checks"]
+    reasons = []
+    if not report["privacy_definition"]["dp"]:  # one reason for all the checks that fail for want of DP
+        no_dp = [c for c in checks if c["status"] == "fail" and (c["name"] == "differential_privacy"
+                                                                 or c["reason"].startswith("no differential privacy in this run"))]
+        reasons.append("No differential privacy: the released models carry no formal privacy guarantee, so every check "
+                       "that needs one fails (" + ", ".join(CHECK_TITLES.get(c["name"], c["name"]) for c in no_dp) + ")")
+        checks = [c for c in checks if c not in no_dp]
+    reasons += [f"{CHECK_TITLES.get(c['name'], c['name'])}: {c['reason']}" for status in ("fail", "attention", "inconclusive")
+                for c in checks if c["status"] == status]
+    hospitals = []
+    for h in report["hospitals"]:
+        a = h.get("accounting")
+        mu = a["gdp_mu_total"] if a else None
+        hospitals.append({"hospital": h["hospital"], "epsilon": a["epsilon_total"] if a else None,
+                          "delta": a["delta"] if a else None, "gdp_mu": mu, "tpr_at_1pct_fpr": tpr_at_fpr(mu),
+                          "reading": _reading(mu)})
+    o = report.get("other_hospitals")
+    others = None
+    if o:
+        e = o.get("epsilon_total")
+        if e:
+            others = f"{o['count']} other hospitals: each epsilon between {g(e['low'])} and {g(e['high'])}"
+        elif o["stats_shown"]:
+            others = f"{o['count']} other hospitals: no epsilon to show (no differential privacy)"
+        else:
+            others = f"{o['count']} other hospitals: figures withheld ({o['stats_note']})"
+    worst = _worst_leakage(report["audit"])
+    return {
+        "decision": DECISIONS[st],
+        "reasons": reasons or ["every check with evidence behind it passed"],
+        "hospitals": hospitals,
+        "other_hospitals": others,
+        "worst_leakage": worst,
+        "worst_leakage_text": worst["text"] if worst else ("no leakage audit was run" if not report["audit"]["run"] else
+                                                           "the audit has no membership-inference result"),
+        "not_covered": report["guarantee_statement"]["does_not_cover"][:4],
+        "checks": [{"name": c["name"], "title": CHECK_TITLES.get(c["name"], c["name"]), "status": c["status"]}
+                   for c in report["checks"]],
+    }
 
 
 LIMITATIONS = [
@@ -413,7 +554,7 @@ LIMITATIONS = [
     "Gaussian-DP mu is a central-limit approximation, not a bound; the (epsilon, delta) of the accountant is the claim.",
     "Membership-inference audits give empirical evidence, not proof; a lower bound below epsilon does not show tightness.",
     "HE and SecAgg+ assume no collusion between the aggregation server and the key holder or enough hospitals.",
-    "The report-signing key shown is the run's; in deployment the issuing party signs with its own key.",
+    "The signature shows who issued the report and that nothing changed since; it does not make the figures true.",
 ]
 
 GLOSSARY = [

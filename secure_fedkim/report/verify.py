@@ -1,11 +1,15 @@
 """``verify_report``: does a written report still match its signature and the run it describes?
 
 Checks, each mismatch one message naming the file, ledger entry or report field:
-  1. the Ed25519 signature (``<stem>.sig``) over the exact bytes of ``<stem>.json``;
+  1. the Ed25519 signature (``<stem>.sig``) over the exact bytes of ``<stem>.json``, and the signed manifest
+     (``<stem>.sha256`` / ``.sha256.sig``) of the JSON, HTML and PDF, under the issuer's public key (required);
+     the HTML and PDF name the sha256 of the JSON they render; the overall status, decision and summary text are
+     recomputed from the report's own facts;
   2. the report against the shipped JSON Schema, and its recorded signing-key fingerprint;
   3. every privacy ledger re-read (hash chain) and its head compared with ``provenance.ledger_heads``
      (entries appended or dropped after the report are named), the key holder's ledger head, and the
-     commitment to the other hospitals' heads in a partner report;
+     commitment to the other hospitals' heads in a partner report; every single-hospital baseline ledger whose
+     spend the report composed;
   4. config.yaml, resolved_config.json and every listed artifact re-hashed (and artifacts present now
      but absent from the report);
   5. every epsilon (spent, per round, planned, independent, GDP mu, patient level) recomputed from the
@@ -14,15 +18,19 @@ Checks, each mismatch one message naming the file, ledger entry or report field:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 from privacy.ledger import LedgerTampered, PrivacyLedger
 
-from .build import SCHEMA_VERSION, _check_rows, _facts, _hospital_entry, _others, artifact_paths
+from . import text
+from .build import (_RANK, SCHEMA_VERSION, _check_rows, _facts, _hospital_entry, _others, artifact_paths, min_others,
+                    other_commitment, rounds_of, worst)
 from .collect import digest_of, sha256_file
-from .sign import PUBLIC_KEY, SIGNING_DIR, fingerprint, load_public_key, verify_bytes
+from .sign import fingerprint, load_public_key, verify_bytes
 
 MAX_SCHEMA_MESSAGES = 5
 
@@ -59,36 +67,19 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
 
     Args:
         report_json_path: ``RUN_DIR/report.json`` or ``RUN_DIR/report_<partner>.json``.
-        public_key: the issuer's Ed25519 public key (PEM or raw bytes, a path, or a key object). Default: the
-            run's ``report_signing/public_key.pem``, which proves integrity to whoever trusts that file.
-        run_dir: the run the report describes (default: the report's directory).
+        public_key: the issuer's Ed25519 public key (PEM or raw bytes, a path, or a key object), obtained out of
+            band. Required: a key found beside a report proves nothing.
+        run_dir: the run the report describes (default: the report's directory). For a partner report, the
+            partner's own files suffice: the other hospitals' parts are checked against their commitments only
+            when their files are present.
     """
     path = Path(report_json_path)
     if not path.is_file():
         return [f"{path}: no such report file"]
     name = path.name
     run_dir = Path(run_dir) if run_dir is not None else path.parent
-    msgs: list[str] = []
     data = path.read_bytes()
-    # 1. signature
-    key, key_desc = None, "the given public key"
-    try:
-        if public_key is None:
-            key_desc = f"{SIGNING_DIR}/{PUBLIC_KEY}"
-            if (run_dir / SIGNING_DIR / PUBLIC_KEY).is_file():
-                key = load_public_key(run_dir / SIGNING_DIR / PUBLIC_KEY)
-            else:
-                msgs.append(f"{key_desc}: missing, so the signature of {name} cannot be checked (pass the issuer's public key)")
-        else:
-            key = load_public_key(public_key)
-    except (ValueError, TypeError, OSError) as e:
-        msgs.append(f"{key_desc}: not a readable Ed25519 public key ({e})")
-    sig_path = path.with_suffix(".sig")
-    if not sig_path.is_file():
-        msgs.append(f"{sig_path.name}: missing: {name} is not signed")
-    elif key is not None and not verify_bytes(key, data, sig_path.read_bytes()):
-        msgs.append(f"{name}: the Ed25519 signature in {sig_path.name} does not verify under {key_desc}: {name} was "
-                    f"changed after it was signed (or signed with another key)")
+    msgs, key = _check_signatures(path, data, public_key)
     # 2. content
     try:
         report = json.loads(data.decode("utf-8"))
@@ -96,6 +87,9 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
         return msgs + [f"{name}: not valid JSON ({e}); nothing further can be checked"]
     if not isinstance(report, dict):
         return msgs + [f"{name}: not a report object"]
+    if report.get("schema_version") != SCHEMA_VERSION:
+        return msgs + [f"{name}: schema version {report.get('schema_version')!r}, this verifier reads {SCHEMA_VERSION}: "
+                       f"regenerate the report with `secure-fedkim report` (an older report cannot be checked)"]
     from .render import schema_errors
 
     errs = schema_errors(report)
@@ -109,7 +103,10 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
     sig = prov.get("signature") or {}
     if key is not None and sig.get("public_key_sha256") != fingerprint(key):
         msgs.append(f"{name}: provenance.signature.public_key_sha256 {sig.get('public_key_sha256')} is not the "
-                    f"fingerprint of {key_desc} ({fingerprint(key)})")
+                    f"fingerprint of the given public key ({fingerprint(key)})")
+    if key is not None and (sig.get("signer") or {}).get("public_key_sha256") != fingerprint(key):
+        msgs.append(f"{name}: the signer named in provenance.signature.signer does not hold the given public key")
+    msgs += _check_rendered(path, data)
     # 3-5. the run
     try:
         f = _facts(run_dir)
@@ -124,6 +121,9 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
     if unknown:
         return msgs + [f"{name}: hospitals {unknown} are not in the run in {run_dir}"]
     others = [c for c in run.clients if c not in view]
+    # a partner holding only its own files: the others' parts rest on the report's signed commitments
+    standalone = partner is not None and any(not hs[c].ledger_exists for c in others)
+    msgs += _check_summary(report, f, name)
     # config and artifacts
     for label, field, file in (("config.yaml", "config_sha256", "config.yaml"),
                                ("resolved_config.json", "resolved_config_sha256", "resolved_config.json")):
@@ -145,7 +145,7 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
     for rel, hosp in current:
         if rel not in listed and (hosp is None or hosp in view):
             msgs.append(f"{rel}: present in the run but not in the report's provenance.artifacts (added after the report)")
-    if others:
+    if others and not standalone:
         other_art = {rel: sha256_file(run_dir / rel) for rel, hosp in current if hosp is not None and hosp not in view}
         if (digest_of(other_art) if other_art else None) != prov.get("other_hospitals_artifacts_sha256"):
             msgs.append("provenance.other_hospitals_artifacts_sha256: another hospital's artifact (local model or "
@@ -177,28 +177,121 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
             continue
         mine = next(x for x in report["hospitals"] if x["hospital"] == c)
         diff(mine, json.loads(json.dumps(_hospital_entry(h))), f"hospitals[{c}]", msgs, rel)
-    if others:
+    msgs += _check_baselines(run_dir, hs, view, prov)
+    if others and not standalone:
         now = digest_of({c: hs[c].head for c in others})
         if now != prov.get("other_hospitals_ledger_heads_sha256"):
             bad = sum(not hs[c].ledger_verified for c in others)
             msgs.append("provenance.other_hospitals_ledger_heads_sha256: another hospital's ledger changed after the "
                         f"report ({bad} of {len(others)} other ledgers do not verify)")
+        if sorted(other_commitment(hs[c]) for c in others) != prov.get("other_hospitals_commitments"):
+            msgs.append("provenance.other_hospitals_commitments: another hospital's federation or baseline ledger "
+                        "differs from its commitment")
         if report.get("other_hospitals") is not None:
-            diff(report["other_hospitals"], json.loads(json.dumps(_others([hs[c] for c in others]))), "other_hospitals",
-                 msgs, "the other hospitals' ledgers")
+            now_others: list[str] = []
+            diff(report["other_hospitals"], json.loads(json.dumps(_others([hs[c] for c in others], min_others(run)))),
+                 "other_hospitals", now_others, "the other hospitals' ledgers")
+            if now_others:  # never print the others' figures in a partner's message
+                msgs.append(f"other_hospitals: {len(now_others)} aggregate figure(s) differ from the other hospitals' "
+                            f"ledgers")
     kh = ((f["aggregation"].get("ckks") or {}).get("key_holder_ledger")) or {}
     if kh.get("error"):
         msgs.append(f"{kh['path']}: does not verify: {kh['error']}")
     elif kh.get("head") != prov.get("keyholder_ledger_head"):
         msgs.append(f"keyholder/ledger.jsonl: chain head {kh.get('head')} differs from the report's "
                     f"provenance.keyholder_ledger_head {prov.get('keyholder_ledger_head')}")
-    # checks re-derived
+    # checks re-derived; a partner alone re-derives from its own findings, and the report may only be worse
+    if standalone:
+        f = {**f, "findings": {k: [x for x in v if x.hospital in (None, partner)] for k, v in f["findings"].items()}}
     now_checks = {c["name"]: c for c in _check_rows(f, partner)}
     for c in report["checks"]:
         n = now_checks.get(c["name"])
         if n is None:
             msgs.append(f"checks[{c['name']}]: no such check in this version of the rules")
-        elif n["status"] != c["status"]:
+        elif n["status"] != c["status"] and not (standalone and _RANK[c["status"]] > _RANK[n["status"]]):
             msgs.append(f"checks[{c['name']}].status: the report says {c['status']}, the run now gives {n['status']} "
                         f"({n['reason']})")
     return list(dict.fromkeys(msgs))
+
+
+def _check_signatures(path: Path, data: bytes, public_key) -> tuple[list[str], object]:
+    """The Ed25519 signature of the JSON and of the files manifest, under the issuer's public key."""
+    name = path.name
+    if public_key is None:
+        return [f"{name}: no issuer public key given (--public-key ISSUER.pub.pem): a key found beside a report proves "
+                f"nothing, so the signature is not checked"], None
+    try:
+        key = load_public_key(public_key)
+    except (ValueError, TypeError, OSError) as e:
+        return [f"the given public key is not a readable Ed25519 public key ({e})"], None
+    msgs = []
+    sig_path = path.with_suffix(".sig")
+    if not sig_path.is_file():
+        msgs.append(f"{sig_path.name}: missing: {name} is not signed")
+    elif not verify_bytes(key, data, sig_path.read_bytes()):
+        msgs.append(f"{name}: the Ed25519 signature in {sig_path.name} does not verify under the given public key: "
+                    f"{name} was changed after it was signed (or signed with another key)")
+    man, man_sig = path.with_suffix(".sha256"), path.with_suffix(".sha256.sig")
+    if not man.is_file() or not man_sig.is_file():
+        msgs.append(f"{man.name} / {man_sig.name}: missing: the HTML and PDF are not covered by a signature")
+        return msgs, key
+    listing = man.read_bytes()
+    if not verify_bytes(key, listing, man_sig.read_bytes()):
+        msgs.append(f"{man.name}: the signature in {man_sig.name} does not verify under the given public key")
+    for line in listing.decode("utf-8", "replace").splitlines():
+        digest, _, fname = line.partition("  ")
+        p = path.parent / fname
+        if "/" in fname or not p.is_file():
+            msgs.append(f"{fname}: listed in {man.name} but missing")
+        elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+            msgs.append(f"{fname}: sha256 differs from the signed {man.name}: the file was changed after signing")
+    return msgs, key
+
+
+def _check_rendered(path: Path, data: bytes) -> list[str]:
+    """report.html and report.pdf must name the sha256 of the JSON they render."""
+    want = hashlib.sha256(data).hexdigest()
+    msgs = []
+    page = path.with_suffix(".html")
+    if page.is_file():
+        m = re.search(r'<meta name="report-json-sha256" content="([0-9a-f]*)"', page.read_text("utf-8", "replace"))
+        if not m or m.group(1) != want:
+            msgs.append(f"{page.name}: does not carry the sha256 of {path.name} ({want}): it renders another report")
+    pdf = path.with_suffix(".pdf")
+    if pdf.is_file() and f"report-json-sha256:{want}".encode() not in pdf.read_bytes():
+        msgs.append(f"{pdf.name}: does not carry the sha256 of {path.name} ({want}): it renders another report")
+    return msgs
+
+
+def _check_summary(report: dict, f: dict, name: str) -> list[str]:
+    """The overall status, the decision and the summary text, recomputed from the report's own facts."""
+    msgs = []
+    overall = worst(c["status"] for c in report["checks"])
+    if report["status"]["overall"] != overall:
+        msgs.append(f"{name}: status.overall says {report['status']['overall']}, its checks give {overall}")
+    summary = text.summary(report, f["run"].cfg, rounds_of(f["run"], f["hospitals"]))
+    if report["summary"]["plain_language"] != summary["plain_language"]:
+        msgs.append(f"{name}: summary.plain_language is not the text its facts give (recomputed: "
+                    f"{summary['plain_language'][:160]}...)")
+    decision = text.first_page(report, f["run"].cfg)["decision"]
+    if report["summary"]["first_page"]["decision"] != decision:
+        msgs.append(f"{name}: summary.first_page.decision says {report['summary']['first_page']['decision']!r}, "
+                    f"its status gives {decision!r}")
+    return msgs
+
+
+def _check_baselines(run_dir: Path, hs: dict, view: list[str], prov: dict) -> list[str]:
+    """Every single-hospital baseline ledger the report composed: present, intact, same head."""
+    msgs = []
+    recorded = prov.get("baseline_ledger_heads") or {}
+    for c in view:
+        rel = f"baseline/{c}/ledger.jsonl"
+        now = hs[c].baseline
+        if c in recorded and now is None:
+            msgs.append(f"{rel}: missing; the report composed this baseline's spend (head {recorded[c]})")
+        elif now is not None and not now["verified"]:
+            msgs.append(f"{rel}: does not verify: {now['error']}")
+        elif now is not None and now["head"] != recorded.get(c):
+            msgs.append(f"{rel}: chain head {now['head']} differs from the report's provenance.baseline_ledger_heads."
+                        f"{c} {recorded.get(c)}")
+    return msgs
