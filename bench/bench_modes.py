@@ -1,6 +1,6 @@
 """The demo under each transport (plain, he, secagg), measured in one run on this machine.
 
-    python bench/bench_modes.py [--config configs/demo.yaml] [--rounds 3]
+    python bench/bench_modes.py [--config configs/demo_plain.yaml] [--rounds 3]
 
 Prints one table of final per-task metrics of the global model for the three modes (they must agree
 within the documented precision: he adds N(0, 1e-5^2) per value, secagg quantizes to ~1e-5) and the mean
@@ -37,7 +37,7 @@ def run_mode(base: dict, mode: str, rounds: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--config", default="configs/demo_plain.yaml")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     base = yaml.safe_load(open(args.config))

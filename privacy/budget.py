@@ -22,7 +22,17 @@ from .accounting import (
     resolve_delta,
 )
 
-__all__ = ["BudgetPlan", "plan", "epsilon_by_round", "compare_accountants", "format_table"]
+__all__ = ["BudgetPlan", "plan", "epsilon_by_round", "compare_accountants", "format_table", "MIN_NOISE_MULTIPLIER",
+           "MAX_TABLE_ROUNDS", "table_rounds", "noise_dominates"]
+
+# Below this noise multiplier the PRV and PLD accountants' grids grow without bound (sigma 0.2 already
+# takes ~1 GB and 15 s for one run of a few hundred steps; epsilon 1e6 was killed at 22 GB), and the
+# guarantee is weak anyway (epsilon above ~10 for a typical run). A target that this noise already meets
+# is answered at this noise, never by searching below it.
+MIN_NOISE_MULTIPLIER = 0.5
+# The epsilon-by-round table lists at most this many rounds (evenly spaced, always the last one): each
+# row is one accountant call, so a run of 10,000 rounds would otherwise take hours.
+MAX_TABLE_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class BudgetPlan:
         epsilon: epsilon at the end of the planned run (<= target).
         epsilon_by_round: epsilon after each round 1..rounds.
         gdp_mu: Gaussian-DP mu at the end (CLT approximation).
+        at_noise_floor: the target is met already at ``MIN_NOISE_MULTIPLIER``; less noise was not searched.
     """
 
     target_epsilon: float
@@ -52,6 +63,8 @@ class BudgetPlan:
     epsilon: float
     epsilon_by_round: list[float] = field(default_factory=list)
     gdp_mu: float = 0.0
+    at_noise_floor: bool = False
+    table_rounds: list[int] = field(default_factory=list)  # the rounds that epsilon_by_round lists
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,10 +104,18 @@ def plan(
         raise ValueError(f"batch_size {batch_size} exceeds n_records {n_records}")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
     delta = resolve_delta(delta, n_records)
     q = batch_size / n_records
     steps_per_round = local_epochs * math.ceil(n_records / batch_size)
-    sigma = calibrate_noise(target_epsilon, delta, [(q, steps_per_round * rounds)], accountant=accountant)
+    floor_eps = epsilon([Step(MIN_NOISE_MULTIPLIER, q, steps_per_round * rounds)], delta, accountant)
+    at_floor = floor_eps <= target_epsilon
+    if at_floor:
+        sigma = MIN_NOISE_MULTIPLIER
+    else:
+        sigma = calibrate_noise(target_epsilon, delta, [(q, steps_per_round * rounds)], accountant=accountant)
+    listed = table_rounds(rounds)
     by_round = epsilon_by_round(sigma, q, steps_per_round, rounds, delta, accountant)
     return BudgetPlan(
         target_epsilon=float(target_epsilon),
@@ -111,7 +132,24 @@ def plan(
         epsilon=by_round[-1],
         epsilon_by_round=by_round,
         gdp_mu=gdp_mu([Step(sigma, q, steps_per_round * rounds)]),
+        at_noise_floor=at_floor,
+        table_rounds=listed,
     )
+
+
+def table_rounds(rounds: int) -> list[int]:
+    """The rounds an epsilon-by-round table lists: all of them up to MAX_TABLE_ROUNDS, else evenly spaced
+    ones ending at the last round."""
+    _positive_int("rounds", rounds)
+    if rounds <= MAX_TABLE_ROUNDS:
+        return list(range(1, rounds + 1))
+    return sorted({max(1, round(rounds * i / MAX_TABLE_ROUNDS)) for i in range(1, MAX_TABLE_ROUNDS + 1)})
+
+
+def noise_dominates(noise_multiplier: float, batch_size: float) -> bool:
+    """True when the noise on each step's mean gradient (std sigma*C/B per coordinate) exceeds the clipping
+    norm C itself: every step is then mostly noise and a model typically stays near its untrained AUROC."""
+    return noise_multiplier / batch_size > 1.0
 
 
 def epsilon_by_round(
@@ -122,12 +160,12 @@ def epsilon_by_round(
     delta: float,
     accountant: str = "prv",
 ) -> list[float]:
-    """Epsilon after each of rounds 1..``rounds`` (the cumulative spend, not a per-round figure)."""
+    """Epsilon after each round of :func:`table_rounds` (the cumulative spend, not a per-round figure):
+    every round up to MAX_TABLE_ROUNDS rounds, else MAX_TABLE_ROUNDS evenly spaced ones ending at the last."""
     _positive_int("steps_per_round", steps_per_round)
-    _positive_int("rounds", rounds)
     return [
         epsilon([Step(noise_multiplier, sample_rate, steps_per_round * r)], delta, accountant)
-        for r in range(1, rounds + 1)
+        for r in table_rounds(rounds)
     ]
 
 
@@ -160,16 +198,21 @@ def format_table(budget: BudgetPlan, comparison: dict[str, float] | None = None)
         f"target epsilon     {b.target_epsilon:g}  (delta {b.delta:.3g}, accountant {b.accountant})",
         f"records            {b.n_records}  batch {b.batch_size}  sample rate {b.sample_rate:.6g} (Poisson)",
         f"steps              {b.steps_per_round} per round ({b.local_epochs} local epoch(s)) x {b.rounds} rounds = {b.total_steps}",
-        f"noise multiplier   {b.noise_multiplier:.6g}  (calibrated for the whole run)",
+        (f"noise multiplier   {b.noise_multiplier:.6g}  (noise multiplier below {MIN_NOISE_MULTIPLIER:g} is not needed: "
+         f"this noise already keeps the whole run within the target; less is not searched)")
+        if b.at_noise_floor else f"noise multiplier   {b.noise_multiplier:.6g}  (calibrated for the whole run)",
         f"final epsilon      {b.epsilon:.4f}  GDP mu {b.gdp_mu:.4f} (CLT approximation)",
         "",
         f"{'round':>5}  {'epsilon':>10}  {'remaining':>10}",
         f"{'-' * 5}  {'-' * 10}  {'-' * 10}",
     ]
-    for r, eps in enumerate(b.epsilon_by_round, start=1):
+    for r, eps in zip(b.table_rounds or range(1, b.rounds + 1), b.epsilon_by_round):
         lines.append(f"{r:>5}  {eps:>10.4f}  {b.target_epsilon - eps:>10.4f}")
     if comparison:
         lines += ["", f"{'accountant':<20}  {'epsilon':>10}", f"{'-' * 20}  {'-' * 10}"]
         for name, eps in comparison.items():
             lines.append(f"{name:<20}  {eps:>10.4f}")
+    if noise_dominates(b.noise_multiplier, b.batch_size):
+        lines += ["", f"warning: noise multiplier {b.noise_multiplier:.4g} over batch {b.batch_size} means each step's mean "
+                      f"gradient is mostly noise; at this budget a model typically stays at its untrained AUROC"]
     return "\n".join(lines) + "\n"

@@ -8,10 +8,17 @@ import sys
 from pathlib import Path
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"secure-fedkim: warning: {message}\n"
+
+
 def _cmd_run(args) -> int:
+    import warnings
+
     from secure_fedkim.config import load_config
     from secure_fedkim.run import format_comparison, format_injection, run_federation
 
+    warnings.formatwarning = _one_line_warning  # a warning is one line, not a file name and a source line
     cfg, text = load_config(args.config)
     if cfg.study is not None:
         from secure_fedkim.study import format_study, run_study
@@ -21,7 +28,7 @@ def _cmd_run(args) -> int:
         print(format_study(results, "accuracy"))
         print(f"study written to {study_dir}")
         return 0
-    result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet)
+    result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet, config_path=args.config)
     if result.single_hospital:
         print(format_comparison(result))
     injection = format_injection(result)
@@ -39,52 +46,107 @@ def _cmd_budget(args) -> int:
     # Opacus's RDP analysis warns for every order it drops at small noise; the result stays an upper bound
     logging.getLogger("opacus").setLevel(logging.ERROR)
 
+    _check_budget_args(args)
     if args.config is not None:
         return _budget_for_config(args)
     missing = [f"--{k}" for k in ("records", "rounds") if getattr(args, k) is None]
     if missing or (args.epsilon is None) == (args.noise is None):
         raise UsageError("budget: give --epsilon (plan the noise) or --noise (epsilon per round), with --records "
                          "and --rounds; or --config CONFIG --epsilon E to plan every hospital of a federation")
-    if args.epsilon is not None:
-        plan = b.plan(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant)
-        comparison = b.compare_accountants(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, plan.delta)
-        print(b.format_table(plan, comparison), end="")
-    else:
-        from privacy.accounting import resolve_delta
-
-        delta = resolve_delta(args.delta, args.records)
-        q, steps = args.batch / args.records, args.epochs * -(-args.records // args.batch)
-        by_round = b.epsilon_by_round(args.noise, q, steps, args.rounds, delta, args.accountant)
-        print(f"noise multiplier {args.noise:g}, sample rate {q:.6g} (Poisson), {steps} steps per round, delta {delta:.3g}")
-        print(f"{'round':>5}  {'epsilon':>10}")
-        for r, eps in enumerate(by_round, 1):
-            print(f"{r:>5}  {eps:>10.4f}")
-        for name, eps in b.compare_accountants(args.noise, q, steps, args.rounds, delta).items():
-            print(f"{name:<20}  {eps:>10.4f}")
+    if args.batch > args.records:
+        raise UsageError(f"budget: --batch {args.batch} is larger than --records {args.records}")
+    try:
+        if args.epsilon is not None:
+            plan = b.plan(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant)
+            comparison = b.compare_accountants(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, plan.delta)
+            print(b.format_table(plan, comparison), end="")
+        else:
+            _print_noise_budget(args, b)
+    except ValueError as e:  # an unreachable target, a delta >= 1/records: the accountant's own reason
+        raise UsageError(f"budget: {e}") from None
     print("budget printed to standard output (nothing written)")
     return 0
+
+
+def _print_noise_budget(args, b) -> None:
+    from privacy.accounting import resolve_delta
+
+    delta = resolve_delta(args.delta, args.records)
+    q, steps = args.batch / args.records, args.epochs * -(-args.records // args.batch)
+    by_round = b.epsilon_by_round(args.noise, q, steps, args.rounds, delta, args.accountant)
+    print(f"noise multiplier {args.noise:g}, sample rate {q:.6g} (Poisson), {steps} steps per round, delta {delta:.3g}")
+    print(f"{'round':>5}  {'epsilon':>10}")
+    for r, eps in zip(b.table_rounds(args.rounds), by_round):
+        print(f"{r:>5}  {eps:>10.4f}")
+    for name, eps in b.compare_accountants(args.noise, q, steps, args.rounds, delta).items():
+        print(f"{name:<20}  {eps:>10.4f}")
+    if b.noise_dominates(args.noise, args.batch):
+        print(f"warning: noise multiplier {args.noise:g} over batch {args.batch} means each step's mean gradient is "
+              f"mostly noise; a model typically stays at its untrained AUROC")
+
+
+# Largest values `budget` accepts: beyond them one accountant call takes minutes (steps grow with
+# records x epochs x rounds), and no hospital federation is that large.
+_BUDGET_LIMITS = {"records": 10**8, "rounds": 10**5, "epochs": 10**3}
+
+
+def _check_budget_args(args) -> None:
+    """One line naming the option for every value the accountants cannot or should not take."""
+    import math
+
+    from privacy.budget import MIN_NOISE_MULTIPLIER
+
+    def bad(option: str, why: str, value) -> UsageError:
+        return UsageError(f"budget: --{option} {why}, got {value!r}")
+
+    if args.epsilon is not None and not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise bad("epsilon", "must be a finite number > 0", args.epsilon)
+    if args.delta is not None and not (0 < args.delta < 1):
+        raise bad("delta", "must lie strictly between 0 and 1", args.delta)
+    if args.noise is not None and not (math.isfinite(args.noise) and args.noise >= MIN_NOISE_MULTIPLIER):
+        raise bad("noise", f"must be a finite number >= {MIN_NOISE_MULTIPLIER:g} (below it the accountants' cost "
+                           f"grows without bound and epsilon is far above any useful budget)", args.noise)
+    for option in ("records", "rounds", "batch", "epochs"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise bad(option, "must be an integer >= 1", value)
+        if value is not None and value > _BUDGET_LIMITS.get(option, value):
+            raise bad(option, f"must be at most {_BUDGET_LIMITS[option]:,}", value)
+
+
+def _noise_for(target: float, delta: float, schedule: list, accountant: str) -> float:
+    """calibrate_noise, never searching below the noise floor of privacy.budget (see MIN_NOISE_MULTIPLIER)."""
+    from privacy.accounting import Step, calibrate_noise, epsilon
+    from privacy.budget import MIN_NOISE_MULTIPLIER
+
+    try:
+        if epsilon([Step(MIN_NOISE_MULTIPLIER, q, k) for q, k in schedule], delta, accountant) <= target:
+            return MIN_NOISE_MULTIPLIER
+        return calibrate_noise(target, delta, schedule, accountant=accountant)
+    except ValueError as e:
+        raise UsageError(f"budget: {e}") from None
 
 
 def _budget_for_config(args) -> int:
     """Plan each hospital of a federation from its real shards (the schedule a run will use)."""
     import yaml
 
-    from privacy.accounting import Step, calibrate_noise, epsilon, resolve_delta
+    from privacy.accounting import Step, epsilon, resolve_delta
     from secure_fedkim.client import dp_round_schedule, hospital_records
     from secure_fedkim.config import load_config
-    from secure_fedkim.plan import build_plan
+    from secure_fedkim.run import load_plans
 
     if args.epsilon is None:
         raise UsageError("budget --config: give --epsilon, the budget to plan for every hospital")
     cfg, text = load_config(args.config)
-    plans = build_plan(cfg)
+    plans = load_plans(cfg, args.config)
     rounds = cfg.run.rounds
     print(f"{'hospital':<16}{'records':>9}{'delta':>10}{'noise':>9}  epsilon after each of {rounds} rounds ({args.accountant})")
     for client in cfg.federation.clients:
         n = hospital_records(plans, client)
         delta = resolve_delta(args.delta, n)
         schedule = dp_round_schedule(plans, client, cfg)
-        sigma = calibrate_noise(args.epsilon, delta, schedule * rounds, accountant=args.accountant)
+        sigma = _noise_for(args.epsilon, delta, schedule * rounds, args.accountant)
         eps = [epsilon([Step(sigma, q, k) for q, k in schedule * r], delta, args.accountant) for r in range(1, rounds + 1)]
         print(f"{client:<16}{n:>9}{delta:>10.3g}{sigma:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps))
     if args.write is not None:
@@ -112,23 +174,52 @@ def _cmd_audit(args) -> int:
 def _cmd_report(args) -> int:
     from secure_fedkim.report import write_report
 
-    p = write_report(args.run_dir, partner=args.partner, reference=args.reference)
+    try:
+        p = write_report(args.run_dir, partner=args.partner, reference=args.reference, key=args.key)
+    except ValueError as e:  # a key inside the run directory, or not Ed25519, or an unknown partner
+        raise UsageError(str(e)) from e
     print(f"report written to {p.json}, {p.html}, {p.pdf} (signature {p.sig})")
+    return 0
+
+
+def _cmd_report_key(args) -> int:
+    from secure_fedkim.report.sign import new_issuer_key, public_key_path
+
+    try:
+        path = new_issuer_key(args.out, args.name, args.organisation)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    print(f"report-signing key written to {path} (mode 0600; keep it outside run directories); publish "
+          f"{public_key_path(path)} for `secure-fedkim verify --public-key`")
     return 0
 
 
 def _cmd_verify(args) -> int:
     from secure_fedkim.report import verify_report
 
+    if args.public_key is None:
+        raise UsageError("verify: give --public-key, the issuer's public key obtained from the issuer (a key found "
+                         "beside a report proves nothing)")
     problems = verify_report(args.report, public_key=args.public_key)
     for m in problems:
         print(m)
-    print("report verified: signature, ledgers, config and artifacts match" if not problems else f"{len(problems)} mismatch(es)")
+    print("report verified: signatures, status, summary, ledgers, config and artifacts match" if not problems
+          else f"{len(problems)} mismatch(es)")
     return 1 if problems else 0
 
 
 class UsageError(ValueError):
     """A command was called with arguments that do not fit together."""
+
+
+_BUDGET_EXAMPLES = """examples:
+  secure-fedkim budget --epsilon 8 --records 5000 --rounds 5
+      the noise multiplier for epsilon 8 over 5 rounds of 2 local epochs, batch 64, and epsilon after each round
+  secure-fedkim budget --noise 1.1 --records 5000 --rounds 5 --batch 32 --epochs 1
+      epsilon after each round for a given noise
+  secure-fedkim budget --config configs/demo.yaml --epsilon 8 --write configs/my_dp.yaml
+      every hospital of a federation from its real shards, and a copy of the config with that budget
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,15 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_run)
 
-    b = sub.add_parser("budget", help="plan a DP budget: noise for a target epsilon, or epsilon per round")
-    b.add_argument("--epsilon", type=float, help="target epsilon for the whole run")
-    b.add_argument("--noise", type=float, help="a noise multiplier, to see epsilon after each round")
-    b.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 1/(10 n))")
-    b.add_argument("--records", type=int, help="training records at the hospital")
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    b.add_argument("--rounds", type=int)
-    b.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
+    b = sub.add_parser(
+        "budget", help="plan a DP budget: noise for a target epsilon, or epsilon per round",
+        description="Plan a hospital's record-level DP-SGD budget (epsilon per record) before a run: the noise\n"
+                    "multiplier that keeps a whole run within a target epsilon, or the epsilon a given noise\n"
+                    "spends after each round, with four accountants side by side. A bad value: one error line, exit 2.",
+        epilog=_BUDGET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--epsilon", type=float, help="target epsilon per record for the whole run, e.g. 8")
+    b.add_argument("--noise", type=float, help="a noise multiplier (>= 0.5), to see epsilon after each round")
+    b.add_argument("--delta", type=float, default=None, help="target delta in (0, 1/records) (default: min(1e-5, 1/(10 n)))")
+    b.add_argument("--records", type=int, help="training records at the hospital (required without --config)")
+    b.add_argument("--batch", type=int, default=64, help="expected batch size, <= records (default: %(default)s)")
+    b.add_argument("--epochs", type=int, default=2,
+                   help="local epochs per round (default: %(default)s, client.local_epochs of configs/demo.yaml)")
+    b.add_argument("--rounds", type=int, help="federated rounds (required without --config)")
+    b.add_argument("--accountant", choices=["prv", "rdp"], default="prv",
+                   help="the accountant that calibrates and enforces the budget (default: %(default)s)")
     b.add_argument("--config", type=Path, help="plan every hospital of this federation from its real shards")
     b.add_argument("--write", type=Path, help="with --config: write a copy of the config with this budget")
     b.set_defaults(func=_cmd_budget)
@@ -163,11 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", type=Path)
     rp.add_argument("--partner", default=None, help="one hospital's report: its figures in full, others in aggregate")
     rp.add_argument("--reference", type=Path, default=None, help="a non-private run to show utility beside")
+    rp.add_argument("--key", type=Path, default=None, help="the issuer's signing key, outside the run directory "
+                    "(default: $SECURE_FEDKIM_REPORT_KEY or ~/.config/secure-fedkim/report_signing_key.pem)")
     rp.set_defaults(func=_cmd_report)
 
-    v = sub.add_parser("verify", help="check a report's signature against its run's ledgers, config and artifacts")
+    rk = sub.add_parser("report-key", help="create the report issuer's signing key (once, outside any run directory)")
+    rk.add_argument("--name", required=True, help="the signer's name, written into every report it signs")
+    rk.add_argument("--organisation", required=True, help="the signer's organisation")
+    rk.add_argument("--out", type=Path, default=None, help="key path (default: $SECURE_FEDKIM_REPORT_KEY or "
+                    "~/.config/secure-fedkim/report_signing_key.pem); the public key is written beside as .pub.pem")
+    rk.set_defaults(func=_cmd_report_key)
+
+    v = sub.add_parser("verify", help="check a report's signatures against the issuer's key and its run's ledgers")
     v.add_argument("report", type=Path, help="report.json (or report_<partner>.json)")
-    v.add_argument("--public-key", type=Path, default=None, help="the issuer's public key (default: beside the run)")
+    v.add_argument("--public-key", type=Path, default=None, help="the issuer's public key (.pub.pem), required")
     v.set_defaults(func=_cmd_verify)
 
     from secure_fedkim.deploy import add_deploy_parser

@@ -79,14 +79,39 @@ class FederationSection(_Strict):
         return self
 
 
+_TABLE_FORMATS = ("csv", "parquet", "jsonl")
+_LABEL_FILE_FORMATS = ("npy", "wfdb", "dicom", "png")  # `label` names a file, resolved like `path`
+
+
 class DataSource(_Strict):
-    """User-brought data in a standard format (see secure_fedkim.data.load_user_data)."""
+    """User-brought data in a standard format (see secure_fedkim.data.load_user_data for every key)."""
 
     format: Literal["csv", "parquet", "npy", "wfdb", "dicom", "png", "jsonl"]
     path: str
     label: str
     features: list[str] | None = None
     site: str | None = None
+    group: str | None = None  # patient-id column: a patient's records never straddle two splits
+    key: str | None = None  # .npz: the samples array
+    fs: float | None = Field(None, gt=0.0)  # npy signals: sampling rate in Hz
+    channel: int | str | None = None  # wfdb / npy signals: channel name (wfdb) or index
+    task: str | None = None  # the name of the loaded data in messages (default user:<file name>)
+
+    @model_validator(mode="after")
+    def _check(self):
+        only = {"features": _TABLE_FORMATS, "key": ("npy",), "fs": ("npy",), "channel": ("npy", "wfdb")}
+        for key, formats in only.items():
+            if getattr(self, key) is not None and self.format not in formats:
+                raise ValueError(f"{key}: only for format {' / '.join(formats)}, not {self.format!r}")
+        if self.format == "npy" and (self.site is not None or self.group is not None):
+            raise ValueError("site: npy arrays have no columns; site and group are for tables and label CSVs")
+        if self.group is not None and self.format in ("png", "dicom", "wfdb"):
+            raise ValueError("group: png/dicom use the label CSV's own 'group' column; wfdb groups windows by record")
+        if isinstance(self.channel, int) and self.channel < 0:
+            raise ValueError(f"channel: an index must be >= 0, got {self.channel}")
+        if self.format == "npy" and isinstance(self.channel, str):
+            raise ValueError(f"channel: npy channels are indices, not names like {self.channel!r}")
+        return self
 
 
 class TaskEntry(_Strict):
@@ -240,6 +265,14 @@ class BaselineSection(_Strict):
     single_hospital: bool = True
 
 
+class ReportSection(_Strict):
+    """Disclosure and leakage thresholds of the compliance report (secure_fedkim.report)."""
+
+    min_other_hospitals: int = Field(3, ge=2)  # a partner report shows no figure about fewer other hospitals
+    mia_auc_fail: float = Field(0.65, gt=0.5, le=1.0)  # a significant MIA whose AUC lower bound reaches this fails
+    eps_lower_bound_attention: float = Field(1.0, gt=0.0)  # an audit's epsilon lower bound above this needs attention
+
+
 class RunConfig(_Strict):
     run: RunSection = RunSection()
     federation: FederationSection
@@ -248,6 +281,7 @@ class RunConfig(_Strict):
     privacy: PrivacySection = PrivacySection()
     injection: InjectionSection = InjectionSection(enabled=False)
     baseline: BaselineSection = BaselineSection()
+    report: ReportSection = ReportSection()
     study: StudySection | None = None
 
     def dp_profile(self, client: str) -> DPProfileSection | None:
@@ -323,10 +357,30 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                     raise ConfigError(
                         f"{source}: tasks.{section}[{i}].source.path: no such file or directory: {t.source.path}"
                     )
-                t = t.model_copy(update={"source": t.source.model_copy(update={"path": str(path)})})
+                fixed_paths = {"path": str(path)}
+                if t.source.format in _LABEL_FILE_FORMATS and not _is_npz_array(path, t.source.label):
+                    label = (base / t.source.label).resolve()
+                    if not label.is_file():
+                        raise ConfigError(f"{source}: tasks.{section}[{i}].source.label: no such file (resolved "
+                                          f"against the config's folder, like path): {t.source.label}")
+                    fixed_paths["label"] = str(label)
+                t = t.model_copy(update={"source": t.source.model_copy(update=fixed_paths)})
             fixed.append(t)
         resolved[section] = fixed
     return cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update=resolved)})
+
+
+def _is_npz_array(path: Path, label: str) -> bool:
+    """True when `label` names an array inside the .npz archive at `path` (its labels), not a file."""
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return label in archive.files
+    except Exception:
+        return False  # the loader reports an unreadable archive with its own message
 
 
 def load_config(path: str | Path) -> tuple[RunConfig, str]:
@@ -338,7 +392,7 @@ def load_config(path: str | Path) -> tuple[RunConfig, str]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None  # one line
     return parse_config(data, source=str(path), base_dir=path.parent), text
 
 

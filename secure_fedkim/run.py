@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
+import warnings
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from flwr.app import ArrayRecord
@@ -17,10 +20,14 @@ from flwr.app import ArrayRecord
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import client_dir, save_model
 from secure_fedkim.client import local_round, new_client_model
-from secure_fedkim.config import RunConfig, config_sha256
+from privacy.budget import noise_dominates
+from secure_fedkim.config import ConfigError, RunConfig, config_sha256
+from secure_fedkim.data import DataError, load_task
+from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.identity import ensure_signing_key
-from secure_fedkim.plan import build_plan
-from secure_fedkim.training import evaluate_task
+from secure_fedkim.metrics import binary_metrics, bootstrap_aurocs, interval, verdict
+from secure_fedkim.plan import TaskPlan, build_plan
+from secure_fedkim.training import predict_task
 
 
 @dataclass
@@ -29,18 +36,87 @@ class RunResult:
     history: list[dict]
     final_test: dict[str, dict]
     single_hospital: dict[str, dict[str, dict]] = field(default_factory=dict)
+    # per training task: AUROC with its 95% bootstrap interval for the federated model, each hospital alone
+    # and their mean, and the verdict from the interval of the paired difference (see compare_aurocs)
+    comparison: dict[str, dict] = field(default_factory=dict)
 
 
-def make_run_dir(cfg: RunConfig, out_dir: str | Path | None) -> Path:
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def run_dir_path(cfg: RunConfig, out_dir: str | Path | None) -> Path:
+    """The run directory a run will write (refused if it exists and is not empty); creates nothing."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     base = Path(out_dir) if out_dir is not None else Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
     if base.exists() and any(base.iterdir()):
         raise FileExistsError(f"run directory {base} already exists and is not empty; choose another --out")
+    return base
+
+
+def make_run_dir(cfg: RunConfig, out_dir: str | Path | None) -> Path:
+    base = run_dir_path(cfg, out_dir)
     base.mkdir(parents=True, exist_ok=True)
     return base
 
 
-def format_round_table(server_round: int, record: dict) -> str:
+def load_plans(cfg: RunConfig, config_path: str | Path | None = None, progress: bool = False) -> dict[str, TaskPlan]:
+    """Every task's data and split; a data error also names the config file and the task's key in it."""
+    try:
+        registry = [t for t in cfg.tasks.train + cfg.tasks.unseen if t.source is None]
+        for t in tqdm(registry, desc="loading data", unit="task", disable=not progress or not registry):
+            load_task(t.name, max_records=t.max_records, seed=cfg.run.seed)  # cached: build_plan reuses it
+        plans = build_plan(cfg)
+    except DataError as e:
+        if config_path is None:
+            raise
+        raise DataError(f"{config_path}: {_task_key(cfg, str(e))}: {e}") from None
+    try:
+        new_client_model(cfg, plans)  # every task of a modality gives one sample shape; encoders can be built
+    except ValueError as e:
+        raise ConfigError(f"{config_path or '<config>'}: {e}") from None
+    return plans
+
+
+def _task_key(cfg: RunConfig, message: str) -> str:
+    """The config key of the task a data error is about (its source path, label file or name in the message)."""
+    for section, entries in (("train", cfg.tasks.train), ("unseen", cfg.tasks.unseen)):
+        for i, t in enumerate(entries):
+            if t.source is not None:
+                for key in ("path", "label"):
+                    if message.startswith(getattr(t.source, key)):
+                        return f"tasks.{section}[{i}].source.{key}"
+            if repr(t.name) in message:
+                return f"tasks.{section}[{i}]"
+    return "tasks"
+
+
+def warn_about_data(cfg: RunConfig, plans: dict[str, TaskPlan]) -> None:
+    """One line each for federations and shards that run but cannot mean what a user would expect."""
+    if any(cfg.dp_profile(c) is not None and not cfg.dp_profile(c).secure_mode for c in cfg.federation.clients):
+        warnings.warn("Opacus's secure RNG is off (privacy.profile.secure_mode: false): fine for evaluation; "
+                      "a production run draws its noise with torchcsprng", DataWarning, stacklevel=2)
+    if len(cfg.federation.clients) == 1:
+        warnings.warn(f"a one-hospital federation ({cfg.federation.clients[0]}): nothing is aggregated across "
+                      f"hospitals, so the federated model is that hospital's own model", DataWarning, stacklevel=2)
+    for name, p in plans.items():
+        if p.task.role != "train":
+            continue
+        for client in cfg.federation.clients:
+            y = p.shard(client).y
+            if len(y) and not y.any():
+                warnings.warn(f"task {name!r}: hospital {client!r} has no positive record in its {len(y)}-record "
+                              f"shard; it can only learn to answer no", DataWarning, stacklevel=2)
+
+
+# Opacus's PRV accountant answers with eps_error 0.01: below that it cannot resolve epsilon
+PRV_RESOLUTION = 0.01
+
+
+def _spent(eps: float, prv: bool) -> str:
+    return f"<={PRV_RESOLUTION:g} (PRV resolution)" if prv and eps <= PRV_RESOLUTION * 1.05 else format(eps, ".3f")
+
+
+def format_round_table(server_round: int, record: dict, prv_clients: set[str] = frozenset()) -> str:
     test = record["client_model_test"]
     lines = [f"round {server_round}: global client model on held-out test sets"]
     clients = record.get("clients", {})
@@ -51,7 +127,7 @@ def format_round_table(server_round: int, record: dict) -> str:
         lines.append(f"  {task:<22}{m['accuracy']:>7.3f}{m['f1']:>7.3f}{m.get('auroc', float('nan')):>7.3f}{losses}")
     if private:
         spent = ", ".join(
-            f"{c}={'skipped (budget)' if s.get('skipped-budget') else format(s['epsilon-spent'], '.3f')}"
+            f"{c}={'skipped (budget)' if s.get('skipped-budget') else _spent(s['epsilon-spent'], c in prv_clients)}"
             for c, s in sorted(clients.items())
         )
         lines.append(f"  epsilon spent (accountant, whole run so far, per record): {spent}")
@@ -120,41 +196,101 @@ def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[di
     return model.state_dict(), strategy.history, strategy.transport.facts()
 
 
-def single_hospital_baseline(cfg: RunConfig, run_dir: Path) -> dict[str, dict[str, dict]]:
+def single_hospital_baseline(
+    cfg: RunConfig, run_dir: Path, scores: dict | None = None, progress: bool = False
+) -> dict[str, dict[str, dict]]:
     """Each hospital alone: the same model, seed, epochs (rounds x local epochs) and privacy budget, on its
-    own shards only (with DP on, it spends its budget from a ledger of its own under baseline/)."""
+    own shards only (with DP on, it spends its budget from a ledger of its own under baseline/).
+    `scores`, when given, receives each hospital model's test probabilities: scores[client][task]."""
     from secure_fedkim.client_app import hospital_dp
 
     plans = build_plan(cfg)
     out: dict[str, dict[str, dict]] = {}
+    bar = tqdm(total=len(cfg.federation.clients) * cfg.run.rounds, desc="single-hospital baseline",
+               unit="round", disable=not progress)
     for client in cfg.federation.clients:
         model = new_client_model(cfg, plans)
-        federation_ledger = client_dir(run_dir, client) / "ledger.jsonl"
-        plan = PrivacyLedger(federation_ledger).events("dp_plan") if federation_ledger.exists() else []
-        noise = plan[0]["noise_multiplier"] if plan else None  # same schedule and budget: same calibration
+        noise = _planned_noise(run_dir, client)  # same schedule and budget: same calibration
         dp = hospital_dp(cfg, plans, client, run_dir / "baseline" / client, f"baseline-{client}", noise)
         for r in range(1, cfg.run.rounds + 1):
             local_round(model, plans, client, cfg, r, dp=dp)
-        out[client] = {
-            name: evaluate_task(model.task_model(name), p.test().x, p.test().y)
-            for name, p in plans.items()
-            if p.task.role == "train"
-        }
+            bar.update(1)
+        out[client] = {}
+        for name, p in _train_plans(plans):
+            probs = predict_task(model.task_model(name), p.test().x)
+            out[client][name] = binary_metrics(p.test().y, probs >= 0.5, probs)
+            if scores is not None:
+                scores.setdefault(client, {})[name] = probs
+    bar.close()
     return out
 
 
-def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: bool = True) -> RunResult:
+def _train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
+    return [(name, p) for name, p in plans.items() if p.task.role == "train"]
+
+
+def _planned_noise(run_dir: Path, client: str) -> float | None:
+    """The noise multiplier a hospital calibrated for the federation (from its ledger), if it uses DP."""
+    ledger = client_dir(run_dir, client) / "ledger.jsonl"
+    plan = PrivacyLedger(ledger).events("dp_plan") if ledger.exists() else []
+    return plan[0]["noise_multiplier"] if plan else None
+
+
+def warn_about_noise(cfg: RunConfig, run_dir: Path) -> None:
+    """A budget so small that every step is mostly noise: the model will stay near its untrained AUROC."""
+    for client in cfg.federation.clients:
+        noise = _planned_noise(run_dir, client)
+        if noise is not None and noise_dominates(noise, cfg.client.batch_size):
+            warnings.warn(f"{client}: noise multiplier {noise:.3g} for a batch of {cfg.client.batch_size} at epsilon "
+                          f"{cfg.dp_profile(client).target_epsilon:g} per record: each step's mean gradient is mostly "
+                          f"noise, so the model will likely stay near its untrained AUROC", DataWarning, stacklevel=2)
+
+
+def compare_aurocs(cfg: RunConfig, plans: dict[str, TaskPlan], federated: dict, alone: dict) -> dict[str, dict]:
+    """Per training task: each model's test AUROC with its 95% bootstrap interval (the same resamples of the
+    test records for every model, seeded by the run seed), and the verdict on federated - mean alone."""
+    out = {}
+    clients = list(alone)
+    for i, (name, p) in enumerate(_train_plans(plans)):
+        y = p.test().y
+        if len(set(y.tolist())) < 2:
+            continue  # no AUROC on a test set with one class
+        boots = bootstrap_aurocs(y, [federated[name]] + [alone[c][name] for c in clients],
+                                 n_boot=BOOTSTRAP_RESAMPLES, seed=cfg.run.seed * 1009 + i)
+        point = [roc_auc_score(y, federated[name])] + [roc_auc_score(y, alone[c][name]) for c in clients]
+        mean_boot = boots[:, 1:].mean(axis=1)
+        cell = lambda a, b: {"auroc": float(a), "ci95": list(interval(b))}
+        out[name] = {
+            "federated": cell(point[0], boots[:, 0]),
+            "alone": {c: cell(point[j + 1], boots[:, j + 1]) for j, c in enumerate(clients)},
+            "mean_alone": cell(np.mean(point[1:]), mean_boot),
+            "difference_ci95": list(interval(boots[:, 0] - mean_boot)),
+        }
+        out[name]["verdict"] = verdict(tuple(out[name]["difference_ci95"]))
+    return out
+
+
+def run_federation(
+    cfg: RunConfig, config_text: str, out_dir=None, progress: bool = True, config_path: str | Path | None = None
+) -> RunResult:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    run_dir = make_run_dir(cfg, out_dir)
+    # Everything that can be wrong with the config's data is found before anything is written.
+    target = run_dir_path(cfg, out_dir)
+    plans = load_plans(cfg, config_path, progress)
+    warn_about_data(cfg, plans)
+    run_dir = make_run_dir(cfg, target)
     (run_dir / "config.yaml").write_text(config_text)
     (run_dir / "resolved_config.json").write_text(cfg.model_dump_json(indent=2))
+    (run_dir / "features.json").write_text(json.dumps(features_record(plans), indent=2))
     started = time.time()
-    plans = build_plan(cfg)  # fail fast on data problems, before any process starts
 
     bar = tqdm(total=cfg.run.rounds, desc="rounds", unit="round", disable=not progress)
+    prv = {c for c in cfg.federation.clients if cfg.dp_profile(c) is not None and cfg.dp_profile(c).accountant == "prv"}
 
     def on_round(server_round: int, record: dict) -> None:
-        tqdm.write(format_round_table(server_round, record))
+        tqdm.write(format_round_table(server_round, record, prv_clients=prv))
+        if server_round == 1 and cfg.privacy.dp:
+            warn_about_noise(cfg, run_dir)
         if server_round:
             bar.update(1)
 
@@ -168,7 +304,12 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
     save_model(model, run_dir / "model" / "client_model.safetensors")
 
     final_test = history[-1]["client_model_test"]
-    single = single_hospital_baseline(cfg, run_dir) if cfg.baseline.single_hospital else {}
+    alone_scores: dict = {}
+    single = single_hospital_baseline(cfg, run_dir, alone_scores, progress) if cfg.baseline.single_hospital else {}
+    comparison = {}
+    if single:
+        federated = {name: predict_task(model.task_model(name), p.test().x) for name, p in _train_plans(plans)}
+        comparison = compare_aurocs(cfg, plans, federated, alone_scores)
     summary = {
         "run_dir": str(run_dir),
         "config_sha256": config_sha256(config_text),
@@ -178,27 +319,48 @@ def run_federation(cfg: RunConfig, config_text: str, out_dir=None, progress: boo
         "federated_test": final_test,
         **({"fm_test": history[-1]["fm_test"], "fm_test_round0": history[0]["fm_test"]} if "fm_test" in history[-1] else {}),
         "single_hospital_test": single,
+        "auroc_comparison": comparison,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(run_dir, history, final_test, single)
+    return RunResult(run_dir, history, final_test, single, comparison)
+
+
+def features_record(plans: dict[str, TaskPlan]) -> dict[str, dict]:
+    """What became each task's model input: columns or arrays used, those left out, and the sample shape."""
+    return {
+        name: {"modality": p.task.modality, "source": p.task.source, "sample_shape": list(p.data.x.shape[1:]),
+               "records": len(p.data), **(p.data.inputs or _registry_inputs(name, p.task.modality))}
+        for name, p in plans.items()
+    }
+
+
+def _registry_inputs(name: str, modality: str) -> dict:
+    from secure_fedkim.data.formats import TS_VARIABLES
+    from secure_fedkim.data.loaders import heart_feature_names
+
+    if name == "heart_disease":
+        return {"x_columns": heart_feature_names()}
+    if modality == "timeseries":
+        return {"channels": list(TS_VARIABLES) + [f"{v} missing" for v in TS_VARIABLES]}
+    return {}
 
 
 def format_comparison(result: RunResult) -> str:
-    """Federated model vs each hospital alone, per training task (accuracy / AUROC on the same test set)."""
+    """Federated model vs each hospital alone, per training task: test AUROC [95% bootstrap interval], and
+    the verdict from the interval of federated - mean alone on the same resampled records."""
     clients = list(result.single_hospital)
-    head = f"{'task':<22}{'federated':>16}" + "".join(f"{c[:14]:>16}" for c in clients) + f"{'mean alone':>16}  federated AUROC"
-    lines = ["Federated vs single-hospital models on held-out test sets (accuracy / AUROC)", head]
-    nan = float("nan")
-    for task, m in result.final_test.items():
-        cell = lambda r: f"{r['accuracy']:.3f} / {r.get('auroc', nan):.3f}"
-        alone = [result.single_hospital[c][task] for c in clients]
-        mean = {k: sum(a.get(k, nan) for a in alone) / len(alone) for k in ("accuracy", "auroc")}
-        best = max(a.get("auroc", nan) for a in alone)
-        fed = m.get("auroc", nan)
-        verdict = "beats every hospital" if fed > best else ("beats the mean" if fed > mean["auroc"] else "does NOT beat the mean")
-        lines.append(
-            f"{task:<22}{cell(m):>16}" + "".join(f"{cell(a):>16}" for a in alone) + f"{cell(mean):>16}  {verdict}"
-        )
+    width = 22
+    head = f"{'task':<22}{'federated':>{width}}" + "".join(f"{c[:20]:>{width}}" for c in clients) + f"{'mean alone':>{width}}"
+    lines = ["Federated vs single-hospital models: test AUROC [95% bootstrap interval over test records]",
+             head + "  federated vs mean alone"]
+    cell = lambda m: f"{m['auroc']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
+    for task, c in result.comparison.items():
+        lines.append(f"{task:<22}{cell(c['federated']):>{width}}" + "".join(f"{cell(c['alone'][h]):>{width}}" for h in clients)
+                     + f"{cell(c['mean_alone']):>{width}}  {c['verdict']} "
+                     + f"(difference [{c['difference_ci95'][0]:+.2f}, {c['difference_ci95'][1]:+.2f}])")
+    skipped = [t for t in result.final_test if t not in result.comparison]
+    if skipped:
+        lines.append(f"(no AUROC for {skipped}: their test sets hold one class only)")
     return "\n".join(lines)
 
 

@@ -20,6 +20,9 @@ from secure_fedkim.metrics import binary_metrics
 
 # Opacus's hooks fire on every first layer whose input needs no gradient: expected, not a problem.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+# Opacus repeats its secure-RNG advice at every make_private (the accountant's catch_warnings resets the
+# "once"/"default" registries, 68+ lines in one demo); secure_fedkim.run says it once per run instead.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
 
 class Privatizer(Protocol):

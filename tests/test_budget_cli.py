@@ -18,7 +18,7 @@ def test_budget_plan_prints_the_calibrated_noise_and_epsilon_by_round(capsys):
 
 
 def test_budget_from_a_noise_multiplier(capsys):
-    assert main(["budget", "--noise", "1.2", "--records", "1000", "--batch", "100", "--rounds", "2"]) == 0
+    assert main(["budget", "--noise", "1.2", "--records", "1000", "--batch", "100", "--epochs", "1", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     eps2 = epsilon([Step(1.2, 0.1, 20)], 1e-5, "prv")
     assert f"    2  {eps2:>10.4f}" in out
@@ -44,3 +44,67 @@ def test_budget_for_a_config_writes_a_dp_config(tmp_path, capsys):
 
     written, _ = load_config(out_cfg)
     assert written.privacy.dp and written.dp_profile("hungary").target_epsilon == 2.0
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--epsilon", "-1"], "--epsilon"), (["--epsilon", "0"], "--epsilon"), (["--epsilon", "nan"], "--epsilon"),
+    (["--epsilon", "inf"], "--epsilon"), (["--epsilon", "1", "--records", "0"], "--records"),
+    (["--epsilon", "1", "--rounds", "0"], "--rounds"), (["--epsilon", "1", "--batch", "0"], "--batch"),
+    (["--epsilon", "1", "--batch", "6000"], "--batch"), (["--epsilon", "1", "--epochs", "0"], "--epochs"),
+    (["--epsilon", "1", "--delta", "2"], "--delta"), (["--epsilon", "1", "--delta", "0"], "--delta"),
+    (["--noise", "-1"], "--noise"), (["--noise", "0.01"], "--noise"), (["--epsilon", "1", "--rounds", "10000000"], "--rounds"),
+])
+def test_budget_bad_values_are_one_line_and_exit_2(args, option, capsys):
+    base = {"--records": "5000", "--rounds": "5"}
+    given = dict(zip(args[::2], args[1::2]))
+    argv = ["budget", *args] + [x for k, v in base.items() if k not in given for x in (k, v)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and option in err, err
+    assert captured.out == ""
+
+
+def test_budget_delta_not_below_one_over_n_is_one_line(capsys):
+    assert main(["budget", "--epsilon", "1", "--records", "500", "--rounds", "1", "--delta", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1/n" in err
+
+
+def test_a_huge_epsilon_is_answered_at_the_noise_floor_not_searched_below_it():
+    from privacy.budget import MIN_NOISE_MULTIPLIER, format_table
+
+    p = plan(1e6, None, 500, 50, 1, 2, "rdp")  # searching below the floor grew to 22 GB with PRV
+    assert p.at_noise_floor and p.noise_multiplier == MIN_NOISE_MULTIPLIER
+    assert p.epsilon == epsilon([Step(MIN_NOISE_MULTIPLIER, 0.1, 20)], 1e-5, "rdp") < 1e6
+    assert f"noise multiplier below {MIN_NOISE_MULTIPLIER:g} is not needed" in format_table(p)
+    assert not plan(3.0, None, 500, 50, 1, 2, "rdp").at_noise_floor
+
+
+def test_a_budget_too_small_to_learn_is_warned():
+    from dataclasses import replace
+
+    from privacy.budget import format_table, noise_dominates
+
+    usable = plan(3.0, None, 500, 50, 1, 1, "rdp")
+    assert "mostly noise" not in format_table(usable)
+    assert "untrained AUROC" in format_table(replace(usable, noise_multiplier=51.0))  # sigma / batch > 1
+    assert noise_dominates(33, 32) and not noise_dominates(32, 32)
+
+
+def test_the_epsilon_table_of_a_long_run_lists_at_most_20_rounds():
+    from privacy.budget import MAX_TABLE_ROUNDS, table_rounds
+
+    assert table_rounds(5) == [1, 2, 3, 4, 5]
+    many = table_rounds(1000)
+    assert len(many) == MAX_TABLE_ROUNDS and many[-1] == 1000 and many == sorted(set(many))
+
+
+def test_budget_help_has_examples_and_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["budget", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "examples:" in out and "secure-fedkim budget --epsilon 8 --records 5000 --rounds 5" in out
+    for option, default in (("--batch", "64"), ("--epochs", "2"), ("--accountant", "prv")):
+        assert f"(default: {default}" in out.split(option)[-1].split("--")[0] or f"default: {default}" in out
+    assert "--rounds ROUNDS federated rounds" in out and "--epochs EPOCHS local epochs per round (default: 2" in out

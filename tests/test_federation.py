@@ -51,6 +51,13 @@ def test_cli_run_writes_a_complete_run_directory(tmp_path, capsys):
         assert not torch.equal(run.local_model(client).heads["heart_disease"].linear.weight, model.heads["heart_disease"].linear.weight)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["single_hospital_test"]) == {"cleveland", "hungary", "switzerland", "va_long_beach"}
+    # every AUROC of the comparison carries its bootstrap interval, and the verdict is the interval's
+    heart = summary["auroc_comparison"]["heart_disease"]
+    for cell in [heart["federated"], heart["mean_alone"], *heart["alone"].values()]:
+        assert cell["ci95"][0] <= cell["auroc"] <= cell["ci95"][1]
+    assert heart["verdict"] in {"beats", "no clear difference", "worse"} and heart["verdict"] in printed
+    features = json.loads((out / "features.json").read_text())  # what became the model input, per task
+    assert features["heart_disease"]["x_columns"][0] == "age" and features["heart_disease"]["sample_shape"] == [35]
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -38,6 +39,10 @@ import pandas as pd
 
 class DataError(ValueError):
     """Data that cannot be loaded; the message names the path (or task) and the problem."""
+
+
+class DataWarning(UserWarning):
+    """Data that loads but deserves a look (a column left out, a shard without positives)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,6 +95,8 @@ class TaskData:
     y: np.ndarray
     site: np.ndarray | None = None
     group: np.ndarray | None = None
+    # What became x, for the run directory's features.json: columns/arrays used and those left out.
+    inputs: dict | None = None
 
     def __post_init__(self):
         n = len(self.y)
@@ -395,6 +402,8 @@ def load_user_data(spec: dict, modality: str) -> TaskData:
         data = _from_image_files(path, spec, fmt, task, where)
     if len(data) == 0:
         raise DataError(f"{where}: no records")
+    if data.inputs is None:
+        data.inputs = {"files": str(path), "labels": str(spec["label"]), "format": fmt}
     try:
         return data.check(modality)
     except DataError as e:
@@ -418,8 +427,8 @@ def _read_table(path: Path, fmt: str) -> pd.DataFrame:
     if path.is_dir():
         raise DataError(f"{where}: is a directory; format {fmt!r} needs one file")
     try:
-        if fmt == "csv":
-            return pd.read_csv(path)
+        if fmt == "csv":  # "265,000" is a number: quoted thousands separators are common in exported tables
+            return pd.read_csv(path, thousands=",")
         if fmt == "parquet":
             return pd.read_parquet(path)
         rows = []
@@ -436,6 +445,8 @@ def _read_table(path: Path, fmt: str) -> pd.DataFrame:
         return pd.DataFrame.from_records(rows)
     except DataError:
         raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{where}: no rows (the file is empty)") from None
     except Exception as e:  # parser errors of pandas / pyarrow
         raise DataError(f"{where}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
 
@@ -459,6 +470,8 @@ def _opt_col(df: pd.DataFrame, spec: dict, key: str, where: str):
 
 def _from_table(df: pd.DataFrame, spec: dict, modality: str, task: str, where: str) -> TaskData:
     label = spec["label"]
+    if len(df) == 0:
+        raise DataError(f"{where}: no rows (only a header with columns {list(map(str, df.columns))[:20]})")
     _need_columns(df, [label], where, "label column")
     features = spec.get("features")
     if features is not None and (isinstance(features, str) or not all(isinstance(c, str) for c in features)):
@@ -467,27 +480,69 @@ def _from_table(df: pd.DataFrame, spec: dict, modality: str, task: str, where: s
         return _timeseries_from_long(df, spec, task, where)
     y = binary_labels(df[label], where, label)
     site, group = _opt_col(df, spec, "site", where), _opt_col(df, spec, "group", where)
+    roles = {"label": label, **{k: spec[k] for k in ("site", "group") if spec.get(k) is not None}}
     if modality == "text":
         cols = list(features) if features else ["text"]
         _need_columns(df, cols, where, "text column")
         texts = df[cols].fillna("").astype(str).agg(" ".join, axis=1)
-        return TaskData(task, tokenize(texts), y, site, group)
-    reserved = {label, spec.get("site"), spec.get("group")}
+        inputs = {"text_columns": cols, **roles, "left_out": _left_out(df, cols, roles, where, "text")}
+        return TaskData(task, tokenize(texts), y, site, group, inputs)
+    reserved = set(roles.values())
     if features is None:
-        cols = [c for c in df.columns if c not in reserved and (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))]
+        cols = [c for c in df.columns if c not in reserved and _is_numeric(df[c])]
         if not cols:
-            raise DataError(f"{where}: no numeric feature columns (besides label/site/group)")
+            raise DataError(f"{where}: no numeric feature columns (besides label/site/group); "
+                            + "; ".join(f"{c!r}: {_non_numeric_advice(df[c])}" for c in df.columns if c not in reserved)[:400])
     else:
         cols = list(features)
         _need_columns(df, cols, where, "feature column")
         clash = [c for c in cols if c in reserved]
         if clash:
             raise DataError(f"{where}: feature column(s) {clash} are also the label/site/group")
-        bad = [c for c in cols if not (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))]
+        bad = [c for c in cols if not _is_numeric(df[c])]
         if bad:
-            raise DataError(f"{where}: feature column(s) {bad} are not numeric (encode categories as numbers first)")
+            raise DataError(f"{where}: feature column(s) {bad} are not numeric: "
+                            + "; ".join(f"{c!r}: {_non_numeric_advice(df[c])}" for c in bad))
     vals = df[cols].astype(np.float64).to_numpy()
-    return TaskData(task, tabular_matrix(vals), y, site, group)
+    inputs = {
+        "features": [str(c) for c in cols],
+        "x_columns": [str(c) for c in cols] + [f"{c} missing" for c in cols],
+        "transform": "sign(v) * log1p(|v|); an empty/NA cell becomes 0 and its '<column> missing' flag 1",
+        **roles,
+        "left_out": _left_out(df, cols, roles, where, "feature"),
+    }
+    return TaskData(task, tabular_matrix(vals), y, site, group, inputs)
+
+
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+
+
+def _non_numeric_advice(col: pd.Series) -> str:
+    """Why a column is not a number, and what to do about it, from what its cells hold."""
+    text = col.dropna().astype(str).str.strip()
+    if len(text) == 0:
+        return "every cell is empty (drop the column)"
+    numeric = pd.to_numeric(text.str.replace(",", "", regex=False), errors="coerce")
+    odd = sorted(set(text[numeric.isna()]))
+    if numeric.notna().mean() >= 0.5:
+        return (f"mostly numbers but {len(odd)} distinct non-numeric value(s) such as {odd[:3]}: make them numbers, "
+                f"or leave those cells empty (an empty cell becomes 0 plus a missing flag)")
+    if text.nunique() <= 20:
+        return f"categories such as {sorted(set(text))[:3]}: encode categories as numbers first (one 0/1 column per category)"
+    return f"free text such as {odd[:2]}: a tabular task needs numbers; use a text task for text"
+
+
+def _left_out(df: pd.DataFrame, used: list, roles: dict, where: str, what: str) -> dict[str, str]:
+    """Columns that are neither used nor label/site/group: named in one warning and in features.json."""
+    reserved = set(roles.values()) | set(used)
+    out = {str(c): ("not numeric: " + _non_numeric_advice(df[c])) if what == "feature" and not _is_numeric(df[c])
+           else "not listed in 'features'" for c in df.columns if c not in reserved}
+    if out:
+        warnings.warn(f"{where}: column(s) left out of the {what}s: {sorted(out)} "
+                      f"(see features.json in the run directory; list them in 'features' to use them)",
+                      DataWarning, stacklevel=2)
+    return out
 
 
 def _timeseries_from_long(df: pd.DataFrame, spec: dict, task: str, where: str) -> TaskData:
@@ -512,7 +567,13 @@ def _timeseries_from_long(df: pd.DataFrame, spec: dict, task: str, where: str) -
         site = s.first().reindex(ids).to_numpy().astype(str)
     if spec.get("group") is not None:
         raise DataError(f"{where}: timeseries has one record per id already; 'group' is not used")
-    return TaskData(task, x, y, site, None)
+    ignored = sorted(set(df["test"].astype(str)) - set(TS_VARIABLES))
+    inputs = {"long_columns": list(TS_LONG_COLUMNS), "channels": list(TS_VARIABLES) + [f"{v} missing" for v in TS_VARIABLES],
+              "ignored_tests": ignored[:50]}
+    if ignored:
+        warnings.warn(f"{where}: test(s) left out of the series (not among {list(TS_VARIABLES)}): {ignored[:10]}",
+                      DataWarning, stacklevel=2)
+    return TaskData(task, x, y, site, None, inputs)
 
 
 def _load_array(p: Path, where: str) -> np.ndarray:
@@ -529,6 +590,7 @@ def _from_npy(path: Path, spec: dict, modality: str, task: str, where: str) -> T
         raise DataError(f"{where}: npy data has no columns; 'site'/'group' are not supported for npy")
     arr = _load_array(path, where)
     label = str(spec["label"])
+    key, names = None, []
     if isinstance(arr, np.lib.npyio.NpzFile):
         names = list(arr.files)
         if label in names:
@@ -562,7 +624,14 @@ def _from_npy(path: Path, spec: dict, modality: str, task: str, where: str) -> T
     if x.ndim == 0 or len(x) != len(y_raw):
         raise DataError(f"{where}: {len(x) if x.ndim else 0} samples but {len(y_raw)} labels")
     y = binary_labels(y_raw, where, label)
+    data = _npy_samples(x, y, spec, modality, task, where)
+    data.inputs = {"samples": f"{path.name}[{key!r}]" if key is not None else path.name,
+                   "labels": f"{path.name}[{label!r}]" if key is not None and label in names else label,
+                   "shape": list(x.shape), "dtype": str(x.dtype)}
+    return data
 
+
+def _npy_samples(x: np.ndarray, y: np.ndarray, spec: dict, modality: str, task: str, where: str) -> TaskData:
     if modality == "tabular":
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
             raise DataError(f"{where}: tabular npy must be numeric [N, F], got {x.dtype} {x.shape}")
