@@ -39,7 +39,7 @@ class HESection(_Strict):
 
 
 class SecAggSection(_Strict):
-    """Flower SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow); see secure_fedkim.secagg for the error."""
+    """Flower SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow); see secure_fedkim.federation.transports.secagg for the error."""
 
     num_shares: int = Field(3, ge=2)
     reconstruction_threshold: int = Field(2, ge=2)

@@ -465,7 +465,7 @@ def aggregation_facts(run: RunFacts) -> tuple[dict, dict[str, list[Finding]]]:
             "ciphertext_expansion": ckks.get("ciphertext_expansion"),
             "flooding_sigma": ckks.get("flooding_sigma", cfg.federation.he.flooding_sigma),
             "min_clients_per_decrypt": min_clients,
-            "key_holder": "a separate key-holder process (secure_fedkim.keyholder); the aggregating server holds a "
+            "key_holder": "a separate key-holder process (secure_fedkim.federation.keyholder); the aggregating server holds a "
                           "public-only CKKS context and sums ciphertexts",
             "server_has_secret_key": server_key,
             "decryptions": len(decrypts),
