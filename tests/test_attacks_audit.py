@@ -233,7 +233,16 @@ def test_mia_rows_say_what_they_can_measure_and_are_holm_corrected(audited):
         mine = [e for e in rows if label[e["target_kind"]].format(e["target"]) == r["target"]]
         assert r["rows"] == len(mine) and r["significant_rows"] == sum(e["significant"] for e in mine)
         assert r["worst"]["auc_ci"][0] == max(e["auc_ci"][0] for e in mine)
-    assert audit["whitebox"] == [] and audit["mechanism"] == []
+    # the white-box audits ran on every DP hospital's real DP step (one task by default), and an honest run
+    # is never called inconsistent
+    assert sorted(e["hospital"] for e in audit["whitebox"]) == sorted(CLIENTS)
+    assert sorted(e["hospital"] for e in audit["mechanism"]) == sorted(CLIENTS)
+    for e in audit["whitebox"] + audit["mechanism"]:
+        assert e["threat_model"] in ("white-box every step", "white-box one step")
+        assert e["status"] in ("consistent", "inconclusive"), e["reasons"]
+    for e in audit["whitebox"]:
+        assert e["task"] == "heart_disease" and e["steps_observed"] <= e["steps_ledger"]
+        assert e["accountant_epsilon"] == pytest.approx(audit["accountant"][e["hospital"]]["epsilon"])
     assert any(s["what"] == "mia fm/heart_disease" and "no knowledge injection" in s["why"] for s in audit["skipped"])
     assert all(s["threat_model"] for s in audit["skipped"]) and all(r["threat_model"] for r in audit["reconstruction"])
 

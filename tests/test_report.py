@@ -812,6 +812,15 @@ def test_measured_leakage_is_attention_or_fail_by_its_interval(copy_run):
     assert status_of(build_report(run), "measured_leakage")["status"] == "not_applicable"
 
 
+def test_a_hazard_with_no_check_behind_it_is_never_pass(written):
+    _, paths, _ = written
+    report = json.loads(paths.json.read_text())
+    unchecked = [h for h in report["hazards"] if not h["checks"]]
+    assert unchecked, "the hazard list has rows handled by construction"
+    assert all(h["status"] == "not_applicable" and h["how_checked"].startswith("by construction") for h in unchecked)
+    assert all(h["status"] != "pass" for h in report["hazards"] if not h["checks"])
+
+
 def test_audit_verdicts_inconsistent_fails_and_inconclusive_is_never_pass(copy_run):
     run = copy_run()
     inconclusive = {"hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.3, "eps_lb_one_run": 0.3,

@@ -253,8 +253,10 @@ HAZARD_CHECKS = [
 def hazards(checks: dict[str, dict]) -> list[dict]:
     out = []
     for hazard, names, how in HAZARD_CHECKS:
-        st = _worst(checks[n]["status"] for n in names) if names else "pass"
-        if names and st == "not_applicable":
+        st = _worst(checks[n]["status"] for n in names) if names else "not_applicable"
+        if not names:  # handled by how the report is built, with no check that could fail: never "pass"
+            how = "by construction, no check: " + how
+        elif st == "not_applicable":
             how = how + " (not applicable: " + "; ".join(checks[n]["reason"] for n in names) + ")"
         out.append({"hazard": hazard, "status": st, "checks": names, "how_checked": how,
                     "detail": "; ".join(checks[n]["reason"] for n in names if checks[n]["status"] in ("attention", "fail"))})
