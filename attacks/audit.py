@@ -63,6 +63,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from attacks._runs import run_id_of, task_model_factory
 from attacks._training import DPSettings
 from attacks.dp_audit import canary_audit, replay_batch_size
 from attacks.inversion import inversion_audit
@@ -259,26 +260,10 @@ def load_audit_config(path: str | Path | None) -> AuditConfig:
 # ---------------------------------------------------------------------------------------------- ledger
 
 
-def _run_id_of(run: Run, plans: list[dict]) -> str | None:
-    """This run's id in a ledger that may hold several runs: the run directory's name (what ``secure-fedkim
-    run`` and the deployment ServerApp record as the run id), else the name recorded in summary.json (a
-    moved run directory), else the ledger's only run id. None when none of these picks one."""
-    ids = list(dict.fromkeys(p["run_id"] for p in plans))
-    candidates = [Path(run.run_dir).name]
-    try:
-        candidates.append(Path(str(run.summary().get("run_dir", ""))).name)
-    except (OSError, ValueError, AttributeError):
-        pass
-    for candidate in candidates:
-        if candidate in ids:
-            return candidate
-    return ids[0] if len(ids) == 1 else None
-
-
 def ledger_epsilon(run: Run, client: str) -> dict | None:
     """The accountant's whole-run epsilon for ``client`` from its ledger (None: no ledger or no DP plan).
 
-    The run's DP plan is the first ``dp_plan`` entry of this run's id (see :func:`_run_id_of`; a resumed
+    The run's DP plan is the first ``dp_plan`` entry of this run's id (see :func:`attacks._runs.run_id_of`; a resumed
     run keeps its first plan, as :class:`privacy.dp.HospitalDP` does), and the spend is that run's
     ``dp_round`` history (``PrivacyLedger.dp_history`` + ``privacy.accounting.epsilon``). ``tasks`` gives
     each task's recorded steps and Poisson sample rate (for the canary replay). A ledger that does not
@@ -292,7 +277,7 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
         plans = ledger.events("dp_plan")
         if not plans:
             return None
-        run_id = _run_id_of(run, plans)
+        run_id = run_id_of(run, plans)
         if run_id is None:
             ids = sorted({p["run_id"] for p in plans})
             return {"error": f"the ledger holds DP plans of runs {ids}, none of them this run ({Path(run.run_dir).name})"}
@@ -333,19 +318,6 @@ def _dp_settings(acc: dict | None) -> DPSettings | None:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _model_factory(run: Run, task: str):
-    """Fresh task paths of the run's architecture, each initialised from its own seed."""
-
-    def make(seed: int):
-        with torch.random.fork_rng(devices=[]):
-            model = run.new_model()
-            torch.manual_seed(seed)
-            for m in model.modules():
-                if m is not model and hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-        return model.task_model(task)
-
-    return make
 
 
 def _records(data, ids) -> Records:
@@ -739,7 +711,7 @@ def _mia_target(ctx: _Context, ti: int, task: str, target: tuple, nonmembers: Re
         ctx.bar.update()
         return
     training = ReferenceTraining(
-        _model_factory(run, task), train_size=len(pool), epochs=config.mia.reference_epochs or _task_epochs(run, task),
+        task_model_factory(run, task), train_size=len(pool), epochs=config.mia.reference_epochs or _task_epochs(run, task),
         batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm, dp=dp,
     )
     res = membership_inference(
@@ -798,7 +770,7 @@ def _game(ctx: _Context, ti: int, task: str, h: str) -> None:
     c = run.cfg.client
     dp = _dp_settings(ctx.accountant[h])
     training = ReferenceTraining(
-        _model_factory(run, task), train_size=half, epochs=g.epochs or sched["epochs"],
+        task_model_factory(run, task), train_size=half, epochs=g.epochs or sched["epochs"],
         batch_size=replay_batch_size(half, sched["sample_rate"]), lr=c.lr, max_grad_norm=c.max_grad_norm, dp=dp,
     )
     entry = auditor_game(shard, training, k, fprs=config.fprs, confidence=config.confidence,
@@ -830,7 +802,7 @@ def _canary(ctx: _Context, ti: int, task: str, h: str, population: Records) -> N
     sched = _hospital_schedule(run, task, len(shard), acc)
     c = run.cfg.client
     res = canary_audit(
-        shard, _model_factory(run, task), epochs=config.canary.epochs or sched["epochs"], batch_size=c.batch_size,
+        shard, task_model_factory(run, task), epochs=config.canary.epochs or sched["epochs"], batch_size=c.batch_size,
         lr=c.lr, dp=_dp_settings(acc), max_grad_norm=c.max_grad_norm, canaries=config.canary.canaries,
         kind=config.canary.kind, trials=config.canary.trials, pool=population, sample_rate=sched["sample_rate"],
         claimed_epsilon=None if not acc else acc.get("epsilon"), confidence=config.confidence,

@@ -163,7 +163,8 @@ def mechanism_for_run(run, hospital: str, task: str, *, trials: int = 50_000, gr
                       confidence: float = 0.95, seed: int = 0) -> dict | None:
     """The per-step audit of ``hospital``'s plan (noise multiplier and C from its ledger) on ``task``'s
     model and the hospital's shard; None when the hospital trained without DP."""
-    from attacks.whitebox import _shard, _task_model_factory, ledger_plan
+    from attacks._runs import task_model_factory
+    from attacks.whitebox import _shard, ledger_plan
 
     found = ledger_plan(run, hospital)
     if found is None:
@@ -173,7 +174,7 @@ def mechanism_for_run(run, hospital: str, task: str, *, trials: int = 50_000, gr
     if len(x) < 1:
         return None
     return mechanism_audit(
-        _task_model_factory(run, task)(seed), x, y, noise_multiplier=float(plan["noise_multiplier"]),
+        task_model_factory(run, task)(seed), x, y, noise_multiplier=float(plan["noise_multiplier"]),
         max_grad_norm=float(plan["max_grad_norm"]), grad_sample_mode=grad_sample_mode, trials=trials,
         batch_size=run.cfg.client.batch_size, confidence=confidence, hospital=hospital, seed=seed,
     ) | {"task": task}

@@ -54,6 +54,7 @@ from scipy.stats import norm
 from torch import nn
 from torch.utils.data import DataLoader
 
+from attacks._runs import run_id_of, task_model_factory
 from attacks.dp_audit import one_run_epsilon
 from privacy.accounting import Step, epsilon, gdp_mu
 from privacy.dp import HospitalDP, PrivacyProfile
@@ -418,31 +419,20 @@ def _shard(run, task: str, hospital: str) -> tuple[np.ndarray, np.ndarray]:
     return data.x, data.y
 
 
-def _task_model_factory(run, task: str) -> Callable[[int], nn.Module]:
-    def make(seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            model = run.new_model()
-            torch.manual_seed(seed)
-            for m in model.modules():
-                if m is not model and hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-        return model.task_model(task)
-
-    return make
-
-
 def ledger_plan(run, hospital: str) -> tuple[dict, list[dict], float | None] | None:
-    """(last dp_plan, its dp_round entries, whole-run epsilon) from the hospital's ledger; None without DP.
+    """(this run's dp_plan, its dp_round entries, whole-run epsilon) from the hospital's ledger; None without DP.
 
-    Raises ``privacy.ledger.LedgerTampered`` when the ledger does not verify."""
+    The plan is picked as :func:`attacks.audit.ledger_epsilon` picks it: the first ``dp_plan`` of this run's id
+    (:func:`attacks._runs.run_id_of`). Raises ``privacy.ledger.LedgerTampered`` when the ledger does not verify."""
     path = run.ledger_path(hospital)
     if not path.is_file():
         return None
     ledger = PrivacyLedger(path)
     plans = ledger.events("dp_plan")
-    if not plans or not plans[-1].get("dp", True):
+    run_id = run_id_of(run, plans) if plans else None
+    plan = next((p for p in plans if p["run_id"] == run_id), None)
+    if plan is None or not plan.get("dp", True):
         return None
-    plan = plans[-1]
     eps = epsilon(ledger.dp_history(plan["run_id"]), float(plan["delta"]), plan["accountant"])
     return plan, ledger.events("dp_round", plan["run_id"]), (eps if math.isfinite(eps) else None)
 
@@ -481,7 +471,7 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
             n_records=len(x), noise_multiplier=float(plan["noise_multiplier"]),
         )
         obs = replay_with_canaries(
-            _task_model_factory(run, task), x, y, dp, epochs=len(rounds) * task_local_epochs(run.cfg, task),
+            task_model_factory(run, task), x, y, dp, epochs=len(rounds) * task_local_epochs(run.cfg, task),
             batch_size=c.batch_size, lr=c.lr, canaries=min(section.canaries, _trainable(run, task)),
             canary_norm=section.canary_norm, grad_sample_mode=section.grad_sample_mode, record=False, seed=seed,
         )
@@ -494,4 +484,4 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
 
 
 def _trainable(run, task: str) -> int:
-    return sum(p.numel() for p in _task_model_factory(run, task)(0).parameters() if p.requires_grad)
+    return sum(p.numel() for p in task_model_factory(run, task)(0).parameters() if p.requires_grad)
