@@ -5,27 +5,26 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-import warnings
+from flwr.app import ArrayRecord
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from flwr.app import ArrayRecord
-
-from privacy.ledger import PrivacyLedger
-from secure_fedkim.artifacts import client_dir, save_model
-from secure_fedkim.client import local_round, new_client_model
 from privacy.budget import noise_dominates
+from secure_fedkim.artifacts import client_dir, save_model
+from secure_fedkim.baseline import planned_noise, single_hospital_baseline
+from secure_fedkim.client import new_client_model
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
 from secure_fedkim.data import DataError, load_task
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.identity import ensure_signing_key
-from secure_fedkim.metrics import binary_metrics, bootstrap_aurocs, interval, verdict
+from secure_fedkim.metrics import bootstrap_aurocs, interval, verdict
 from secure_fedkim.plan import TaskPlan, build_plan
 from secure_fedkim.training import predict_task
 
@@ -196,50 +195,14 @@ def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[di
     return model.state_dict(), strategy.history, strategy.transport.facts()
 
 
-def single_hospital_baseline(
-    cfg: RunConfig, run_dir: Path, scores: dict | None = None, progress: bool = False
-) -> dict[str, dict[str, dict]]:
-    """Each hospital alone: the same model, seed, epochs (rounds x local epochs) and privacy budget, on its
-    own shards only (with DP on, it spends its budget from a ledger of its own under baseline/).
-    `scores`, when given, receives each hospital model's test probabilities: scores[client][task]."""
-    from secure_fedkim.client_app import hospital_dp
-
-    plans = build_plan(cfg)
-    out: dict[str, dict[str, dict]] = {}
-    bar = tqdm(total=len(cfg.federation.clients) * cfg.run.rounds, desc="single-hospital baseline",
-               unit="round", disable=not progress)
-    for client in cfg.federation.clients:
-        model = new_client_model(cfg, plans)
-        noise = _planned_noise(run_dir, client)  # same schedule and budget: same calibration
-        dp = hospital_dp(cfg, plans, client, run_dir / "baseline" / client, f"baseline-{client}", noise)
-        for r in range(1, cfg.run.rounds + 1):
-            local_round(model, plans, client, cfg, r, dp=dp)
-            bar.update(1)
-        out[client] = {}
-        for name, p in _train_plans(plans):
-            probs = predict_task(model.task_model(name), p.test().x)
-            out[client][name] = binary_metrics(p.test().y, probs >= 0.5, probs)
-            if scores is not None:
-                scores.setdefault(client, {})[name] = probs
-    bar.close()
-    return out
-
-
 def _train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
     return [(name, p) for name, p in plans.items() if p.task.role == "train"]
-
-
-def _planned_noise(run_dir: Path, client: str) -> float | None:
-    """The noise multiplier a hospital calibrated for the federation (from its ledger), if it uses DP."""
-    ledger = client_dir(run_dir, client) / "ledger.jsonl"
-    plan = PrivacyLedger(ledger).events("dp_plan") if ledger.exists() else []
-    return plan[0]["noise_multiplier"] if plan else None
 
 
 def warn_about_noise(cfg: RunConfig, run_dir: Path) -> None:
     """A budget so small that every step is mostly noise: the model will stay near its untrained AUROC."""
     for client in cfg.federation.clients:
-        noise = _planned_noise(run_dir, client)
+        noise = planned_noise(run_dir, client)
         if noise is not None and noise_dominates(noise, cfg.client.batch_size):
             warnings.warn(f"{client}: noise multiplier {noise:.3g} for a batch of {cfg.client.batch_size} at epsilon "
                           f"{cfg.dp_profile(client).target_epsilon:g} per record: each step's mean gradient is mostly "

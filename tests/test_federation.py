@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -101,3 +102,26 @@ def test_injection_table_compares_the_last_round_with_round_0():
     assert lines[2].split() == ["a", "train", "0.500", "0.700", "better"]
     assert lines[3].split() == ["u", "unseen", "0.600", "0.400", "NOT", "better"]
     assert format_injection(RunResult(Path("."), [{"client_model_test": {}}], {})) == ""
+
+
+def test_the_baseline_trains_hospitals_in_parallel_exactly_as_one_after_another(tmp_path):
+    """Without DP a hospital's baseline is deterministic (seeded model and loaders): the parallel processes
+    must give the same test probabilities (float rounding aside) as training the hospitals one after another in this process."""
+    import yaml
+
+    from secure_fedkim.baseline import single_hospital_baseline
+    from secure_fedkim.config import RunConfig
+
+    raw = yaml.safe_load(TINY)
+    raw["federation"]["clients"] = ["cleveland", "hungary"]
+    raw["federation"]["min_clients"] = 2
+    raw["tasks"]["train"] = [{"name": "report_abnormal", "partition": "iid", "max_records": 200}]
+    cfg = RunConfig.model_validate(raw)
+    one, two = {}, {}
+    seq = single_hospital_baseline(cfg, tmp_path, one, workers=1)
+    par = single_hospital_baseline(cfg, tmp_path, two, workers=2)
+    assert list(par) == ["cleveland", "hungary"]
+    for c in one:  # the same up to float summation order (one torch thread per process there, two here)
+        assert np.allclose(one[c]["report_abnormal"], two[c]["report_abnormal"], atol=1e-5)
+        assert abs(par[c]["report_abnormal"]["auroc"] - seq[c]["report_abnormal"]["auroc"]) < 1e-3
+    assert not (one["cleveland"]["report_abnormal"] == one["hungary"]["report_abnormal"]).all()
