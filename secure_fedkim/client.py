@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from secure_fedkim.config import RunConfig
@@ -51,6 +52,22 @@ def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -
 
 def hospital_records(plans: dict[str, TaskPlan], client: str) -> int:
     return sum(len(p.split.clients.get(client, ())) for _, p in _train_plans(plans))
+
+
+def n_patients(plans: dict[str, TaskPlan], client: str) -> int:
+    """Privacy units (patients) in the hospital's train shards: distinct groups per task, summed over tasks.
+
+    Each task is its own dataset, protected and accounted on its own, so a patient is counted once per task
+    that holds them: where two tasks share a cohort (mortality, mortality_visits: NAFLD; the IU report
+    tasks) the sum is an upper bound on distinct persons. A task without groups counts each record. The
+    unit is the registry's `privacy_unit`: for ecg_irregular (windows of one person) and cross_sectional
+    (regions of at most 12 images) it is not a person (see `Task.persons`).
+    """
+    total = 0
+    for _, p in _train_plans(plans):
+        shard = p.shard(client)
+        total += len(shard) if shard.group is None else len(np.unique(np.asarray(shard.group).astype(str)))
+    return total
 
 
 def local_round(

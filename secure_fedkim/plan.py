@@ -11,9 +11,11 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
 
 from secure_fedkim.config import RunConfig, TaskEntry
 from secure_fedkim.data import TASKS, Task, TaskData, TaskSplit, load_task, load_user_data, partition_task
+from secure_fedkim.data.tasks import USER_UNIT_PATIENT, USER_UNIT_RECORD, persons_kind
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class TaskPlan:
         return self.task.name
 
     def shard(self, client: str) -> TaskData:
+        """The client's records; `.group` holds their privacy units (patients), set for every registry task."""
         return self.data.subset(self.split.clients.get(client, np.zeros(0, dtype=np.int64)))
 
     def public(self) -> TaskData:
@@ -36,8 +39,12 @@ class TaskPlan:
         return self.data.subset(self.split.test)
 
 
-def task_of(entry: TaskEntry, role: str) -> Task:
-    """The registry task, with the config's overrides, or a user task described wholly by the config."""
+def task_of(entry: TaskEntry, role: str, data: TaskData | None = None) -> Task:
+    """The registry task, with the config's overrides, or a user task described wholly by the config.
+
+    A user task's privacy unit is "patient" when its data names patients (`source.group`, or a `group`
+    column in the label CSV of png/dicom/wfdb data), else every record counts as its own person; with
+    `data`, `persons` is counted from it."""
     base = TASKS.get(entry.name)
     fields = {
         "name": entry.name,
@@ -49,7 +56,29 @@ def task_of(entry: TaskEntry, role: str) -> Task:
         "source": base.source if base and entry.source is None else f"user data: {entry.source.path}",
         "label_honesty": base.label_honesty if base and entry.source is None else "as provided by the user",
     }
+    if base and entry.source is None:
+        fields.update(privacy_unit=base.privacy_unit, persons=base.persons, persons_note=base.persons_note)
+    else:
+        patient = _user_names_patients(entry)
+        fields["privacy_unit"] = USER_UNIT_PATIENT if patient else USER_UNIT_RECORD
+        if data is not None:
+            units = data.group if data.group is not None else np.arange(len(data))  # wfdb: its records
+            n = len(np.unique(np.asarray(units).astype(str)))
+            fields["persons"] = persons_kind(n)
+            fields["persons_note"] = f"{len(data)} records, {n} {'patients' if patient else 'records counted as persons'}"
     return Task(**fields)
+
+
+def _user_names_patients(entry: TaskEntry) -> bool:
+    src = entry.source
+    if src.group is not None:
+        return True
+    if src.format in ("png", "dicom", "wfdb"):  # the label CSV's own `group` column, when it has one
+        try:
+            return "group" in pd.read_csv(src.label, nrows=0).columns
+        except Exception:  # an unreadable label CSV fails later, when the data loads, with its own message
+            return False
+    return False
 
 
 def _load(entry: TaskEntry, modality: str, seed: int) -> TaskData:
@@ -76,6 +105,7 @@ def _build_plan_cached(cfg_json: str) -> dict[str, TaskPlan]:
     for entry in t.train:
         task = task_of(entry, "train")
         data = _load(entry, task.modality, seed)
+        task = task_of(entry, "train", data)
         split = partition_task(
             data, list(cfg.federation.clients), scheme=entry.partition, alpha=entry.alpha,
             public_fraction=t.public_fraction, test_fraction=t.test_fraction, seed=seed,
@@ -85,6 +115,7 @@ def _build_plan_cached(cfg_json: str) -> dict[str, TaskPlan]:
     for entry in t.unseen:
         task = task_of(entry, "unseen")
         data = _load(entry, task.modality, seed)
+        task = task_of(entry, "unseen", data)
         test = _cap(np.arange(len(data)), t.max_test_records, seed)
         plans[task.name] = TaskPlan(task, data, TaskSplit(task.name, np.zeros(0, np.int64), test, {}))
     return plans

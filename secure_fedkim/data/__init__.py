@@ -1,4 +1,4 @@
-"""The data layer: the task registry, real installed data for the 7 tasks, user-brought data, partitions.
+"""The data layer: the task registry, real installed data for the 8 tasks, user-brought data, partitions.
 
     from secure_fedkim.data import load_task, load_user_data, partition_task
     data = load_task("heart_disease")                       # TaskData: x, y, site, group

