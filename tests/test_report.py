@@ -203,6 +203,11 @@ def test_every_epsilon_in_the_report_is_the_accountants_recomputation_from_the_l
             assert x["epsilon"] == pytest.approx(rec["clients"][h["hospital"]]["epsilon-spent"], rel=1e-9)
             produced.add(x["epsilon"])
         produced |= {a["epsilon_spent"], a["planned_epsilon"], ind}
+        p = a.get("patient_level")
+        if p:  # group privacy of the accountant's epsilon, for a patient with k records
+            want = accounting.group_privacy_epsilon(eps, plan["delta"], p["max_records_per_patient"])
+            assert (p["epsilon"], p["delta"]) == pytest.approx(want, rel=1e-12)
+            produced.add(p["epsilon"])
     # no epsilon anywhere in the report that the accountants did not produce
     found = []
 

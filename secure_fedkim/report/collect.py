@@ -659,13 +659,13 @@ def _data_facts(facts: RunFacts) -> None:
     for name, p in plans.items():
         t = {"role": p.task.role, "modality": p.task.modality, "records": len(p.data),
              "positives": int(np.asarray(p.data.y).sum()), "test_records": len(p.split.test),
-             "public_records": len(p.split.public), "patient_ids": p.data.group is not None, "hospitals": {}}
+             "public_records": len(p.split.public), "patient_ids": p.data.persons is not None, "hospitals": {}}
         if p.task.role == "train":
             for c in facts.clients:
                 shard = p.shard(c)
                 k = None
-                if p.data.group is not None and len(shard):
-                    _, counts = np.unique(np.asarray(shard.group).astype(str), return_counts=True)
+                if p.data.persons is not None and len(shard):  # persons, not the split's unit (ECG windows)
+                    _, counts = np.unique(np.asarray(shard.persons).astype(str), return_counts=True)
                     k = int(counts.max())
                 if len(shard):
                     per_patient[c] = None if (per_patient[c] is None or k is None) else max(per_patient[c], k)

@@ -60,23 +60,24 @@ def g(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _mode_words(mode: str) -> str:
-    return {"he": "CKKS homomorphic encryption", "secagg": "SecAgg+ secure aggregation", "plain": "plain (unencrypted) aggregation"}[mode]
+def _transport(cfg):
+    """The run's transport: its own words for what it protects (secure_fedkim.federation.transports)."""
+    from secure_fedkim.federation.transports import transport_for
+
+    return transport_for(cfg)
 
 
 # ------------------------------------------------------------------------------------------ scope
 def scope(cfg, partner: str | None, n_hospitals: int) -> dict:
-    mode = cfg.federation.aggregation
-    form = {"he": "CKKS ciphertext, signed (Ed25519)", "secagg": "SecAgg+-masked vector", "plain": "plaintext weights"}[mode]
+    t = _transport(cfg)
+    form = t.update_form
     dp = cfg.privacy.dp
     roles = [
         {"party": "each hospital", "role": "controller of its patients' records; runs its own node, its DP-SGD and its privacy ledger"},
         {"party": "aggregation server (federation operator)", "role": "processor for the hospitals: sums updates, injects "
          "the aggregate into the foundation model on its public split (joint-controller terms, GDPR Art. 26, to be agreed)"},
     ]
-    if mode == "he":
-        roles.append({"party": "CKKS key holder", "role": "a separate process that alone holds the secret key and "
-                      "decrypts only sums of at least min_clients hospitals, once per round"})
+    roles += [{"party": party, "role": role} for party, role in t.parties]
     roles.append({"party": "report issuer", "role": "whoever holds the report-signing key (report_signing/); in deployment "
                   "the party that issues the report"})
     return {
@@ -184,7 +185,7 @@ def budget_section(cfg, view_hs: list, other_hs: list, partner: str | None) -> d
 
 # ------------------------------------------------------------------------------------------ threats
 def threat_model(cfg, dp: bool) -> list[dict]:
-    mode = cfg.federation.aggregation
+    t = _transport(cfg)
     dp_words = "DP-SGD bounds what it reveals about any one record (epsilon per hospital)" if dp else None
     none = "nothing: no differential privacy in this run"
     rows = []
@@ -194,24 +195,12 @@ def threat_model(cfg, dp: bool) -> list[dict]:
 
     row("curious aggregation server", "raw patient records", "records never leave the hospital (federated training)",
         "nothing beyond what updates and the released models reveal")
-    if mode == "he":
-        row("curious aggregation server", "one hospital's update",
-            "CKKS encryption; the server holds a public-only context and never the secret key"
-            + ("; " + dp_words if dp else ""),
-            "a malicious server could submit one hospital's ciphertext as an 'aggregate' (SecAgg+ mode answers that); "
-            "collusion with the key holder reveals every update")
-    elif mode == "secagg":
-        row("curious aggregation server", "one hospital's update",
-            "SecAgg+ masks that cancel only in the sum" + ("; " + dp_words if dp else ""),
-            "a server that also controls enough hospitals (at least the reconstruction threshold) could unmask one")
-    else:
-        row("curious aggregation server", "one hospital's update", dp_words or "nothing",
-            "the update itself: the server sees it in the clear")
+    protected = "; ".join(w for w in (t.protects_one_update, dp_words) if w)
+    row("curious aggregation server", "one hospital's update", protected or "nothing", t.exposes_one_update)
     row("curious aggregation server", "the aggregate of all updates", dp_words or none,
         "the aggregate is in the clear at the server by design" + ("" if dp else "; without DP it can reveal records"))
-    if mode == "he":
-        row("CKKS key holder", "one hospital's update", "it decrypts only sums of at least min_clients signed "
-            "contributions, once per round, with noise flooding", "collusion with the server (assumed absent)")
+    for threat in t.threats:
+        row(*threat)
     row("other hospitals (colluding partners)", "another hospital's records and update",
         "they receive only the aggregated model" + ("; " + dp_words if dp else ""),
         "with DP off, the aggregated model can reveal records" if not dp else "nothing beyond the DP bound")
@@ -321,7 +310,7 @@ def regulatory(checks: dict[str, dict], dp: bool = True) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ statements
 def does_not_cover(cfg, dp: bool) -> list[str]:
-    mode = cfg.federation.aggregation
+    t = _transport(cfg)
     out = [
         "the server's public split used for knowledge injection (treated as public data; it is outside the guarantee)",
         "the held-out test splits and the aggregate metrics computed on them (accuracy, AUROC, F1, MCC)",
@@ -332,14 +321,12 @@ def does_not_cover(cfg, dp: bool) -> list[str]:
         "which rounds each hospital attended (participation pattern) and timing",
         "what each hospital's own staff can see of its own data",
     ]
-    if mode == "he":
-        out.append("a server colluding with the CKKS key holder (encryption is confidentiality, not DP)")
-    if mode == "secagg":
-        out.append("a server controlling enough hospitals to unmask one (masking is confidentiality, not DP)")
+    if t.not_covered:
+        out.append(t.not_covered)
     return out
 
 
-def _hospital_statement(h: dict, mode: str) -> str:
+def _hospital_statement(h: dict, t) -> str:
     name = h["hospital"]
     if not h["dp"] or not h.get("accounting"):
         if h["dp"]:
@@ -377,16 +364,16 @@ def _hospital_statement(h: dict, mode: str) -> str:
                  f"guarantee only and does not bound what the run reveals about one patient.")
     else:
         text += " Records per patient are unknown: this is a record-level guarantee only."
-    if mode in ("he", "secagg"):
-        text += (f" Its updates were also protected in transit and at the server by {_mode_words(mode)}; that is "
+    if t.protects_one_update:
+        text += (f" Its updates were also protected in transit and at the server by {t.title}; that is "
                  f"confidentiality, not differential privacy, and adds nothing to epsilon.")
     return text
 
 
 def guarantee(report: dict, cfg) -> dict:
-    mode = cfg.federation.aggregation
+    t = _transport(cfg)
     dp = report["privacy_definition"]["dp"]
-    per = [{"hospital": h["hospital"], "text": _hospital_statement(h, mode)} for h in report["hospitals"]]
+    per = [{"hospital": h["hospital"], "text": _hospital_statement(h, t)} for h in report["hospitals"]]
     others = None
     o = report.get("other_hospitals")
     if o:
@@ -401,8 +388,8 @@ def guarantee(report: dict, cfg) -> dict:
             "hospital's records are protected by its own DP-SGD)." if dp else
             "No differential privacy: this run trained without DP-SGD, so no epsilon is stated and the released models "
             "carry no formal privacy guarantee.")
-    if not dp and mode != "plain":
-        head += f" {_mode_words(mode)} protected the confidentiality of updates; it is not differential privacy."
+    if not dp and t.protects_one_update:
+        head += f" {t.title} protected the confidentiality of updates; it is not differential privacy."
     parts = [head] + [p["text"] for p in per] + ([others] if others else [])
     parts.append("This guarantee does not cover: " + "; ".join(dnc) + ".")
     return {"text": "\n\n".join(parts), "per_hospital": per, "other_hospitals": others, "does_not_cover": dnc}
@@ -423,7 +410,6 @@ def _lead(report: dict) -> str:
 
 
 def summary(report: dict, cfg, rounds: int) -> dict:
-    mode = cfg.federation.aggregation
     partner = report["partner"]
     hs = report["hospitals"]
     dp_h = [h for h in hs if h["dp"] and h.get("accounting")]
@@ -464,13 +450,7 @@ def summary(report: dict, cfg, rounds: int) -> dict:
                     "delta_max": max((h["accounting"]["delta"] for h in dp_h), default=None),
                     "gdp_mu_max": max((h["accounting"]["gdp_mu_total"] for h in dp_h
                                        if h["accounting"]["gdp_mu_total"] is not None), default=None)}
-    if mode == "he":
-        s += (" Updates reached the server only as CKKS ciphertexts; a separate key holder decrypted only sums of several "
-              "hospitals (encryption, not differential privacy).")
-    elif mode == "secagg":
-        s += " Updates reached the server SecAgg+-masked: it learned only their sum (masking, not differential privacy)."
-    else:
-        s += " The server saw every hospital's update in the clear (no secure aggregation)."
+    s += " " + _transport(cfg).summary_sentence
     audit = report["audit"]
     if not audit["run"]:
         s += " No leakage audit was run."

@@ -33,6 +33,23 @@ class Transport:
     #: hospitals sign their updates, so each registers a public signing key before round 1
     signs_updates: ClassVar[bool] = False
 
+    # --- what a compliance report says about this transport (secure_fedkim.report asks, never branches) ---
+    #: the report's name for the mode, and the protection in words
+    report_mode: ClassVar[str]
+    title: ClassVar[str]
+    #: the form one hospital's update takes on the wire
+    update_form: ClassVar[str]
+    #: what keeps one hospital's update from the server (None: nothing but DP), and what does not
+    protects_one_update: ClassVar[str | None] = None
+    exposes_one_update: ClassVar[str] = "the update itself: the server sees it in the clear"
+    #: the summary's sentence about how updates reached the server
+    summary_sentence: ClassVar[str]
+    #: what this confidentiality does not cover (None: nothing to add)
+    not_covered: ClassVar[str | None] = None
+    #: other parties this transport adds: (party, role); and threat rows: (adversary, asset, protected_by, not_protected)
+    parties: ClassVar[tuple[tuple[str, str], ...]] = ()
+    threats: ClassVar[tuple[tuple[str, str, str, str], ...]] = ()
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 

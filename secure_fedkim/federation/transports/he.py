@@ -32,6 +32,19 @@ class CKKSTransport(Transport):
     server_sees = "ciphertexts only; the key holder sees only the noise-flooded sum"
     signs_updates = True
     update_held_as = "CKKS ciphertexts it cannot decrypt"
+    report_mode = "ckks"
+    title = "CKKS homomorphic encryption"
+    update_form = "CKKS ciphertext, signed (Ed25519)"
+    protects_one_update = "CKKS encryption; the server holds a public-only context and never the secret key"
+    exposes_one_update = ("a malicious server could submit one hospital's ciphertext as an 'aggregate' (SecAgg+ mode "
+                          "answers that); collusion with the key holder reveals every update")
+    summary_sentence = ("Updates reached the server only as CKKS ciphertexts; a separate key holder decrypted only sums "
+                        "of several hospitals (encryption, not differential privacy).")
+    not_covered = "a server colluding with the CKKS key holder (encryption is confidentiality, not DP)"
+    parties = (("CKKS key holder", "a separate process that alone holds the secret key and decrypts only sums of at "
+                "least min_clients hospitals, once per round"),)
+    threats = (("CKKS key holder", "one hospital's update", "it decrypts only sums of at least min_clients signed "
+                "contributions, once per round, with noise flooding", "collusion with the server (assumed absent)"),)
 
     def __init__(self, cfg, keyholder=None, verify_keys: dict[str, bytes] | None = None):
         """`keyholder` / `verify_keys`: an already started key holder (tests); otherwise `open` starts one."""

@@ -10,6 +10,10 @@ from secure_fedkim.federation.transports.base import Transport
 class PlainTransport(Transport):
     name = "plain"
     server_sees = "each hospital's model update in clear"
+    report_mode = "plain"
+    title = "plain (unencrypted) aggregation"
+    update_form = "plaintext weights"
+    summary_sentence = "The server saw every hospital's update in the clear (no secure aggregation)."
 
     def reply(self, model_state, num_examples, config, home, client):
         return {"arrays": ArrayRecord(model_state)}

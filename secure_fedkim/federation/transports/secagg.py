@@ -111,6 +111,13 @@ class SecAggTransport(Transport):
     name = "secagg"
     server_sees = "only the sum of masked updates (SecAgg+)"
     update_held_as = "masked vectors whose masks cancel only in the sum"
+    report_mode = "secagg+"
+    title = "SecAgg+ secure aggregation"
+    update_form = "SecAgg+-masked vector"
+    protects_one_update = "SecAgg+ masks that cancel only in the sum"
+    exposes_one_update = "a server that also controls enough hospitals (at least the reconstruction threshold) could unmask one"
+    summary_sentence = "Updates reached the server SecAgg+-masked: it learned only their sum (masking, not differential privacy)."
+    not_covered = "a server controlling enough hospitals to unmask one (masking is confidentiality, not DP)"
 
     def client_app(self):
         return secagg_app
