@@ -32,6 +32,7 @@ __all__ = [
     "default_delta",
     "resolve_delta",
     "merge_history",
+    "poisson_schedule",
 ]
 
 #: Opacus accountants supported by :func:`epsilon` (and therefore by budgets and calibration).
@@ -289,6 +290,21 @@ def calibrate_noise(
             low = mid
     assert eps_high <= target_epsilon
     return high
+
+
+def poisson_schedule(n_units: int, batch_size: int, epochs: int = 1) -> tuple[float, int]:
+    """``(sample_rate, steps)`` of ``epochs`` passes of a Poisson loader over ``n_units`` privacy units.
+
+    The same rule for records (Opacus's ``DPDataLoader``) and patients (``privacy.patient``): each unit is
+    sampled with ``q = 1/ceil(n/b)`` per step (``b = min(batch_size, n)``, the expected number of sampled
+    units), for ``ceil(n/b)`` steps per epoch. For patient-level DP-SGD pass the number of patients and
+    the number of patients per batch.
+    """
+    for name, v in (("n_units", n_units), ("batch_size", batch_size), ("epochs", epochs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    batches = math.ceil(n_units / min(batch_size, n_units))
+    return 1.0 / batches, batches * epochs
 
 
 def group_privacy_epsilon(eps: float, delta: float, k: int) -> tuple[float, float]:

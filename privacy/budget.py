@@ -4,6 +4,10 @@ A plan follows what Opacus's Poisson data loader does: each record is sampled pe
 probability ``q = batch_size / n_records`` (Opacus's loader uses ``1/ceil(n/batch)``, which is never
 larger, so the plan is conservative), and one local epoch is ``ceil(n/batch)`` steps.
 
+With ``unit="patient"`` (patient-level DP-SGD, ``privacy.patient``) the same holds with patients in place
+of records: ``batch_size`` counts patients, ``q = batch_size / n_patients``, an epoch is
+``ceil(n_patients/batch)`` steps, delta defaults on ``n_patients``, and every epsilon is per patient.
+
 This module imports nothing from ``secure_fedkim`` or ``attacks``.
 """
 
@@ -41,12 +45,14 @@ class BudgetPlan:
 
     Attributes:
         noise_multiplier: calibrated sigma (smallest that meets ``target_epsilon`` at the end of the run).
-        sample_rate: ``batch_size / n_records`` (Poisson sampling).
-        steps_per_round: ``local_epochs * ceil(n_records / batch_size)``.
+        sample_rate: ``batch_size / n`` (Poisson sampling; n: records, or patients for unit "patient").
+        steps_per_round: ``local_epochs * ceil(n / batch_size)``.
         epsilon: epsilon at the end of the planned run (<= target).
         epsilon_by_round: epsilon after each round 1..rounds.
         gdp_mu: Gaussian-DP mu at the end (CLT approximation).
         at_noise_floor: the target is met already at ``MIN_NOISE_MULTIPLIER``; less noise was not searched.
+        unit: the privacy unit every epsilon is about, ``"record"`` or ``"patient"``.
+        n_patients: patients at the hospital (unit "patient"; ``batch_size`` then counts patients).
     """
 
     target_epsilon: float
@@ -65,6 +71,13 @@ class BudgetPlan:
     gdp_mu: float = 0.0
     at_noise_floor: bool = False
     table_rounds: list[int] = field(default_factory=list)  # the rounds that epsilon_by_round lists
+    unit: str = "record"
+    n_patients: int | None = None
+
+    @property
+    def n_units(self) -> int:
+        """The number of privacy units: patients for unit "patient", else records."""
+        return self.n_patients if self.unit == "patient" else self.n_records
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,31 +97,46 @@ def plan(
     local_epochs: int,
     rounds: int,
     accountant: str = "prv",
+    *,
+    unit: str = "record",
+    n_patients: int | None = None,
 ) -> BudgetPlan:
     """Calibrate the noise for a whole run and list epsilon by round.
 
     Args:
-        target_epsilon: budget for the whole run.
-        delta: target delta, or ``None`` for ``min(1e-5, 1/(10 n))``; a delta >= 1/n is refused.
+        target_epsilon: budget for the whole run, per privacy unit.
+        delta: target delta, or ``None`` for ``min(1e-5, 1/(10 n))``; a delta >= 1/n is refused
+            (n: records, or patients for unit "patient").
         n_records: training records at the hospital.
-        batch_size: expected (Poisson) batch size.
+        batch_size: expected (Poisson) batch size, in records; in patients for unit "patient".
         local_epochs: local epochs per round.
         rounds: planned rounds.
         accountant: ``"prv"`` or ``"rdp"`` (Opacus).
+        unit: ``"record"`` (default) or ``"patient"`` (patient-level DP-SGD; needs ``n_patients``).
+        n_patients: patients at the hospital (unit "patient").
     """
     _positive_int("n_records", n_records)
+    if unit not in ("record", "patient"):
+        raise ValueError(f"unit (the privacy unit) must be 'record' or 'patient', got {unit!r}")
+    if unit == "patient":
+        if n_patients is None:
+            raise ValueError("unit 'patient' needs n_patients, the number of patients at the hospital")
+        _positive_int("n_patients", n_patients)
+        if n_patients > n_records:
+            raise ValueError(f"n_patients {n_patients} exceeds n_records {n_records} (a patient has >= 1 record)")
+    n, what = (n_patients, "n_patients") if unit == "patient" else (n_records, "n_records")
     _positive_int("batch_size", batch_size)
     _positive_int("local_epochs", local_epochs)
     _positive_int("rounds", rounds)
-    if batch_size > n_records:
-        raise ValueError(f"batch_size {batch_size} exceeds n_records {n_records}")
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds {what} {n}")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
-    delta = resolve_delta(delta, n_records)
-    q = batch_size / n_records
-    steps_per_round = local_epochs * math.ceil(n_records / batch_size)
+    delta = resolve_delta(delta, n)
+    q = batch_size / n
+    steps_per_round = local_epochs * math.ceil(n / batch_size)
     floor_eps = epsilon([Step(MIN_NOISE_MULTIPLIER, q, steps_per_round * rounds)], delta, accountant)
     at_floor = floor_eps <= target_epsilon
     if at_floor:
@@ -134,6 +162,8 @@ def plan(
         gdp_mu=gdp_mu([Step(sigma, q, steps_per_round * rounds)]),
         at_noise_floor=at_floor,
         table_rounds=listed,
+        unit=unit,
+        n_patients=n_patients if unit == "patient" else None,
     )
 
 
@@ -194,22 +224,26 @@ def compare_accountants(
 def format_table(budget: BudgetPlan, comparison: dict[str, float] | None = None) -> str:
     """A plain-text summary of ``budget`` (and optionally of :func:`compare_accountants`)."""
     b = budget
+    per = f"per {b.unit}"
+    units = (f"patients           {b.n_patients} ({b.n_records} records)  batch {b.batch_size} patients  "
+             f"sample rate {b.sample_rate:.6g} per patient (Poisson)") if b.unit == "patient" else \
+        f"records            {b.n_records}  batch {b.batch_size}  sample rate {b.sample_rate:.6g} (Poisson)"
     lines = [
-        f"target epsilon     {b.target_epsilon:g}  (delta {b.delta:.3g}, accountant {b.accountant})",
-        f"records            {b.n_records}  batch {b.batch_size}  sample rate {b.sample_rate:.6g} (Poisson)",
+        f"target epsilon     {b.target_epsilon:g} {per}  (delta {b.delta:.3g}, accountant {b.accountant})",
+        units,
         f"steps              {b.steps_per_round} per round ({b.local_epochs} local epoch(s)) x {b.rounds} rounds = {b.total_steps}",
         (f"noise multiplier   {b.noise_multiplier:.6g}  (noise multiplier below {MIN_NOISE_MULTIPLIER:g} is not needed: "
          f"this noise already keeps the whole run within the target; less is not searched)")
         if b.at_noise_floor else f"noise multiplier   {b.noise_multiplier:.6g}  (calibrated for the whole run)",
-        f"final epsilon      {b.epsilon:.4f}  GDP mu {b.gdp_mu:.4f} (CLT approximation)",
+        f"final epsilon      {b.epsilon:.4f} {per}  GDP mu {b.gdp_mu:.4f} (CLT approximation)",
         "",
-        f"{'round':>5}  {'epsilon':>10}  {'remaining':>10}",
+        f"{'round':>5}  {'epsilon':>10}  {'remaining':>10}  (epsilon {per})",
         f"{'-' * 5}  {'-' * 10}  {'-' * 10}",
     ]
     for r, eps in zip(b.table_rounds or range(1, b.rounds + 1), b.epsilon_by_round):
         lines.append(f"{r:>5}  {eps:>10.4f}  {b.target_epsilon - eps:>10.4f}")
     if comparison:
-        lines += ["", f"{'accountant':<20}  {'epsilon':>10}", f"{'-' * 20}  {'-' * 10}"]
+        lines += ["", f"{'accountant':<20}  {'epsilon':>10}  (epsilon {per})", f"{'-' * 20}  {'-' * 10}"]
         for name, eps in comparison.items():
             lines.append(f"{name:<20}  {eps:>10.4f}")
     if noise_dominates(b.noise_multiplier, b.batch_size):

@@ -19,6 +19,13 @@ after ``record_round`` and before sending over-counts (safe), never under-counts
 used per round for clipping, noise and Poisson sampling only; its internal accountant forgets across
 rounds and is never used for the run total.
 
+The privacy unit is the record by default. With ``PrivacyProfile(unit="patient")`` it is the patient
+(user-level DP-SGD, :mod:`privacy.patient`): ``HospitalDP(..., n_patients=P)`` and
+``make_private(..., groups=patient_id_per_record)``; patients are Poisson-sampled with
+``q = 1/ceil(P_task/patients_per_batch)`` (:func:`poisson_schedule`), each contributes the clipped sum of at
+most ``max_records_per_patient_step`` of its records' gradients, and every epsilon is per patient
+(add/remove one patient with all their records).
+
 This module imports nothing from ``secure_fedkim`` or ``attacks``.
 """
 
@@ -28,7 +35,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from .accounting import ACCOUNTANTS, Step, calibrate_noise, epsilon, gdp_mu, resolve_delta
+from .accounting import ACCOUNTANTS, Step, calibrate_noise, epsilon, gdp_mu, poisson_schedule, resolve_delta
 from .ledger import PrivacyLedger
 
 __all__ = [
@@ -38,6 +45,8 @@ __all__ = [
     "DPCompatibilityError",
     "assert_dp_compatible",
     "GRAD_SAMPLE_MODES",
+    "PRIVACY_UNITS",
+    "poisson_schedule",
 ]
 
 #: Per-sample-gradient modes allowed by :meth:`HospitalDP.make_private`: Opacus's ``"hooks"`` and
@@ -45,6 +54,8 @@ __all__ = [
 #: and accountant with less per-step Python; the default, falling back to ``"hooks"`` for layers without
 #: an Opacus rule).
 GRAD_SAMPLE_MODES = ("lean", "hooks", "ghost")
+#: What one epsilon protects: one record, or one patient with all their records.
+PRIVACY_UNITS = ("record", "patient")
 _ON_EXHAUSTION = ("exclude_client", "stop_run")
 _BUDGET_SLACK = 1e-9
 
@@ -87,17 +98,21 @@ def assert_dp_compatible(module) -> None:
 
 @dataclass
 class PrivacyProfile:
-    """A hospital's DP policy for one run (record-level privacy unit, add/remove adjacency).
+    """A hospital's DP policy for one run (add/remove adjacency of one privacy unit).
 
     Attributes:
-        target_epsilon: epsilon budget for the WHOLE run (all rounds, all tasks).
-        delta: target delta; ``None`` means the default ``min(1e-5, 1/(10*n))`` for n records
-            (see :meth:`resolve_delta`).
-        max_grad_norm: per-sample clipping norm C.
+        target_epsilon: epsilon budget for the WHOLE run (all rounds, all tasks), per privacy unit.
+        delta: target delta; ``None`` means the default ``min(1e-5, 1/(10*n))`` for n privacy units
+            (records or patients; see :meth:`resolve_delta`).
+        max_grad_norm: clipping norm C (of one record's gradient, or of one patient's summed gradient).
         accountant: Opacus accountant, ``"prv"`` (default) or ``"rdp"``.
         secure_mode: Opacus ``secure_mode`` (cryptographically secure noise; needs ``torchcsprng``).
         on_exhaustion: what the federation does when a round would exceed the budget:
             ``"exclude_client"`` (the run goes on without this hospital) or ``"stop_run"``.
+        unit: the privacy unit, ``"record"`` (default) or ``"patient"`` (patient-level DP-SGD).
+        max_records_per_patient_step: with unit ``"patient"``, the most records of one patient used in one
+            step (k; a patient with more gets k drawn uniformly without replacement). It bounds compute, not
+            privacy: the patient's summed gradient is clipped to C whatever k.
     """
 
     target_epsilon: float
@@ -106,6 +121,8 @@ class PrivacyProfile:
     accountant: str = "prv"
     secure_mode: bool = False
     on_exhaustion: str = "exclude_client"
+    unit: str = "record"
+    max_records_per_patient_step: int = 4
 
     def __post_init__(self) -> None:
         e = self.target_epsilon
@@ -120,14 +137,19 @@ class PrivacyProfile:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.on_exhaustion not in _ON_EXHAUSTION:
             raise ValueError(f"on_exhaustion must be one of {_ON_EXHAUSTION}, got {self.on_exhaustion!r}")
+        if self.unit not in PRIVACY_UNITS:
+            raise ValueError(f"unit (the privacy unit) must be one of {PRIVACY_UNITS}, got {self.unit!r}")
+        k = self.max_records_per_patient_step
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"max_records_per_patient_step must be an integer >= 1, got {k!r}")
 
-    def resolve_delta(self, n_records: int) -> float:
-        """The delta to use for a dataset of ``n_records`` records.
+    def resolve_delta(self, n_units: int) -> float:
+        """The delta to use for a dataset of ``n_units`` privacy units (records, or patients).
 
         Default (``delta=None``): ``min(1e-5, 1/(10*n))``. A configured delta >= 1/n raises ValueError
         naming delta, n and 1/n.
         """
-        return resolve_delta(self.delta, n_records)
+        return resolve_delta(self.delta, n_units)
 
 
 def _schedule(pairs: Sequence[tuple[float, int]], what: str) -> list[tuple[float, int]]:
@@ -159,7 +181,8 @@ class HospitalDP:
         round_schedule: ``[(sample_rate, steps), ...]`` planned for ONE round (one pair per task or
             local-training block).
         rounds: number of planned rounds.
-        n_records: number of records (privacy units) in the hospital's training data (for delta).
+        n_records: number of records in the hospital's training data (for delta with unit ``"record"``).
+        n_patients: number of patients in it; required with unit ``"patient"`` (delta is then resolved on it).
         noise_multiplier: use this sigma instead of calibrating (first construction only). 0 is refused
             unless ``allow_no_noise=True``.
         allow_no_noise: TESTING ONLY: permit sigma = 0 (clipping without noise), e.g. for a non-private
@@ -170,7 +193,8 @@ class HospitalDP:
 
     Raises:
         ValueError: bad schedule, delta >= 1/n, unreachable target, sigma = 0 without the testing flag,
-            or a profile that contradicts the run's recorded plan (delta, accountant, a higher target).
+            unit ``"patient"`` without ``n_patients``, or a profile that contradicts the run's recorded plan
+            (delta, accountant, privacy unit, a higher target).
     """
 
     def __init__(
@@ -182,6 +206,7 @@ class HospitalDP:
         rounds: int,
         *,
         n_records: int,
+        n_patients: int | None = None,
         noise_multiplier: float | None = None,
         allow_no_noise: bool = False,
         grad_sample_mode: str = "lean",
@@ -200,6 +225,16 @@ class HospitalDP:
             raise ValueError("round_schedule must plan at least one step")
         self.rounds = rounds
         self.n_records = n_records
+        self.unit = profile.unit
+        if self.unit == "patient":
+            if isinstance(n_patients, bool) or not isinstance(n_patients, int) or n_patients < 1:
+                raise ValueError(
+                    f"privacy unit 'patient' needs n_patients, the number of patients in the hospital's "
+                    f"training data (an integer >= 1), got {n_patients!r}"
+                )
+            if isinstance(n_records, int) and n_patients > n_records:
+                raise ValueError(f"n_patients {n_patients} exceeds n_records {n_records} (a patient has >= 1 record)")
+        self.n_patients = n_patients
         self.grad_sample_mode = grad_sample_mode
         self._pending: dict[str, Any] | None = None  # the current make_private session's observed steps
 
@@ -227,7 +262,7 @@ class HospitalDP:
 
     def _make_plan(self, noise_multiplier: float | None, allow_no_noise: bool) -> dict:
         p = self.profile
-        delta = p.resolve_delta(self.n_records)
+        delta = p.resolve_delta(self.n_patients if self.unit == "patient" else self.n_records)
         full = self._full_schedule()
         if noise_multiplier is None:
             sigma = calibrate_noise(p.target_epsilon, delta, full, accountant=p.accountant)
@@ -265,14 +300,19 @@ class HospitalDP:
             rounds=self.rounds,
             planned_epsilon=planned if math.isfinite(planned) else None,
             planned_gdp_mu=gdp_mu(history) if sigma > 0 else None,
-            privacy_unit="record",
+            privacy_unit=self.unit,
             adjacency="add/remove",
         )
+        if self.unit == "patient":
+            fields.update(n_patients=self.n_patients, max_records_per_patient_step=p.max_records_per_patient_step,
+                          clipping="per-patient sum")
         return self.ledger.append("dp_plan", **fields)
 
     def _adopt_plan(self, plan: dict, noise_multiplier: float | None) -> None:
         p = self.profile
         problems = []
+        if p.unit != plan.get("privacy_unit", "record"):
+            problems.append(f"privacy unit {p.unit!r} != planned {plan.get('privacy_unit', 'record')!r}")
         if p.accountant != plan["accountant"]:
             problems.append(f"accountant {p.accountant!r} != planned {plan['accountant']!r}")
         if p.delta is not None and float(p.delta) != float(plan["delta"]):
@@ -326,8 +366,11 @@ class HospitalDP:
         data_loader,
         *,
         criterion=None,
+        groups=None,
+        patients_per_batch: int | None = None,
         grad_sample_mode: str | None = None,
         noise_generator=None,
+        patient_generator=None,
     ):
         """Wrap model, optimizer and loader with Opacus for one round of DP-SGD.
 
@@ -339,6 +382,16 @@ class HospitalDP:
         for fast gradient clipping. The mode used is kept in ``self.last_grad_sample_mode``. The optimizer's steps are
         counted so :meth:`record_round` can refuse an understated step count.
 
+        With privacy unit ``"patient"``, ``groups`` (one patient id per record of ``data_loader.dataset``,
+        any hashable values, e.g. a numpy array of strings) is required; it is ignored for unit
+        ``"record"``. The returned loader (:class:`~privacy.patient.PatientPoissonLoader`) samples each
+        patient with ``q = 1/ceil(n/patients_per_batch)`` (n: distinct patients in ``groups``;
+        ``patients_per_batch`` defaults to ``data_loader.batch_size``, so the batch size counts patients as
+        in :func:`poisson_schedule`), yields ``(xb, yb)`` of at most ``max_records_per_patient_step``
+        records per sampled patient, and has ``.sample_rate = q`` (record that in :meth:`record_round`);
+        the optimizer clips each patient's summed gradient. ``"ghost"`` cannot clip per patient and is
+        refused; ``patient_generator`` seeds the patient and record sampling (default: from torch's global RNG).
+
         Returns:
             ``(module, optimizer, data_loader)`` for ``"lean"`` and ``"hooks"``; ``(module, optimizer, criterion,
             data_loader)`` for ``"ghost"`` (as Opacus does: compute the loss with the returned criterion).
@@ -346,6 +399,8 @@ class HospitalDP:
         Raises:
             DPCompatibilityError: the module has e.g. BatchNorm.
             RuntimeError: a previous make_private session's steps were never recorded.
+            ValueError: unit ``"patient"`` with ``groups`` missing, of the wrong length, naming more patients
+                than ``n_patients``, or with ``grad_sample_mode="ghost"``.
         """
         import torch.nn as nn
 
@@ -359,6 +414,7 @@ class HospitalDP:
                 f"{self._pending['steps']} DP-SGD steps from the previous make_private() were never recorded; "
                 f"call record_round() before starting another training session"
             )
+        patient = self._patient_args(data_loader, groups, patients_per_batch, mode, patient_generator)
         assert_dp_compatible(module)
         if mode == LEAN_MODE and not lean_supported(module):
             mode = "hooks"
@@ -374,6 +430,7 @@ class HospitalDP:
             poisson_sampling=True,
             grad_sample_mode=mode,
             noise_generator=noise_generator,
+            **patient,
         )
         dp_optimizer, dp_loader = out[1], out[-1]
         session = {"steps": 0, "sample_rate": float(dp_loader.sample_rate), "optimizer": dp_optimizer}
@@ -394,6 +451,30 @@ class HospitalDP:
         self.engine = engine  # kept for inspection; its accountant covers this session only
         return out
 
+    def _patient_args(self, data_loader, groups, patients_per_batch, mode: str, generator) -> dict:
+        """The patient-level arguments of ``LeanPrivacyEngine.make_private`` (none for unit ``"record"``)."""
+        if self.unit != "patient":
+            return {}
+        if groups is None:
+            raise ValueError(
+                "privacy unit 'patient' needs groups: one patient id per record of the data loader's dataset"
+            )
+        import numpy as np
+
+        ids = np.asarray(groups)
+        n = len(data_loader.dataset)
+        if ids.ndim != 1 or len(ids) != n:
+            raise ValueError(f"groups must hold one patient id per record: got shape {ids.shape} for {n} records")
+        if len(np.unique(ids)) > self.n_patients:
+            raise ValueError(
+                f"groups names {len(np.unique(ids))} patients but n_patients is {self.n_patients}; "
+                f"n_patients (which sets delta) must count every patient"
+            )
+        if mode == "ghost":
+            raise ValueError("grad_sample_mode 'ghost' cannot clip per patient; use 'lean' or 'hooks'")
+        return dict(groups=ids, patients_per_batch=patients_per_batch, patient_generator=generator,
+                    max_records_per_patient=self.profile.max_records_per_patient_step)
+
     def record_round(self, round: int, task: str | None, steps: int, sample_rate: float) -> float:
         """Append this round's ``dp_round`` entry (fsynced) and return epsilon after it.
 
@@ -402,7 +483,8 @@ class HospitalDP:
 
         If :meth:`make_private` was used, ``steps`` must be >= the optimizer steps actually taken and
         ``sample_rate`` >= the Poisson loader's rate (no understated spend; Opacus's loader uses
-        ``1/len(loader)``, at most ``batch_size/n``).
+        ``1/len(loader)``, at most ``batch_size/n``). With privacy unit ``"patient"``, ``sample_rate`` is
+        the patients' rate (the patient loader's ``sample_rate``).
 
         Raises:
             ValueError: bad or understated arguments (nothing is written).
@@ -444,6 +526,8 @@ class HospitalDP:
             target_epsilon=self.target_epsilon,
             dp=self.is_dp,
             sampling="poisson",
+            privacy_unit=self.unit,
+            **({"max_records_per_patient_step": self.profile.max_records_per_patient_step} if self.unit == "patient" else {}),
             over_budget=over,
         )
         self._pending = None
@@ -504,5 +588,6 @@ class HospitalDP:
             "epsilon_remaining": self.target_epsilon - spent,
             "gdp_mu": gdp_mu(history),
             "rounds_recorded": len(history),
+            "privacy_unit": self.unit,
             "profile": asdict(self.profile),
         }

@@ -27,7 +27,9 @@ only that bookkeeping:
   build any factored gradients and use ``DPOptimizer``'s own per-parameter code.
 * :class:`LeanPrivacyEngine` is ``opacus.PrivacyEngine`` with those two classes plugged in; the Poisson
   ``DPDataLoader``, the sample rate, the noise multiplier, ``max_grad_norm`` and the accountant's step
-  hook all come from Opacus unchanged.
+  hook all come from Opacus unchanged. With ``groups=`` it runs patient-level DP-SGD (:mod:`privacy.patient`):
+  the patient Poisson loader, and per-patient sums of the per-sample gradients (factored ones stay
+  factored) before the same clipping, in this fused optimizer or in Opacus's own (``"hooks"``).
 
 ``tests/test_dp_fast.py`` checks the clipped sums against one backward pass per record (noise off) on every
 encoder of the demo's client models, and the noise's scale.
@@ -50,6 +52,8 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from .patient import PatientDPOptimizer, PatientPoissonLoader, group_per_sample_grads
 
 __all__ = [
     "LeanGradSampleModule", "FusedDPOptimizer", "LeanPrivacyEngine", "LEAN_MODE", "lean_supported", "add_canary_rows",
@@ -260,11 +264,14 @@ class FusedDPOptimizer(DPOptimizer):
     parameters, clip factor ``min(1, C / (norm + 1e-6))``, sum over the batch, add ``N(0, (sigma*C)^2)``
     to every coordinate, divide by ``expected_batch_size * accumulated_iterations`` for a mean loss, then
     the step hook (the accountant's) and the wrapped optimizer's step. Factored Linear weights
-    (:class:`LeanGradSampleModule`) enter the norm and the clipped sum without being built.
+    (:class:`LeanGradSampleModule`) enter the norm and the clipped sum without being built. With
+    ``patient_batches`` set (patient-level DP-SGD, :mod:`privacy.patient`), the per-sample gradients are
+    first summed per patient of that loader's last batch, so each patient's sum is what gets clipped.
     """
 
     _lean_fused = False  # True inside a fused step (LeanGradSampleModule refuses accumulation: 1 pass)
     _canary_rows = None  # auditing only (see add_canary_rows): (flat coordinates, values) of extra records
+    patient_batches = None  # patient-level DP-SGD: the PatientPoissonLoader whose last batch is being stepped
 
     @property
     def accumulated_iterations(self) -> int:
@@ -299,6 +306,8 @@ class FusedDPOptimizer(DPOptimizer):
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         params = self.params
+        if self.patient_batches is not None:  # one row per sampled patient: the sum of its records' rows
+            group_per_sample_grads(params, self.patient_batches)
         split = self._split(params)
         if split is None:
             for p in params:
@@ -416,7 +425,54 @@ def _append_dense_rows(params: list, index: torch.Tensor, values: torch.Tensor) 
 
 
 class LeanPrivacyEngine(PrivacyEngine):
-    """``opacus.PrivacyEngine`` that also accepts ``grad_sample_mode="lean"`` (see the module docstring)."""
+    """``opacus.PrivacyEngine`` that also accepts ``grad_sample_mode="lean"`` (see the module docstring),
+    and patient-level DP-SGD (``groups=``, see :meth:`make_private`)."""
+
+    _patient_loader = None
+
+    def make_private(self, *, module, optimizer, data_loader, groups=None, patients_per_batch=None,
+                     max_records_per_patient=None, patient_generator=None, grad_sample_mode="hooks", **kwargs):
+        """``PrivacyEngine.make_private``; with ``groups`` (one patient id per record of ``data_loader.dataset``),
+        patient-level DP-SGD (:mod:`privacy.patient`).
+
+        Patient level: the returned loader is a :class:`~privacy.patient.PatientPoissonLoader` (patients
+        sampled with rate ``q = 1/ceil(n_patients/patients_per_batch)``, default ``patients_per_batch`` =
+        ``data_loader.batch_size``; at most ``max_records_per_patient`` records each); the optimizer
+        (``FusedDPOptimizer`` for ``"lean"``, :class:`~privacy.patient.PatientDPOptimizer` for ``"hooks"``)
+        clips each patient's summed gradient, divides by ``int(q * n_patients)`` for a mean loss, and the
+        accountant's hook steps with ``q``. ``"ghost"`` clipping cannot clip per patient and is refused.
+        """
+        if groups is None:
+            return super().make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                        grad_sample_mode=grad_sample_mode, **kwargs)
+        if grad_sample_mode not in (LEAN_MODE, "hooks"):
+            raise NotImplementedError(f"patient-level DP-SGD supports grad_sample_mode 'lean' or 'hooks', not {grad_sample_mode!r}")
+        if kwargs.get("poisson_sampling", True) is False:
+            raise ValueError("patient-level DP-SGD samples patients by Poisson sampling; poisson_sampling=False is refused")
+        if max_records_per_patient is None:
+            raise ValueError("patient-level DP-SGD needs max_records_per_patient")
+        loader = PatientPoissonLoader(
+            data_loader.dataset, groups, patients_per_batch or data_loader.batch_size, max_records_per_patient,
+            collate_fn=data_loader.collate_fn, generator=self.secure_rng if self.secure_mode else patient_generator,
+        )
+        self._patient_loader = loader
+        try:
+            module, optimizer, loader = super().make_private(
+                module=module, optimizer=optimizer, data_loader=loader, grad_sample_mode=grad_sample_mode,
+                **{**kwargs, "poisson_sampling": False},
+            )
+        finally:
+            self._patient_loader = None
+        module.forbid_grad_accumulation()
+        optimizer.expected_batch_size = loader.expected_batch_size
+        optimizer.patient_batches = loader
+        return module, optimizer, loader
+
+    def _prepare_data_loader(self, data_loader, **kwargs):
+        if isinstance(data_loader, PatientPoissonLoader):
+            self.dataset = data_loader.dataset
+            return data_loader
+        return super()._prepare_data_loader(data_loader, **kwargs)
 
     def _prepare_model(self, module, *, batch_first=True, max_grad_norm=1.0, loss_reduction="mean", grad_sample_mode="hooks", wrap_model=True):
         if grad_sample_mode != LEAN_MODE:
@@ -433,18 +489,18 @@ class LeanPrivacyEngine(PrivacyEngine):
 
     def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction="mean",
                            distributed=False, clipping="flat", noise_generator=None, grad_sample_mode="hooks", **kwargs):
-        if grad_sample_mode != LEAN_MODE:
+        if grad_sample_mode != LEAN_MODE and self._patient_loader is None:
             return super()._prepare_optimizer(
                 optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, distributed=distributed,
                 clipping=clipping, noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, **kwargs,
             )
         if distributed or clipping != "flat":
-            raise NotImplementedError("grad_sample_mode 'lean' supports flat clipping on one process only")
+            raise NotImplementedError(f"grad_sample_mode {grad_sample_mode!r} here supports flat clipping on one process only")
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         generator = self.secure_rng if self.secure_mode else noise_generator
-        return FusedDPOptimizer(
+        return (FusedDPOptimizer if grad_sample_mode == LEAN_MODE else PatientDPOptimizer)(
             optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=generator,
             secure_mode=self.secure_mode, **kwargs,
