@@ -183,6 +183,10 @@ class HospitalDP:
         rounds: number of planned rounds.
         n_records: number of records in the hospital's training data (for delta with unit ``"record"``).
         n_patients: number of patients in it; required with unit ``"patient"`` (delta is then resolved on it).
+        reserved, reserved_for: ``[(sample_rate, steps), ...]`` that the same records will also take at the
+            same noise under another ledger, and what for (e.g. a single-hospital baseline whose results are
+            released). The noise is calibrated so that this run and the reserved steps, composed, stay within
+            the target; the plan records both (first construction only).
         noise_multiplier: use this sigma instead of calibrating (first construction only). 0 is refused
             unless ``allow_no_noise=True``.
         allow_no_noise: TESTING ONLY: permit sigma = 0 (clipping without noise), e.g. for a non-private
@@ -207,6 +211,8 @@ class HospitalDP:
         *,
         n_records: int,
         n_patients: int | None = None,
+        reserved: Sequence[tuple[float, int]] = (),
+        reserved_for: str | None = None,
         noise_multiplier: float | None = None,
         allow_no_noise: bool = False,
         grad_sample_mode: str = "lean",
@@ -225,6 +231,10 @@ class HospitalDP:
             raise ValueError("round_schedule must plan at least one step")
         self.rounds = rounds
         self.n_records = n_records
+        self.reserved = _schedule(reserved, "reserved")
+        if self.reserved and not reserved_for:
+            raise ValueError("reserved steps need reserved_for: what else will spend this budget on the same records")
+        self.reserved_for = reserved_for
         self.unit = profile.unit
         if self.unit == "patient":
             if isinstance(n_patients, bool) or not isinstance(n_patients, int) or n_patients < 1:
@@ -264,8 +274,8 @@ class HospitalDP:
         p = self.profile
         delta = p.resolve_delta(self.n_patients if self.unit == "patient" else self.n_records)
         full = self._full_schedule()
-        if noise_multiplier is None:
-            sigma = calibrate_noise(p.target_epsilon, delta, full, accountant=p.accountant)
+        if noise_multiplier is None:  # the run and what is reserved, composed, within the target
+            sigma = calibrate_noise(p.target_epsilon, delta, full + self.reserved, accountant=p.accountant)
             source = "calibrated"
         else:
             sigma = float(noise_multiplier)
@@ -303,6 +313,10 @@ class HospitalDP:
             privacy_unit=self.unit,
             adjacency="add/remove",
         )
+        if self.reserved:
+            with_reserved = epsilon(history + [Step(sigma, q, n) for q, n in self.reserved], delta, p.accountant)
+            fields.update(reserved_schedule=[list(x) for x in self.reserved], reserved_for=self.reserved_for,
+                          planned_epsilon_with_reserved=with_reserved if math.isfinite(with_reserved) else None)
         if self.unit == "patient":
             fields.update(n_patients=self.n_patients, max_records_per_patient_step=p.max_records_per_patient_step,
                           clipping="per-patient sum")

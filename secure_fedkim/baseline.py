@@ -2,14 +2,17 @@
 
 Each hospital trains the same model, from the same seed, for the same epochs (rounds x local epochs) on
 its own shards only. With DP on it reuses the noise its federation plan was calibrated with and spends
-from a ledger of its own under ``baseline/<hospital>/``; the report composes that spend with the
-federation's. Hospitals are independent, so they train in parallel processes, one per core.
+from a ledger of its own under ``baseline/<hospital>/``. Its results are released and it trains the same
+records, so its spend composes with the federation's: the federation's plan reserved the baseline's steps
+(``client_app.hospital_dp``), so both together stay within the hospital's budget, and a baseline that would
+exceed it is not trained. Hospitals are independent, so they train in parallel processes, one per core.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -17,11 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from privacy.accounting import Step, epsilon
+from privacy.dp import HospitalDP
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import client_dir
 from secure_fedkim.client import _train_plans as train_plans
 from secure_fedkim.client import local_round, new_client_model
 from secure_fedkim.config import RunConfig
+from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.metrics import binary_metrics
 from secure_fedkim.plan import build_plan
 from secure_fedkim.training import predict_task
@@ -34,8 +40,48 @@ def planned_noise(run_dir: Path, client: str) -> float | None:
     return plan[0]["noise_multiplier"] if plan else None
 
 
-def train_alone(cfg_json: str, run_dir: str, client: str) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """One hospital alone: its test metrics and test probabilities per training task."""
+def composed_epsilon(run_dir: Path, client: str, dp: HospitalDP) -> float:
+    """Epsilon of the federation's recorded spend and this baseline's whole planned run, composed."""
+    federation = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl").dp_history(run_dir.name)
+    planned = [Step(dp.noise_multiplier, q, n) for q, n in dp.round_schedule * dp.rounds]
+    return epsilon(dp.history() + federation + planned, dp.delta, dp.accountant)
+
+
+def privacy_spend(cfg: RunConfig, run_dir: Path) -> dict[str, dict]:
+    """Each DP hospital's epsilon from its ledgers: the federation's, the baseline's and both composed (the
+    hospital's epsilon for the run: the same records, both results released), with the unit and budget."""
+    out = {}
+    for client in cfg.federation.clients:
+        fed = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl")
+        plans = fed.events("dp_plan", run_dir.name) if fed.path.exists() else []
+        if not plans or not plans[0]["dp"]:
+            continue
+        plan = plans[0]
+        alone = run_dir / "baseline" / client / "ledger.jsonl"
+        fed_h = fed.dp_history(run_dir.name)
+        base_h = PrivacyLedger(alone).dp_history(f"baseline-{client}") if alone.exists() else []
+        eps = lambda h: epsilon(h, plan["delta"], plan["accountant"]) if h else 0.0  # noqa: E731
+        out[client] = {"unit": plan.get("privacy_unit", "record"), "budget": plan["target_epsilon"],
+                       "delta": plan["delta"], "federation": eps(fed_h), "baseline": eps(base_h),
+                       "composed": eps(fed_h + base_h)}
+    return out
+
+
+def format_spend(spend: dict[str, dict]) -> str:
+    if not spend:
+        return ""
+    unit = {s["unit"] for s in spend.values()}
+    lines = [f"Privacy spent per hospital (epsilon per {' / '.join(sorted(unit))}, from the ledgers; the federation and "
+             f"the single-hospital baseline train the same records, so their spends compose)"]
+    for c, s in spend.items():
+        lines.append(f"  {c:<22} federation {s['federation']:.3f} + baseline {s['baseline']:.3f} -> {s['composed']:.3f} "
+                     f"of budget {s['budget']:g} (delta {s['delta']:.1e})")
+    return "\n".join(lines)
+
+
+def train_alone(cfg_json: str, run_dir: str, client: str) -> tuple[dict[str, dict], dict[str, np.ndarray]] | None:
+    """One hospital alone: its test metrics and test probabilities per training task; None when its budget,
+    composed with the federation's spend, cannot cover the baseline (nothing is trained or spent)."""
     from secure_fedkim.client_app import hospital_dp
 
     cfg = RunConfig.model_validate_json(cfg_json)
@@ -43,6 +89,8 @@ def train_alone(cfg_json: str, run_dir: str, client: str) -> tuple[dict[str, dic
     model = new_client_model(cfg, plans)
     noise = planned_noise(Path(run_dir), client)  # the same schedule and budget: the same calibration
     dp = hospital_dp(cfg, plans, client, Path(run_dir) / "baseline" / client, f"baseline-{client}", noise)
+    if dp is not None and dp.is_dp and composed_epsilon(Path(run_dir), client, dp) > dp.target_epsilon * (1 + 1e-9):
+        return None
     for r in range(1, cfg.run.rounds + 1):
         local_round(model, plans, client, cfg, r, dp=dp)
     metrics, probs = {}, {}
@@ -74,7 +122,11 @@ def single_hospital_baseline(
                 results[futures[done]] = done.result()
                 bar.update(1)
     bar.close()
+    for client in [c for c in clients if results[c] is None]:
+        warnings.warn(f"{client}: no single-hospital baseline: composed with what the federation spent on the same "
+                      f"records it would exceed the hospital's budget", DataWarning, stacklevel=2)
+    trained = [c for c in clients if results[c] is not None]
     if scores is not None:
-        for client in clients:
+        for client in trained:
             scores[client] = results[client][1]
-    return {client: results[client][0] for client in clients}
+    return {client: results[client][0] for client in trained}

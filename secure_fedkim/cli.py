@@ -16,6 +16,7 @@ def _cmd_run(args) -> int:
     import warnings
 
     from secure_fedkim.config import load_config
+    from secure_fedkim.baseline import format_spend
     from secure_fedkim.run import format_comparison, format_injection, run_federation
 
     warnings.formatwarning = _one_line_warning  # a warning is one line, not a file name and a source line
@@ -31,6 +32,8 @@ def _cmd_run(args) -> int:
     result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet, config_path=args.config)
     if result.single_hospital:
         print(format_comparison(result))
+    if result.privacy_spend:
+        print(format_spend(result.privacy_spend))
     injection = format_injection(result)
     if injection:
         print(injection)

@@ -5,15 +5,15 @@ Shared by the Flower ClientApp and the single-hospital baseline, so both train e
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from privacy.accounting import poisson_schedule
+from privacy.dp import HospitalDP
 from secure_fedkim.config import RunConfig
+from secure_fedkim.data import TaskData
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan, input_shapes
-from privacy.dp import HospitalDP
 from secure_fedkim.training import train_task
 
 
@@ -35,18 +35,27 @@ def task_local_epochs(cfg: RunConfig, task: str) -> int:
     return entry.local_epochs if entry is not None and entry.local_epochs else cfg.client.local_epochs
 
 
+def patients_of(shard: TaskData) -> np.ndarray:
+    """Each record's patient: the person behind it (`TaskData.persons`: all ECG windows are one person, an
+    image region's crops share their source image); a task without patient ids: each record its own patient."""
+    return np.asarray(shard.persons).astype(str) if shard.persons is not None else np.arange(len(shard)).astype(str)
+
+
+def _units(shard: TaskData, unit: str) -> int:
+    return len(shard) if unit == "record" else len(np.unique(patients_of(shard)))
+
+
 def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -> list[tuple[float, int]]:
     """One round's DP-SGD blocks at this hospital: (Poisson sample rate, steps) per task it holds.
 
-    Opacus samples each record with probability 1/len(loader) = 1/ceil(n/batch), for len(loader) steps
-    per epoch.
+    Each privacy unit (record, or patient) is sampled with probability 1/ceil(n/batch), for ceil(n/batch)
+    steps per epoch (Opacus's loader; `privacy.patient` for patients, where the batch counts patients).
     """
     schedule = []
     for name, plan in _train_plans(plans):
-        n = len(plan.split.clients.get(client, ()))
-        if n:
-            batches = math.ceil(n / min(cfg.client.batch_size, n))
-            schedule.append((1.0 / batches, batches * task_local_epochs(cfg, name)))
+        shard = plan.shard(client)
+        if len(shard):
+            schedule.append(poisson_schedule(_units(shard, cfg.privacy.unit), cfg.client.batch_size, task_local_epochs(cfg, name)))
     return schedule
 
 
@@ -55,19 +64,13 @@ def hospital_records(plans: dict[str, TaskPlan], client: str) -> int:
 
 
 def n_patients(plans: dict[str, TaskPlan], client: str) -> int:
-    """Privacy units (patients) in the hospital's train shards: distinct groups per task, summed over tasks.
+    """Patients in the hospital's train shards (see `patients_of`): distinct per task, summed over tasks.
 
     Each task is its own dataset, protected and accounted on its own, so a patient is counted once per task
     that holds them: where two tasks share a cohort (mortality, mortality_visits: NAFLD; the IU report
-    tasks) the sum is an upper bound on distinct persons. A task without groups counts each record. The
-    unit is the registry's `privacy_unit`: for ecg_irregular (windows of one person) and cross_sectional
-    (regions of at most 12 images) it is not a person (see `Task.persons`).
+    tasks) the sum is an upper bound on distinct persons.
     """
-    total = 0
-    for _, p in _train_plans(plans):
-        shard = p.shard(client)
-        total += len(shard) if shard.group is None else len(np.unique(np.asarray(shard.group).astype(str)))
-    return total
+    return sum(_units(p.shard(client), "patient") for _, p in _train_plans(plans))
 
 
 def local_round(
@@ -93,6 +96,7 @@ def local_round(
             epochs=task_local_epochs(cfg, name), batch_size=c.batch_size, lr=c.lr, max_grad_norm=c.max_grad_norm,
             seed=cfg.run.seed * 100_003 + server_round * 101 + i, proximal_mu=proximal_mu,
             privatizer=dp if len(shard) else None,
+            groups=patients_of(shard) if cfg.privacy.unit == "patient" else None,
         )
         if dp is not None and stats[name]["steps"]:
             stats[name]["epsilon"] = dp.record_round(server_round, name, stats[name]["steps"], stats[name]["sample_rate"])

@@ -197,8 +197,13 @@ class PrivacySection(_Strict):
     profile: DPProfileSection | None = None  # every hospital's budget unless overridden below
     hospitals: dict[str, DPProfileSection] = {}  # per-hospital overrides
     on_exhaustion: Literal["exclude_client", "stop_run"] = "exclude_client"
-    # The privacy unit is one record. When a patient may have up to k records, say so: each hospital then
-    # also reports the patient-level (k*eps, k*e^((k-1)eps)*delta) of group privacy (loose, but honest).
+    # What one epsilon protects. "record" (the default, as in Opacus): one record. "patient": patient-level
+    # DP-SGD; each step samples patients (client.batch_size is then patients per step) and each sampled
+    # patient contributes the clipped sum of at most max_records_per_patient_step of its records.
+    unit: Literal["record", "patient"] = "record"
+    max_records_per_patient_step: int = Field(4, ge=1)
+    # Record unit only: when a patient may have up to k records, say so; each hospital then also reports the
+    # patient-level (k*eps, k*e^((k-1)eps)*delta) of group privacy (loose, but honest).
     max_records_per_patient: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -207,6 +212,13 @@ class PrivacySection(_Strict):
             raise ValueError("profile: dp is on but no privacy profile (target_epsilon) is given")
         if not self.dp and (self.profile is not None or self.hospitals):
             raise ValueError("dp: a privacy profile is given but dp is false; set dp: true (nothing is called DP without it)")
+        if self.unit == "patient" and not self.dp:
+            raise ValueError("unit: patient-level privacy needs DP-SGD; set dp: true and a profile")
+        if self.unit == "patient" and self.max_records_per_patient is not None:
+            raise ValueError("max_records_per_patient: group privacy is for unit: record; with unit: patient every "
+                             "epsilon is already per patient (remove it)")
+        if self.unit == "record" and "max_records_per_patient_step" in self.model_fields_set:
+            raise ValueError("max_records_per_patient_step: only used with unit: patient")
         return self
 
 

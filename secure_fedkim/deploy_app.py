@@ -59,6 +59,9 @@ def main(grid: Grid, context: Context) -> None:
     if not str(rc.get("config", "")) or not str(rc.get("run-dir", "")):
         raise ValueError("run config needs config=<federation YAML> and run-dir=<run directory> (flwr run --run-config)")
     cfg, text = load_config(str(rc["config"]))
+    # No process of a deployment holds every hospital's data, so there is no single-hospital baseline and no
+    # hospital reserves budget for one (secure_fedkim.client_app.hospital_dp).
+    cfg = cfg.model_copy(update={"baseline": cfg.baseline.model_copy(update={"single_hospital": False})})
     run_dir = Path(str(rc["run-dir"])).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() != text:
@@ -86,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
 
     def on_round(server_round: int, record: dict) -> None:
-        print(format_round_table(server_round, record), flush=True)
+        print(format_round_table(server_round, record, unit=cfg.privacy.unit), flush=True)
 
     try:
         result = run_fedkim(

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from privacy.budget import noise_dominates
 from secure_fedkim.artifacts import client_dir, save_model
-from secure_fedkim.baseline import planned_noise, single_hospital_baseline
+from secure_fedkim.baseline import planned_noise, privacy_spend, single_hospital_baseline
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
 from secure_fedkim.data import DataError, load_task
@@ -38,6 +38,8 @@ class RunResult:
     # per training task: AUROC with its 95% bootstrap interval for the federated model, each hospital alone
     # and their mean, and the verdict from the interval of the paired difference (see compare_aurocs)
     comparison: dict[str, dict] = field(default_factory=dict)
+    # per DP hospital: epsilon of the federation, of the baseline and both composed (baseline.privacy_spend)
+    privacy_spend: dict[str, dict] = field(default_factory=dict)
 
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -115,7 +117,7 @@ def _spent(eps: float, prv: bool) -> str:
     return f"<={PRV_RESOLUTION:g} (PRV resolution)" if prv and eps <= PRV_RESOLUTION * 1.05 else format(eps, ".3f")
 
 
-def format_round_table(server_round: int, record: dict, prv_clients: set[str] = frozenset()) -> str:
+def format_round_table(server_round: int, record: dict, prv_clients: set[str] = frozenset(), unit: str = "record") -> str:
     test = record["client_model_test"]
     lines = [f"round {server_round}: global client model on held-out test sets"]
     clients = record.get("clients", {})
@@ -129,7 +131,7 @@ def format_round_table(server_round: int, record: dict, prv_clients: set[str] = 
             f"{c}={'skipped (budget)' if s.get('skipped-budget') else _spent(s['epsilon-spent'], c in prv_clients)}"
             for c, s in sorted(clients.items())
         )
-        lines.append(f"  epsilon spent (accountant, whole run so far, per record): {spent}")
+        lines.append(f"  epsilon spent (accountant, whole run so far, per {unit}): {spent}")
         if any("epsilon-patient" in s for s in clients.values()):
             patient = ", ".join(
                 f"{c}=({s['epsilon-patient']:.2f}, {s['delta-patient']:.1e})" for c, s in sorted(clients.items()) if "epsilon-patient" in s
@@ -251,7 +253,7 @@ def run_federation(
     prv = {c for c in cfg.federation.clients if cfg.dp_profile(c) is not None and cfg.dp_profile(c).accountant == "prv"}
 
     def on_round(server_round: int, record: dict) -> None:
-        tqdm.write(format_round_table(server_round, record, prv_clients=prv))
+        tqdm.write(format_round_table(server_round, record, prv_clients=prv, unit=cfg.privacy.unit))
         if server_round == 1 and cfg.privacy.dp:
             warn_about_noise(cfg, run_dir)
         if server_round:
@@ -283,9 +285,10 @@ def run_federation(
         **({"fm_test": history[-1]["fm_test"], "fm_test_round0": history[0]["fm_test"]} if "fm_test" in history[-1] else {}),
         "single_hospital_test": single,
         "auroc_comparison": comparison,
+        "privacy_spend": privacy_spend(cfg, run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(run_dir, history, final_test, single, comparison)
+    return RunResult(run_dir, history, final_test, single, comparison, summary["privacy_spend"])
 
 
 def features_record(plans: dict[str, TaskPlan]) -> dict[str, dict]:

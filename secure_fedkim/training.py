@@ -28,8 +28,9 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 class Privatizer(Protocol):
     """What DP-SGD needs from the training loop (privacy.dp.HospitalDP provides it)."""
 
-    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, criterion=None):
-        """(module, optimizer, data_loader), or (module, optimizer, criterion, data_loader) for ghost clipping."""
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, criterion=None, **patients):
+        """(module, optimizer, data_loader), or (module, optimizer, criterion, data_loader) for ghost clipping.
+        `patients`: `groups=` (one patient id per record) under patient-level DP only."""
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
@@ -49,11 +50,14 @@ def train_task(
     seed: int = 0,
     proximal_mu: float = 0.0,
     privatizer: Privatizer | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict:
     """Train `model` (x -> one logit) with BCE and Adam; returns loss, steps and the sample rate used.
 
     Without a privatizer: shuffled batches and global-norm gradient clipping. With one: Opacus's Poisson
-    sampling, per-sample clipping and noise (the privatizer owns those settings).
+    sampling, per-sample clipping and noise (the privatizer owns those settings); with `groups` (one patient id
+    per record), patient-level DP-SGD: patients are sampled (`batch_size` of them per step, expected) and each
+    patient's summed gradient is clipped (privacy.patient).
     """
     if len(x) == 0:
         return {"loss": float("nan"), "steps": 0, "n": 0, "sample_rate": 0.0}
@@ -64,12 +68,13 @@ def train_task(
     module, sample_rate = model, loader.batch_size / len(x)
     loss_fn = nn.BCEWithLogitsLoss()
     if privatizer is not None:
-        private = privatizer.make_private(model, optimizer, loader, criterion=loss_fn)
+        patients = {} if groups is None else {"groups": groups}  # patient-level DP: the patient of each record
+        private = privatizer.make_private(model, optimizer, loader, criterion=loss_fn, **patients)
         if len(private) == 4:  # Opacus's ghost clipping wraps the loss too
             module, optimizer, loss_fn, loader = private
         else:
             module, optimizer, loader = private
-        sample_rate = loader.sample_rate  # Poisson: 1 / ceil(n / batch)
+        sample_rate = loader.sample_rate  # Poisson: 1 / ceil(n / batch), n records or patients
     module.train()
     total, count, steps = 0.0, 0, 0
     for _ in range(epochs):
