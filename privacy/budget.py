@@ -23,6 +23,7 @@ from .accounting import (
     epsilon,
     gdp_mu,
     independent_epsilon,
+    poisson_schedule,
     resolve_delta,
 )
 
@@ -135,8 +136,7 @@ def plan(
     if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
     delta = resolve_delta(delta, n)
-    q = batch_size / n
-    steps_per_round = local_epochs * math.ceil(n / batch_size)
+    q, steps_per_round = poisson_schedule(n, batch_size, local_epochs)  # the loaders' own rule, as in a run
     floor_eps = epsilon([Step(MIN_NOISE_MULTIPLIER, q, steps_per_round * rounds)], delta, accountant)
     at_floor = floor_eps <= target_epsilon
     if at_floor:

@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 from privacy.accounting import Step, epsilon
-from privacy.dp import HospitalDP
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import client_dir
 from secure_fedkim.client import _train_plans as train_plans
@@ -40,11 +39,17 @@ def planned_noise(run_dir: Path, client: str) -> float | None:
     return plan[0]["noise_multiplier"] if plan else None
 
 
-def composed_epsilon(run_dir: Path, client: str, dp: HospitalDP) -> float:
-    """Epsilon of the federation's recorded spend and this baseline's whole planned run, composed."""
-    federation = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl").dp_history(run_dir.name)
-    planned = [Step(dp.noise_multiplier, q, n) for q, n in dp.round_schedule * dp.rounds]
-    return epsilon(dp.history() + federation + planned, dp.delta, dp.accountant)
+def fits_the_budget(run_dir: Path, client: str) -> bool:
+    """Whether the baseline's whole planned run, composed with what the federation spent on the same records,
+    stays within the hospital's budget (the federation's plan gives the noise, schedule, delta and budget)."""
+    ledger = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl")
+    plans = ledger.events("dp_plan", run_dir.name) if ledger.path.exists() else []
+    if not plans or not plans[0]["dp"]:
+        return True
+    p = plans[0]
+    planned = [Step(p["noise_multiplier"], q, k) for q, k in p["round_schedule"]] * p["rounds"]
+    composed = epsilon(ledger.dp_history(run_dir.name) + planned, p["delta"], p["accountant"])
+    return composed <= p["target_epsilon"] * (1 + 1e-9)
 
 
 def privacy_spend(cfg: RunConfig, run_dir: Path) -> dict[str, dict]:
@@ -85,12 +90,12 @@ def train_alone(cfg_json: str, run_dir: str, client: str) -> tuple[dict[str, dic
     from secure_fedkim.client_app import hospital_dp
 
     cfg = RunConfig.model_validate_json(cfg_json)
+    if not fits_the_budget(Path(run_dir), client):
+        return None
     plans = build_plan(cfg)
     model = new_client_model(cfg, plans)
     noise = planned_noise(Path(run_dir), client)  # the same schedule and budget: the same calibration
     dp = hospital_dp(cfg, plans, client, Path(run_dir) / "baseline" / client, f"baseline-{client}", noise)
-    if dp is not None and dp.is_dp and composed_epsilon(Path(run_dir), client, dp) > dp.target_epsilon * (1 + 1e-9):
-        return None
     for r in range(1, cfg.run.rounds + 1):
         local_round(model, plans, client, cfg, r, dp=dp)
     metrics, probs = {}, {}

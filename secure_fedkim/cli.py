@@ -56,11 +56,15 @@ def _cmd_budget(args) -> int:
     if missing or (args.epsilon is None) == (args.noise is None):
         raise UsageError("budget: give --epsilon (plan the noise) or --noise (epsilon per round), with --records "
                          "and --rounds; or --config CONFIG --epsilon E to plan every hospital of a federation")
-    if args.batch > args.records:
-        raise UsageError(f"budget: --batch {args.batch} is larger than --records {args.records}")
+    units, what = (args.patients, "--patients") if args.patients is not None else (args.records, "--records")
+    if args.patients is not None and args.patients > args.records:
+        raise UsageError(f"budget: --patients {args.patients} is more than --records {args.records} (a patient has >= 1 record)")
+    if args.batch > units:
+        raise UsageError(f"budget: --batch {args.batch} is larger than {what} {units}")
     try:
         if args.epsilon is not None:
-            plan = b.plan(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant)
+            plan = b.plan(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant,
+                          unit="patient" if args.patients is not None else "record", n_patients=args.patients)
             comparison = b.compare_accountants(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, plan.delta)
             print(b.format_table(plan, comparison), end="")
         else:
@@ -74,11 +78,15 @@ def _cmd_budget(args) -> int:
 def _print_noise_budget(args, b) -> None:
     from privacy.accounting import resolve_delta
 
-    delta = resolve_delta(args.delta, args.records)
-    q, steps = args.batch / args.records, args.epochs * -(-args.records // args.batch)
+    from privacy.accounting import poisson_schedule
+
+    unit, n = ("patient", args.patients) if args.patients is not None else ("record", args.records)
+    delta = resolve_delta(args.delta, n)
+    q, steps = poisson_schedule(n, args.batch, args.epochs)
     by_round = b.epsilon_by_round(args.noise, q, steps, args.rounds, delta, args.accountant)
-    print(f"noise multiplier {args.noise:g}, sample rate {q:.6g} (Poisson), {steps} steps per round, delta {delta:.3g}")
-    print(f"{'round':>5}  {'epsilon':>10}")
+    print(f"noise multiplier {args.noise:g}, sample rate {q:.6g} per {unit} (Poisson), {steps} steps per round, "
+          f"delta {delta:.3g}")
+    print(f"{'round':>5}  {'epsilon':>10}  (epsilon per {unit})")
     for r, eps in zip(b.table_rounds(args.rounds), by_round):
         print(f"{r:>5}  {eps:>10.4f}")
     for name, eps in b.compare_accountants(args.noise, q, steps, args.rounds, delta).items():
@@ -90,7 +98,7 @@ def _print_noise_budget(args, b) -> None:
 
 # Largest values `budget` accepts: beyond them one accountant call takes minutes (steps grow with
 # records x epochs x rounds), and no hospital federation is that large.
-_BUDGET_LIMITS = {"records": 10**8, "rounds": 10**5, "epochs": 10**3}
+_BUDGET_LIMITS = {"records": 10**8, "patients": 10**8, "rounds": 10**5, "epochs": 10**3}
 
 
 def _check_budget_args(args) -> None:
@@ -109,7 +117,7 @@ def _check_budget_args(args) -> None:
     if args.noise is not None and not (math.isfinite(args.noise) and args.noise >= MIN_NOISE_MULTIPLIER):
         raise bad("noise", f"must be a finite number >= {MIN_NOISE_MULTIPLIER:g} (below it the accountants' cost "
                            f"grows without bound and epsilon is far above any useful budget)", args.noise)
-    for option in ("records", "rounds", "batch", "epochs"):
+    for option in ("records", "patients", "rounds", "batch", "epochs"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise bad(option, "must be an integer >= 1", value)
@@ -135,23 +143,36 @@ def _budget_for_config(args) -> int:
     import yaml
 
     from privacy.accounting import Step, epsilon, resolve_delta
-    from secure_fedkim.client import dp_round_schedule, hospital_records
+    from secure_fedkim.client import dp_plan_inputs
     from secure_fedkim.config import load_config
     from secure_fedkim.run import load_plans
 
     if args.epsilon is None:
         raise UsageError("budget --config: give --epsilon, the budget to plan for every hospital")
+    if args.patients is not None:
+        raise UsageError("budget --config: --patients comes from the config's data (set privacy.unit: patient)")
     cfg, text = load_config(args.config)
     plans = load_plans(cfg, args.config)
-    rounds = cfg.run.rounds
-    print(f"{'hospital':<16}{'records':>9}{'delta':>10}{'noise':>9}  epsilon after each of {rounds} rounds ({args.accountant})")
+    rounds, unit = cfg.run.rounds, cfg.privacy.unit
+    units = "patients" if unit == "patient" else "records"
+    print(f"{'hospital':<16}{units:>9}{'delta':>10}{'noise':>9}  epsilon per {unit} after each of {rounds} rounds "
+          f"({args.accountant})")
+    reserved = False
     for client in cfg.federation.clients:
-        n = hospital_records(plans, client)
+        inputs = dp_plan_inputs(cfg, plans, client)  # what the run's own plan is calibrated on
+        n = inputs["n_patients"] or inputs["n_records"]
         delta = resolve_delta(args.delta, n)
-        schedule = dp_round_schedule(plans, client, cfg)
-        sigma = _noise_for(args.epsilon, delta, schedule * rounds, args.accountant)
+        schedule, reserved = inputs["round_schedule"], bool(inputs["reserved"])
+        sigma = _noise_for(args.epsilon, delta, schedule * rounds + inputs["reserved"], args.accountant)
         eps = [epsilon([Step(sigma, q, k) for q, k in schedule * r], delta, args.accountant) for r in range(1, rounds + 1)]
-        print(f"{client:<16}{n:>9}{delta:>10.3g}{sigma:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps))
+        line = f"{client:<16}{n:>9}{delta:>10.3g}{sigma:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps)
+        if inputs["reserved"]:
+            both = epsilon([Step(sigma, q, k) for q, k in schedule * rounds + inputs["reserved"]], delta, args.accountant)
+            line += f"  + baseline -> {both:.3f}"
+        print(line)
+    if reserved:
+        print(f"(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
+              f"federation and the baseline together, so both compose within epsilon {args.epsilon:g})")
     if args.write is not None:
         data = yaml.safe_load(text)
         profile = {"target_epsilon": args.epsilon, "accountant": args.accountant}
@@ -220,6 +241,8 @@ _BUDGET_EXAMPLES = """examples:
       the noise multiplier for epsilon 8 over 5 rounds of 2 local epochs, batch 64, and epsilon after each round
   secure-fedkim budget --noise 1.1 --records 5000 --rounds 5 --batch 32 --epochs 1
       epsilon after each round for a given noise
+  secure-fedkim budget --epsilon 4 --records 20000 --patients 2000 --batch 32 --rounds 5
+      patient-level DP-SGD: 32 patients per step, epsilon per patient
   secure-fedkim budget --config configs/demo.yaml --epsilon 8 --write configs/my_dp.yaml
       every hospital of a federation from its real shards, and a copy of the config with that budget
 """
@@ -236,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "budget", help="plan a DP budget: noise for a target epsilon, or epsilon per round",
-        description="Plan a hospital's record-level DP-SGD budget (epsilon per record) before a run: the noise\n"
+        description="Plan a hospital's DP-SGD budget (epsilon per record, or per patient with --patients) before a run: the noise\n"
                     "multiplier that keeps a whole run within a target epsilon, or the epsilon a given noise\n"
                     "spends after each round, with four accountants side by side. A bad value: one error line, exit 2.",
         epilog=_BUDGET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -245,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--noise", type=float, help="a noise multiplier (>= 0.5), to see epsilon after each round")
     b.add_argument("--delta", type=float, default=None, help="target delta in (0, 1/records) (default: min(1e-5, 1/(10 n)))")
     b.add_argument("--records", type=int, help="training records at the hospital (required without --config)")
+    b.add_argument("--patients", type=int, help="patients among those records: plan patient-level DP-SGD (epsilon "
+                   "per patient; --batch then counts patients)")
     b.add_argument("--batch", type=int, default=64, help="expected batch size, <= records (default: %(default)s)")
     b.add_argument("--epochs", type=int, default=2,
                    help="local epochs per round (default: %(default)s, client.local_epochs of configs/demo.yaml)")

@@ -73,6 +73,26 @@ def n_patients(plans: dict[str, TaskPlan], client: str) -> int:
     return sum(_units(p.shard(client), "patient") for _, p in _train_plans(plans))
 
 
+#: what a run's federation plan reserves budget for (see dp_plan_inputs)
+BASELINE_RESERVE = "single-hospital baseline (the same records, its results released)"
+
+
+def dp_plan_inputs(cfg: RunConfig, plans: dict[str, TaskPlan], client: str) -> dict:
+    """What a hospital's DP plan is calibrated on (`privacy.dp.HospitalDP`'s arguments), the same for a run and
+    for `secure-fedkim budget --config`: one round's schedule, the records and patients, and the steps the
+    single-hospital baseline will take on the same records (its results are released, so the federation's
+    noise is calibrated for both together)."""
+    schedule = dp_round_schedule(plans, client, cfg)
+    reserve = cfg.baseline.single_hospital
+    return {
+        "round_schedule": schedule,
+        "n_records": hospital_records(plans, client),
+        "n_patients": n_patients(plans, client) if cfg.privacy.unit == "patient" else None,
+        "reserved": schedule * cfg.run.rounds if reserve else [],
+        "reserved_for": BASELINE_RESERVE if reserve else None,
+    }
+
+
 def local_round(
     model: ClientModel,
     plans: dict[str, TaskPlan],

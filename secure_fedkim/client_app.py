@@ -20,15 +20,12 @@ from privacy.accounting import group_privacy_epsilon
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import client_dir, save_model
-from secure_fedkim.client import dp_round_schedule, hospital_records, local_round, n_patients, new_client_model
+from secure_fedkim.client import dp_plan_inputs, local_round, new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import build_plan
 from secure_fedkim.policy import check_node
-
-
-BASELINE_RESERVE = "single-hospital baseline (the same records, its results released)"
 
 
 @dataclass
@@ -61,30 +58,24 @@ def hospital_dp(
 ) -> HospitalDP | None:
     """This hospital's DP state for the run, rebuilt from its own ledger (None when DP is off).
 
-    `noise_multiplier`: reuse a noise already calibrated for exactly this schedule and budget (the
-    single-hospital baseline reuses the federation's plan instead of calibrating again).
-
-    A run with a single-hospital baseline trains the same records twice (the federation, then the hospital
-    alone, both with released results), so the federation's plan reserves the baseline's steps: one noise
-    for both, calibrated so that their composition stays within the hospital's budget."""
+    The federation's plan is calibrated on `dp_plan_inputs`, which reserves the single-hospital baseline's
+    steps when the run has one. `noise_multiplier`: reuse that noise instead (the baseline itself, which
+    trains the same schedule and reserves nothing)."""
     profile = cfg.dp_profile(client)
     if profile is None:
         return None
-    schedule = dp_round_schedule(plans, client, cfg)
-    reserve = cfg.baseline.single_hospital and noise_multiplier is None
+    inputs = dp_plan_inputs(cfg, plans, client)
+    if noise_multiplier is not None:
+        inputs.update(reserved=[], reserved_for=None)
     p = cfg.privacy
     return HospitalDP(
         PrivacyProfile(**profile.model_dump(), on_exhaustion=p.on_exhaustion, unit=p.unit,
                        max_records_per_patient_step=p.max_records_per_patient_step),
         PrivacyLedger(home / "ledger.jsonl"),
         run_id,
-        schedule,
-        cfg.run.rounds,
-        n_records=hospital_records(plans, client),
-        n_patients=n_patients(plans, client) if p.unit == "patient" else None,
-        reserved=schedule * cfg.run.rounds if reserve else (),
-        reserved_for=BASELINE_RESERVE if reserve else None,
+        rounds=cfg.run.rounds,
         noise_multiplier=noise_multiplier,
+        **inputs,
     )
 
 

@@ -114,10 +114,11 @@ TASKS: dict[str, Task] = {
             label_honesty="derived",
             privacy_unit="window of one person's ECG",
             persons="one",
-            persons_note="all 292 windows (3 s, 1 s hop) come from one person, MIT-BIH record 208: no "
-            "patient-level guarantee can be given (the whole task is one patient). Windows overlap by 2 s, so "
-            "each second of signal is in up to 3 windows: DP protects a window, a stretch of signal only by "
-            "group privacy over the windows that hold it",
+            persons_note="all 292 windows (3 s, 1 s hop) come from one person, MIT-BIH record 208: under "
+            "record-level DP no patient-level guarantee can be given (the whole task is one patient; "
+            "patient-level DP-SGD treats that person as one unit, a hospital's whole shard). Windows overlap by "
+            "2 s, so each second of signal is in up to 3 windows: record-level DP protects a window, a stretch "
+            "of signal only by group privacy over the windows that hold it",
         ),
         Task(
             name="report_abnormal",
@@ -151,7 +152,8 @@ TASKS: dict[str, Task] = {
             persons="few",
             persons_note="864 crops in 108 regions of 12 source images (TaskData.person), so at most 12 persons; "
             "the split keeps regions apart, not images, so every image (person) has crops in training and in "
-            "test: no patient-level guarantee can be given",
+            "test: under record-level DP no patient-level guarantee can be given (patient-level DP-SGD samples "
+            "source images; the test crops of a trained image remain outside any guarantee)",
         ),
         Task(
             name="mortality_visits",

@@ -683,7 +683,8 @@ def _inventory(f: dict, partner: str | None) -> dict:
         entry = {"task": name, "role": t["role"], "modality": t["modality"], "records": suppress(t["records"]),
                  "positives": suppress(t["positives"]) if t["records"] - t["positives"] >= 10 else "suppressed",
                  "test_records": suppress(t["test_records"]), "public_records": suppress(t["public_records"]),
-                 "patient_ids_available": t["patient_ids"], "hospitals": {}}
+                 "patient_ids_available": t["patient_ids"], "task_privacy_unit": t.get("privacy_unit"),
+                 "persons": t.get("persons"), "persons_note": t.get("persons_note"), "hospitals": {}}
         for c in view:
             hc = t["hospitals"].get(c)
             if hc:

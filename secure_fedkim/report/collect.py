@@ -319,7 +319,11 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         h.add("dp_label_has_accountant", "fail", f"{h.name}: the {acc} accountant cannot compute epsilon: {e}",
               "the accountant could not compute a hospital's epsilon")
         return
-    n = plan.get("n_records")
+    unit = plan.get("privacy_unit", "record")
+    n = plan.get("n_patients") if unit == "patient" else plan.get("n_records")  # delta is resolved on the unit
+    if unit != run.cfg.privacy.unit:
+        h.add("privacy_unit", "fail", f"{h.ledger_rel}: the DP plan's privacy unit is {unit!r}, the run config's "
+              f"{run.cfg.privacy.unit!r}", "a ledger's privacy unit contradicts the config")
     schedule = [(float(q), int(k)) for q, k in plan.get("round_schedule", [])]
     rounds_planned = int(plan.get("rounds", run.rounds_planned))
     targets = [float(plan["target_epsilon"])] + [float(e["target_epsilon"]) for e in h.dp_rounds if "target_epsilon" in e]
@@ -416,7 +420,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
     configured = getattr(run.cfg.privacy, "max_records_per_patient", None)
     k = configured if configured is not None else run.records_per_patient.get(h.name)
     patient = None
-    if k is not None and math.isfinite(spent):
+    if k is not None and math.isfinite(spent) and unit == "record":
         e_k, d_k = group_privacy_epsilon(spent, delta, k)
         patient = {"max_records_per_patient": k, "epsilon": e_k, "delta": d_k,
                    "source": "config privacy.max_records_per_patient" if configured is not None else "patient ids in the data",
@@ -463,7 +467,9 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         "steps_total": sum(int(e["steps"]) for e in h.dp_rounds),
         "rounds_planned": rounds_planned,
         "rounds_attended": attended,
-        "n_records": n,
+        "n_records": plan.get("n_records"),
+        "n_patients": plan.get("n_patients"),
+        "max_records_per_patient_step": plan.get("max_records_per_patient_step"),
         "secure_mode": bool(plan.get("secure_mode")),
     }
     h.accounting = {
@@ -659,7 +665,9 @@ def _data_facts(facts: RunFacts) -> None:
     for name, p in plans.items():
         t = {"role": p.task.role, "modality": p.task.modality, "records": len(p.data),
              "positives": int(np.asarray(p.data.y).sum()), "test_records": len(p.split.test),
-             "public_records": len(p.split.public), "patient_ids": p.data.persons is not None, "hospitals": {}}
+             "public_records": len(p.split.public), "patient_ids": p.data.persons is not None,
+             "privacy_unit": p.task.privacy_unit, "persons": p.task.persons, "persons_note": p.task.persons_note,
+             "hospitals": {}}
         if p.task.role == "train":
             for c in facts.clients:
                 shard = p.shard(c)

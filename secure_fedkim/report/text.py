@@ -124,14 +124,15 @@ def _baseline_access(cfg, any_dp: bool, baseline_ledgers: bool) -> list[dict]:
 
 def privacy_definition(cfg, any_dp: bool, per_patient: dict, view: list[str], baseline_ledgers: bool = False) -> dict:
     covered = "covered" if any_dp else "not covered"
+    unit = cfg.privacy.unit
     return {
         "dp": any_dp,
-        "dp_setting": ("record-level DP-SGD at each hospital (Opacus; Poisson sampling, per-record clipping, Gaussian "
-                       "noise): each hospital is the curator of its own records (central DP per hospital)")
+        "dp_setting": (f"{unit}-level DP-SGD at each hospital (Opacus; Poisson sampling of {unit}s, per-{unit} clipping, "
+                       f"Gaussian noise): each hospital is the curator of its own records (central DP per hospital)")
         if any_dp else "no differential privacy",
-        "privacy_unit": "record" if any_dp else None,
+        "privacy_unit": unit if any_dp else None,
         "max_records_per_patient": {c: per_patient.get(c) for c in view} if any_dp else None,
-        "adjacency": "add/remove one record" if any_dp else None,
+        "adjacency": (f"add/remove one {unit}" + (" with all their records" if unit == "patient" else "")) if any_dp else None,
         "release_scope": ("all checkpoints: every update a hospital sent in every round; the spend composes over all of "
                           "them, and the final models are post-processing") if any_dp else None,
         "covered_accesses": [
@@ -186,7 +187,7 @@ def budget_section(cfg, view_hs: list, other_hs: list, partner: str | None) -> d
 # ------------------------------------------------------------------------------------------ threats
 def threat_model(cfg, dp: bool) -> list[dict]:
     t = _transport(cfg)
-    dp_words = "DP-SGD bounds what it reveals about any one record (epsilon per hospital)" if dp else None
+    dp_words = f"DP-SGD bounds what it reveals about any one {cfg.privacy.unit} (epsilon per hospital)" if dp else None
     none = "nothing: no differential privacy in this run"
     rows = []
 
@@ -336,11 +337,19 @@ def _hospital_statement(h: dict, t) -> str:
     m, a = h["mechanism"], h["accounting"]
     ind = a["independent_recomputation"]
     rates = ", ".join(g(q) for q in m["sample_rates"])
+    if a.get("privacy_unit") == "patient":
+        how = (f"patient-level DP-SGD (Poisson sampling of patients at rate {rates}; each sampled patient's gradient, summed "
+               f"over at most {m.get('max_records_per_patient_step')} of its records per step, clipped to norm "
+               f"{g(m['max_grad_norm'])}")
+        data, adjacent = f"{m['n_records']} records of {m.get('n_patients')} patients", "one patient with all their records"
+    else:
+        how = f"DP-SGD (Opacus; Poisson sampling at rate {rates}; per-record clipping norm {g(m['max_grad_norm'])}"
+        data, adjacent = f"{m['n_records']} records", "one record"
     text = (
         f"{name}: every update this hospital sent ({m['rounds_attended']} of {m['rounds_planned']} planned rounds; all "
-        f"checkpoints, not only the final model) was trained with DP-SGD (Opacus; Poisson sampling at rate {rates}; "
-        f"noise multiplier {g(m['noise_multiplier'], 4)}; per-record clipping norm {g(m['max_grad_norm'])}; "
-        f"{m['steps_total']} steps) on {m['n_records']} records. Under add/remove adjacency of one record, the "
+        f"checkpoints, not only the final model) was trained with {how}; "
+        f"noise multiplier {g(m['noise_multiplier'], 4)}; "
+        f"{m['steps_total']} steps) on {data}. Under add/remove adjacency of {adjacent}, the "
         f"federated training satisfies (epsilon = {g(a['epsilon_spent'])}, delta = {g(a['delta'])})-differential privacy "
         f"for this hospital, as computed by the {a['accountant'].upper()} accountant ({a['accountant_library']}) from its "
         f"ledger, against a budget of {g(a['epsilon_budget'])}."
@@ -354,7 +363,9 @@ def _hospital_statement(h: dict, t) -> str:
                  f"{g(ind['epsilon'])} ({ind['relative_difference']:+.2%}).")
     text += f" Gaussian-DP mu is about {g(a.get('gdp_mu_total', a['gdp_mu']))} (central-limit approximation)."
     p = a.get("patient_level")
-    if p and p["max_records_per_patient"] > 1:
+    if a.get("privacy_unit") == "patient":
+        text += " This is a patient-level guarantee: every epsilon above is per patient."
+    elif p and p["max_records_per_patient"] > 1:
         text += (f" A patient with up to {p['max_records_per_patient']} records is protected at (epsilon = "
                  f"{g(p['epsilon'])}, delta = {g(p['delta'])}) by group privacy.")
     elif p:
@@ -424,7 +435,7 @@ def summary(report: dict, cfg, rounds: int) -> dict:
         h = hs[0]
         a = h.get("accounting")
         if a:
-            s += (f" Your hospital's records carry epsilon {g(a['epsilon_total'])} (budget {g(a['epsilon_budget'])}), at "
+            s += (f" Your hospital's records carry epsilon {g(a['epsilon_total'])} per {cfg.privacy.unit} (budget {g(a['epsilon_budget'])}), at "
                   f"delta {g(a['delta'])} (Gaussian-DP mu about {g(a['gdp_mu_total'])})"
                   + (", the federation's and the single-hospital baseline's spends composed." if len(a["released_spends"]) > 1
                      else "."))
@@ -441,8 +452,8 @@ def summary(report: dict, cfg, rounds: int) -> dict:
     else:
         eps = [h["accounting"]["epsilon_total"] for h in dp_h if h["accounting"]["epsilon_total"] is not None]
         if dp_h and eps:
-            s += (f" {len(dp_h)} of {len(hs)} hospitals trained with differential privacy (record-level DP-SGD): each "
-                  f"hospital's records carry epsilon {g(min(eps))} to {g(max(eps))} (every released spend composed), at "
+            s += (f" {len(dp_h)} of {len(hs)} hospitals trained with differential privacy ({cfg.privacy.unit}-level "
+                  f"DP-SGD): each hospital's records carry epsilon per {cfg.privacy.unit} {g(min(eps))} to {g(max(eps))} (every released spend composed), at "
                   f"delta up to {g(max(h['accounting']['delta'] for h in dp_h))}.")
         else:
             s += " No epsilon is stated and the models carry no formal guarantee."
@@ -531,7 +542,8 @@ def first_page(report: dict, cfg) -> dict:
 
 
 LIMITATIONS = [
-    "The guarantee is per hospital and record-level (add/remove one record); there is no single federation epsilon.",
+    "The guarantee is per hospital, at the run's privacy unit (add/remove one record, or one patient with all their "
+    "records); there is no single federation epsilon.",
     "A hash chain is not a signature: a ledger rewritten whole verifies on its own; this signed report's chain heads detect it.",
     "Gaussian-DP mu is a central-limit approximation, not a bound; the (epsilon, delta) of the accountant is the claim.",
     "Membership-inference audits give empirical evidence, not proof; a lower bound below epsilon does not show tightness.",
