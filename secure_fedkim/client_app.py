@@ -70,7 +70,8 @@ def hospital_dp(
     p = cfg.privacy
     return HospitalDP(
         PrivacyProfile(**profile.model_dump(), on_exhaustion=p.on_exhaustion, unit=p.unit,
-                       max_records_per_patient_step=p.max_records_per_patient_step),
+                       **({"max_records_per_patient_step": p.max_records_per_patient_step}
+                          if p.max_records_per_patient_step else {})),
         PrivacyLedger(home / "ledger.jsonl"),
         run_id,
         rounds=cfg.run.rounds,

@@ -201,7 +201,7 @@ class PrivacySection(_Strict):
     # DP-SGD; each step samples patients (client.batch_size is then patients per step) and each sampled
     # patient contributes the clipped sum of at most max_records_per_patient_step of its records.
     unit: Literal["record", "patient"] = "record"
-    max_records_per_patient_step: int = Field(4, ge=1)
+    max_records_per_patient_step: int | None = Field(None, ge=1)  # None: privacy.dp.PrivacyProfile's 4
     # Record unit only: when a patient may have up to k records, say so; each hospital then also reports the
     # patient-level (k*eps, k*e^((k-1)eps)*delta) of group privacy (loose, but honest).
     max_records_per_patient: int | None = Field(None, ge=1)
@@ -217,7 +217,7 @@ class PrivacySection(_Strict):
         if self.unit == "patient" and self.max_records_per_patient is not None:
             raise ValueError("max_records_per_patient: group privacy is for unit: record; with unit: patient every "
                              "epsilon is already per patient (remove it)")
-        if self.unit == "record" and "max_records_per_patient_step" in self.model_fields_set:
+        if self.unit == "record" and self.max_records_per_patient_step is not None:
             raise ValueError("max_records_per_patient_step: only used with unit: patient")
         return self
 

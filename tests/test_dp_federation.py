@@ -17,6 +17,7 @@ CFG = {
     "client": {"token_dim": 16, "num_tokens": 2, "batch_size": 32},
     "privacy": {"dp": True, "profile": {"target_epsilon": 3.0}, "hospitals": {"switzerland": {"target_epsilon": 1.0}},
                 "max_records_per_patient": 2},
+    "baseline": {"single_hospital": False},  # the federation alone spends the budget (no steps reserved)
 }
 
 
