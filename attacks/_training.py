@@ -24,6 +24,8 @@ class DPSettings:
     max_grad_norm: float = 1.0
     delta: float | None = None  # None: privacy.accounting.default_delta(n)
     accountant: str = "prv"
+    unit: str = "record"  # the privacy unit: "record", or "patient" (patient-level DP-SGD, privacy.patient)
+    max_records_per_patient_step: int = 4  # k of a patient-unit plan: records of one patient per step
 
 
 class ShadowDP:
@@ -58,6 +60,7 @@ def train_model(
     seed: int = 0,
     ledger_dir: str | Path | None = None,
     accounted: bool = True,
+    groups: np.ndarray | None = None,
 ) -> tuple[nn.Module, dict, float | None]:
     """Train a fresh ``make_model(seed)`` on (x, y); returns (model in eval mode, train stats, DP delta or None).
 
@@ -65,8 +68,18 @@ def train_model(
     ``dp.max_grad_norm``, noise ``dp.noise_multiplier``) with a throwaway ledger in ``ledger_dir`` (a
     temporary directory by default). Noise multiplier 0 uses HospitalDP's testing flag (not DP).
     ``accounted=False`` trains with :class:`ShadowDP` instead (same mechanism, no ledger; delta is None).
+    ``dp.unit == "patient"``: patient-level DP-SGD with ``groups`` (one patient id per record; default: each
+    record its own patient), ``batch_size`` patients per step (expected) and at most
+    ``dp.max_records_per_patient_step`` records of a sampled patient per step; delta is then per patient.
     """
     model = make_model(seed)
+    patient = dp is not None and dp.unit == "patient"
+    if patient:
+        groups = np.arange(len(x)).astype(str) if groups is None else np.asarray(groups)
+        if len(groups) != len(x):
+            raise ValueError(f"groups must hold one patient id per record: got {len(groups)} for {len(x)} records")
+        if not accounted:
+            raise ValueError("patient-level DP-SGD is only replayed through HospitalDP (accounted=True)")
     if dp is not None and not accounted:
         stats = train_task(
             model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
@@ -78,15 +91,17 @@ def train_model(
         return model.eval(), stats, None
     with tempfile.TemporaryDirectory(prefix="audit-ledger-") as tmp:
         where = Path(ledger_dir or tmp)
-        profile = PrivacyProfile(target_epsilon=1e6, delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
-        batches = math.ceil(len(x) / min(batch_size, len(x)))
+        profile = PrivacyProfile(target_epsilon=1e6, delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant,
+                                 unit=dp.unit, max_records_per_patient_step=dp.max_records_per_patient_step)
+        units = len(np.unique(groups)) if patient else len(x)
+        batches = math.ceil(units / min(batch_size, units))
         privatizer = HospitalDP(
             profile, PrivacyLedger(where / f"audit-{seed}.jsonl"), f"audit-{seed}",
-            [(1.0 / batches, batches * epochs)], 1, n_records=len(x),
+            [(1.0 / batches, batches * epochs)], 1, n_records=len(x), n_patients=units if patient else None,
             noise_multiplier=dp.noise_multiplier, allow_no_noise=dp.noise_multiplier == 0,
         )
         stats = train_task(
             model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
-            seed=seed, privatizer=privatizer,
+            seed=seed, privatizer=privatizer, groups=groups if patient else None,
         )
     return model.eval(), stats, privatizer.delta

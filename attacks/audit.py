@@ -50,6 +50,7 @@ Reading runs goes only through ``secure_fedkim.artifacts.load_run`` (and the led
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -74,7 +75,7 @@ from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from secure_fedkim.artifacts import Run, load_run
-from secure_fedkim.client import task_local_epochs
+from secure_fedkim.client import patients_of, task_local_epochs
 from secure_fedkim.config import ConfigError
 
 __all__ = [
@@ -151,6 +152,19 @@ class CanarySection(_Strict):
     trials: int = Field(1, ge=1)  # 1: one-run auditing; more: repeated trainings, pooled
     epochs: int | None = Field(None, ge=1)  # None: the hospital's steps of that task, from its ledger
     tasks: list[str] | None = None  # None: every audited task
+    # patient-unit runs only: records of one canary patient (copies of one canary; attacks.dp_audit, step 8);
+    # None: the run's max_records_per_patient_step (more than that adds nothing: a step takes at most k)
+    records_per_canary_patient: int | None = Field(None, strict=True)
+
+    @model_validator(mode="after")
+    def _check(self):
+        r = self.records_per_canary_patient
+        if r is not None and r < 1:
+            raise ValueError(
+                f"records_per_canary_patient: must be an integer >= 1 (the records of one canary patient in a "
+                f"patient-level run) or null (the run's max_records_per_patient_step), got {r!r}"
+            )
+        return self
 
 
 class GameSection(_Strict):
@@ -306,6 +320,9 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
         "tasks": tasks,
         "ledger_run_id": run_id,
         "ledger_plan_seq": plan.get("seq"),
+        "privacy_unit": plan.get("privacy_unit", "record"),  # what the epsilon protects (a plan before #18: record)
+        **({"n_patients": plan.get("n_patients"), "max_records_per_patient_step": plan.get("max_records_per_patient_step")}
+           if plan.get("privacy_unit") == "patient" else {}),
     }
 
 
@@ -799,15 +816,19 @@ def _canary(ctx: _Context, ti: int, task: str, h: str, population: Records) -> N
         ctx.bar.update()
         return
     acc = ctx.accountant[h]
-    sched = _hospital_schedule(run, task, len(shard), acc)
+    dp, groups = _dp_settings(acc), None
+    if dp is not None and acc.get("privacy_unit") == "patient":  # canary patients, a bound per patient
+        dp = dataclasses.replace(dp, unit="patient", max_records_per_patient_step=int(acc["max_records_per_patient_step"]))
+        groups = patients_of(run.plans[task].shard(h))  # the same records, in the same order, as `shard`
+    sched = _hospital_schedule(run, task, len(shard) if groups is None else len(np.unique(groups)), acc)
     c = run.cfg.client
     res = canary_audit(
         shard, task_model_factory(run, task), epochs=config.canary.epochs or sched["epochs"], batch_size=c.batch_size,
-        lr=c.lr, dp=_dp_settings(acc), max_grad_norm=c.max_grad_norm, canaries=config.canary.canaries,
+        lr=c.lr, dp=dp, max_grad_norm=c.max_grad_norm, canaries=config.canary.canaries,
         kind=config.canary.kind, trials=config.canary.trials, pool=population, sample_rate=sched["sample_rate"],
         claimed_epsilon=None if not acc else acc.get("epsilon"), confidence=config.confidence,
         seed=config.seed + 17 * ti + 1009 * ctx.hospital_index[h], progress=ctx.progress,
-        desc=f"canary trainings {h}/{task}",
+        desc=f"canary trainings {h}/{task}", groups=groups, records_per_canary=config.canary.records_per_canary_patient,
     )
     res.update(hospital=h, task=task, ledger_epsilon=None if not acc else acc.get("epsilon"),
                steps_ledger=sched["steps"] if sched["source"] == "ledger" else None,
@@ -920,7 +941,8 @@ def format_summary(audit: dict) -> list[str]:
         )
     for d in audit.get("dp_audit", []):
         if d.get("status"):
-            out.append(f"  canary replay {d['hospital']}/{d['task']}: {d['status']}: {'; '.join(d.get('reasons', []))}")
+            unit = f" ({d['epsilon_unit']})" if d.get("epsilon_unit") else ""
+            out.append(f"  canary replay {d['hospital']}/{d['task']}{unit}: {d['status']}: {'; '.join(d.get('reasons', []))}")
     return out + [""]
 
 
@@ -946,7 +968,8 @@ def format_audit_table(audit: dict) -> str:
             _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", acc,
         ])
     for d in audit.get("dp_audit", []):
-        attack = f"canaries ({d['mode'].replace('_', '-')}, {d['canaries']} {d['kind']})"
+        per = f" patients x{d['records_per_canary']}" if d.get("canary_unit") == "patient" else ""
+        attack = f"canaries ({d['mode'].replace('_', '-')}, {d['canaries']} {d['kind']}{per})"
         if not d["dp"]:
             acc = "n/a (non-private)"
         else:
@@ -962,6 +985,7 @@ def format_audit_table(audit: dict) -> str:
     notes = []
     if audit.get("dp_audit"):
         new = "status" in audit["dp_audit"][0]
+        units = sorted({d["epsilon_unit"] for d in audit["dp_audit"] if d.get("epsilon_unit")})
         notes.append(
             ("* canary rows: the hospital's whole-run epsilon from its ledger; the replay trains the task with "
              "the ledger's steps and sample rate. " if new else
@@ -970,6 +994,9 @@ def format_audit_table(audit: dict) -> str:
             + "the lower bound is the larger of the Clopper-Pearson "
             f"and one-run bounds at {audit['dp_audit'][0]['confidence']:.0%} confidence"
             + ("; inconclusive (max E): the claim is above the largest epsilon E these canaries can certify." if new else ".")
+            + (f" Canary rows' epsilons are {' or '.join(units)}" + (
+                "; 'patients xR': each canary is a patient of R records, included or excluded with all of them"
+                if "epsilon per patient" in units else "") + "." if units else "")
         )
     notes.append("n: matched member/non-member pairs per MIA row ((model, record) pairs per model in a game row); "
                  "canaries (x trials) per canary row. AUC [95% bootstrap interval].")

@@ -212,7 +212,7 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
             keep = ("eps_lb", "eps_lb_one_run", "eps_accountant", "consistent_with_accountant", "canaries", "kind",
                     "mode", "trials", "confidence", "delta", "noise_multiplier", "accountant_noise_multiplier",
                     "accountant", "dp", "canary_auc", "note", "status", "max_certifiable_epsilon",
-                    "accountant_epsilon", "ratio", "threat_model")
+                    "accountant_epsilon", "ratio", "threat_model", "epsilon_unit", "canary_unit", "records_per_canary")
             entry = {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), "target": ctx.get("target")}
             entry.update({k: node.get(k) for k in keep if k in node and _scalar(node.get(k))})
             out["dp_audit"].append(entry)
