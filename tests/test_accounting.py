@@ -145,7 +145,8 @@ def test_budget_plan_table_and_comparison():
     from privacy.budget import compare_accountants, format_table, plan
 
     p = plan(2.0, None, n_records=1000, batch_size=64, local_epochs=2, rounds=5, accountant="rdp")
-    assert p.sample_rate == 64 / 1000 and p.steps_per_round == 2 * 16 and p.total_steps == 160
+    # the loaders' own rule (Opacus's DPDataLoader, privacy.patient): q = 1/ceil(n/b), ceil(n/b) steps per epoch
+    assert p.sample_rate == 1 / 16 and p.steps_per_round == 2 * 16 and p.total_steps == 160
     assert p.delta == 1e-5
     assert p.epsilon_by_round == sorted(p.epsilon_by_round) and p.epsilon == p.epsilon_by_round[-1] <= 2.0
     assert p.epsilon == epsilon([Step(p.noise_multiplier, p.sample_rate, 160)], p.delta, "rdp")

@@ -122,11 +122,12 @@ def test_groups_leave_the_older_splits_as_they_were(name, scheme):
         np.testing.assert_array_equal(a, b)
 
 
-def test_n_patients_counts_groups_per_task_and_sums(plans):
+def test_n_patients_counts_persons_per_task_and_sums(plans):
     demo, _ = plans
-    for c in CLIENTS:
-        want = sum(len(set(p.shard(c).group.tolist())) for p in demo.values() if p.task.role == "train")
+    for c in CLIENTS:  # persons, not the split's unit: all ECG windows are one person, crops share their image
+        want = sum(len(set(p.shard(c).persons.tolist())) for p in demo.values() if p.task.role == "train")
         assert n_patients(demo, c) == want > 0
+        assert len(set(demo["ecg_irregular"].shard(c).persons.tolist())) == 1
     visits = demo["mortality_visits"].shard(CLIENTS[0])
     assert len(set(visits.group)) < len(visits)  # there, patients are fewer than records
 
