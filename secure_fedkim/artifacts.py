@@ -5,6 +5,7 @@ This is the public loading API that audits and reports use (attacks/ reads runs 
 Run directory layout:
     config.yaml, resolved_config.json     the config as given, and as validated (absolute paths)
     metrics/round_NNN.json                per-round metrics (round 0 = before training)
+    metrics/fm_test_scores.npz            the FM's test probabilities at round 0 and after the latest round
     model/client_model.safetensors        the final global lightweight model (encoders + heads)
     clients/<hospital>/local_model.safetensors   each hospital's last local model (what it sent last)
     clients/<hospital>/ledger.jsonl       each hospital's privacy ledger (when DP is on)
@@ -25,6 +26,9 @@ from pydantic import ValidationError
 from secure_fedkim.config import ConfigError, RunConfig
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan, build_plan
+
+
+FM_SCORES = "fm_test_scores.npz"
 
 
 def client_dir(run_dir: str | Path, client: str) -> Path:

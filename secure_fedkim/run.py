@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from privacy.budget import noise_dominates
-from secure_fedkim.artifacts import client_dir, save_model
+from secure_fedkim.artifacts import FM_SCORES, client_dir, save_model
 from secure_fedkim.baseline import planned_noise, privacy_spend, single_hospital_baseline
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
@@ -40,6 +40,8 @@ class RunResult:
     comparison: dict[str, dict] = field(default_factory=dict)
     # per DP hospital: epsilon of the federation, of the baseline and both composed (baseline.privacy_spend)
     privacy_spend: dict[str, dict] = field(default_factory=dict)
+    # per task: the FM before any injection and after the last round, with intervals (compare_injection)
+    fm_comparison: dict[str, dict] = field(default_factory=dict)
 
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -286,9 +288,10 @@ def run_federation(
         "single_hospital_test": single,
         "auroc_comparison": comparison,
         "privacy_spend": privacy_spend(cfg, run_dir),
+        "fm_comparison": compare_injection(cfg, plans, run_dir, len(history) - 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(run_dir, history, final_test, single, comparison, summary["privacy_spend"])
+    return RunResult(run_dir, history, final_test, single, comparison, summary["privacy_spend"], summary["fm_comparison"])
 
 
 def features_record(plans: dict[str, TaskPlan]) -> dict[str, dict]:
@@ -330,18 +333,41 @@ def format_comparison(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+def compare_injection(cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, last: int) -> dict[str, dict]:
+    """Per task: the FM's test AUROC before any injection (round 0) and after round `last`, each with its 95%
+    bootstrap interval, and the verdict from the interval of (after - before) on the same resampled records."""
+    path = run_dir / "metrics" / FM_SCORES
+    if last < 1 or not path.exists():
+        return {}
+    out = {}
+    with np.load(path) as scores:
+        for i, (name, p) in enumerate(plans.items()):
+            keys = (f"round_000.{name}", f"round_{last:03d}.{name}")
+            y = p.test().y
+            if not all(k in scores.files for k in keys) or len(set(y.tolist())) < 2:
+                continue  # no AUROC on a test set with one class
+            before, after = scores[keys[0]], scores[keys[1]]
+            boots = bootstrap_aurocs(y, [before, after], n_boot=BOOTSTRAP_RESAMPLES, seed=cfg.run.seed * 1013 + i)
+            cell = lambda s, b: {"auroc": float(roc_auc_score(y, s)), "ci95": list(interval(b))}  # noqa: E731
+            out[name] = {"role": p.task.role, "round_0": cell(before, boots[:, 0]), "injected": cell(after, boots[:, 1]),
+                         "difference_ci95": list(interval(boots[:, 1] - boots[:, 0]))}
+            out[name]["verdict"] = verdict(tuple(out[name]["difference_ci95"]))
+    return out
+
+
 def format_injection(result: RunResult) -> str:
     """The foundation model after the last round's injection vs the same FM before any injection (round 0:
-    FedPlug's starting point, projection untrained), per task, AUROC on the same test sets."""
-    if len(result.history) < 2 or "fm_test" not in result.history[-1]:
+    FedPlug's starting point, projection untrained), per task: test AUROC [95% bootstrap interval], and the
+    verdict from the interval of the paired difference on the same resampled test records."""
+    if not result.fm_comparison:
         return ""
-    before, after = result.history[0]["fm_test"], result.history[-1]["fm_test"]
     last = len(result.history) - 1
-    lines = [f"Foundation model: injected (round {last}) vs without injection (round 0), test AUROC",
-             f"{'task':<22}{'role':>8}{'round 0':>10}{f'round {last}':>10}"]
-    nan = float("nan")
-    for task, m in after.items():
-        a, b = before.get(task, {}).get("auroc", nan), m.get("auroc", nan)
-        verdict = "better" if b > a else "NOT better"
-        lines.append(f"{task:<22}{m.get('role', ''):>8}{a:>10.3f}{b:>10.3f}  {verdict}")
+    width = 22
+    lines = [f"Foundation model: injected (round {last}) vs without injection (round 0), test AUROC [95% bootstrap interval]",
+             f"{'task':<22}{'role':>8}{'round 0':>{width}}{f'round {last}':>{width}}  injected vs round 0"]
+    cell = lambda m: f"{m['auroc']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"  # noqa: E731
+    for task, c in result.fm_comparison.items():
+        d = c["difference_ci95"]
+        lines.append(f"{task:<22}{c['role']:>8}{cell(c['round_0']):>{width}}{cell(c['injected']):>{width}}  "
+                     f"{c['verdict']} (difference [{d[0]:+.2f}, {d[1]:+.2f}])")
     return "\n".join(lines)

@@ -3,7 +3,9 @@
 import json
 
 import numpy as np
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from secure_fedkim.artifacts import load_run
@@ -90,18 +92,44 @@ def test_a_task_can_set_its_own_local_epochs(tmp_path):
     assert [steps for _, steps in dp_round_schedule(plans, "hungary", cfg)] == [batches["heart_disease"], 3 * batches["report_abnormal"]]
 
 
-def test_injection_table_compares_the_last_round_with_round_0():
+def test_injection_table_compares_the_last_round_with_round_0_with_paired_intervals(tmp_path):
+    """The FM before any injection and after the last round, on the same test records: each AUROC is
+    scikit-learn's on the saved probabilities, with its bootstrap interval, and the verdict comes from the
+    interval of the paired difference (an identical model is never called better)."""
     from pathlib import Path
+    from types import SimpleNamespace
 
-    from secure_fedkim.run import RunResult, format_injection
+    from sklearn.metrics import roc_auc_score
 
-    fm = lambda a, b: {"a": {"role": "train", "auroc": a}, "u": {"role": "unseen", "auroc": b}}
-    history = [{"fm_test": fm(0.5, 0.6)}, {"fm_test": fm(0.55, 0.7)}, {"fm_test": fm(0.7, 0.4)}]
-    lines = format_injection(RunResult(Path("."), history, {})).splitlines()
+    from secure_fedkim.artifacts import FM_SCORES
+    from secure_fedkim.config import RunConfig
+    from secure_fedkim.run import RunResult, compare_injection, format_injection
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    noise = rng.random(200)
+    plans = {name: SimpleNamespace(task=SimpleNamespace(role=role), test=lambda: SimpleNamespace(y=y))
+             for name, role in (("a", "train"), ("u", "unseen"))}
+    (tmp_path / "metrics").mkdir()
+    np.savez(tmp_path / "metrics" / FM_SCORES, **{"round_000.a": noise, "round_002.a": 0.6 * y + noise,
+                                                  "round_000.u": noise, "round_002.u": noise})
+    cfg = RunConfig.model_validate(yaml.safe_load(TINY))
+    comparison = compare_injection(cfg, plans, tmp_path, last=2)
+    a, u = comparison["a"], comparison["u"]
+    assert a["injected"]["auroc"] == pytest.approx(roc_auc_score(y, 0.6 * y + noise))
+    assert a["round_0"]["auroc"] == pytest.approx(roc_auc_score(y, noise))
+    assert a["difference_ci95"][0] > 0 and a["verdict"] == "beats"
+    assert u["difference_ci95"] == [0.0, 0.0] and u["verdict"] == "no clear difference" and u["role"] == "unseen"
+    for c in (a, u):
+        for cell in (c["round_0"], c["injected"]):
+            assert cell["ci95"][0] <= cell["auroc"] <= cell["ci95"][1]
+    history = [{"client_model_test": {}}] * 3
+    lines = format_injection(RunResult(Path("."), history, {}, fm_comparison=comparison)).splitlines()
     assert lines[0].startswith("Foundation model: injected (round 2) vs without injection (round 0)")
-    assert lines[2].split() == ["a", "train", "0.500", "0.700", "better"]
-    assert lines[3].split() == ["u", "unseen", "0.600", "0.400", "NOT", "better"]
-    assert format_injection(RunResult(Path("."), [{"client_model_test": {}}], {})) == ""
+    assert lines[2].split()[:2] == ["a", "train"] and "beats" in lines[2]
+    assert "no clear difference" in lines[3]
+    assert format_injection(RunResult(Path("."), history, {})) == ""
+    assert compare_injection(cfg, plans, tmp_path / "elsewhere", last=2) == {}
 
 
 def test_the_baseline_trains_hospitals_in_parallel_exactly_as_one_after_another(tmp_path):

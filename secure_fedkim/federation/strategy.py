@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from secure_fedkim.aggregation import unflatten_state
+from secure_fedkim.artifacts import FM_SCORES
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan
@@ -145,6 +146,18 @@ class FedKIM(FedAvg):
         out.mkdir(parents=True, exist_ok=True)
         (out / f"round_{server_round:03d}.json").write_text(json.dumps(record, indent=2))
 
+    def _save_fm_scores(self, server_round: int, scores: dict) -> None:
+        """The FM's test probabilities before any injection (round 0) and after the latest round, for the run's
+        paired comparison of the two (metrics/fm_test_scores.npz; test splits only, never training records)."""
+        path = self.run_dir / "metrics" / FM_SCORES
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = {}
+        if server_round > 0 and path.exists():
+            with np.load(path) as old:
+                kept = {k: old[k] for k in old.files if k.startswith("round_000.")}
+        kept.update({f"round_{server_round:03d}.{task}": p for task, p in scores.items()})
+        np.savez(path, **kept)
+
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralised evaluation of the global lightweight model on every training task's test split.
 
@@ -159,7 +172,9 @@ class FedKIM(FedAvg):
         record = {"round": server_round, "finished_at": time.time(), "client_model_test": test,
                   **(self.round_stats if server_round else {})}
         if self.injector is not None:
-            record["fm_test"] = self.injector.evaluate(model)
+            scores: dict = {}
+            record["fm_test"] = self.injector.evaluate(model, scores)
+            self._save_fm_scores(server_round, scores)
         self.history.append(record)
         self._write_round(server_round, record)
         if self.on_round:

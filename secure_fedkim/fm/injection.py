@@ -18,18 +18,13 @@ from secure_fedkim.metrics import binary_metrics
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan
 from secure_fedkim.training import as_tensors
-
-METHODS = {
-    # method: (number of experts, gate inputs override)
-    "fedkim": None,  # M3OE with the configured P and gate
-    "fedplug": 0,  # encoders + projection into the frozen FM, no experts
-    "fedplug_l": 1,  # FedPlug + one LoRA adapter
-    "fedkim_pub": None,  # M3OE, but no clients: encoders trained on public data only
-}
+from secure_fedkim.variants import METHODS  # injection.method -> number of experts (secure_fedkim.variants)
 
 
 def fm_config(inj: InjectionSection, enc_dim: int) -> FMConfig:
-    experts = METHODS[inj.method] if METHODS[inj.method] is not None else inj.num_experts
+    experts = METHODS[inj.method].experts
+    if experts is None:
+        experts = inj.num_experts
     m3oe = None
     if experts:
         m3oe = M3OEConfig(
@@ -100,8 +95,9 @@ class Injector:
         self.trained_examples = int(state["trained_examples"])
 
     @torch.no_grad()
-    def evaluate(self, model: ClientModel) -> dict[str, dict]:
-        """The FM's answers on every task's test split; unseen tasks are answered zero-shot."""
+    def evaluate(self, model: ClientModel, scores: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+        """The FM's answers on every task's test split; unseen tasks are answered zero-shot. `scores`, when
+        given, receives each task's test probabilities (for paired bootstrap intervals)."""
         model.eval()
         out = {}
         for name, plan in self.plans.items():
@@ -116,4 +112,6 @@ class Injector:
                 preds.append(p)
                 probs.append(pr)
             out[name] = {"role": plan.task.role, **binary_metrics(test.y, np.concatenate(preds), np.concatenate(probs))}
+            if scores is not None:
+                scores[name] = np.concatenate(probs)
         return out
