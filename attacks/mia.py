@@ -60,6 +60,8 @@ from secure_fedkim.training import as_tensors
 
 __all__ = [
     "ATTACKS",
+    "MIA_ATTACKS",
+    "AttackSpec",
     "Records",
     "ReferenceTraining",
     "ReferenceSet",
@@ -75,8 +77,27 @@ __all__ = [
     "game_models_needed",
 ]
 
-ATTACKS = ("loss", "lira_online", "lira_offline", "rmia", "rmia_offline")
-_ONLINE_ONLY = ("lira_online", "rmia")
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One membership-inference attack: which score it computes and what it needs."""
+
+    kind: str  # "loss" (the target alone), "lira" or "rmia" (scored against reference models)
+    online: bool = False  # needs reference models trained on the candidates (reference_mode 'online')
+
+    @property
+    def needs_references(self) -> bool:
+        return self.kind != "loss"
+
+
+MIA_ATTACKS: dict[str, AttackSpec] = {  # the attack names (config, output), in the order they are reported
+    "loss": AttackSpec("loss"),
+    "lira_online": AttackSpec("lira", online=True),
+    "lira_offline": AttackSpec("lira"),
+    "rmia": AttackSpec("rmia", online=True),
+    "rmia_offline": AttackSpec("rmia"),
+}
+ATTACKS = tuple(MIA_ATTACKS)
 _MIN_STD = 1e-3
 
 
@@ -394,9 +415,10 @@ def membership_inference(
         n_members=len(members), n_nonmembers=len(nonmembers), n_population=len(population),
         reference_mode=reference_mode, num_references=0,
     )
-    if "loss" in attacks:
-        res.scores["loss"] = loss_scores(phi_c)
-    ref_attacks = [a for a in attacks if a != "loss"]
+    for a in attacks:
+        if MIA_ATTACKS[a].kind == "loss":
+            res.scores[a] = loss_scores(phi_c)
+    ref_attacks = [a for a in attacks if MIA_ATTACKS[a].needs_references]
     if ref_attacks:
         if training is None:
             raise ValueError(f"attacks {ref_attacks} need reference models: give `training`")
@@ -405,9 +427,9 @@ def membership_inference(
             res.details["reference_mode"] = reference_mode
         if reference_mode == "offline":
             for a in ref_attacks:
-                if a in _ONLINE_ONLY:
+                if MIA_ATTACKS[a].online:
                     res.skipped[a] = "needs reference models trained on the candidates (reference_mode 'online')"
-            ref_attacks = [a for a in ref_attacks if a not in _ONLINE_ONLY]
+            ref_attacks = [a for a in ref_attacks if not MIA_ATTACKS[a].online]
         if references is None:
             refs = train_references(cand, population, training, num_references, reference_mode, seed + 1, progress, desc)
         else:
@@ -419,14 +441,17 @@ def membership_inference(
                 )
         res.details.update(num_references=refs.k, reference_train_seconds=refs.train_seconds)
         for a in ref_attacks:
-            if a.startswith("lira"):
-                res.scores[a], how = lira_scores(phi_c, refs, online=a == "lira_online", per_record_variance_min=per_record_variance_min)
+            spec = MIA_ATTACKS[a]
+            if spec.kind == "lira":
+                res.scores[a], how = lira_scores(phi_c, refs, online=spec.online, per_record_variance_min=per_record_variance_min)
                 res.details[f"{a}_variance"] = how
-            else:
+            elif spec.kind == "rmia":
                 if not len(population):
                     res.skipped[a] = "needs population records (z samples); the auditor holds none"
                     continue
-                res.scores[a] = rmia_scores(phi_c, phi_p, refs, online=a == "rmia", gamma=rmia_gamma, a=rmia_offline_a)
+                res.scores[a] = rmia_scores(phi_c, phi_p, refs, online=spec.online, gamma=rmia_gamma, a=rmia_offline_a)
+            else:
+                raise ValueError(f"attack {a!r}: no scoring for kind {spec.kind!r}")
     res.details["seconds"] = time.perf_counter() - t0
     res.scores = {a: res.scores[a] for a in attacks if a in res.scores}
     return res

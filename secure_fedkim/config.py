@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from secure_fedkim.data.formats import USER_FORMATS
 from secure_fedkim.data.tasks import MODALITIES, TASKS
+from secure_fedkim.variants import METHODS, VARIANTS
 
 
 class ConfigError(ValueError):
@@ -79,14 +81,14 @@ class FederationSection(_Strict):
         return self
 
 
-_TABLE_FORMATS = ("csv", "parquet", "jsonl")
-_LABEL_FILE_FORMATS = ("npy", "wfdb", "dicom", "png")  # `label` names a file, resolved like `path`
+_TABLE_FORMATS = tuple(f for f, spec in USER_FORMATS.items() if spec.table)
+_LABEL_FILE_FORMATS = tuple(f for f, spec in USER_FORMATS.items() if spec.label_file)  # resolved like `path`
 
 
 class DataSource(_Strict):
     """User-brought data in a standard format (see secure_fedkim.data.load_user_data for every key)."""
 
-    format: Literal["csv", "parquet", "npy", "wfdb", "dicom", "png", "jsonl"]
+    format: Literal[tuple(USER_FORMATS)]
     path: str
     label: str
     features: list[str] | None = None
@@ -227,7 +229,7 @@ class InjectionSection(_Strict):
     labelled public split after every round."""
 
     enabled: bool = True
-    method: Literal["fedkim", "fedplug", "fedplug_l", "fedkim_pub"] = "fedkim"
+    method: Literal[tuple(METHODS)] = "fedkim"  # secure_fedkim.variants.METHODS
     gate_inputs: Literal["both", "task_only", "modality_only"] = "both"  # task_only = w/o M, modality_only = w/o T
     num_experts: int = Field(12, ge=1)
     r: int = Field(8, ge=1)
@@ -256,20 +258,13 @@ class InjectionSection(_Strict):
         return self
 
 
-STUDY_VARIANTS = {
-    "fedkim": {"method": "fedkim", "gate_inputs": "both"},
-    "fedplug": {"method": "fedplug"},
-    "fedplug_l": {"method": "fedplug_l"},
-    "fedkim_pub": {"method": "fedkim_pub", "gate_inputs": "both"},
-    "wo_t": {"method": "fedkim", "gate_inputs": "modality_only"},  # the gate never sees the task description
-    "wo_m": {"method": "fedkim", "gate_inputs": "task_only"},  # the gate never sees the modality description
-}
+STUDY_VARIANTS = {name: v.injection_settings() for name, v in VARIANTS.items()}  # variant -> injection keys it sets
 
 
 class StudySection(_Strict):
     """Run the same federation once per variant and seed, and compare them in one table."""
 
-    variants: list[Literal["fedkim", "fedplug", "fedplug_l", "fedkim_pub", "wo_t", "wo_m"]] = Field(min_length=1)
+    variants: list[Literal[tuple(VARIANTS)]] = Field(min_length=1)  # secure_fedkim.variants.VARIANTS
     seeds: list[int] = Field([0, 1, 2], min_length=1)
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -342,16 +344,38 @@ def tabular_matrix(values: np.ndarray) -> np.ndarray:
 # User-brought data
 # --------------------------------------------------------------------------------------------------
 
-FORMATS = ("csv", "parquet", "npy", "wfdb", "dicom", "png", "jsonl")
-_FORMAT_MODALITIES = {
-    "csv": ("tabular", "text", "timeseries"),
-    "parquet": ("tabular", "text", "timeseries"),
-    "jsonl": ("tabular", "text", "timeseries"),
-    "npy": ("tabular", "timeseries", "signal", "image", "text"),
-    "wfdb": ("signal",),
-    "dicom": ("image",),
-    "png": ("image",),
+
+@dataclass(frozen=True)
+class UserFormat:
+    """One format of user-brought data: how it is read and what it can give."""
+
+    read: Callable[[Path, dict, str, str, str], TaskData]  # (path, spec, modality, task, where) -> TaskData
+    modalities: tuple[str, ...]
+    table: bool = False  # rows and columns: `label`, `features`, `site` and `group` name columns
+    label_file: bool = False  # `label` names a file, resolved like `path`
+
+
+def _table_reader(fmt: str):
+    return lambda path, spec, modality, task, where: _from_table(_read_table(path, fmt), spec, modality, task, where)
+
+
+def _image_reader(fmt: str):
+    return lambda path, spec, modality, task, where: _from_image_files(path, spec, fmt, task, where)
+
+
+_TABLE_MODALITIES = ("tabular", "text", "timeseries")
+USER_FORMATS: dict[str, UserFormat] = {  # the order is the one error messages list them in
+    "csv": UserFormat(_table_reader("csv"), _TABLE_MODALITIES, table=True),
+    "parquet": UserFormat(_table_reader("parquet"), _TABLE_MODALITIES, table=True),
+    "npy": UserFormat(lambda path, spec, modality, task, where: _from_npy(path, spec, modality, task, where),
+                      ("tabular", "timeseries", "signal", "image", "text"), label_file=True),
+    "wfdb": UserFormat(lambda path, spec, modality, task, where: _from_wfdb(path, spec, task, where),
+                       ("signal",), label_file=True),
+    "dicom": UserFormat(_image_reader("dicom"), ("image",), label_file=True),
+    "png": UserFormat(_image_reader("png"), ("image",), label_file=True),
+    "jsonl": UserFormat(_table_reader("jsonl"), _TABLE_MODALITIES, table=True),
 }
+FORMATS = tuple(USER_FORMATS)
 SPEC_KEYS = ("format", "path", "label", "features", "site", "group", "key", "fs", "channel", "task")
 TS_LONG_COLUMNS = ("id", "days", "test", "value")  # long-format time series, as survival::nafld2
 
@@ -392,25 +416,19 @@ def load_user_data(spec: dict, modality: str) -> TaskData:
         raise DataError(f"{where}: unknown format {fmt!r}; expected one of {list(FORMATS)}")
     if modality not in FIXED_SHAPES:
         raise DataError(f"{where}: unknown modality {modality!r}; expected one of {list(FIXED_SHAPES)}")
-    if modality not in _FORMAT_MODALITIES[fmt]:
-        raise DataError(f"{where}: format {fmt!r} cannot give {modality} data (it gives {list(_FORMAT_MODALITIES[fmt])})")
+    reader = USER_FORMATS[fmt]
+    if modality not in reader.modalities:
+        raise DataError(f"{where}: format {fmt!r} cannot give {modality} data (it gives {list(reader.modalities)})")
     if "path" not in spec or not str(spec["path"]):
         raise DataError(f"{where}: spec has no 'path'")
     if not path.exists() and not (fmt == "wfdb" and path.with_suffix(".hea").exists()):
         raise DataError(f"{where}: no such file or directory")
     if "label" not in spec or spec["label"] in (None, ""):
         raise DataError(f"{where}: spec has no 'label'")
-    if spec.get("features") is not None and fmt not in ("csv", "parquet", "jsonl"):
+    if spec.get("features") is not None and not reader.table:
         raise DataError(f"{where}: 'features' names table columns; format {fmt!r} has none")
     task = str(spec.get("task") or f"user:{path.name}")
-    if fmt in ("csv", "parquet", "jsonl"):
-        data = _from_table(_read_table(path, fmt), spec, modality, task, where)
-    elif fmt == "npy":
-        data = _from_npy(path, spec, modality, task, where)
-    elif fmt == "wfdb":
-        data = _from_wfdb(path, spec, task, where)
-    else:
-        data = _from_image_files(path, spec, fmt, task, where)
+    data = reader.read(path, spec, modality, task, where)
     if len(data) == 0:
         raise DataError(f"{where}: no records")
     if data.inputs is None:
