@@ -6,21 +6,29 @@ from pathlib import Path
 
 import torch
 
+from privacy.ledger import DPPlan, PrivacyLedger, this_run_id
 
-def run_id_of(run, plans: list[dict]) -> str | None:
-    """This run's id in a ledger that may hold several runs: the run directory's name (what ``secure-fedkim
-    run`` and the deployment ServerApp record as the run id), else the name recorded in summary.json (a
-    moved run directory), else the ledger's only run id. None when none of these picks one."""
-    ids = list(dict.fromkeys(p["run_id"] for p in plans))
-    candidates = [Path(run.run_dir).name]
+
+def recorded_name(run) -> str | None:
+    """The name of the run directory recorded in the run's summary.json (None: none recorded or unreadable)."""
     try:
-        candidates.append(Path(str(run.summary().get("run_dir", ""))).name)
+        return Path(str(run.summary().get("run_dir", ""))).name or None
     except (OSError, ValueError, AttributeError):
-        pass
-    for candidate in candidates:
-        if candidate in ids:
-            return candidate
-    return ids[0] if len(ids) == 1 else None
+        return None
+
+
+def run_id_of(run, plans: list[DPPlan] | list[dict]) -> str | None:
+    """This run's id among ``plans`` (DPPlans or ``dp_plan`` entries) of a ledger that may hold several runs:
+    :func:`privacy.ledger.this_run_id` with the run directory's name and the name recorded in summary.json."""
+    ids = [p.run_id if isinstance(p, DPPlan) else p.get("run_id") for p in plans]
+    return this_run_id(ids, Path(run.run_dir).name, recorded_name(run))
+
+
+def run_plan(run, ledger: PrivacyLedger) -> DPPlan | None:
+    """This run's DP plan in ``ledger`` (the first plan of this run's id, :func:`run_id_of`); None when the ledger
+    has no plan, or plans of other runs only. Raises ``LedgerTampered`` when the ledger does not verify."""
+    run_id = run_id_of(run, ledger.events("dp_plan"))
+    return ledger.plan(run_id) if run_id is not None else None
 
 
 def task_model_factory(run, task: str):

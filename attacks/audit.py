@@ -70,7 +70,7 @@ from attacks.dp_audit import canary_audit, replay_batch_size
 from attacks.inversion import inversion_audit
 from attacks.metrics import fpr_key, holm_bonferroni, plot_roc
 from attacks.mechanism import mechanism_for_run
-from attacks.mia import ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
+from attacks.mia import ATTACKS, MIA_ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
 from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerTampered, PrivacyLedger
@@ -119,7 +119,7 @@ class _Strict(BaseModel):
 
 class MIASection(_Strict):
     enabled: bool = True
-    attacks: list[Literal["loss", "lira_online", "lira_offline", "rmia", "rmia_offline"]] = Field(
+    attacks: list[Literal[ATTACKS]] = Field(  # attacks.mia.MIA_ATTACKS
         default_factory=lambda: list(ATTACKS), min_length=1
     )
     reference_models: int = Field(4, ge=1)  # 4: references are most of the audit's time (module docstring)
@@ -136,7 +136,7 @@ class MIASection(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        needs_refs = any(a != "loss" for a in self.attacks)
+        needs_refs = any(MIA_ATTACKS[a].needs_references for a in self.attacks)
         if needs_refs and self.reference_mode == "online" and (self.reference_models < 2 or self.reference_models % 2):
             raise ValueError(
                 f"reference_models: online reference models need an even number >= 2 (each record IN for half "
@@ -277,7 +277,7 @@ def load_audit_config(path: str | Path | None) -> AuditConfig:
 def ledger_epsilon(run: Run, client: str) -> dict | None:
     """The accountant's whole-run epsilon for ``client`` from its ledger (None: no ledger or no DP plan).
 
-    The run's DP plan is the first ``dp_plan`` entry of this run's id (see :func:`attacks._runs.run_id_of`; a resumed
+    The run's DP plan is ``PrivacyLedger.plan`` of this run's id (see :func:`attacks._runs.run_id_of`; a resumed
     run keeps its first plan, as :class:`privacy.dp.HospitalDP` does), and the spend is that run's
     ``dp_round`` history (``PrivacyLedger.dp_history`` + ``privacy.accounting.epsilon``). ``tasks`` gives
     each task's recorded steps and Poisson sample rate (for the canary replay). A ledger that does not
@@ -288,19 +288,19 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
         return None
     ledger = PrivacyLedger(path)
     try:
-        plans = ledger.events("dp_plan")
+        plans = ledger.plans()
         if not plans:
             return None
         run_id = run_id_of(run, plans)
         if run_id is None:
-            ids = sorted({p["run_id"] for p in plans})
+            ids = sorted({p.run_id for p in plans})
             return {"error": f"the ledger holds DP plans of runs {ids}, none of them this run ({Path(run.run_dir).name})"}
-        plan = next(p for p in plans if p["run_id"] == run_id)
+        plan = ledger.plan(run_id)
         history = ledger.dp_history(run_id)
         rounds = ledger.events("dp_round", run_id)
     except LedgerTampered as exc:
         return {"error": f"ledger does not verify: {exc}"}
-    eps = epsilon(history, float(plan["delta"]), plan["accountant"])
+    eps = epsilon(history, plan.delta, plan.accountant)
     tasks: dict[str, dict] = {}
     for e in rounds:
         t = tasks.setdefault(str(e.get("task")), {"steps": 0, "sample_rate": 0.0, "rounds": 0})
@@ -309,20 +309,20 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
         t["rounds"] += 1
     return {
         "epsilon": eps if math.isfinite(eps) else None,
-        "dp": bool(plan.get("dp", True)),
-        "delta": float(plan["delta"]),
-        "accountant": plan["accountant"],
-        "noise_multiplier": float(plan["noise_multiplier"]),
-        "max_grad_norm": float(plan["max_grad_norm"]),
-        "target_epsilon": plan.get("target_epsilon"),
+        "dp": plan.dp,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "max_grad_norm": plan.max_grad_norm,
+        "target_epsilon": plan.target_epsilon,
         "rounds_recorded": len(history),
         "steps_recorded": sum(s.num_steps for s in history),
         "tasks": tasks,
         "ledger_run_id": run_id,
-        "ledger_plan_seq": plan.get("seq"),
-        "privacy_unit": plan.get("privacy_unit", "record"),  # what the epsilon protects (a plan before #18: record)
-        **({"n_patients": plan.get("n_patients"), "max_records_per_patient_step": plan.get("max_records_per_patient_step")}
-           if plan.get("privacy_unit") == "patient" else {}),
+        "ledger_plan_seq": plan.seq,
+        "privacy_unit": plan.privacy_unit,  # what the epsilon protects (a plan before #18: record)
+        **({"n_patients": plan.n_patients, "max_records_per_patient_step": plan.max_records_per_patient_step}
+           if plan.privacy_unit == "patient" else {}),
     }
 
 
@@ -719,7 +719,7 @@ def _mia_target(ctx: _Context, ti: int, task: str, target: tuple, nonmembers: Re
         return
     c = run.cfg.client
     dp = ctx.dp_of(holders)
-    attacks = config.mia.attacks if kind != "fm" else [a for a in config.mia.attacks if a == "loss"]
+    attacks = config.mia.attacks if kind != "fm" else [a for a in config.mia.attacks if not MIA_ATTACKS[a].needs_references]
     if kind == "fm" and len(attacks) < len(config.mia.attacks):
         _skip(audit, f"mia reference attacks on fm/{task}",
               "reference models of the injected foundation model would each need a federation and an injection; "

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 from .accounting import ACCOUNTANTS, Step, calibrate_noise, epsilon, gdp_mu, poisson_schedule, resolve_delta
 from .ledger import PrivacyLedger
+from .plan import DPPlan
 
 __all__ = [
     "PrivacyProfile",
@@ -248,18 +249,18 @@ class HospitalDP:
         self.grad_sample_mode = grad_sample_mode
         self._pending: dict[str, Any] | None = None  # the current make_private session's observed steps
 
-        plans = ledger.events("dp_plan", run_id)
-        if plans:
-            self.plan = plans[0]
-            self._adopt_plan(self.plan, noise_multiplier)
+        plan = ledger.plan(run_id)  # the run's first plan: a resumed run keeps it
+        if plan is not None:
+            self._adopt_plan(plan, noise_multiplier)
         else:
-            self.plan = self._make_plan(noise_multiplier, allow_no_noise)
-        self.noise_multiplier: float = float(self.plan["noise_multiplier"])
-        self.delta: float = float(self.plan["delta"])
-        self.target_epsilon: float = min(float(self.plan["target_epsilon"]), float(profile.target_epsilon))
-        self.accountant: str = self.plan["accountant"]
+            plan = DPPlan.from_entry(self._make_plan(noise_multiplier, allow_no_noise))
+        self.plan: dict = plan.entry  # the ledger entry as written
+        self.noise_multiplier: float = plan.noise_multiplier
+        self.delta: float = plan.delta
+        self.target_epsilon: float = min(plan.target_epsilon, float(profile.target_epsilon))
+        self.accountant: str = plan.accountant
         self.max_grad_norm: float = float(profile.max_grad_norm)
-        self.is_dp: bool = bool(self.plan["dp"])
+        self.is_dp: bool = plan.dp
         if self.noise_multiplier == 0 and not allow_no_noise:
             raise ValueError(
                 f"run {run_id!r} was planned with noise_multiplier 0 (not DP); pass allow_no_noise=True "
@@ -322,25 +323,25 @@ class HospitalDP:
                           clipping="per-patient sum")
         return self.ledger.append("dp_plan", **fields)
 
-    def _adopt_plan(self, plan: dict, noise_multiplier: float | None) -> None:
+    def _adopt_plan(self, plan: DPPlan, noise_multiplier: float | None) -> None:
         p = self.profile
         problems = []
-        if p.unit != plan.get("privacy_unit", "record"):
-            problems.append(f"privacy unit {p.unit!r} != planned {plan.get('privacy_unit', 'record')!r}")
-        if p.accountant != plan["accountant"]:
-            problems.append(f"accountant {p.accountant!r} != planned {plan['accountant']!r}")
-        if p.delta is not None and float(p.delta) != float(plan["delta"]):
-            problems.append(f"delta {p.delta} != planned {plan['delta']}")
-        if float(p.target_epsilon) > float(plan["target_epsilon"]):
+        if p.unit != plan.privacy_unit:
+            problems.append(f"privacy unit {p.unit!r} != planned {plan.privacy_unit!r}")
+        if p.accountant != plan.accountant:
+            problems.append(f"accountant {p.accountant!r} != planned {plan.accountant!r}")
+        if p.delta is not None and float(p.delta) != plan.delta:
+            problems.append(f"delta {p.delta} != planned {plan.delta}")
+        if float(p.target_epsilon) > plan.target_epsilon:
             problems.append(
-                f"target_epsilon {p.target_epsilon} > planned {plan['target_epsilon']} (a budget cannot be raised mid-run)"
+                f"target_epsilon {p.target_epsilon} > planned {plan.target_epsilon} (a budget cannot be raised mid-run)"
             )
-        if noise_multiplier is not None and float(noise_multiplier) != float(plan["noise_multiplier"]):
-            problems.append(f"noise_multiplier {noise_multiplier} != planned {plan['noise_multiplier']}")
+        if noise_multiplier is not None and float(noise_multiplier) != plan.noise_multiplier:
+            problems.append(f"noise_multiplier {noise_multiplier} != planned {plan.noise_multiplier}")
         if problems:
             raise ValueError(
                 f"run {self.run_id!r}: the profile contradicts the DP plan recorded in {self.ledger.path} "
-                f"(seq {plan['seq']}): " + "; ".join(problems)
+                f"(seq {plan.seq}): " + "; ".join(problems)
             )
 
     # ------------------------------------------------------------------ accounting

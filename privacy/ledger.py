@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import Step
+from .plan import DPPlan, this_run_id
 
-__all__ = ["PrivacyLedger", "LedgerTampered", "GENESIS_HASH", "canonical_json", "entry_hash"]
+__all__ = ["PrivacyLedger", "LedgerTampered", "GENESIS_HASH", "canonical_json", "entry_hash", "DPPlan", "this_run_id"]
 
 #: ``prev_hash`` of the first entry and :meth:`PrivacyLedger.head` of an empty ledger.
 GENESIS_HASH = "0" * 64
@@ -270,6 +271,14 @@ class PrivacyLedger:
             for e in self._read_verified()
             if (event is None or e["event"] == event) and (run_id is None or e.get("run_id") == run_id)
         ]
+
+    def plans(self) -> list[DPPlan]:
+        """Every ``dp_plan`` entry as a :class:`~privacy.plan.DPPlan`, in ledger order (ValueError: a malformed plan)."""
+        return [DPPlan.from_entry(e) for e in self.events("dp_plan")]
+
+    def plan(self, run_id: str) -> DPPlan | None:
+        """The DP plan of run ``run_id``: its FIRST ``dp_plan`` entry (a resumed run keeps its first plan), or None."""
+        return next((DPPlan.from_entry(e) for e in self.events("dp_plan", run_id)), None)
 
     def dp_history(self, run_id: str | None = None) -> list[Step]:
         """Accountant history rebuilt from the verified ``dp_round`` entries (optionally of one run).

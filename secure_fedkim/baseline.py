@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from privacy.accounting import Step, epsilon
-from privacy.ledger import PrivacyLedger
+from privacy.accounting import epsilon
+from privacy.ledger import DPPlan, PrivacyLedger
 from secure_fedkim.artifacts import client_dir
 from secure_fedkim.client import _train_plans as train_plans
 from secure_fedkim.client import local_round, new_client_model
@@ -32,24 +32,27 @@ from secure_fedkim.plan import build_plan
 from secure_fedkim.training import predict_task
 
 
+def federation_plan(run_dir: Path, client: str) -> DPPlan | None:
+    """The DP plan of the run in ``run_dir`` (whose id is the directory's name) in a hospital's federation ledger."""
+    ledger = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl")
+    return ledger.plan(run_dir.name) if ledger.path.exists() else None
+
+
 def planned_noise(run_dir: Path, client: str) -> float | None:
     """The noise multiplier a hospital calibrated for the federation (from its ledger), if it uses DP."""
-    ledger = client_dir(run_dir, client) / "ledger.jsonl"
-    plan = PrivacyLedger(ledger).events("dp_plan") if ledger.exists() else []
-    return plan[0]["noise_multiplier"] if plan else None
+    plan = federation_plan(run_dir, client)
+    return plan.noise_multiplier if plan else None
 
 
 def fits_the_budget(run_dir: Path, client: str) -> bool:
     """Whether the baseline's whole planned run, composed with what the federation spent on the same records,
     stays within the hospital's budget (the federation's plan gives the noise, schedule, delta and budget)."""
-    ledger = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl")
-    plans = ledger.events("dp_plan", run_dir.name) if ledger.path.exists() else []
-    if not plans or not plans[0]["dp"]:
+    p = federation_plan(run_dir, client)
+    if p is None or not p.dp:
         return True
-    p = plans[0]
-    planned = [Step(p["noise_multiplier"], q, k) for q, k in p["round_schedule"]] * p["rounds"]
-    composed = epsilon(ledger.dp_history(run_dir.name) + planned, p["delta"], p["accountant"])
-    return composed <= p["target_epsilon"] * (1 + 1e-9)
+    spent = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl").dp_history(run_dir.name)
+    composed = epsilon(spent + p.planned_steps(), p.delta, p.accountant)
+    return composed <= p.target_epsilon * (1 + 1e-9)
 
 
 def privacy_spend(cfg: RunConfig, run_dir: Path) -> dict[str, dict]:
@@ -57,17 +60,15 @@ def privacy_spend(cfg: RunConfig, run_dir: Path) -> dict[str, dict]:
     hospital's epsilon for the run: the same records, both results released), with the unit and budget."""
     out = {}
     for client in cfg.federation.clients:
-        fed = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl")
-        plans = fed.events("dp_plan", run_dir.name) if fed.path.exists() else []
-        if not plans or not plans[0]["dp"]:
+        plan = federation_plan(run_dir, client)
+        if plan is None or not plan.dp:
             continue
-        plan = plans[0]
         alone = run_dir / "baseline" / client / "ledger.jsonl"
-        fed_h = fed.dp_history(run_dir.name)
+        fed_h = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl").dp_history(run_dir.name)
         base_h = PrivacyLedger(alone).dp_history(f"baseline-{client}") if alone.exists() else []
-        eps = lambda h: epsilon(h, plan["delta"], plan["accountant"]) if h else 0.0  # noqa: E731
-        out[client] = {"unit": plan.get("privacy_unit", "record"), "budget": plan["target_epsilon"],
-                       "delta": plan["delta"], "federation": eps(fed_h), "baseline": eps(base_h),
+        eps = lambda h: epsilon(h, plan.delta, plan.accountant) if h else 0.0  # noqa: E731
+        out[client] = {"unit": plan.privacy_unit, "budget": plan.target_epsilon,
+                       "delta": plan.delta, "federation": eps(fed_h), "baseline": eps(base_h),
                        "composed": eps(fed_h + base_h)}
     return out
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
-from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger
+from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger, this_run_id
 from secure_fedkim.client import task_local_epochs
 
 #: relative tolerance when a recorded epsilon (ledger, metrics) is compared with the recomputation
@@ -145,13 +145,12 @@ def read_ledger(path: Path, run_dir: Path) -> tuple[list[dict] | None, str | Non
 
 
 def pick_run_id(plans: list[dict], run_dir: Path, summary: dict) -> str | None:
-    ids = list(dict.fromkeys(p.get("run_id") for p in plans if p.get("run_id")))
-    if not ids:
-        return None
-    for candidate in (run_dir.name, Path(str(summary.get("run_dir", ""))).name):
-        if candidate in ids:
-            return candidate
-    return ids[-1]
+    """The run id the hospital's facts are read for: :func:`privacy.ledger.this_run_id` of the ``dp_plan`` entries
+    (the run directory's name, else the name recorded in summary.json, else the only run id). A report must cover
+    one run, and names it (``run_id``): when the ledger holds several runs none of which is this one, the latest."""
+    ids = [p.get("run_id") for p in plans if p.get("run_id")]
+    picked = this_run_id(ids, run_dir.name, Path(str(summary.get("run_dir", ""))).name)
+    return picked if picked is not None or not ids else ids[-1]
 
 
 def _commitment(e: dict) -> dict:
@@ -191,6 +190,7 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     plans = [e for e in entries if e.get("event") == "dp_plan"]
     h.run_id = pick_run_id(plans, run_dir, run.summary)
     of_run = [e for e in entries if h.run_id is None or e.get("run_id") in (h.run_id, None)]
+    # the run's first plan (PrivacyLedger.plan's rule), kept raw: a malformed plan is a finding here, not an error
     h.plan = next((e for e in of_run if e.get("event") == "dp_plan"), None)
     h.dp_rounds = [e for e in of_run if e.get("event") == "dp_round"]
     h.commitments = [_commitment(e) for e in of_run if e.get("event") == "dataset_commitment"]
