@@ -24,13 +24,16 @@ from attacks.dp_audit import clopper_pearson, empirical_epsilon, one_run_epsilon
 from attacks.mechanism import mechanism_audit
 from attacks.planted_bugs import BUGS, plant
 from attacks.whitebox import (
+    PLAN_SHARE,
     WhiteboxSection,
     gdp_epsilon,
     gdp_fit,
+    one_run_audit,
+    plan_one_run,
     replay_with_canaries,
     whitebox_entry,
 )
-from privacy.accounting import calibrate_noise
+from privacy.accounting import Step, calibrate_noise
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import FusedDPOptimizer, add_canary_rows
 from privacy.ledger import PrivacyLedger
@@ -89,8 +92,7 @@ def whitebox(data, sigma, case="honest", mode="lean", seed=0, canaries=CANARIES)
                                        canaries=canaries, grad_sample_mode=mode, task="t", seed=seed)
         history = dp.history()
         return whitebox_entry(obs, steps_ledger=sum(h.num_steps for h in history), history_ledger=history,
-                              delta=dp.delta, accountant=dp.accountant, accountant_epsilon=dp.spent_epsilon(),
-                              one_run_grid=10)
+                              delta=dp.delta, accountant=dp.accountant, accountant_epsilon=dp.spent_epsilon(), seed=seed)
 
 
 def failed(entry) -> set[str]:
@@ -203,10 +205,56 @@ def test_claim_above_what_canaries_certify_is_inconclusive(data):
         obs = replay_with_canaries(make_model, x, y, dp, epochs=EPOCHS, batch_size=BATCH, lr=0.003, canaries=500)
         h = dp.history()
         e = whitebox_entry(obs, steps_ledger=32, history_ledger=h, delta=1e-5, accountant="rdp",
-                           accountant_epsilon=None, one_run_grid=10)
+                           accountant_epsilon=None)
     assert e["max_certifiable_epsilon"] < e["accountant_epsilon_audited_steps"]
     assert e["status"] == "inconclusive"
     assert "can certify" in e["reasons"][0] and f"{e['max_certifiable_epsilon']:.3g}" in e["reasons"][0]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_same_seed_same_audit_different_seed_different(data, sigma):
+    """The noise comes from a generator seeded by the audit's seed (not Opacus's global RNG): the same seed
+    gives the same numbers, whatever torch's global RNG state; another seed gives others."""
+    torch.manual_seed(123)
+    a = whitebox(data, sigma, seed=7, canaries=500)
+    torch.manual_seed(456)
+    b = whitebox(data, sigma, seed=7, canaries=500)
+    c = whitebox(data, sigma, seed=8, canaries=500)
+    assert _same(a, b)
+    assert a["gdp_mu_estimate"] != c["gdp_mu_estimate"] and not _same(a, c)
+    x, y = data
+    runs = []
+    for global_seed, seed in [(1, 3), (2, 3), (1, 4)]:
+        model = make_model(0)
+        torch.manual_seed(global_seed)  # a different global RNG state must not change the noise
+        runs.append(mechanism_audit(model, x, y, noise_multiplier=sigma, trials=2000, batch_size=BATCH, seed=seed))
+    assert _same(runs[0], runs[1]) and runs[0]["mu_estimate"] != runs[2]["mu_estimate"]
+
+
+def test_one_run_test_is_planned_from_the_claim_only_and_agrees_with_the_paper():
+    """The planned test depends on the claim, m and the seed, never on the scores; the bound of the test run
+    equals the paper's (Steinke et al., written here) at the planned k and level, the union with the all-canaries
+    test holds at the overall confidence."""
+    history = [Step(1.6, 1 / 8, 32)]
+    plan = plan_one_run(history, 3000, 1e-5, seed=1)
+    assert plan == plan_one_run(history, 3000, 1e-5, seed=1) and plan["side"] in ("top", "both")
+    assert 10 <= plan["k"] <= 1500 and plan["median_bound"] > 0
+    rng = np.random.default_rng(9)
+    included = rng.random(3000) < 0.5
+    scores = rng.standard_normal(3000) + 1.5 * included
+    out = one_run_audit(scores, included, history, 1e-5, seed=1)
+    assert out["plan"] == plan
+    if plan["side"] == "both":
+        planned = steinke_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - PLAN_SHARE * 0.05)
+    else:
+        planned = steinke_top_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - PLAN_SHARE * 0.05)
+    every = steinke_epsilon(scores, included, 1500, 1e-5, confidence=1 - (1 - PLAN_SHARE) * 0.05)
+    assert out["eps_lb"] == pytest.approx(max(planned, every), abs=1e-6) and out["eps_lb"] > 0.5
+    inc = np.arange(3000) < 1500  # every guess correct: the all-canaries test certifies the most
+    assert out["max_certifiable"] == pytest.approx(steinke_epsilon(inc.astype(float), inc, 1500, 1e-5, 0.99), abs=1e-6)
 
 
 def test_whitebox_section_rejects_bad_options():
@@ -222,12 +270,18 @@ def test_whitebox_section_rejects_bad_options():
 
 @pytest.mark.parametrize("mode,trials,seeds", [("lean", 20_000, 3), ("hooks", 8000, 1)])
 def test_per_step_mu_matches_the_configured_noise(data, sigma, mode, trials, seeds):
+    # a 95% interval misses 1 time in 20 (seed 2 on the lean path does, just: [0.7985, ...] vs 0.7950), so
+    # containment is asserted at 99.9% (a test over 4 audits at 95% would fail ~19% of correct implementations)
+    x, y = data
     for seed in range(seeds):
         m = mechanism(data, sigma, mode=mode, trials=trials, seed=seed)
         lo, hi = m["mu_interval"]
         assert m["status"] == "consistent" and m["threat_model"] == "white-box one step"
-        assert lo <= m["mu_configured"] <= hi
         assert 0.9 * m["mu_configured"] <= lo and hi <= 1.1 * m["mu_configured"]
+        wide = mechanism_audit(make_model(seed), x, y, noise_multiplier=sigma, grad_sample_mode=mode, trials=trials,
+                               batch_size=BATCH, seed=seed, confidence=0.999)
+        assert wide["mu_estimate"] == m["mu_estimate"]  # same seed, same noise
+        assert wide["mu_interval"][0] <= m["mu_configured"] <= wide["mu_interval"][1]
 
 
 @pytest.mark.parametrize("case,mode", [("no_noise", "lean"), ("half_noise", "lean"), ("no_clipping", "lean"),
@@ -270,6 +324,27 @@ def steinke_epsilon(scores, included, k, delta, confidence=0.95):
         i = np.arange(1, v + 1)
         window = binom.cdf(v - 1, r, p) - binom.cdf(v - 1 - i, r, p)
         return tail + 2 * m * delta * float(np.max(window / i))
+
+    alpha = 1 - confidence
+    if p_value(0.0) >= alpha:
+        return 0.0
+    hi = 1.0
+    while p_value(hi) < alpha:
+        hi *= 2
+    return brentq(lambda e: p_value(e) - alpha, 0.0, hi, xtol=1e-9)
+
+
+def steinke_top_epsilon(scores, included, k, delta, confidence=0.95):
+    """As :func:`steinke_epsilon`, guessing only IN for the k highest scores (abstaining on the rest)."""
+    s, b = np.asarray(scores), np.asarray(included, bool)
+    m, order = len(s), np.argsort(-s)
+    v, r = int(b[order[:k]].sum()), k
+
+    def p_value(eps):
+        p = math.exp(eps) / (1 + math.exp(eps))
+        i = np.arange(1, v + 1)
+        window = binom.cdf(v - 1, r, p) - binom.cdf(v - 1 - i, r, p)
+        return binom.sf(v - 1, r, p) + 2 * m * delta * float(np.max(window / i))
 
     alpha = 1 - confidence
     if p_value(0.0) >= alpha:
