@@ -23,8 +23,7 @@ from tqdm import tqdm
 from privacy.accounting import epsilon
 from privacy.ledger import DPPlan, PrivacyLedger
 from secure_fedkim.artifacts import client_dir
-from secure_fedkim.client import _train_plans as train_plans
-from secure_fedkim.client import local_round, new_client_model
+from secure_fedkim.client import local_round, new_client_model, train_plans
 from secure_fedkim.config import RunConfig
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.metrics import binary_metrics

@@ -24,7 +24,7 @@ def new_client_model(cfg: RunConfig, plans: dict[str, TaskPlan]) -> ClientModel:
     return ClientModel(train, input_shapes(plans), cfg.client.token_dim, cfg.client.num_tokens)
 
 
-def _train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
+def train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
     return [(name, p) for name, p in plans.items() if p.task.role == "train"]
 
 
@@ -52,7 +52,7 @@ def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -
     steps per epoch (Opacus's loader; `privacy.patient` for patients, where the batch counts patients).
     """
     schedule = []
-    for name, plan in _train_plans(plans):
+    for name, plan in train_plans(plans):
         shard = plan.shard(client)
         if len(shard):
             schedule.append(poisson_schedule(_units(shard, cfg.privacy.unit), cfg.client.batch_size, task_local_epochs(cfg, name)))
@@ -60,7 +60,7 @@ def dp_round_schedule(plans: dict[str, TaskPlan], client: str, cfg: RunConfig) -
 
 
 def hospital_records(plans: dict[str, TaskPlan], client: str) -> int:
-    return sum(len(p.split.clients.get(client, ())) for _, p in _train_plans(plans))
+    return sum(len(p.split.clients.get(client, ())) for _, p in train_plans(plans))
 
 
 def n_patients(plans: dict[str, TaskPlan], client: str) -> int:
@@ -70,7 +70,7 @@ def n_patients(plans: dict[str, TaskPlan], client: str) -> int:
     that holds them: where two tasks share a cohort (mortality, mortality_visits: NAFLD; the IU report
     tasks) the sum is an upper bound on distinct persons.
     """
-    return sum(_units(p.shard(client), "patient") for _, p in _train_plans(plans))
+    return sum(_units(p.shard(client), "patient") for _, p in train_plans(plans))
 
 
 #: what a run's federation plan reserves budget for (see dp_plan_inputs)
@@ -109,7 +109,7 @@ def local_round(
     c = cfg.client
     proximal_mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
     stats = {}
-    for i, (name, plan) in enumerate(_train_plans(plans)):
+    for i, (name, plan) in enumerate(train_plans(plans)):
         shard = plan.shard(client)
         stats[name] = train_task(
             model.task_model(name), shard.x, shard.y,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from privacy.budget import noise_dominates
 from secure_fedkim.artifacts import FM_SCORES, client_dir, save_model
 from secure_fedkim.baseline import planned_noise, privacy_spend, single_hospital_baseline
-from secure_fedkim.client import new_client_model
+from secure_fedkim.client import new_client_model, train_plans
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
 from secure_fedkim.data import DataError, load_task
 from secure_fedkim.data.formats import DataWarning
@@ -199,10 +199,6 @@ def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[di
     return model.state_dict(), strategy.history, strategy.transport.facts()
 
 
-def _train_plans(plans: dict[str, TaskPlan]) -> list[tuple[str, TaskPlan]]:
-    return [(name, p) for name, p in plans.items() if p.task.role == "train"]
-
-
 def warn_about_noise(cfg: RunConfig, run_dir: Path) -> None:
     """A budget so small that every step is mostly noise: the model will stay near its untrained AUROC."""
     for client in cfg.federation.clients:
@@ -218,7 +214,7 @@ def compare_aurocs(cfg: RunConfig, plans: dict[str, TaskPlan], federated: dict, 
     test records for every model, seeded by the run seed), and the verdict on federated - mean alone."""
     out = {}
     clients = list(alone)
-    for i, (name, p) in enumerate(_train_plans(plans)):
+    for i, (name, p) in enumerate(train_plans(plans)):
         y = p.test().y
         if len(set(y.tolist())) < 2:
             continue  # no AUROC on a test set with one class
@@ -275,7 +271,7 @@ def run_federation(
     single = single_hospital_baseline(cfg, run_dir, alone_scores, progress) if cfg.baseline.single_hospital else {}
     comparison = {}
     if single:
-        federated = {name: predict_task(model.task_model(name), p.test().x) for name, p in _train_plans(plans)}
+        federated = {name: predict_task(model.task_model(name), p.test().x) for name, p in train_plans(plans)}
         comparison = compare_aurocs(cfg, plans, federated, alone_scores)
     summary = {
         "run_dir": str(run_dir),
