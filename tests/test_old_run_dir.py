@@ -70,3 +70,18 @@ def test_an_old_run_directory_is_audited(old_run):
     assert (old_run / "audit" / "audit.json").is_file()
     text = json.dumps(audit)
     assert "heart_disease" in text and "error" not in {k for k in audit}
+
+
+def test_a_ledger_whose_unit_contradicts_the_config_fails_the_report(old_run, tmp_path, monkeypatch):
+    """Planted: the config now claims patient-level DP while the ledgers were written per record."""
+    from secure_fedkim.report import status_of, write_report
+    from secure_fedkim.report.sign import KEY_ENV, new_issuer_key
+
+    monkeypatch.setenv(KEY_ENV, str(new_issuer_key(tmp_path / "issuer.pem", "test", "test")))
+    resolved = old_run / "resolved_config.json"
+    cfg = json.loads(resolved.read_text())
+    cfg["privacy"]["unit"] = "patient"
+    resolved.write_text(json.dumps(cfg))
+    report = json.loads(write_report(old_run).json.read_text())
+    check = status_of(report, "privacy_unit")
+    assert check["status"] == "fail" and "privacy unit is 'record', the run config's 'patient'" in check["reason"]
