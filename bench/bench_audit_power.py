@@ -4,14 +4,15 @@ One row per case (the honest mechanism and the planted bugs of ``attacks.planted
 epsilon 1, 4 and 8, on the demo's heart-disease task (one hospital's shard, the demo's client model,
 batch 32, 2 local epochs x 5 rounds, the noise calibrated by ``privacy.dp.HospitalDP`` for the claim):
 
-* the white-box every-step gradient-canary audit (``attacks.whitebox``): one-run lower bound, Gaussian-DP
-  mu estimate with its interval beside the mu the ledger's mechanism gives that score ("claim mu"), and
-  its consistency checks;
+* the white-box every-step gradient-canary audit (``attacks.whitebox``): the one-run lower bounds on the same
+  guesses, f-DP ("lb fDP", Mahloujifar et al. 2025, Gaussian trade-off: the headline, decides the status) and
+  (eps, delta)-DP ("lb Stnk", Steinke et al. 2023, any mechanism); the Gaussian-DP mu estimate with its
+  interval beside the mu the ledger's mechanism gives that score ("claim mu"); and its consistency checks;
 * the per-step mechanism audit (``attacks.mechanism``): mu of one clip-and-noise step with its interval,
   against the configured 1/sigma.
 
 ``--seeds N`` runs the honest case over N seeds per epsilon and counts flags. Prints ratios
-(lower bound / accountant epsilon, per-step mu / configured mu), measured in this run.
+(each lower bound / accountant epsilon, per-step mu / configured mu), measured in this run.
 
     OMP_NUM_THREADS=1 python bench/bench_audit_power.py [--seeds 10] [--canaries 10000] [--mode lean]
 """
@@ -125,7 +126,7 @@ def flagged_by(res: dict) -> list[str]:
     wb = res["whitebox"]
     if wb["status"] == "inconsistent":
         if wb["eps_lb_one_run"] > (wb["accountant_epsilon_audited_steps"] or math.inf):
-            out.append("lower bound")
+            out.append("f-DP lower bound")
         if wb["gdp_mu_interval"][0] > (wb["claimed_score_mu"] or math.inf) * 1.1:
             out.append("GDP")
         out += [c["name"].split(" ")[0] + "-check" for c in wb["checks"] if not c["passed"]]
@@ -142,7 +143,7 @@ def row(claimed: float, case: str, res: dict) -> str:
     acc = wb["accountant_epsilon_audited_steps"]
     return (
         f"{claimed:>4g}  {case:<21s} {acc if acc is None else round(acc, 2)!s:>6}  {wb['eps_lb_one_run']:6.2f}  "
-        f"{wb['gdp_mu_estimate']:8.3g} [{lo:.3g}, {hi:.3g}]".ljust(72)
+        f"{wb['eps_lb_one_run_steinke']:7.2f}  {wb['gdp_mu_estimate']:8.3g} [{lo:.3g}, {hi:.3g}]".ljust(81)
         + f"{wb['claimed_score_mu']:6.3f}  {mech['mu_estimate']:7.3g} [{mlo:.3g}, {mhi:.3g}] vs {mech['mu_configured']:.3f}".ljust(42)
         + f"{wb['status'][:12]:<13s}{'FLAGGED by ' + ', '.join(flags) if flags else 'not flagged':<40s}"
         f"{wb['seconds'] + mech['seconds']:6.1f}"
@@ -150,7 +151,7 @@ def row(claimed: float, case: str, res: dict) -> str:
 
 
 HEADER = (
-    f"{'eps':>4}  {'case':<21s} {'acc.eps':>6}  {'lb1run':>6}  {'GDP mu [interval]':<28s}".ljust(72)
+    f"{'eps':>4}  {'case':<21s} {'acc.eps':>6}  {'lb fDP':>6}  {'lb Stnk':>7}  {'GDP mu [interval]':<28s}".ljust(81)
     + f"{'claim mu':>6}  {'per-step mu [interval] vs 1/sigma':<34s}".ljust(42)
     + f"{'whitebox':<13s}{'flagged':<40s}{'sec':>6}"
 )
@@ -180,21 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     if args.seeds:
         for eps in args.epsilons:
-            flags, ratios = 0, []
+            flags, ratios, ratios_steinke = 0, [], []
             for seed in range(1, args.seeds + 1):
                 res = audit_case(s, eps, "honest", canaries=args.canaries, trials=args.trials, seed=seed)
                 flags += bool(flagged_by(res))
                 ratios.append(res["whitebox"]["ratio"])
+                ratios_steinke.append(res["whitebox"]["ratio_steinke"])
                 print(row(eps, f"honest seed {seed}", res), flush=True)
-            summary.append(f"honest over {args.seeds} seeds at eps {eps:g}: flagged {flags} times; "
-                           f"lower bound / accountant eps median {np.median(ratios):.2f} (min {min(ratios):.2f})")
+            summary.append(f"honest over {args.seeds} seeds at eps {eps:g}: flagged {flags} times; lower bound / "
+                           f"accountant eps median: f-DP {np.median(ratios):.2f} (min {min(ratios):.2f}), Steinke "
+                           f"{np.median(ratios_steinke):.2f} (min {min(ratios_steinke):.2f})")
     print()
     for (eps, case), res in results.items():
         wb, mech = res["whitebox"], res["mechanism"]
         if case == "honest":
             lo, hi = mech["mu_interval"]
             summary.append(
-                f"honest eps {eps:g}: lower bound / accountant eps = {wb['ratio']:.2f}; per-step mu / configured = "
+                f"honest eps {eps:g}: lower bound / accountant eps = {wb['ratio']:.2f} f-DP, {wb['ratio_steinke']:.2f} "
+                f"Steinke (max certifiable {wb['max_certifiable_epsilon']:.2f} / {wb['max_certifiable_epsilon_steinke']:.2f}); "
+                f"per-step mu / configured = "
                 f"{mech['mu_estimate'] / mech['mu_configured']:.3f} (interval {lo / mech['mu_configured']:.3f}-"
                 f"{hi / mech['mu_configured']:.3f}); GDP mu / claimed mechanism's mu = "
                 f"{wb['gdp_mu_estimate'] / wb['claimed_score_mu']:.2f} (CLT mu {wb['accountant_gdp_mu']:.3f})"

@@ -26,6 +26,9 @@ from attacks.planted_bugs import BUGS, plant
 from attacks.whitebox import (
     PLAN_SHARE,
     WhiteboxSection,
+    _one_run_bound,
+    fdp_one_run_bound,
+    fdp_one_run_mu,
     gdp_epsilon,
     gdp_fit,
     one_run_audit,
@@ -154,6 +157,8 @@ def test_honest_whitebox_never_flagged_over_seeds(data, sigma):
         assert e["steps_observed"] == e["steps_ledger"] == 32
         assert e["threat_model"] == "white-box every step"
         assert 0 < e["eps_lb_one_run"] <= e["accountant_epsilon_audited_steps"] <= CLAIM
+        assert 0 < e["eps_lb_one_run_steinke"] <= e["eps_lb_one_run"]  # f-DP: the tighter headline, same guesses
+        assert e["max_certifiable_epsilon_steinke"] < e["max_certifiable_epsilon"]
         lo, hi = e["gdp_mu_interval"]
         assert lo <= e["gdp_mu_estimate"] <= hi and lo <= 1.1 * e["claimed_score_mu"]
         assert e["claimed_score_mu"] == pytest.approx(e["accountant_gdp_mu"], rel=0.1)  # exact vs CLT
@@ -235,9 +240,9 @@ def test_same_seed_same_audit_different_seed_different(data, sigma):
 
 
 def test_one_run_test_is_planned_from_the_claim_only_and_agrees_with_the_paper():
-    """The planned test depends on the claim, m and the seed, never on the scores; the bound of the test run
-    equals the paper's (Steinke et al., written here) at the planned k and level, the union with the all-canaries
-    test holds at the overall confidence."""
+    """The planned test depends on the claim, m and the seed, never on the scores; both bounds of the tests run
+    equal the papers' (Mahloujifar et al.'s f-DP bound and Steinke et al.'s, written here) on the same guesses at
+    the planned k and level; the union with the all-canaries test holds at the overall confidence."""
     history = [Step(1.6, 1 / 8, 32)]
     plan = plan_one_run(history, 3000, 1e-5, seed=1)
     assert plan == plan_one_run(history, 3000, 1e-5, seed=1) and plan["side"] in ("top", "both")
@@ -247,14 +252,22 @@ def test_one_run_test_is_planned_from_the_claim_only_and_agrees_with_the_paper()
     scores = rng.standard_normal(3000) + 1.5 * included
     out = one_run_audit(scores, included, history, 1e-5, seed=1)
     assert out["plan"] == plan
+    a_plan, a_all = PLAN_SHARE * 0.05, (1 - PLAN_SHARE) * 0.05
     if plan["side"] == "both":
-        planned = steinke_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - PLAN_SHARE * 0.05)
+        planned = steinke_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - a_plan)
     else:
-        planned = steinke_top_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - PLAN_SHARE * 0.05)
-    every = steinke_epsilon(scores, included, 1500, 1e-5, confidence=1 - (1 - PLAN_SHARE) * 0.05)
-    assert out["eps_lb"] == pytest.approx(max(planned, every), abs=1e-6) and out["eps_lb"] > 0.5
+        planned = steinke_top_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - a_plan)
+    every = steinke_epsilon(scores, included, 1500, 1e-5, confidence=1 - a_all)
+    assert out["eps_lb_steinke"] == pytest.approx(max(planned, every), abs=1e-6) and out["eps_lb_steinke"] > 0.5
+    r, v = guesses(scores, included, plan["side"], plan["k"])
+    r_all, v_all = guesses(scores, included, "both", 1500)
+    assert [(t["guesses"], t["correct"]) for t in out["tests"]] == [(r, v), (r_all, v_all)]
+    fdp = max(fdp_epsilon(3000, r, v, 1e-5, a_plan), fdp_epsilon(3000, r_all, v_all, 1e-5, a_all))
+    assert out["eps_lb"] == pytest.approx(fdp, abs=1e-3) and out["eps_lb"] > out["eps_lb_steinke"]
     inc = np.arange(3000) < 1500  # every guess correct: the all-canaries test certifies the most
-    assert out["max_certifiable"] == pytest.approx(steinke_epsilon(inc.astype(float), inc, 1500, 1e-5, 0.99), abs=1e-6)
+    assert out["max_certifiable_steinke"] == pytest.approx(steinke_epsilon(inc.astype(float), inc, 1500, 1e-5, 0.99), abs=1e-6)
+    assert out["max_certifiable"] == pytest.approx(fdp_epsilon(3000, 3000, 3000, 1e-5, a_all), abs=1e-3)
+    assert out["max_certifiable"] > 1.5 * out["max_certifiable_steinke"]
 
 
 def test_whitebox_section_rejects_bad_options():
@@ -355,6 +368,72 @@ def steinke_top_epsilon(scores, included, k, delta, confidence=0.95):
     return brentq(lambda e: p_value(e) - alpha, 0.0, hi, xtol=1e-9)
 
 
+def guesses(scores, included, side, k):
+    """(guesses, correct) of IN for the k highest scores and, side "both", OUT for the k lowest (no ties here)."""
+    s, b = np.asarray(scores), np.asarray(included, bool)
+    order = np.argsort(-s)
+    v = int(b[order[:k]].sum())
+    return (2 * k, v + int((~b[order[len(s) - k:]]).sum())) if side == "both" else (k, v)
+
+
+def fdp_epsilon(m, r, v, delta, alpha):
+    """Mahloujifar, Melis and Chaudhuri (2025, arXiv 2410.22235), written from the paper: the largest eps whose
+    Gaussian mechanism at (eps, delta) (mu = 1 / sigma, sigma from dp_accounting's Gaussian calibration) the
+    guesses refute at level alpha, refuting when the guessing game's recursion (with the cap at 1) ends with the
+    correct and incorrect masses above r / m. Root in eps by brentq (scipy's normal, not the module's)."""
+    import dp_accounting
+    from scipy.stats import norm
+
+    def margin(eps):
+        mu = 1.0 / dp_accounting.get_sigma_gaussian(eps, delta)
+        correct, incorrect = alpha * v / m, alpha * (r - v) / m
+        for i in reversed(range(v)):
+            lifted = max(incorrect, float(norm.cdf(norm.ppf(correct) - mu)))
+            if lifted == incorrect:  # nothing moves any more (the paper's early exit)
+                break
+            correct, incorrect = min(1.0, correct + (lifted - incorrect) * i / (r - i)), lifted
+        return correct + incorrect - r / m
+
+    if v == 0 or margin(0.0) <= 0:
+        return 0.0
+    hi = 1.0
+    while margin(hi) > 0:
+        hi *= 2
+    return brentq(margin, hi / 2 if hi > 1 else 0.0, hi, xtol=1e-7)
+
+
+FDP_CASES = [  # m, r, v, delta, alpha
+    (1000, 1000, 1000, 1e-5, 0.05),
+    (2000, 200, 170, 1e-5, 0.04),
+    (3000, 3000, 1900, 1e-5, 0.01),
+    (20000, 904, 700, 1e-5, 0.04),
+    (20000, 20000, 10600, 1e-5, 0.01),
+    (5000, 100, 80, 1e-6, 0.05),
+    (3000, 3000, 3000, 1e-3, 0.1),
+    (400, 50, 30, 1e-5, 0.05),  # refutes nothing: 0
+]
+
+
+@pytest.mark.parametrize("m,r,v,delta,alpha", FDP_CASES)
+def test_fdp_one_run_bound_agrees_with_the_paper_and_is_tighter_than_steinke(m, r, v, delta, alpha):
+    ours = fdp_one_run_bound(m, r, v, delta, alpha)
+    theirs = fdp_epsilon(m, r, v, delta, alpha)
+    assert ours == pytest.approx(theirs, abs=1e-3)
+    assert (ours > 0) == ((r, v) != (50, 30))
+    assert gdp_epsilon(fdp_one_run_mu(m, r, v, delta, alpha), delta) == pytest.approx(ours, abs=1e-9)
+    steinke = _one_run_bound(m, r, v, delta, alpha)
+    assert ours >= steinke and (ours > steinke or ours == 0.0)  # tighter on the same guesses
+
+
+def test_fdp_bound_with_every_guess_correct_does_not_saturate():
+    """Steinke et al.'s bound with every guess correct saturates near 8.2 (20,000 canaries, delta 1e-5: the
+    2 m delta term); the f-DP bound keeps growing with m."""
+    fdp = {m: fdp_one_run_bound(m, m, m, 1e-5, 0.05) for m in (1000, 5000, 20000)}
+    steinke = {m: _one_run_bound(m, m, m, 1e-5, 0.05) for m in (1000, 5000, 20000)}
+    assert steinke[20000] == pytest.approx(8.2, abs=0.05)
+    assert fdp[1000] > 1.5 * steinke[1000] and fdp[20000] > 16 and fdp[1000] < fdp[5000] < fdp[20000]
+
+
 def test_one_run_bound_agrees_with_the_paper():
     rng = np.random.default_rng(3)
     m = 2000
@@ -410,13 +489,15 @@ def test_gdp_fit_recovers_mu_and_epsilon_matches_dong_roth_su():
 
 @pytest.mark.slow
 def test_honest_power_sweep_over_ten_seeds(data, sigma):
-    """Ten honest audits: never flagged; the one-run bound reaches a useful share of the claim."""
-    ratios = []
+    """Ten honest audits: never flagged; the f-DP one-run bound reaches a useful share of the claim, more than
+    Steinke et al.'s on the same guesses (measured: median 0.39 against 0.29 of the accountant's epsilon)."""
+    ratios, ratios_steinke = [], []
     for seed in range(10):
         e = whitebox(data, sigma, seed=100 + seed)
         assert e["status"] != "inconsistent", e["reasons"]
         ratios.append(e["ratio"])
-    assert np.median(ratios) > 0.3
+        ratios_steinke.append(e["ratio_steinke"])
+    assert np.median(ratios) > 0.35 and np.median(ratios) > 1.2 * np.median(ratios_steinke)
 
 
 TINY_RUN = """
