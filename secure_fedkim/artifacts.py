@@ -1,20 +1,12 @@
 """Reading a finished run back: its config, data plan and released models.
 
-This is the public loading API that audits and reports use (attacks/ reads runs only through it).
-
-Run directory layout:
-    config.yaml, resolved_config.json     the config as given, and as validated (absolute paths)
-    metrics/round_NNN.json                per-round metrics (round 0 = before training)
-    metrics/fm_test_scores.npz            the FM's test probabilities at round 0 and after the latest round
-    model/client_model.safetensors        the final global lightweight model (encoders + heads)
-    clients/<hospital>/local_model.safetensors   each hospital's last local model (what it sent last)
-    clients/<hospital>/ledger.jsonl       each hospital's privacy ledger (when DP is on)
-    summary.json                          final metrics and baselines
+This is the public loading API that audits and reports use (attacks/ reads runs only through it). Where
+each file lies is `secure_fedkim.run_dir` (its docstring is the run directory's layout); `RunDir` is
+re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +18,14 @@ from pydantic import ValidationError
 from secure_fedkim.config import ConfigError, RunConfig
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan, build_plan
+from secure_fedkim.run_dir import FM_SCORES, HospitalDir, RunDir, StudyDir
 
-
-FM_SCORES = "fm_test_scores.npz"
+__all__ = ["FM_SCORES", "HospitalDir", "Run", "RunDir", "StudyDir", "client_dir", "load_run", "save_model"]
 
 
 def client_dir(run_dir: str | Path, client: str) -> Path:
-    return Path(run_dir) / "clients" / client
+    """A hospital's own state directory in a run (clients/<hospital>/)."""
+    return RunDir(run_dir).client(client).path
 
 
 def save_model(model: ClientModel, path: Path) -> None:
@@ -49,6 +42,11 @@ class Run:
     plans: dict[str, TaskPlan]
 
     @property
+    def files(self) -> RunDir:
+        """Where each of this run's files lies."""
+        return RunDir(self.run_dir)
+
+    @property
     def clients(self) -> list[str]:
         return list(self.cfg.federation.clients)
 
@@ -63,23 +61,23 @@ class Run:
         return model.eval()
 
     def global_model(self) -> ClientModel:
-        return self._load(self.run_dir / "model" / "client_model.safetensors")
+        return self._load(self.files.global_model)
 
     def local_model(self, client: str) -> ClientModel:
-        return self._load(client_dir(self.run_dir, client) / "local_model.safetensors")
+        return self._load(self.files.local_model(client))
 
     def ledger_path(self, client: str) -> Path:
-        return client_dir(self.run_dir, client) / "ledger.jsonl"
+        return self.files.ledger(client)
 
     def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
+        return self.files.read_summary()
 
 
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "resolved_config.json"
+    cfg_file = RunDir(run_dir).resolved_config
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a secure-fedkim run directory (no resolved_config.json)")
+        raise FileNotFoundError(f"{run_dir}: not a secure-fedkim run directory (no {cfg_file.name})")
     try:
         cfg = RunConfig.model_validate_json(cfg_file.read_text())
     except ValidationError as e:

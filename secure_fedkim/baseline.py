@@ -22,18 +22,18 @@ from tqdm import tqdm
 
 from privacy.accounting import epsilon
 from privacy.ledger import DPPlan, PrivacyLedger
-from secure_fedkim.artifacts import client_dir
 from secure_fedkim.client import local_round, new_client_model, train_plans
 from secure_fedkim.config import RunConfig
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.metrics import binary_metrics
 from secure_fedkim.plan import build_plan
+from secure_fedkim.run_dir import RunDir
 from secure_fedkim.training import predict_task
 
 
 def federation_plan(run_dir: Path, client: str) -> DPPlan | None:
     """The DP plan of the run in ``run_dir`` (whose id is the directory's name) in a hospital's federation ledger."""
-    ledger = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl")
+    ledger = PrivacyLedger(RunDir(run_dir).ledger(client))
     return ledger.plan(run_dir.name) if ledger.path.exists() else None
 
 
@@ -49,7 +49,7 @@ def fits_the_budget(run_dir: Path, client: str) -> bool:
     p = federation_plan(run_dir, client)
     if p is None or not p.dp:
         return True
-    spent = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl").dp_history(run_dir.name)
+    spent = PrivacyLedger(RunDir(run_dir).ledger(client)).dp_history(run_dir.name)
     composed = epsilon(spent + p.planned_steps(), p.delta, p.accountant)
     return composed <= p.target_epsilon * (1 + 1e-9)
 
@@ -58,12 +58,13 @@ def privacy_spend(cfg: RunConfig, run_dir: Path) -> dict[str, dict]:
     """Each DP hospital's epsilon from its ledgers: the federation's, the baseline's and both composed (the
     hospital's epsilon for the run: the same records, both results released), with the unit and budget."""
     out = {}
+    files = RunDir(run_dir)
     for client in cfg.federation.clients:
         plan = federation_plan(run_dir, client)
         if plan is None or not plan.dp:
             continue
-        alone = run_dir / "baseline" / client / "ledger.jsonl"
-        fed_h = PrivacyLedger(client_dir(run_dir, client) / "ledger.jsonl").dp_history(run_dir.name)
+        alone = files.baseline_ledger(client)
+        fed_h = PrivacyLedger(files.ledger(client)).dp_history(run_dir.name)
         base_h = PrivacyLedger(alone).dp_history(f"baseline-{client}") if alone.exists() else []
         eps = lambda h: epsilon(h, plan.delta, plan.accountant) if h else 0.0  # noqa: E731
         out[client] = {"unit": plan.privacy_unit, "budget": plan.target_epsilon,
@@ -95,7 +96,7 @@ def train_alone(cfg_json: str, run_dir: str, client: str) -> tuple[dict[str, dic
     plans = build_plan(cfg)
     model = new_client_model(cfg, plans)
     noise = planned_noise(Path(run_dir), client)  # the same schedule and budget: the same calibration
-    dp = hospital_dp(cfg, plans, client, Path(run_dir) / "baseline" / client, f"baseline-{client}", noise)
+    dp = hospital_dp(cfg, plans, client, RunDir(run_dir).baseline(client).path, f"baseline-{client}", noise)
     for r in range(1, cfg.run.rounds + 1):
         local_round(model, plans, client, cfg, r, dp=dp)
     metrics, probs = {}, {}

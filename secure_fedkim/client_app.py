@@ -19,13 +19,14 @@ from flwr.clientapp import ClientApp
 from privacy.accounting import group_privacy_epsilon
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.artifacts import client_dir, save_model
+from secure_fedkim.artifacts import save_model
 from secure_fedkim.client import dp_plan_inputs, local_round, new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import build_plan
 from secure_fedkim.policy import check_node
+from secure_fedkim.run_dir import HospitalDir, RunDir
 
 
 @dataclass
@@ -50,7 +51,7 @@ def state_dir(context: Context, run_dir: str, client: str) -> Path:
     """Where this hospital keeps its own state: its node's `state-dir`, or the run directory in a simulation."""
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"]))
-    return client_dir(run_dir, client)
+    return RunDir(run_dir).client(client).path
 
 
 def hospital_dp(
@@ -72,7 +73,7 @@ def hospital_dp(
         PrivacyProfile(**profile.model_dump(), on_exhaustion=p.on_exhaustion, unit=p.unit,
                        **({"max_records_per_patient_step": p.max_records_per_patient_step}
                           if p.max_records_per_patient_step else {})),
-        PrivacyLedger(home / "ledger.jsonl"),
+        PrivacyLedger(HospitalDir(home).ledger),
         run_id,
         rounds=cfg.run.rounds,
         noise_multiplier=noise_multiplier,
@@ -100,7 +101,7 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
     model = new_client_model(cfg, plans)
     model.load_state_dict(state)
     stats = local_round(model, plans, client, cfg, server_round, dp=dp)
-    save_model(model, home / "local_model.safetensors")
+    save_model(model, HospitalDir(home).local_model)
     metrics["num-examples"] = sum(s["n"] for s in stats.values())
     for task, s in stats.items():
         metrics[f"{task}.n"] = int(s["n"])

@@ -27,6 +27,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from secure_fedkim.run_dir import RunDir
+
 # Heavy modules (torch, the data stack) are imported where they are used: every SecAgg+ protocol stage
 # starts a fresh ClientApp process on each SuperNode, and only the training stage needs them.
 
@@ -36,7 +38,7 @@ server = ServerApp()
 
 
 def _status(run_dir: Path, **fields) -> None:
-    (run_dir / "status.json").write_text(json.dumps({"time": time.time(), **fields}, indent=2))
+    RunDir(run_dir).status.write_text(json.dumps({"time": time.time(), **fields}, indent=2))
 
 
 @server.main()
@@ -64,11 +66,12 @@ def main(grid: Grid, context: Context) -> None:
     cfg = cfg.model_copy(update={"baseline": cfg.baseline.model_copy(update={"single_hospital": False})})
     run_dir = Path(str(rc["run-dir"])).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() != text:
+    files = RunDir(run_dir)
+    if files.config_yaml.is_file() and files.config_yaml.read_text() != text:
         raise ValueError(f"{run_dir} belongs to a run with another config; resume only with the same config")
-    (run_dir / "config.yaml").write_text(text)
-    (run_dir / "resolved_config.json").write_text(cfg.model_dump_json(indent=2))
-    keys_dir = Path(str(rc["keys-dir"])) if str(rc.get("keys-dir", "")) else run_dir / "keys"
+    files.config_yaml.write_text(text)
+    files.resolved_config.write_text(cfg.model_dump_json(indent=2))
+    keys_dir = Path(str(rc["keys-dir"])) if str(rc.get("keys-dir", "")) else files.keys_dir
     plans = build_plan(cfg)
     template = new_client_model(cfg, plans).state_dict()
     checkpoint = load_checkpoint(run_dir, template)
@@ -102,14 +105,14 @@ def main(grid: Grid, context: Context) -> None:
         raise
     model = new_client_model(cfg, plans)
     model.load_state_dict(result.arrays.to_torch_state_dict())
-    save_model(model, run_dir / "model" / "client_model.safetensors")
+    save_model(model, files.global_model)
     summary = {
         "run_dir": str(run_dir), "config_sha256": config_sha256(text), "engine": "flower deployment",
         "flower_run_id": context.run_id, "resumed_from_round": started, "code_sha256": code,
         "seconds": round(time.time() - t0, 1), "aggregation": result.aggregation,
         "federated_test": result.history[-1]["client_model_test"] if result.history else None,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    files.write_summary(summary)
     _status(run_dir, status="completed", rounds_completed=cfg.run.rounds, resumed_from=started)
 
 

@@ -9,13 +9,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from privacy.keys import generate_signing_key, public_key_bytes
-
-SIGNING_KEY = "signing_key.pem"
+from secure_fedkim.run_dir import HospitalDir
 
 
 def ensure_signing_key(state_dir: Path) -> bytes:
     """Create the hospital's signing key if it has none (mode 0600); return its raw public key."""
-    path = Path(state_dir) / SIGNING_KEY
+    path = HospitalDir(state_dir).signing_key
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = generate_signing_key().private_bytes(
@@ -28,7 +27,7 @@ def ensure_signing_key(state_dir: Path) -> bytes:
 
 
 def load_signing_key(state_dir: Path):
-    path = Path(state_dir) / SIGNING_KEY
+    path = HospitalDir(state_dir).signing_key
     if not path.is_file():
         raise FileNotFoundError(f"{path}: this hospital has no signing key (run its key setup first)")
     return serialization.load_pem_private_key(path.read_bytes(), password=None)

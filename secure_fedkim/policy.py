@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from privacy.accounting import resolve_delta
 from privacy.keys import canonical_message, load_signing_public_key, public_key_bytes, sign, verify
 from privacy.ledger import PrivacyLedger
+from secure_fedkim.run_dir import HospitalDir
 
 __all__ = [
     "CODE_PACKAGES",
@@ -298,7 +299,7 @@ def enforce_policy(policy: HospitalPolicy, cfg, client: str, *, n_records: int |
 
 def record_refusal(home: Path, run_id: str, server_round: int, client: str, reason: str, policy_sha256: str | None) -> dict:
     """Append a `refused` event to the hospital's own ledger (before the node answers with an error)."""
-    return PrivacyLedger(Path(home) / "ledger.jsonl").append(
+    return PrivacyLedger(HospitalDir(home).ledger).append(
         "refused", run_id=run_id, round=server_round, client=client, reason=reason, policy_sha256=policy_sha256,
     )
 
@@ -351,7 +352,7 @@ def dataset_commitment(cfg, plans, client: str) -> dict:
 
 def commit_dataset(home: Path, run_id: str, cfg, plans, client: str) -> dict | None:
     """Append one `dataset_commitment` event per run to the hospital's ledger (None if already there)."""
-    ledger = PrivacyLedger(Path(home) / "ledger.jsonl")
+    ledger = PrivacyLedger(HospitalDir(home).ledger)
     if ledger.events("dataset_commitment", run_id):
         return None
     return ledger.append("dataset_commitment", run_id=run_id, client=client, tasks=dataset_commitment(cfg, plans, client))

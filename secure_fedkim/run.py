@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from privacy.budget import noise_dominates
-from secure_fedkim.artifacts import FM_SCORES, client_dir, save_model
+from secure_fedkim.artifacts import save_model
 from secure_fedkim.baseline import planned_noise, privacy_spend, single_hospital_baseline
 from secure_fedkim.client import new_client_model, train_plans
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
@@ -26,6 +26,7 @@ from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.identity import ensure_signing_key
 from secure_fedkim.metrics import bootstrap_aurocs, interval, verdict
 from secure_fedkim.plan import TaskPlan, build_plan
+from secure_fedkim.run_dir import RunDir
 from secure_fedkim.training import predict_task
 
 
@@ -179,10 +180,10 @@ def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]
 def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
     """Onboarding, as each hospital would do it: make its signing key in its own state dir and hand the
     federation only the public key."""
-    keys = run_dir / "keys"
-    keys.mkdir(exist_ok=True)
+    files = RunDir(run_dir)
+    files.keys_dir.mkdir(exist_ok=True)
     for client in cfg.federation.clients:
-        (keys / f"{client}.pub").write_bytes(ensure_signing_key(client_dir(run_dir, client)))
+        files.public_key(client).write_bytes(ensure_signing_key(files.client(client).path))
 
 
 def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], dict]:
@@ -242,9 +243,10 @@ def run_federation(
     plans = load_plans(cfg, config_path, progress)
     warn_about_data(cfg, plans)
     run_dir = make_run_dir(cfg, target)
-    (run_dir / "config.yaml").write_text(config_text)
-    (run_dir / "resolved_config.json").write_text(cfg.model_dump_json(indent=2))
-    (run_dir / "features.json").write_text(json.dumps(features_record(plans), indent=2))
+    files = RunDir(run_dir)
+    files.config_yaml.write_text(config_text)
+    files.resolved_config.write_text(cfg.model_dump_json(indent=2))
+    files.features.write_text(json.dumps(features_record(plans), indent=2))
     started = time.time()
 
     bar = tqdm(total=cfg.run.rounds, desc="rounds", unit="round", disable=not progress)
@@ -264,7 +266,7 @@ def run_federation(
     bar.close()
     model = new_client_model(cfg, plans)
     model.load_state_dict(state)
-    save_model(model, run_dir / "model" / "client_model.safetensors")
+    save_model(model, files.global_model)
 
     final_test = history[-1]["client_model_test"]
     alone_scores: dict = {}
@@ -286,7 +288,7 @@ def run_federation(
         "privacy_spend": privacy_spend(cfg, run_dir),
         "fm_comparison": compare_injection(cfg, plans, run_dir, len(history) - 1),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_summary(summary)
     return RunResult(run_dir, history, final_test, single, comparison, summary["privacy_spend"], summary["fm_comparison"])
 
 
@@ -332,7 +334,7 @@ def format_comparison(result: RunResult) -> str:
 def compare_injection(cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path, last: int) -> dict[str, dict]:
     """Per task: the FM's test AUROC before any injection (round 0) and after round `last`, each with its 95%
     bootstrap interval, and the verdict from the interval of (after - before) on the same resampled records."""
-    path = run_dir / "metrics" / FM_SCORES
+    path = RunDir(run_dir).fm_scores
     if last < 1 or not path.exists():
         return {}
     out = {}

@@ -10,6 +10,7 @@ import numpy as np
 
 from secure_fedkim.config import STUDY_VARIANTS, RunConfig
 from secure_fedkim.run import make_run_dir, run_federation
+from secure_fedkim.run_dir import RunDir, StudyDir
 
 
 def variant_config(cfg: RunConfig, variant: str, seed: int) -> RunConfig:
@@ -23,19 +24,20 @@ def variant_config(cfg: RunConfig, variant: str, seed: int) -> RunConfig:
 
 def run_study(cfg: RunConfig, config_text: str, out_dir=None, progress: bool = True) -> tuple[Path, dict]:
     study_dir = make_run_dir(cfg, out_dir)
-    (study_dir / "config.yaml").write_text(config_text)
+    study = StudyDir(study_dir)
+    study.config_yaml.write_text(config_text)
     results: dict[str, dict[int, dict]] = {}
     round0: dict[int, dict] = {}  # the FM with the untrained projection and experts: FedPlug at round 0
     for seed in cfg.study.seeds:
         for variant in cfg.study.variants:
-            run = run_federation(variant_config(cfg, variant, seed), config_text, study_dir / f"{variant}-seed{seed}", progress)
-            summary = json.loads((run.run_dir / "summary.json").read_text())
+            run = run_federation(variant_config(cfg, variant, seed), config_text, study.run(variant, seed), progress)
+            summary = RunDir(run.run_dir).read_summary()
             results.setdefault(variant, {})[seed] = summary["fm_test"]
             if variant == "fedplug":
                 round0[seed] = summary["fm_test_round0"]
     if round0:
         results = {"no injection (FedPlug, round 0)": round0, **results}
-    (study_dir / "study.json").write_text(json.dumps(results, indent=2))
+    study.results.write_text(json.dumps(results, indent=2))
     return study_dir, results
 
 

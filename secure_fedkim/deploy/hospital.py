@@ -53,12 +53,13 @@ def prepare_hospital(name: str, home: str | Path, server_keys: str | Path | None
     policy's path (None without a policy)."""
     from secure_fedkim.identity import ensure_signing_key, load_signing_key
     from secure_fedkim.policy import write_policy
+    from secure_fedkim.run_dir import HospitalDir, public_key_file
 
     home = Path(home)
     public = ensure_signing_key(home)
     if server_keys is not None:
         Path(server_keys).mkdir(parents=True, exist_ok=True)
-        (Path(server_keys) / f"{name}.pub").write_bytes(public)
+        public_key_file(server_keys, name).write_bytes(public)
     if policy is None:
         return None
-    return write_policy(home / "policy.yaml", policy, load_signing_key(home))
+    return write_policy(HospitalDir(home).policy, policy, load_signing_key(home))

@@ -9,6 +9,7 @@ from secure_fedkim.deploy.credentials import make_node_keys, make_tls
 from secure_fedkim.deploy.federation import Deployment
 from secure_fedkim.deploy.hospital import default_policy, prepare_hospital
 from secure_fedkim.deploy.processes import DeployError
+from secure_fedkim.run_dir import HospitalDir, RunDir
 
 
 def commands(base: str | Path, hospitals: list[str], port: int = 9093, host: str = "127.0.0.1") -> str:
@@ -28,10 +29,11 @@ def commands(base: str | Path, hospitals: list[str], port: int = 9093, host: str
     lines += [f"flwr supernode register {b}/node_keys/{h}_auth.pub fedkim --name {h}" for h in hospitals]
     lines += ["", "# 3. each hospital, on its own machine: its node, its keys, its state dir and its signed policy"]
     for i, h in enumerate(hospitals):
+        home = HospitalDir(b / "hospitals" / h)
         lines.append(
             f"flower-supernode --superlink {a} --root-certificates {b}/tls/ca.pem "
             f"--auth-supernode-private-key {b}/node_keys/{h}_auth "
-            f"--node-config 'hospital=\"{h}\" state-dir=\"{b}/hospitals/{h}\" policy=\"{b}/hospitals/{h}/policy.yaml\"' "
+            f"--node-config 'hospital=\"{h}\" state-dir=\"{home.path}\" policy=\"{home.policy}\"' "
             f"--host 127.0.0.1 --port {9094 + i}"
         )
     lines += [
@@ -89,5 +91,5 @@ def run_local(config: str | Path, base: str | Path, timeout: float = 3600.0, log
         log(f"run {run_id} submitted; logs in {d.base / 'logs'}")
         status = d.wait_run(run_id, timeout=timeout)
         if status != "finished:completed":
-            raise DeployError(f"run {run_id} ended {status}; see {run_dir / 'status.json'} and {d.base / 'logs'}")
+            raise DeployError(f"run {run_id} ended {status}; see {RunDir(run_dir).status} and {d.base / 'logs'}")
     return run_dir

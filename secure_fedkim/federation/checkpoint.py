@@ -1,8 +1,8 @@
 """Checkpoints of a long-lived federation: the global model after each round, so a restarted server resumes.
 
-Files in the run directory: `checkpoint.safetensors` (the global client model after the round),
-`checkpoint.json` ({"round", "run_id", "sha256" of the weights file}) and, with injection enabled,
-`checkpoint_fm.safetensors` (the foundation model's trainable parameters) with its sampler state. The
+Files in the run directory (`RunDir.checkpoint`, `.checkpoint_meta`, `.checkpoint_fm`): the global client
+model after the round, its metadata ({"round", "run_id", "sha256" of the weights file}) and, with injection
+enabled, the foundation model's trainable parameters, with its sampler state in the metadata. The
 metadata file is written last, so a crash mid-write leaves the previous checkpoint in force.
 """
 
@@ -16,9 +16,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_META = "checkpoint.json"
-CHECKPOINT_FM = "checkpoint_fm.safetensors"
+from secure_fedkim.run_dir import RunDir
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -37,33 +35,33 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, injec
     """The global model (and the injected FM's trainable state) after `server_round`."""
     from safetensors.torch import save_file
 
-    run_dir = Path(run_dir)
+    files = RunDir(run_dir)
     state = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
-    _atomic_write(run_dir / CHECKPOINT, lambda p: save_file(state, str(p)))
-    meta = {"round": server_round, "run_id": run_dir.name, "sha256": _sha256(run_dir / CHECKPOINT)}
+    _atomic_write(files.checkpoint, lambda p: save_file(state, str(p)))
+    meta = {"round": server_round, "run_id": files.name, "sha256": _sha256(files.checkpoint)}
     if injector is not None:
         fm = {n: p.detach().contiguous() for n, p in injector.fm.named_parameters() if p.requires_grad}
-        _atomic_write(run_dir / CHECKPOINT_FM, lambda p: save_file(fm, str(p)))
+        _atomic_write(files.checkpoint_fm, lambda p: save_file(fm, str(p)))
         sampler = injector.sampler_state()
-        meta.update(fm_sha256=_sha256(run_dir / CHECKPOINT_FM), fm_rng=sampler["rng"],
+        meta.update(fm_sha256=_sha256(files.checkpoint_fm), fm_rng=sampler["rng"],
                     fm_trained_examples=sampler["trained_examples"])
-    _atomic_write(run_dir / CHECKPOINT_META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    _atomic_write(files.checkpoint_meta, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
 def load_checkpoint(run_dir: Path, template: dict) -> tuple[int, ArrayRecord, dict] | None:
     """(round, global arrays in `template`'s order, metadata) of the last checkpoint, or None."""
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    meta_path = run_dir / CHECKPOINT_META
+    files = RunDir(run_dir)
+    meta_path = files.checkpoint_meta
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    if _sha256(run_dir / CHECKPOINT) != meta["sha256"]:
-        raise RuntimeError(f"{run_dir / CHECKPOINT}: does not match {CHECKPOINT_META} (sha256); not resuming from it")
-    state = load_file(str(run_dir / CHECKPOINT))
+    if _sha256(files.checkpoint) != meta["sha256"]:
+        raise RuntimeError(f"{files.checkpoint}: does not match {meta_path.name} (sha256); not resuming from it")
+    state = load_file(str(files.checkpoint))
     if set(state) != set(template):
-        raise RuntimeError(f"{run_dir / CHECKPOINT}: its tensors do not match this config's model")
+        raise RuntimeError(f"{files.checkpoint}: its tensors do not match this config's model")
     ordered = OrderedDict((k, state[k]) for k in template)
     return int(meta["round"]), ArrayRecord(ordered), meta
 
@@ -73,9 +71,10 @@ def restore_injector(run_dir: Path, injector, meta: dict) -> None:
     import torch
     from safetensors.torch import load_file
 
-    path = Path(run_dir) / CHECKPOINT_FM
+    files = RunDir(run_dir)
+    path = files.checkpoint_fm
     if _sha256(path) != meta.get("fm_sha256"):
-        raise RuntimeError(f"{path}: does not match {CHECKPOINT_META}; not resuming from it")
+        raise RuntimeError(f"{path}: does not match {files.checkpoint_meta.name}; not resuming from it")
     saved = load_file(str(path))
     with torch.no_grad():
         for n, p in injector.fm.named_parameters():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from secure_fedkim.run_dir import RunDir
+
 
 def _serve(conn, min_clients: int, flooding_sigma: float, verify_keys: dict, run_id: str, ledger_path: str) -> None:
     from privacy.he import KeyHolder
@@ -46,7 +48,7 @@ class KeyHolderProcess:
     def __init__(self, run_dir: Path, verify_keys: dict[str, bytes], run_id: str, min_clients: int, flooding_sigma: float):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        ledger = Path(run_dir) / "keyholder" / "ledger.jsonl"
+        ledger = RunDir(run_dir).keyholder_ledger
         self.process = ctx.Process(
             target=_serve, args=(child, min_clients, flooding_sigma, verify_keys, run_id, str(ledger)),
             name="ckks-key-holder", daemon=True,

@@ -22,10 +22,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from secure_fedkim.aggregation import unflatten_state
-from secure_fedkim.artifacts import FM_SCORES
 from secure_fedkim.client import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan
+from secure_fedkim.run_dir import RunDir
 from secure_fedkim.training import evaluate_task
 
 log = logging.getLogger(__name__)
@@ -142,14 +142,14 @@ class FedKIM(FedAvg):
         self.evaluate(server_round, ArrayRecord(model.state_dict()))
 
     def _write_round(self, server_round: int, record: dict) -> None:
-        out = self.run_dir / "metrics"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"round_{server_round:03d}.json").write_text(json.dumps(record, indent=2))
+        path = RunDir(self.run_dir).round_metrics(server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
 
     def _save_fm_scores(self, server_round: int, scores: dict) -> None:
         """The FM's test probabilities before any injection (round 0) and after the latest round, for the run's
         paired comparison of the two (metrics/fm_test_scores.npz; test splits only, never training records)."""
-        path = self.run_dir / "metrics" / FM_SCORES
+        path = RunDir(self.run_dir).fm_scores
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = {}
         if server_round > 0 and path.exists():

@@ -38,8 +38,9 @@ def _ckks(run: RunFacts, out: dict, f: dict) -> None:
     cfg = run.cfg
     agg_summary = run.summary.get("aggregation", {}) or {}
     ckks = dict(agg_summary.get("ckks") or {})
-    kh_path = run.run_dir / "keyholder" / "ledger.jsonl"
-    kh = {"path": "keyholder/ledger.jsonl", "exists": kh_path.is_file(), "verified": False, "head": None,
+    kh_path = run.files.keyholder_ledger
+    kh_rel = run.files.relative(kh_path)
+    kh = {"path": kh_rel, "exists": kh_path.is_file(), "verified": False, "head": None,
           "entries": 0, "error": None}
     decrypts: list[dict] = []
     if kh["exists"]:
@@ -47,7 +48,7 @@ def _ckks(run: RunFacts, out: dict, f: dict) -> None:
         if entries is None:
             kh["error"] = err
             f.setdefault("ledger_verified", []).append(
-                Finding("fail", f"keyholder/ledger.jsonl does not verify: {err}", None, "the key holder's ledger does not verify"))
+                Finding("fail", f"{kh_rel} does not verify: {err}", None, "the key holder's ledger does not verify"))
         else:
             kh.update(verified=True, head=entries[-1]["hash"] if entries else GENESIS_HASH, entries=len(entries))
             decrypts = [e for e in entries if e.get("event") == "he_decrypt"]
@@ -58,11 +59,11 @@ def _ckks(run: RunFacts, out: dict, f: dict) -> None:
     claimed = ckks.get("server_has_secret_key", agg_summary.get("server_has_secret_key"))
     if claimed is True or ckks.get("secret_key_holder") == "server":
         server_key = True
-        key_f.append(Finding("fail", "summary.json records that the aggregating server held the CKKS secret key", None,
+        key_f.append(Finding("fail", f"{run.files.summary.name} records that the aggregating server held the CKKS secret key", None,
                              "the server held the secret key"))
     elif not kh["exists"]:
         server_key = None
-        key_f.append(Finding("attention", "he mode, but no keyholder/ledger.jsonl: the run cannot show who decrypted",
+        key_f.append(Finding("attention", f"he mode, but no {kh_rel}: the run cannot show who decrypted",
                              None, "key custody not shown"))
     elif not kh["verified"]:
         server_key = None
@@ -76,13 +77,13 @@ def _ckks(run: RunFacts, out: dict, f: dict) -> None:
         if missing:
             server_key = None
             key_f.append(Finding("fail", f"round(s) {missing} were aggregated in he mode with no he_decrypt entry in "
-                                 f"keyholder/ledger.jsonl: the aggregate was decrypted outside the key holder",
+                                 f"{kh_rel}: the aggregate was decrypted outside the key holder",
                                  None, "an aggregate was decrypted outside the key holder"))
         if twice:
             key_f.append(Finding("fail", f"the key holder decrypted round(s) {twice} more than once", None,
                                  "a round was decrypted more than once"))
         if few:
-            key_f.append(Finding("fail", f"keyholder/ledger.jsonl seq {few[0].get('seq')}: a decryption of "
+            key_f.append(Finding("fail", f"{kh_rel} seq {few[0].get('seq')}: a decryption of "
                                  f"{len(few[0].get('clients', []))} contributions, fewer than min_clients={min_clients}",
                                  None, "an aggregate of too few hospitals was decrypted"))
     f["server_secret_key"] = key_f

@@ -56,6 +56,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from secure_fedkim.run_dir import RunDir
 
 from . import text
 from .aggregation import aggregation_facts
@@ -149,16 +150,18 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
     object with ``eps_lb`` a canary DP audit, any object with ``update`` under an inversion/reconstruction key
     an inversion row. The hospital and task come from the object's fields or its path. Record ids
     (``top_exposed``) are never copied."""
-    path = run_dir / "audit" / "audit.json"
-    out = {"run": False, "source": "audit/audit.json", "mia": [], "dp_audit": [], "reconstruction": [], "consistency": [],
+    files = RunDir(run_dir)
+    path = files.audit_json
+    rel = files.relative(path)
+    out = {"run": False, "source": rel, "mia": [], "dp_audit": [], "reconstruction": [], "consistency": [],
            "roc_images": [], "note": None, "auditor_knowledge": None, "skipped": [], "low_fpr_note": None}
     if not path.is_file():
-        out["note"] = "audit not run: no audit/audit.json in the run directory (run `secure-fedkim audit RUN_DIR`)"
+        out["note"] = f"audit not run: no {rel} in the run directory (run `secure-fedkim audit RUN_DIR`)"
         return out, [Finding("attention", out["note"], None, out["note"])]
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        out["note"] = f"audit/audit.json is unreadable ({e}); treated as not run"
+        out["note"] = f"{rel} is unreadable ({e}); treated as not run"
         return out, [Finding("attention", out["note"], None, "the audit file is unreadable")]
     out["run"] = True
     findings: list[Finding] = []
@@ -237,9 +240,9 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
     out["_clients"] = list(clients)
     by_png = {m["roc_png"]: m["hospital"] for m in out["mia"] if m.get("roc_png")}
     out["roc_images"] = [
-        {"path": p.relative_to(run_dir).as_posix(),
+        {"path": files.relative(p),
          "hospital": by_png[p.name] if p.name in by_png else next((c for c in clients if p.name.startswith(f"roc_{c}_")), None)}
-        for p in sorted((run_dir / "audit").glob("*.png"))
+        for p in sorted(files.audit_dir.glob("*.png"))
     ]
     if isinstance(data, dict):
         out["auditor_knowledge"] = data.get("auditor_knowledge") if isinstance(data.get("auditor_knowledge"), str) else None
@@ -402,25 +405,27 @@ PACKAGES = ("torch", "opacus", "tenseal", "flwr", "transformers", "peft", "dp-ac
 def artifact_paths(run_dir: Path, clients: list[str]) -> list[tuple[str, str | None]]:
     """(relative path, hospital or None) of every file the report's numbers or guarantees rest on.
     Never a private key."""
+    files = RunDir(run_dir)
     out: list[tuple[str, str | None]] = []
-    for name in ("config.yaml", "resolved_config.json", "summary.json"):
-        if (run_dir / name).is_file():
-            out.append((name, None))
-    for p in sorted((run_dir / "metrics").glob("round_*.json")):
-        out.append((p.relative_to(run_dir).as_posix(), None))
-    for p in sorted((run_dir / "model").glob("*")):
+    for p in (files.config_yaml, files.resolved_config, files.summary):
         if p.is_file():
-            out.append((p.relative_to(run_dir).as_posix(), None))
+            out.append((files.relative(p), None))
+    for p in files.round_metrics_files():
+        out.append((files.relative(p), None))
+    for p in sorted(files.model_dir.glob("*")):
+        if p.is_file():
+            out.append((files.relative(p), None))
     for c in clients:
-        for p in sorted((run_dir / "clients" / c).glob("*.safetensors")):
-            out.append((p.relative_to(run_dir).as_posix(), c))
-        if (run_dir / "keys" / f"{c}.pub").is_file():
-            out.append((f"keys/{c}.pub", c))
-    audit = run_dir / "audit"
+        for p in sorted(files.client(c).path.glob("*.safetensors")):
+            out.append((files.relative(p), c))
+        key = files.public_key(c)
+        if key.is_file():
+            out.append((files.relative(key), c))
+    audit = files.audit_dir
     for p in sorted(audit.glob("*")) if audit.is_dir() else []:
         if p.is_file() and p.suffix in (".json", ".png"):
             hosp = next((c for c in clients if c in p.name), None)
-            out.append((p.relative_to(run_dir).as_posix(), hosp))
+            out.append((files.relative(p), hosp))
     return out
 
 
@@ -479,14 +484,15 @@ def _facts(run_dir: Path) -> dict:
             findings["differential_privacy"].append(Finding("fail", f"{h.name} trained without differential privacy: "
                                                             "its records carry no guarantee", h.name,
                                                             "a hospital trained without DP"))
-    config = run_dir / "config.yaml"
+    config_file = run.files.config_yaml
+    config, summary = config_file.name, run.files.summary.name
     recorded = run.summary.get("config_sha256")
-    config_sha = sha256_file(config) if config.is_file() else None
+    config_sha = sha256_file(config_file) if config_file.is_file() else None
     if config_sha is None:
-        findings["config_hash"].append(Finding("fail", "config.yaml is missing from the run directory", None, "config.yaml missing"))
+        findings["config_hash"].append(Finding("fail", f"{config} is missing from the run directory", None, f"{config} missing"))
     elif recorded and config_sha != recorded:
-        findings["config_hash"].append(Finding("fail", f"config.yaml hashes to {config_sha}, summary.json recorded {recorded}: "
-                                               "the config was changed after the run", None, "config.yaml changed after the run"))
+        findings["config_hash"].append(Finding("fail", f"{config} hashes to {config_sha}, {summary} recorded {recorded}: "
+                                               "the config was changed after the run", None, f"{config} changed after the run"))
     return {"run": run, "hospitals": hospitals, "audit": audit, "aggregation": agg, "findings": findings,
             "config_sha256": config_sha, "any_dp": bool(dp_hosp)}
 
@@ -727,7 +733,7 @@ def _provenance(f: dict, partner: str | None, generated_at: str) -> dict:
     return {
         "config_sha256": f["config_sha256"],
         "config_sha256_recorded": run.summary.get("config_sha256"),
-        "resolved_config_sha256": sha256_file(run_dir / "resolved_config.json"),
+        "resolved_config_sha256": sha256_file(run.files.resolved_config),
         "code_version": code_version(),
         "package_versions": {p: _version(p) for p in PACKAGES},
         "package_versions_note": "of the environment that generated this report; the run's accountant library is in each ledger's dp_plan",
@@ -735,7 +741,7 @@ def _provenance(f: dict, partner: str | None, generated_at: str) -> dict:
             "report_generated_at": generated_at,
             "run_first_ledger_entry": times[0] if times else None,
             "run_last_ledger_entry": times[-1] if times else None,
-            "summary_written_at": _mtime(run_dir / "summary.json"),
+            "summary_written_at": _mtime(run.files.summary),
             "run_seconds": run.summary.get("seconds"),
         },
         "ledger_heads": {c: hs[c].head for c in view},
@@ -773,8 +779,7 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
         raise ValueError(f"partner {partner!r} is not a hospital of this federation ({len(run.clients)} hospitals)")
     ref = None
     if reference is not None:
-        ref_path = Path(reference) / "summary.json"
-        ref = json.loads(ref_path.read_text())
+        ref = RunDir(reference).read_summary()
         ref["_source"] = str(Path(reference).name)
     elif isinstance(run.summary.get("non_private_reference"), dict):
         ref = dict(run.summary["non_private_reference"])

@@ -22,6 +22,7 @@ from typing import Any
 from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
 from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger, this_run_id
 from secure_fedkim.client import task_local_epochs
+from secure_fedkim.run_dir import RunDir
 
 #: relative tolerance when a recorded epsilon (ledger, metrics) is compared with the recomputation
 EPS_RTOL = 1e-6
@@ -169,8 +170,8 @@ def history_of(dp_rounds: list[dict]) -> list[Step]:
 
 def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     run_dir = run.run_dir
-    path = run_dir / "clients" / name / "ledger.jsonl"
-    h = HospitalFacts(name=name, ledger_rel=f"clients/{name}/ledger.jsonl")
+    path = run.files.ledger(name)
+    h = HospitalFacts(name=name, ledger_rel=run.files.relative(path))
     h.ledger_exists = path.is_file()
     config_dp = run.config_dp
     entries: list[dict] = []
@@ -205,8 +206,8 @@ def _baseline_facts(run: "RunFacts", h: HospitalFacts) -> None:
 
     The baseline trains on the same records and its test metrics are released, so by sequential composition
     its spend counts against the same records: the reported epsilon is that of both histories together."""
-    rel = f"baseline/{h.name}/ledger.jsonl"
-    path = run.run_dir / rel
+    path = run.files.baseline_ledger(h.name)
+    rel = run.files.relative(path)
     released = h.name in (run.summary.get("single_hospital_test") or {})
     if not path.is_file():
         if released and h.dp:
@@ -349,7 +350,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         reported = run.metric_epsilon(h.name, r)
         if reported is not None and not close(reported, finite(eps_r)):
             h.add("epsilon_recomputed", "fail",
-                  f"metrics/round_{r:03d}.json reports epsilon-spent {reported!r} for {h.name}; "
+                  f"{run.files.relative(run.files.round_metrics(r))} reports epsilon-spent {reported!r} for {h.name}; "
                   f"the ledger gives {eps_r!r}", "a reported epsilon differs from its recomputation")
         for e in in_round:  # understated steps: the ledger must cover what the optimizer and the metrics say
             observed = e.get("steps_observed")
@@ -360,7 +361,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
             m_steps = run.metric_steps(h.name, r, e.get("task"))
             if m_steps is not None and int(m_steps) > int(e["steps"]):
                 h.add("epsilon_recomputed", "fail",
-                      f"metrics/round_{r:03d}.json: {h.name} reports {m_steps} steps on {e.get('task')!r}, "
+                      f"{run.files.relative(run.files.round_metrics(r))}: {h.name} reports {m_steps} steps on {e.get('task')!r}, "
                       f"its ledger (seq {e.get('seq')}) accounts for {e['steps']}",
                       "a ledger understates the steps taken")
     # -- budget
@@ -432,7 +433,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
                 want = group_privacy_epsilon(eps_r, delta, k) if eps_r is not None else (None, None)
                 if not (close(rec["epsilon-patient"], want[0]) and close(rec.get("delta-patient"), want[1])):
                     h.add("epsilon_recomputed", "fail",
-                          f"metrics/round_{r:03d}.json reports patient-level ({rec['epsilon-patient']!r}, "
+                          f"{run.files.relative(run.files.round_metrics(r))} reports patient-level ({rec['epsilon-patient']!r}, "
                           f"{rec.get('delta-patient')!r}) for {h.name}; group privacy of the ledger's spend gives {want}",
                           "a reported epsilon differs from its recomputation")
     if plan.get("privacy_unit") == "patient":
@@ -566,6 +567,10 @@ class RunFacts:
     run_id: str = ""
 
     @property
+    def files(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
     def rounds_run(self) -> int:
         return max([r["round"] for r in self.rounds if r.get("round", 0) >= 1] or [0])
 
@@ -613,14 +618,14 @@ class RunFacts:
 def load_run_facts(run_dir: Path) -> RunFacts:
     from secure_fedkim.config import RunConfig
 
-    cfg_file = run_dir / "resolved_config.json"
+    files = RunDir(run_dir)
+    cfg_file = files.resolved_config
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a secure-fedkim run directory (no resolved_config.json)")
+        raise FileNotFoundError(f"{run_dir}: not a secure-fedkim run directory (no {cfg_file.name})")
     cfg = RunConfig.model_validate_json(cfg_file.read_text())
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = files.read_summary() if files.summary.is_file() else {}
     rounds = []
-    for p in sorted((run_dir / "metrics").glob("round_*.json")):
+    for p in files.round_metrics_files():
         rec = json.loads(p.read_text())
         rec.setdefault("round", int(re.sub(r"\D", "", p.stem)))
         rounds.append(rec)
@@ -649,14 +654,14 @@ def _data_facts(facts: RunFacts) -> None:
     positives and the largest number of records of one patient. Counts only, suppressed below 10 later."""
     import numpy as np
 
-    inv: dict = {"source": "data plan rebuilt from resolved_config.json", "tasks": {}, "error": None}
+    inv: dict = {"source": f"data plan rebuilt from {facts.files.resolved_config.name}", "tasks": {}, "error": None}
     try:
         from secure_fedkim.artifacts import load_run
 
         plans = load_run(facts.run_dir).plans
     except Exception as e:  # a report must not need the hospitals' data; say what is missing instead
         inv["error"] = f"the data plan could not be rebuilt here ({type(e).__name__}: {e}); counts from the run's metrics only"
-        inv["source"] = "metrics and summary.json"
+        inv["source"] = f"metrics and {facts.files.summary.name}"
         facts.inventory = inv
         facts.records_per_patient = {c: None for c in facts.clients}
         return

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from secure_fedkim.run_dir import RunDir
+
 from .build import build_report
 from .sign import load_issuer, manifest, sign_bytes
 from .text import CHECK_TITLES, g
@@ -748,14 +750,6 @@ def _col_widths(pdf, head, rows, total: float) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------ writer
-def _stem(partner: str | None) -> str:
-    if partner is None:
-        return "report"
-    if not partner or any(ch in partner for ch in "/\\\0") or partner.startswith("."):
-        raise ValueError(f"partner {partner!r} cannot name a file")
-    return f"report_{partner}"
-
-
 def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -774,34 +768,36 @@ def write_report(run_dir, partner: str | None = None, *, reference=None, key=Non
     schema (nothing is written then).
     """
     run_dir = Path(run_dir)
-    stem = _stem(partner)
+    files = RunDir(run_dir)
+    paths = ReportPaths(*(files.report_file(partner, s) for s in (".json", ".html", ".pdf", ".sig")))
+    sha, sha_sig = files.report_file(partner, ".sha256"), files.report_file(partner, ".sha256.sig")
     signing_key, signer = load_issuer(key, run_dir)
     report = build_report(run_dir, partner, reference=reference)
     report["provenance"]["signature"] = {
         "algorithm": "Ed25519",
         "public_key_sha256": signer["public_key_sha256"],
         "signer": signer,
-        "signature_file": f"{stem}.sig",
-        "signed_bytes": f"the exact bytes of {stem}.json",
-        "files_manifest": f"{stem}.sha256 lists the sha256 of {stem}.json, {stem}.html and {stem}.pdf; "
-                          f"{stem}.sha256.sig signs it",
+        "signature_file": paths.sig.name,
+        "signed_bytes": f"the exact bytes of {paths.json.name}",
+        "files_manifest": f"{sha.name} lists the sha256 of {paths.json.name}, {paths.html.name} and {paths.pdf.name}; "
+                          f"{sha_sig.name} signs it",
         "key_custody": "The issuer's key, kept outside the run directory. Verify against the issuer's published "
                        "public key, never against a key found beside the report.",
-        "openssl_command": f"openssl pkeyutl -verify -pubin -inkey ISSUER.pub.pem -rawin -in {stem}.json -sigfile {stem}.sig",
+        "openssl_command": f"openssl pkeyutl -verify -pubin -inkey ISSUER.pub.pem -rawin -in {paths.json.name} "
+                           f"-sigfile {paths.sig.name}",
     }
-    report["provenance"]["verify_command"] = f"secure-fedkim verify RUN_DIR/{stem}.json --public-key ISSUER.pub.pem"
+    report["provenance"]["verify_command"] = f"secure-fedkim verify RUN_DIR/{paths.json.name} --public-key ISSUER.pub.pem"
     validate_report(report)
     data = (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
     json_sha = hashlib.sha256(data).hexdigest()
     bl = blocks(report, run_dir)
     page = render_html(report, run_dir, bl, json_sha).encode("utf-8")
     pdf = render_pdf(report, run_dir, bl, json_sha)
-    paths = ReportPaths(run_dir / f"{stem}.json", run_dir / f"{stem}.html", run_dir / f"{stem}.pdf", run_dir / f"{stem}.sig")
-    files = manifest({paths.json.name: data, paths.html.name: page, paths.pdf.name: pdf})
+    manifest_bytes = manifest({paths.json.name: data, paths.html.name: page, paths.pdf.name: pdf})
     _write(paths.json, data)
     _write(paths.sig, sign_bytes(signing_key, data))
     _write(paths.html, page)
     _write(paths.pdf, pdf)
-    _write(run_dir / f"{stem}.sha256", files)
-    _write(run_dir / f"{stem}.sha256.sig", sign_bytes(signing_key, files))
+    _write(sha, manifest_bytes)
+    _write(sha_sig, sign_bytes(signing_key, manifest_bytes))
     return paths

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from privacy.ledger import LedgerTampered, PrivacyLedger
+from secure_fedkim.run_dir import RunDir
 
 from . import text
 from .build import (_RANK, SCHEMA_VERSION, _check_rows, _facts, _hospital_entry, _others, artifact_paths, min_others,
@@ -125,12 +126,10 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
     standalone = partner is not None and any(not hs[c].ledger_exists for c in others)
     msgs += _check_summary(report, f, name)
     # config and artifacts
-    for label, field, file in (("config.yaml", "config_sha256", "config.yaml"),
-                               ("resolved_config.json", "resolved_config_sha256", "resolved_config.json")):
-        p = run_dir / file
+    for field, p in (("config_sha256", run.files.config_yaml), ("resolved_config_sha256", run.files.resolved_config)):
         now = sha256_file(p) if p.is_file() else None
         if now != prov.get(field):
-            msgs.append(f"{label}: sha256 {now or '(missing)'} differs from the report's provenance.{field} {prov.get(field)}")
+            msgs.append(f"{run.files.relative(p)}: sha256 {now or '(missing)'} differs from the report's provenance.{field} {prov.get(field)}")
     listed = {a["path"]: a for a in prov["artifacts"]}
     current = artifact_paths(run_dir, run.clients)
     for rel, a in listed.items():
@@ -198,7 +197,7 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
     if kh.get("error"):
         msgs.append(f"{kh['path']}: does not verify: {kh['error']}")
     elif kh.get("head") != prov.get("keyholder_ledger_head"):
-        msgs.append(f"keyholder/ledger.jsonl: chain head {kh.get('head')} differs from the report's "
+        msgs.append(f"{run.files.relative(run.files.keyholder_ledger)}: chain head {kh.get('head')} differs from the report's "
                     f"provenance.keyholder_ledger_head {prov.get('keyholder_ledger_head')}")
     # checks re-derived; a partner alone re-derives from its own findings, and the report may only be worse
     if standalone:
@@ -283,9 +282,10 @@ def _check_summary(report: dict, f: dict, name: str) -> list[str]:
 def _check_baselines(run_dir: Path, hs: dict, view: list[str], prov: dict) -> list[str]:
     """Every single-hospital baseline ledger the report composed: present, intact, same head."""
     msgs = []
+    files = RunDir(run_dir)
     recorded = prov.get("baseline_ledger_heads") or {}
     for c in view:
-        rel = f"baseline/{c}/ledger.jsonl"
+        rel = files.relative(files.baseline_ledger(c))
         now = hs[c].baseline
         if c in recorded and now is None:
             msgs.append(f"{rel}: missing; the report composed this baseline's spend (head {recorded[c]})")

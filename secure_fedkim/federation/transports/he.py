@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from secure_fedkim.federation.transports.base import Transport
+from secure_fedkim.run_dir import RunDir, public_key_file
 
 
 def registered_keys(run_dir: Path, clients: list[str], direct: bool = False) -> dict[str, bytes]:
@@ -20,7 +21,7 @@ def registered_keys(run_dir: Path, clients: list[str], direct: bool = False) -> 
     or <run_dir>/<hospital>.pub with `direct`, for a keys directory kept elsewhere)."""
     keys = {}
     for c in clients:
-        path = Path(run_dir) / ("" if direct else "keys") / f"{c}.pub"
+        path = public_key_file(run_dir, c) if direct else RunDir(run_dir).public_key(c)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: hospital {c!r} has no registered signing key")
         keys[c] = path.read_bytes()
@@ -67,7 +68,7 @@ class CKKSTransport(Transport):
         from secure_fedkim.federation.keyholder import KeyHolderProcess
 
         fed = self.cfg.federation
-        self.verify_keys = registered_keys(keys_dir or Path(run_dir) / "keys", fed.clients, direct=True)
+        self.verify_keys = registered_keys(keys_dir or RunDir(run_dir).keys_dir, fed.clients, direct=True)
         self.keyholder = KeyHolderProcess(run_dir, self.verify_keys, Path(run_dir).name, fed.min_clients, fed.he.flooding_sigma)
         self._owns_keyholder = True
         return {"he-public-context": self.keyholder.public_context}
