@@ -29,21 +29,28 @@ class DPSettings:
 
 
 class ShadowDP:
-    """DP-SGD for the auditor's own reference models: Opacus with the target's noise, clip and Poisson
-    sampling, without a ledger or accountant (nobody's privacy is spent on them; HospitalDP would compute
-    a planned epsilon, about 0.5 s, for every reference model)."""
+    """DP-SGD for the auditor's own reference models: the hospitals' own DP-SGD step (the fused ``lean`` path
+    where the model supports it, else Opacus's hooks) with the target's noise, clip and Poisson sampling,
+    without a ledger or accountant (nobody's privacy is spent on them; HospitalDP would compute a planned
+    epsilon, about 0.5 s, for every reference model)."""
 
-    def __init__(self, dp: DPSettings):
+    def __init__(self, dp: DPSettings, grad_sample_mode: str = "lean"):
         self.dp = dp
+        self.grad_sample_mode = grad_sample_mode
 
     def make_private(self, module, optimizer, data_loader, criterion=None):
-        from opacus import PrivacyEngine
+        from torch import nn as _nn
 
-        kwargs = {} if criterion is None else {"criterion": criterion}
-        return PrivacyEngine().make_private(
+        from privacy.fast_dp import LEAN_MODE, LeanPrivacyEngine, lean_supported
+
+        mode = self.grad_sample_mode
+        if mode == LEAN_MODE and not lean_supported(module):
+            mode = "hooks"
+        return LeanPrivacyEngine().make_private(
             module=module, optimizer=optimizer, data_loader=data_loader,
+            criterion=criterion if criterion is not None else _nn.CrossEntropyLoss(),
             noise_multiplier=self.dp.noise_multiplier, max_grad_norm=self.dp.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode="hooks", **kwargs,
+            grad_sample_mode=mode,
         )
 
 

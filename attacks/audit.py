@@ -34,9 +34,12 @@ says where the time went. :func:`format_audit_table` prints the summary, then th
 attack; columns: n, AUC [95% interval], TPR@1%, TPR@0.1%, empirical epsilon lower bound and status,
 accountant epsilon).
 
-Cost: reference models are most of it. One DP reference model of the demo (5 rounds) took 2-3 CPU-s on
-heart disease, 7-12 on mortality, 5-17 on the ECG task (50 epochs), 5 on the reports (local target vs
-global target; measured on a machine shared with other jobs), hence 4 reference models by default.
+Cost (``cpu_seconds_by_part``): model trainings are most of it: reference models, the game's models and
+the canary replays, trained with the hospitals' own DP-SGD step (the fused ``lean`` path). On the demo's
+DP run (5 tasks, 4 hospitals, 5 rounds) 640 CPU-s in all: the game 303 (ECG and the image crops 118 and
+105: small shards take the most models), local-model MIA 156, global-model MIA 57, canary replays 67,
+white-box 24, inversion 10. The jobs (one per task, one for the white-box audits) run in ``workers``
+processes (two where two cores are free).
 
 What the auditor may see (written into ``audit.json``): the released models (black-box logits for the
 MIA); the candidate records (the target's training records and as many held-out test records); the
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import datetime as _dt
 import json
 import math
@@ -205,6 +209,7 @@ class AuditConfig(_Strict):
     fprs: list[float] = Field(default_factory=lambda: [0.1, 0.01, 0.001], min_length=1)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     seed: int = 0
+    workers: int | None = Field(None, ge=1)  # processes, one job per task; None: 2 where 2 cores are free, else 1
     mia: MIASection = MIASection()
     canary: CanarySection = CanarySection()
     game: GameSection = GameSection()
@@ -459,7 +464,7 @@ def _fm_scorer(run: Run, task: str):
     from secure_fedkim.fm import ADAPTER_FILE, FoundationModel
     from secure_fedkim.fm.injection import fm_config
 
-    fm_dir = run.run_dir / "fm"
+    fm_dir = run.files.fm_dir
     if not run.cfg.injection.enabled:
         raise FileNotFoundError("the run has no knowledge injection, so no injected foundation model")
     if not (fm_dir / ADAPTER_FILE).is_file():
@@ -545,39 +550,100 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     Returns the audit as a dict (the content of audit.json). Raises :class:`AuditConfigError` when the
     config names tasks or hospitals the run does not have. MIA p-values (one-sided, AUC > 0.5) are
     corrected with Holm-Bonferroni over every MIA row of the audit.
-    """
-    from tqdm.auto import tqdm
 
+    The work is cut into independent jobs (one per task, and the white-box audits) that run in
+    ``config.workers`` processes; each job seeds torch's and numpy's global generators from ``config.seed``
+    and its own index (the reference models' Poisson sampling and noise draw from them), so the audit is
+    the same whichever process runs a job and in whatever order.
+    """
     t_start = time.perf_counter()
     config = config or AuditConfig()
     run = load_run(run_dir)
     train_tasks = [n for n, p in run.plans.items() if p.task.role == "train"]
     tasks = _known(config.tasks, train_tasks, train_tasks, "tasks", "training tasks")
     clients = _known(config.clients, run.clients, run.clients, "clients", "hospitals")
-    canary_tasks = _known(config.canary.tasks, tasks, train_tasks, "canary.tasks", "training tasks")
-    game_tasks = _known(config.game.tasks, tasks, train_tasks, "game.tasks", "training tasks")
-    out_dir = run.run_dir / "audit"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _known(config.canary.tasks, tasks, train_tasks, "canary.tasks", "training tasks")
+    _known(config.game.tasks, tasks, train_tasks, "game.tasks", "training tasks")
+    if config.whitebox.enabled:
+        _known(config.whitebox.tasks, tasks[:1], tasks, "whitebox.tasks", "audited tasks")
+        _known(config.whitebox.hospitals, clients, clients, "whitebox.hospitals", "audited hospitals")
+    run.files.audit_dir.mkdir(parents=True, exist_ok=True)
 
     accountant = {h: ledger_epsilon(run, h) for h in run.clients}
-    aggregation = run.cfg.federation.aggregation
     audit: dict[str, Any] = {
         "schema": SCHEMA,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "run_dir": str(run.run_dir),
         "run_name": run.cfg.run.name,
-        "aggregation": aggregation,
+        "aggregation": run.cfg.federation.aggregation,
         "config": config.model_dump(),
         "auditor_knowledge": AUDITOR_KNOWLEDGE,
         "accountant": accountant,
-        "mia": [],
-        "dp_audit": [],
-        "whitebox": [],
-        "mechanism": [],
-        "reconstruction": [],
-        "skipped": [],
+        **{part: [] for part in _PARTS},
     }
+    # the white-box job first: it is short, so the long task jobs then share the workers
+    jobs = ([("whitebox", -1, None)] if config.whitebox.enabled else []) + [("task", ti, t) for ti, t in enumerate(tasks)]
+    workers = min(len(jobs), config.workers or _default_workers())
+    args = [(run.run_dir, config, tasks, clients, accountant, kind, ti, task) for kind, ti, task in jobs]
+    cpu: dict[str, dict[str, float]] = {}
+    if workers <= 1:
+        results = [_audit_job(*a, progress=progress) for a in args]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
 
+        from tqdm.auto import tqdm
+
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_audit_job, *a, progress=False) for a in args]
+            with tqdm(total=len(futures), desc=f"audit ({workers} processes, one job per task)", disable=not progress) as bar:
+                for f in futures:
+                    f.result()
+                    bar.update()
+            results = [f.result() for f in futures]
+    for part_lists, part_cpu in results:  # job order, whatever process ran each job
+        for part in _PARTS:
+            audit[part].extend(part_lists[part])
+        for part, by_task in part_cpu.items():
+            for task, s in by_task.items():
+                cpu.setdefault(part, {})[task] = cpu.get(part, {}).get(task, 0.0) + s
+    _adjust_mia_p_values(audit["mia"])
+    audit["summary"] = mia_summary(audit["mia"])
+    audit["seconds"] = time.perf_counter() - t_start
+    audit["workers"] = workers
+    audit["cpu_seconds_by_part"] = cpu
+    audit = _jsonable(audit)
+    run.files.audit_json.write_text(json.dumps(audit, indent=2, allow_nan=False))
+    return audit
+
+
+_PARTS = ("mia", "dp_audit", "whitebox", "mechanism", "reconstruction", "skipped")
+
+
+def _default_workers() -> int:
+    """Two processes where two cores are free to this process (a 2-core laptop or CI runner), else one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 else 1
+
+
+def _audit_job(run_dir: Path, config: AuditConfig, tasks: list[str], clients: list[str], accountant: dict,
+               kind: str, ti: int, task: str | None, *, progress: bool) -> tuple[dict, dict]:
+    """One job of :func:`audit_run` (its own process when ``workers`` > 1): the white-box audits
+    (``kind == "whitebox"``) or every audit of one task. Returns (entries by part, CPU seconds by part)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed * 1000 + ti + 1)
+    np.random.seed((config.seed * 1000 + ti + 1) % 2**32)
+    run = load_run(run_dir)
+    out: dict[str, Any] = {part: [] for part in _PARTS}
+    if kind == "whitebox":
+        ctx = _Context(run, config, out, accountant, progress, tqdm(disable=True))
+        with ctx.timed("whitebox", "all"):
+            _whitebox(ctx, tasks, clients)
+        return out, ctx.cpu_seconds
     targets: list[tuple[str, str, list[str]]] = []  # (name, kind, hospitals whose records are members)
     if "local" in config.targets:
         targets += [(h, "local", [h]) for h in clients]
@@ -585,42 +651,30 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
         targets.append(("global", "global", run.clients))
     if "fm" in config.targets:
         targets.append(("fm", "fm", run.clients))
-
-    inv_tasks = [t for t in tasks if run.plans[t].task.modality in config.inversion.modalities]
-    total = (len(tasks) * len(targets) if config.mia.enabled else 0) + (
-        len(canary_tasks) * len(clients) if config.canary.enabled else 0
-    ) + (len(game_tasks) * len(clients) if config.game.enabled else 0) + (
-        len(inv_tasks) * len(clients) if config.inversion.enabled else 0)
-    bar = tqdm(total=total, desc="audit", disable=not progress)
-    ctx = _Context(run, config, audit, accountant, progress, bar)
-    for ti, task in enumerate(tasks):
-        nonmembers, population = _auditor_data(run, task, config.mia.nonmember_fraction, config.seed + ti)
-        if config.mia.enabled:
-            for target in targets:
-                with ctx.timed(f"mia {target[1]}", task):
-                    _mia_target(ctx, ti, task, target, nonmembers, population)
-        if config.game.enabled and task in game_tasks:
-            for h in clients:
-                with ctx.timed("game", task):
-                    _game(ctx, ti, task, h)
-        if config.canary.enabled and task in canary_tasks:
-            for h in clients:
-                with ctx.timed("canary", task):
-                    _canary(ctx, ti, task, h, population)
-        if config.inversion.enabled and task in inv_tasks:
-            with ctx.timed("inversion", task):
-                _inversion(ctx, ti, task, clients, nonmembers, population)
+    game = config.game.enabled and task in (tasks if config.game.tasks is None else config.game.tasks)
+    canary = config.canary.enabled and task in (tasks if config.canary.tasks is None else config.canary.tasks)
+    inversion = config.inversion.enabled and run.plans[task].task.modality in config.inversion.modalities
+    total = (len(targets) if config.mia.enabled else 0) + len(clients) * (game + canary + inversion)
+    bar = tqdm(total=total, desc=f"audit {task}", disable=not progress)
+    ctx = _Context(run, config, out, accountant, progress, bar)
+    nonmembers, population = _auditor_data(run, task, config.mia.nonmember_fraction, config.seed + ti)
+    if config.mia.enabled:
+        for target in targets:
+            with ctx.timed(f"mia {target[1]}", task):
+                _mia_target(ctx, ti, task, target, nonmembers, population)
+    if game:
+        for h in clients:
+            with ctx.timed("game", task):
+                _game(ctx, ti, task, h)
+    if canary:
+        for h in clients:
+            with ctx.timed("canary", task):
+                _canary(ctx, ti, task, h, population)
+    if inversion:
+        with ctx.timed("inversion", task):
+            _inversion(ctx, ti, task, clients, nonmembers, population)
     bar.close()
-    if config.whitebox.enabled:
-        with ctx.timed("whitebox", "all"):
-            _whitebox(ctx, tasks, clients)
-    _adjust_mia_p_values(audit["mia"])
-    audit["summary"] = mia_summary(audit["mia"])
-    audit["seconds"] = time.perf_counter() - t_start
-    audit["cpu_seconds_by_part"] = ctx.cpu_seconds
-    audit = _jsonable(audit)
-    (out_dir / "audit.json").write_text(json.dumps(audit, indent=2, allow_nan=False))
-    return audit
+    return out, ctx.cpu_seconds
 
 
 def _whitebox(ctx, tasks: list[str], clients: list[str]) -> None:
@@ -739,7 +793,7 @@ def _mia_target(ctx: _Context, ti: int, task: str, target: tuple, nonmembers: Re
         seed=config.seed + 1000 * ti, progress=ctx.progress, desc=f"reference models {name}/{task}",
     )
     metrics = res.metrics(config.fprs, config.mia.top_k, n_boot=config.mia.bootstrap, seed=config.seed)
-    png = run.run_dir / "audit" / f"roc_{_safe(name)}_{_safe(task)}.png"
+    png = run.files.audit_dir / f"roc_{_safe(name)}_{_safe(task)}.png"
     label = {"global": "global model", "fm": "injected FM"}.get(kind, f"{name} local model")
     plot_roc({a: (s, res.labels) for a, s in res.scores.items()}, png,
              f"{label} / {task}: {res.details['n_members']} members, {res.details['n_nonmembers']} non-members")

@@ -167,6 +167,31 @@ def test_audit_refuses_tasks_the_run_does_not_have(audited):
         audit_run(run_dir, parse_audit_config({"tasks": ["ecg_irregular"]}), progress=False)
 
 
+def _without_timings(node):
+    """The audit with what differs between two identical audits removed: wall and CPU seconds, the timestamp."""
+    if isinstance(node, dict):
+        return {k: _without_timings(v) for k, v in node.items()
+                if k not in ("seconds", "generated_at", "cpu_seconds_by_part", "workers", "config")}
+    if isinstance(node, list):
+        return [_without_timings(v) for v in node]
+    return node
+
+
+def test_the_audit_is_the_same_in_one_process_and_in_two(audited):
+    """Jobs (one per task, one for the white-box audits) run in worker processes; each seeds its own RNG, so
+    the reference models' Poisson sampling and noise, and every number, do not depend on where a job ran."""
+    run_dir, _ = audited
+    small = {**SMALL, "tasks": ["heart_disease", "mortality"], "game": {"enabled": False},
+             "inversion": {"enabled": False}, "mia": {**SMALL["mia"], "attacks": ["loss", "lira_online"]},
+             "whitebox": {"canaries": 200, "mechanism_trials": 2000}}
+    one = audit_run(run_dir, parse_audit_config({**small, "workers": 1}), progress=False)
+    two = audit_run(run_dir, parse_audit_config({**small, "workers": 2}), progress=False)
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert {e["task"] for e in two["mia"]} == {"heart_disease", "mortality"} and two["whitebox"] and two["dp_audit"]
+    assert _without_timings(one) == _without_timings(two)
+    assert set(two["cpu_seconds_by_part"]) >= {"mia local", "canary", "whitebox"}
+
+
 # ------------------------------------------------------------------------------- issue 15: what the audit can decide
 
 
