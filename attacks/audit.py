@@ -595,7 +595,7 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
         from tqdm.auto import tqdm
 
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_audit_job, *a, progress=False) for a in args]
+            futures = [pool.submit(_audit_job, *a, progress=False, in_worker=True) for a in args]
             with tqdm(total=len(futures), desc=f"audit ({workers} processes, one job per task)", disable=not progress) as bar:
                 for f in futures:
                     f.result()
@@ -630,11 +630,13 @@ def _default_workers() -> int:
 
 
 def _audit_job(run_dir: Path, config: AuditConfig, tasks: list[str], clients: list[str], accountant: dict,
-               kind: str, ti: int, task: str | None, *, progress: bool) -> tuple[dict, dict]:
+               kind: str, ti: int, task: str | None, *, progress: bool, in_worker: bool = False) -> tuple[dict, dict]:
     """One job of :func:`audit_run` (its own process when ``workers`` > 1): the white-box audits
     (``kind == "whitebox"``) or every audit of one task. Returns (entries by part, CPU seconds by part)."""
     from tqdm.auto import tqdm
 
+    if in_worker:  # a worker process: one torch thread each (two processes x two threads on two
+        torch.set_num_threads(1)  # cores made the small models' steps many times slower: threads spin-waiting)
     torch.manual_seed(config.seed * 1000 + ti + 1)
     np.random.seed((config.seed * 1000 + ti + 1) % 2**32)
     run = load_run(run_dir)

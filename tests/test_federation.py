@@ -30,16 +30,17 @@ baseline: {single_hospital: true}
 
 def test_cli_run_writes_a_complete_run_directory(tmp_path, capsys):
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(TINY)
+    text = TINY + "injection: {enabled: true, max_public_per_task: 48}\n"
+    cfg_path.write_text(text)
     out = tmp_path / "run"
     assert main(["run", str(cfg_path), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1] == f"run written to {out}"
     assert "Federated vs single-hospital" in printed
 
-    assert (out / "config.yaml").read_text() == TINY
+    assert (out / "config.yaml").read_text() == text
     rounds = sorted(p.name for p in (out / "metrics").iterdir())
-    assert rounds == ["round_000.json", "round_001.json", "round_002.json"]
+    assert rounds == ["fm_test_scores.npz", "round_000.json", "round_001.json", "round_002.json"]
     last = json.loads((out / "metrics" / "round_002.json").read_text())
     assert set(last["clients"]) == {"cleveland", "hungary", "switzerland", "va_long_beach"}
     assert set(last["client_model_test"]) == {"heart_disease", "report_abnormal"}
@@ -61,6 +62,15 @@ def test_cli_run_writes_a_complete_run_directory(tmp_path, capsys):
     assert heart["verdict"] in {"beats", "no clear difference", "worse"} and heart["verdict"] in printed
     features = json.loads((out / "features.json").read_text())  # what became the model input, per task
     assert features["heart_disease"]["x_columns"][0] == "age" and features["heart_disease"]["sample_shape"] == [35]
+    # the injected FM as released after the last round: the audit's black box answers as the run measured it
+    from attacks.audit import _fm_scorer
+
+    assert (out / "fm" / "adapter.safetensors").is_file()
+    test = run.plans["heart_disease"].test()
+    logits = _fm_scorer(run, "heart_disease")(torch.from_numpy(test.x.astype(np.float32))).numpy()
+    with np.load(out / "metrics" / "fm_test_scores.npz") as scores:
+        np.testing.assert_allclose(1 / (1 + np.exp(-logits)), scores["round_002.heart_disease"], atol=1e-5)
+        assert not np.allclose(scores["round_000.heart_disease"], scores["round_002.heart_disease"], atol=1e-4)
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):

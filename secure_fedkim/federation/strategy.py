@@ -175,6 +175,8 @@ class FedKIM(FedAvg):
             scores: dict = {}
             record["fm_test"] = self.injector.evaluate(model, scores)
             self._save_fm_scores(server_round, scores)
+            if server_round > 0:  # the injected FM as released after the latest round (what the audit attacks)
+                self.injector.fm.save_adapter(RunDir(self.run_dir).fm_dir)
         self.history.append(record)
         self._write_round(server_round, record)
         if self.on_round:
