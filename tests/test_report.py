@@ -840,7 +840,9 @@ def test_audit_verdicts_inconsistent_fails_and_inconclusive_is_never_pass(copy_r
     whitebox = {"hospital": "hungary", "task": "heart_disease", "canaries": 1000, "eps_lb_one_run": 12.5,
                 "gdp_mu_estimate": 9.0, "gdp_mu_interval": [7.5, 10.2], "accountant_gdp_mu": 1.6, "status": "inconsistent",
                 "reasons": ["Gaussian-DP mu interval [7.5, 10.2] lies above the accountant's 1.6 (noise x0.25?)"],
-                "checks": [{"name": "mu", "passed": False, "detail": "above"}], "threat_model": "white-box every step"}
+                "checks": [{"name": "mu", "passed": False, "detail": "above"}], "threat_model": "white-box every step",
+                "accountant_epsilon": 7.9, "accountant_epsilon_audited_steps": 1.25,
+                "eps_lb_one_run_method": "f-DP one run, Gaussian trade-off (Mahloujifar, Melis and Chaudhuri 2025)"}
     mechanism = {"hospital": "switzerland", "noise_multiplier": 1.1, "max_grad_norm": 1.0, "trials": 20000,
                  "mu_configured": 0.9, "mu_estimate": 0.91, "mu_interval": [0.85, 0.97], "status": "consistent",
                  "reasons": [], "threat_model": "white-box one step"}
@@ -850,6 +852,10 @@ def test_audit_verdicts_inconsistent_fails_and_inconclusive_is_never_pass(copy_r
     assert check["status"] == "fail" and "hungary" in check["reason"] and "white-box" in check["reason"]
     assert "mu interval [7.5, 10.2]" in check["reason"]
     assert {e["kind"] for e in report["audit"]["consistency"]} == {"dp_audit", "whitebox", "mechanism"}
+    wb = next(e for e in report["audit"]["consistency"] if e["kind"] == "whitebox")
+    # checked against the replayed steps' epsilon, not the whole run's; the bound names its method
+    assert (wb["eps_lb"], wb["claim_checked"], wb["accountant_epsilon"]) == (12.5, 1.25, 7.9)
+    assert wb["lower_bound_method"].startswith("f-DP one run")
     bound = status_of(report, "dp_lower_bound")  # 12.5 > report.eps_lower_bound_attention (1.0)
     assert bound["status"] == "attention" and "12.5" in bound["reason"]
     # the partner report of switzerland says that an audit failed, without naming whom

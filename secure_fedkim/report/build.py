@@ -295,8 +295,11 @@ def _consistency_entry(node: dict, label: str, where: list[str], ctx: dict) -> d
         "status": node["status"],
         "reasons": [str(r) for r in node.get("reasons", []) if isinstance(r, str)] if isinstance(node.get("reasons"), list) else [],
         "eps_lb": max((x for x in lbs if x is not None), default=None),
+        "lower_bound_method": node.get("eps_lb_one_run_method") if isinstance(node.get("eps_lb_one_run_method"), str) else None,
         "max_certifiable_epsilon": _num_or_none(node.get("max_certifiable_epsilon")),
         "accountant_epsilon": _num_or_none(node.get("accountant_epsilon")),
+        # the claim the lower bound is checked against: the white-box audit checks the steps it replayed
+        "claim_checked": _num_or_none(node.get("accountant_epsilon_audited_steps", node.get("accountant_epsilon"))),
         "ratio": _num_or_none(node.get("ratio")),
         "mu_estimate": _num_or_none(node.get("gdp_mu_estimate", node.get("mu_estimate"))),
         "mu_interval": [float(x) for x in node.get("gdp_mu_interval", node.get("mu_interval"))]

@@ -402,10 +402,17 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     else:
         if au.get("consistency"):
             B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
-            B.append(Block("table", (["audit", "hospital", "task", "status", "largest epsilon it can certify", "reasons"],
+            B.append(Block("table", (["audit", "hospital", "task", "status", "epsilon lower bound", "claim checked",
+                                      "largest epsilon it can certify", "reasons"],
                                      [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]), c["status"],
+                                       _v(c.get("eps_lb")), _v(c.get("claim_checked")),
                                        _v(c["max_certifiable_epsilon"]), "; ".join(c["reasons"])] for c in au["consistency"]]),
                            3))
+            methods = sorted({c["lower_bound_method"] for c in au["consistency"] if c.get("lower_bound_method")})
+            if methods:
+                B.append(Block("p", "White-box lower bound: " + "; ".join(methods) + ". It assumes the mechanism's "
+                               "trade-off curve is Gaussian-shaped (DP-SGD over many steps); Steinke, Nasr and "
+                               "Jagielski's bound, which assumes nothing, is in audit.json beside it."))
         B.append(Block("h3", "Membership inference, every result"))
         if au["mia"]:
             fprs = sorted({k for m in au["mia"] for k in m["tpr_at_fpr"]}, key=float)
