@@ -921,7 +921,7 @@ def _inversion(ctx: _Context, ti: int, task: str, clients: list[str], nonmembers
             )
             for r in rows:
                 r.update(hospital=h, task=task, shard_index=int(pos), model="global model (what each client trains from)",
-                         threat_model=THREAT_AGGREGATE if r["update"] in ("he", "secagg") else THREAT_ONE_STEP)
+                         threat_model=THREAT_ONE_STEP if "relative_mse" in r else THREAT_AGGREGATE)
                 if r["update"] == "dp":
                     r["dp_source"] = "the hospital's DP plan" if dp else "illustrative (the hospital trained without DP)"
             audit["reconstruction"].extend(rows)
@@ -1078,7 +1078,7 @@ def format_audit_table(audit: dict) -> str:
                 f"centered cosine {r['cosine_centered']:.3f}{seen}"
             )
         for r in audit.get("reconstruction", []):
-            if r.get("update") in ("he", "secagg"):
+            if "relative_mse" not in r:  # the transport's row: no single update to invert
                 out.append(f"  {r['hospital']}/{r['task']} {r['update']}: {r['note']}")
                 break
     for s in audit.get("skipped", []):

@@ -148,7 +148,7 @@ def aggregated_only_row(mode: str, held: str, min_clients: int | None = None) ->
     """The row for a transport whose aggregator never holds a per-client update (it holds `held` instead)."""
     return {
         "update": mode,
-        "visible": False,
+        "visible": False,  # and no inversion figures: there is no single update to invert
         "note": (
             f"no per-client update visible: under {mode!r} the aggregator holds {held}; only the aggregate of "
             f"at least {min_clients or 'min_clients'} hospitals is ever in the clear, so there is no single "

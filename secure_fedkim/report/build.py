@@ -503,7 +503,10 @@ def _facts(run_dir: Path) -> dict:
 def _check_rows(f: dict, partner: str | None) -> list[dict]:
     rows = []
     any_dp = f["any_dp"]
-    mode = f["run"].cfg.federation.aggregation
+    from secure_fedkim.federation.transports import TRANSPORTS
+
+    transport = TRANSPORTS[f["run"].cfg.federation.aggregation]
+    transport_only = {c for t in TRANSPORTS.values() for c in t.report_checks}
     no_ledger = (not any(h.ledger_exists for h in f["hospitals"].values())
                  and not ((f["aggregation"].get("ckks") or {}).get("key_holder_ledger") or {}).get("exists"))
     for name, section, ok in CHECKS:
@@ -514,9 +517,7 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
             continue
         na = (
             (not any_dp and (name in DP_ONLY or name == "dp_label_has_accountant"))
-            or (name == "he_parameters" and mode != "he")
-            or (name == "secagg_dropout_margin" and mode != "secagg")
-            or (name == "server_secret_key" and mode == "plain")
+            or (name in transport_only and name not in transport.report_checks)
             or (name == "audit_consistent_with_accountant" and not f["audit"]["dp_audit"] and not f["audit"]["consistency"])
             or (name == "ledger_verified" and no_ledger)
             or (name == "measured_leakage" and not f["audit"]["mia"])

@@ -46,6 +46,9 @@ class Transport:
     summary_sentence: ClassVar[str]
     #: what this confidentiality does not cover (None: nothing to add)
     not_covered: ClassVar[str | None] = None
+    #: the compliance-report checks (secure_fedkim.report.text.CHECKS names) that only runs of a transport with
+    #: this check have; on any other transport's run they are "not applicable"
+    report_checks: ClassVar[tuple[str, ...]] = ()
     #: other parties this transport adds: (party, role); and threat rows: (adversary, asset, protected_by, not_protected)
     parties: ClassVar[tuple[tuple[str, str], ...]] = ()
     threats: ClassVar[tuple[tuple[str, str, str, str], ...]] = ()

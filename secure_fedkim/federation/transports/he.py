@@ -36,6 +36,7 @@ class CKKSTransport(Transport):
     report_mode = "ckks"
     title = "CKKS homomorphic encryption"
     update_form = "CKKS ciphertext, signed (Ed25519)"
+    report_checks = ("he_parameters", "server_secret_key")
     protects_one_update = "CKKS encryption; the server holds a public-only context and never the secret key"
     exposes_one_update = ("a malicious server could submit one hospital's ciphertext as an 'aggregate' (SecAgg+ mode "
                           "answers that); collusion with the key holder reveals every update")

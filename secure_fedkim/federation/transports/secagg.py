@@ -114,6 +114,7 @@ class SecAggTransport(Transport):
     report_mode = "secagg+"
     title = "SecAgg+ secure aggregation"
     update_form = "SecAgg+-masked vector"
+    report_checks = ("secagg_dropout_margin", "server_secret_key")
     protects_one_update = "SecAgg+ masks that cancel only in the sum"
     exposes_one_update = "a server that also controls enough hospitals (at least the reconstruction threshold) could unmask one"
     summary_sentence = "Updates reached the server SecAgg+-masked: it learned only their sum (masking, not differential privacy)."
