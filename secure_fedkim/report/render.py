@@ -2,8 +2,9 @@
 pure Python) and report.sig (Ed25519 over the exact JSON bytes).
 
 HTML and PDF are rendered from one list of blocks built from report.json alone (plus the audit's ROC PNGs), so
-they hold the same content in the section order of REPORTING.md §2.3. Plots are PNGs drawn with matplotlib's Agg
-canvas (pyplot's global state is left alone) from the data series that report.json carries.
+they hold the same content in the section order of REPORTING.md §2.3: ``SECTIONS`` lists the sections in order, one
+builder function each. Plots are PNGs drawn with matplotlib's Agg canvas (pyplot's global state is left alone)
+from the data series that report.json carries.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from secure_fedkim.run_dir import RunDir
 
@@ -30,23 +31,6 @@ FILLS = {"pass": (214, 240, 220), "attention": (255, 236, 200), "fail": (248, 21
 DECISION_STATUS = {"do not release": "fail", "release with conditions": "attention", "release": "pass"}
 MIN_PDF_PT = 8  # no PDF text below this size
 MAX_ROC_IMAGES = 6
-SECTIONS = [
-    ("summary", "1. Summary and decision"),
-    ("checks", "2. Checks"),
-    ("guarantee", "3. Guarantee statement"),
-    ("scope", "4. Intended use, roles and data flow"),
-    ("privacy", "5. Privacy definition and accounting"),
-    ("budget", "6. Budget ledger and enforcement"),
-    ("aggregation", "7. Aggregation confidentiality"),
-    ("threats", "8. Threat model"),
-    ("audit", "9. Empirical audits"),
-    ("utility", "10. Utility"),
-    ("inventory", "11. Data inventory (counts only)"),
-    ("provenance", "12. Provenance and integrity"),
-    ("regulatory", "13. Regulatory mapping"),
-    ("hazards", "14. Hazards and limitations"),
-    ("glossary", "15. Glossary and sign-off"),
-]
 
 
 class ReportPaths(NamedTuple):
@@ -248,11 +232,20 @@ def _interval(ci) -> str:
     return "-" if not ci else f"{g(ci[0], 3)}\u2013{g(ci[1], 3)}"
 
 
-def _first_page(B: list[Block], report: dict) -> None:
+def _title(B: list[Block], report: dict) -> None:
+    """The title and the overall status, above section 1."""
+    partner = report["partner"]
+    title = f"Compliance report: run {report['run_id']}" + (f" for {partner}" if partner else " (federation)")
+    B.append(Block("h1", title))
+    st = report["status"]["overall"]
+    B.append(Block("p", f"Federation '{report['federation_name']}'. Generated {report['generated_at']}. Overall status: "
+                   f"{st.upper()}.", st))
+
+
+def _section_summary(B: list[Block], report: dict, run_dir: Path) -> None:
     """Section 1: the decision and its reasons, epsilon per hospital in plain words, the worst measured leakage,
     what is not covered, the checks in words. Fits on the first PDF page."""
     fp = report["summary"]["first_page"]
-    B.append(Block("h2", dict(SECTIONS)["summary"], "summary"))
     B.append(Block("decision", f"Decision: {fp['decision'].upper()}", DECISION_STATUS[fp["decision"]]))
     reasons = [r if len(r) <= 300 else r[:290].rsplit(" ", 1)[0] + " ... (section 2)" for r in fp["reasons"]]
     B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (section 2)"] if len(reasons) > 6 else [])))
@@ -264,32 +257,28 @@ def _first_page(B: list[Block], report: dict) -> None:
                           ("not covered", "; ".join(fp["not_covered"]) + " (full list in section 3)")]))
     B.append(Block("table", (["check", "status"], [[c["title"], c["status"]] for c in fp["checks"]]), 1, "compact"))
     B.append(Block("p", report["summary"]["plain_language"]))
+    B.append(Block("break", None))  # the checks start on page 2
 
 
-def blocks(report: dict, run_dir: Path) -> list[Block]:
-    B: list[Block] = []
-    h2 = lambda key: B.append(Block("h2", dict(SECTIONS)[key], key))
-    partner = report["partner"]
-    title = f"Compliance report: run {report['run_id']}" + (f" for {partner}" if partner else " (federation)")
-    B.append(Block("h1", title))
-    st = report["status"]["overall"]
-    B.append(Block("p", f"Federation '{report['federation_name']}'. Generated {report['generated_at']}. Overall status: "
-                   f"{st.upper()}.", st))
-    _first_page(B, report)
-    B.append(Block("break", None))
-    h2("checks")
+def _section_checks(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Every check with its status and reason."""
     B.append(Block("table", (["check", "status", "reason"],
                              [[CHECK_TITLES.get(c["name"], c["name"]), c["status"], c["reason"]] for c in report["checks"]]), 1))
     B.append(Block("p", "Status rules: a check with nothing behind it is 'not applicable', never 'pass'; 'inconclusive' "
                         "means the evidence cannot decide. The machine names of the checks are in report.json."))
-    # 2 guarantee
-    h2("guarantee")
+
+
+def _section_guarantee(B: list[Block], report: dict, run_dir: Path) -> None:
+    """The guarantee statement in prose and what it does not cover."""
     gs = report["guarantee_statement"]
     for para in gs["text"].split("\n\n")[:-1]:
         B.append(Block("p", para))
     B.append(Block("p", "This guarantee does not cover:"))
     B.append(Block("ul", gs["does_not_cover"]))
-    h2("scope")
+
+
+def _section_scope(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Intended use, roles, and what leaves which boundary in which form."""
     sc = report["scope"]
     B.append(Block("kv", [("intended use", sc["intended_use"]), ("purpose", sc["purpose"])]))
     B.append(Block("h3", "Roles"))
@@ -298,7 +287,56 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     B.append(Block("table", (["artifact", "from", "to", "form", "privacy protection"],
                              [[r["artifact"], r["from"], r["to"], r["form"], r["privacy_protection"]]
                               for r in sc["release_scope"]]), None))
-    h2("privacy")
+
+
+def _privacy_per_hospital(B: list[Block], dp_h: list[dict]) -> None:
+    """Section 5 for the hospitals with DP: mechanism, accounting, budget and epsilon per round."""
+    B.append(Block("h3", "Mechanism per hospital"))
+    B.append(Block("table", (["hospital", "noise multiplier", "clip norm", "sampling", "sample rates", "batch",
+                              "steps/round", "steps", "rounds attended", "records", "secure mode"],
+                             [[h["hospital"], _v(m["noise_multiplier"]), _v(m["max_grad_norm"]), m["sampling"],
+                               _v(m["sample_rates"]), _v(m["batch_size"]), _v(m["steps_per_round"]), _v(m.get("steps_total")),
+                               f"{m['rounds_attended']} / {m['rounds_planned']}", _v(m["n_records"]), _v(m["secure_mode"])]
+                              for h in dp_h for m in [h["mechanism"]]]), None))
+    B.append(Block("h3", "Accounting per hospital"))
+    B.append(Block("table", (["hospital", "released spends (ledger: epsilon)", "epsilon (composed)", "dp_accounting PLD"],
+                             [[h["hospital"], "; ".join(f"{x['source']}: {_v(x['epsilon'])}" for x in a["released_spends"]),
+                               _v(a["epsilon_total"]), _v(a.get("epsilon_total_pld"))]
+                              for h in dp_h for a in [h["accounting"]]]), None))
+    B.append(Block("table", (["hospital", "accountant", "federation epsilon", "budget", "remaining", "delta", "1/n",
+                              "Gaussian-DP mu", "independent (library, method)", "relative difference", "patient level"],
+                             [[h["hospital"], f"{a['accountant']} ({a['accountant_library']})", _v(a["epsilon_spent"]),
+                               _v(a["epsilon_budget"]), _v(a["epsilon_remaining"]), _v(a["delta"]), _v(a["one_over_n"]),
+                               _v(a["gdp_mu"]),
+                               f"{_v(a['independent_recomputation']['epsilon'])} ({a['independent_recomputation']['library']}, "
+                               f"{a['independent_recomputation']['method']})",
+                               "-" if a["independent_recomputation"]["relative_difference"] is None else
+                               f"{a['independent_recomputation']['relative_difference']:+.2%}",
+                               "unknown records per patient" if not a["patient_level"] else
+                               f"k={a['patient_level']['max_records_per_patient']}: eps {g(a['patient_level']['epsilon'])}"]
+                              for h in dp_h for a in [h["accounting"]]]), None))
+    rounds = sorted({x["round"] for h in dp_h for x in h["accounting"]["epsilon_by_round"]})
+    B.append(Block("table", (["hospital"] + [f"round {r}" for r in rounds],
+                             [[h["hospital"]] + [_v(next((x["epsilon"] for x in h["accounting"]["epsilon_by_round"]
+                                                         if x["round"] == r), None)) +
+                                                 next(("" if x["status"] == "trained" else f" ({_st(x['status'])})"
+                                                       for x in h["accounting"]["epsilon_by_round"] if x["round"] == r), "")
+                                                 for r in rounds] for h in dp_h]), None))
+
+
+def _privacy_other_hospitals(B: list[Block], o: dict) -> None:
+    """Section 5 in a partner report: the other hospitals as ranges only."""
+    B.append(Block("h3", f"The other {o['count']} hospitals (aggregate only)"))
+    if o["stats_shown"]:
+        B.append(Block("table", (["figure", "each of them lies between"],
+                                 [[k.replace("_", " "), f"{_v(o[k]['low'])} and {_v(o[k]['high'])}"]
+                                  for k in ("epsilon_total", "epsilon_budget", "gdp_mu", "noise_multiplier") if o.get(k)]),
+                       None))
+    B.append(Block("p", o["stats_note"]))
+
+
+def _section_privacy(B: list[Block], report: dict, run_dir: Path) -> None:
+    """The DP definition, covered accesses, mechanism and accounting per hospital, the epsilon plot."""
     pdef = report["privacy_definition"]
     B.append(Block("kv", [("DP setting", pdef["dp_setting"]), ("privacy unit", _v(pdef["privacy_unit"])),
                           ("records per patient (max)", "; ".join(f"{c} {'unknown' if k is None else k}" for c, k in
@@ -309,54 +347,20 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
                              [[a["access"], a["status"], a["reason"]] for a in pdef["covered_accesses"]]), None))
     dp_h = [h for h in report["hospitals"] if h.get("accounting")]
     if dp_h:
-        B.append(Block("h3", "Mechanism per hospital"))
-        B.append(Block("table", (["hospital", "noise multiplier", "clip norm", "sampling", "sample rates", "batch",
-                                  "steps/round", "steps", "rounds attended", "records", "secure mode"],
-                                 [[h["hospital"], _v(m["noise_multiplier"]), _v(m["max_grad_norm"]), m["sampling"],
-                                   _v(m["sample_rates"]), _v(m["batch_size"]), _v(m["steps_per_round"]), _v(m.get("steps_total")),
-                                   f"{m['rounds_attended']} / {m['rounds_planned']}", _v(m["n_records"]), _v(m["secure_mode"])]
-                                  for h in dp_h for m in [h["mechanism"]]]), None))
-        B.append(Block("h3", "Accounting per hospital"))
-        B.append(Block("table", (["hospital", "released spends (ledger: epsilon)", "epsilon (composed)", "dp_accounting PLD"],
-                                 [[h["hospital"], "; ".join(f"{x['source']}: {_v(x['epsilon'])}" for x in a["released_spends"]),
-                                   _v(a["epsilon_total"]), _v(a.get("epsilon_total_pld"))]
-                                  for h in dp_h for a in [h["accounting"]]]), None))
-        B.append(Block("table", (["hospital", "accountant", "federation epsilon", "budget", "remaining", "delta", "1/n",
-                                  "Gaussian-DP mu", "independent (library, method)", "relative difference", "patient level"],
-                                 [[h["hospital"], f"{a['accountant']} ({a['accountant_library']})", _v(a["epsilon_spent"]),
-                                   _v(a["epsilon_budget"]), _v(a["epsilon_remaining"]), _v(a["delta"]), _v(a["one_over_n"]),
-                                   _v(a["gdp_mu"]),
-                                   f"{_v(a['independent_recomputation']['epsilon'])} ({a['independent_recomputation']['library']}, "
-                                   f"{a['independent_recomputation']['method']})",
-                                   "-" if a["independent_recomputation"]["relative_difference"] is None else
-                                   f"{a['independent_recomputation']['relative_difference']:+.2%}",
-                                   "unknown records per patient" if not a["patient_level"] else
-                                   f"k={a['patient_level']['max_records_per_patient']}: eps {g(a['patient_level']['epsilon'])}"]
-                                  for h in dp_h for a in [h["accounting"]]]), None))
-        rounds = sorted({x["round"] for h in dp_h for x in h["accounting"]["epsilon_by_round"]})
-        B.append(Block("table", (["hospital"] + [f"round {r}" for r in rounds],
-                                 [[h["hospital"]] + [_v(next((x["epsilon"] for x in h["accounting"]["epsilon_by_round"]
-                                                             if x["round"] == r), None)) +
-                                                     next(("" if x["status"] == "trained" else f" ({_st(x['status'])})"
-                                                           for x in h["accounting"]["epsilon_by_round"] if x["round"] == r), "")
-                                                     for r in rounds] for h in dp_h]), None))
+        _privacy_per_hospital(B, dp_h)
     o = report.get("other_hospitals")
     if o:
-        B.append(Block("h3", f"The other {o['count']} hospitals (aggregate only)"))
-        if o["stats_shown"]:
-            B.append(Block("table", (["figure", "each of them lies between"],
-                                     [[k.replace("_", " "), f"{_v(o[k]['low'])} and {_v(o[k]['high'])}"]
-                                      for k in ("epsilon_total", "epsilon_budget", "gdp_mu", "noise_multiplier") if o.get(k)]),
-                           None))
-        B.append(Block("p", o["stats_note"]))
+        _privacy_other_hospitals(B, o)
     img = plot_epsilon(report["plots"]["epsilon_by_round"])
     if img:
         B.append(Block("img", img, "Epsilon over rounds per hospital, with budgets"))
     acc = report["accounting"]
     B.append(Block("kv", [("composition", acc["composition"]), ("independent library", acc["independent_library"]),
                           ("Gaussian-DP", acc["gdp_note"])]))
-    # 4 budget
-    h2("budget")
+
+
+def _section_budget(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Budget policy, enforcement events, resumes, burn-down and participation plots."""
     b = report["budget"]
     B.append(Block("kv", [("enforcement", b["policy"]["enforcement"]), ("on exhaustion", b["policy"]["on_exhaustion"]),
                           ("budgets", _v(b["policy"].get("budgets")))]))
@@ -375,8 +379,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
         img = maker(report)
         if img:
             B.append(Block("img", img, cap))
-    # 5 aggregation
-    h2("aggregation")
+
+
+def _section_aggregation(B: list[Block], report: dict, run_dir: Path) -> None:
+    """How updates are aggregated (CKKS / secure aggregation / plain) and who holds keys."""
     agg = report["aggregation"]
     B.append(Block("p", agg["description"]))
     kv = [("mode", agg["mode"]), ("is differential privacy", "no"), ("server has secret key", _v(agg["server_has_secret_key"])),
@@ -390,39 +396,54 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
         B.append(Block("p", f"Key custody: hospitals encrypt under the key holder's public context; the server adds "
                             f"ciphertexts; only the key holder decrypts, and its ledger ({kh['path']}, {kh['entries']} "
                             f"entries, verified: {_v(kh['verified'])}, head {kh['head']}) records each decryption."))
-    # 6 threats
-    h2("threats")
+
+
+def _section_threats(B: list[Block], report: dict, run_dir: Path) -> None:
+    """The threat model table."""
     B.append(Block("table", (["adversary", "asset", "protected by", "not protected"],
                              [[t["adversary"], t["asset"], t["protected_by"], t["not_protected"]] for t in report["threat_model"]]), None))
-    # 7 audit
-    h2("audit")
+
+
+def _audit_consistency(B: list[Block], consistency: list[dict]) -> None:
+    """Section 9: whether the training is consistent with its claimed epsilon, per audit."""
+    B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
+    B.append(Block("table", (["audit", "hospital", "task", "status", "epsilon lower bound", "claim checked",
+                              "largest epsilon it can certify", "reasons"],
+                             [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]), c["status"],
+                               _v(c.get("eps_lb")), _v(c.get("claim_checked")),
+                               _v(c["max_certifiable_epsilon"]), "; ".join(c["reasons"])] for c in consistency]),
+                   3))
+    methods = sorted({c["lower_bound_method"] for c in consistency if c.get("lower_bound_method")})
+    if methods:
+        B.append(Block("p", "White-box lower bound: " + "; ".join(methods) + ". It assumes the mechanism's "
+                       "trade-off curve is Gaussian-shaped (DP-SGD over many steps); Steinke, Nasr and "
+                       "Jagielski's bound, which assumes nothing, is in audit.json beside it."))
+
+
+def _audit_mia(B: list[Block], mia: list[dict]) -> None:
+    """Section 9: every membership-inference result, with TPR at each false-positive rate measured."""
+    fprs = sorted({k for m in mia for k in m["tpr_at_fpr"]}, key=float)
+    B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI", "significant"]
+                             + [f"TPR@{k}" for k in fprs] + ["members / non-members"],
+                             [[_v(m["hospital"]), _v(m["target"]), _v(m["task"]), m["attack"], _v(m["auc"]),
+                               _interval(m.get("auc_ci") or m["auc_ci95"]), _v(m.get("significant"))] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
+                                                     k in (m.get("tpr_at_fpr_note") or {}) else _v(m["tpr_at_fpr"].get(k))
+                                                     for k in fprs] +
+                              [f"{_v(m['n_members'])} / {_v(m['n_nonmembers'])}"] for m in mia]), None))
+
+
+def _section_audit(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Empirical audits: consistency with the claimed epsilon, membership inference, DP audit, reconstruction,
+    ROC curves; or why no audit ran."""
     au = report["audit"]
     if not au["run"]:
         B.append(Block("p", au["note"] or "audit not run"))
     else:
         if au.get("consistency"):
-            B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
-            B.append(Block("table", (["audit", "hospital", "task", "status", "epsilon lower bound", "claim checked",
-                                      "largest epsilon it can certify", "reasons"],
-                                     [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]), c["status"],
-                                       _v(c.get("eps_lb")), _v(c.get("claim_checked")),
-                                       _v(c["max_certifiable_epsilon"]), "; ".join(c["reasons"])] for c in au["consistency"]]),
-                           3))
-            methods = sorted({c["lower_bound_method"] for c in au["consistency"] if c.get("lower_bound_method")})
-            if methods:
-                B.append(Block("p", "White-box lower bound: " + "; ".join(methods) + ". It assumes the mechanism's "
-                               "trade-off curve is Gaussian-shaped (DP-SGD over many steps); Steinke, Nasr and "
-                               "Jagielski's bound, which assumes nothing, is in audit.json beside it."))
+            _audit_consistency(B, au["consistency"])
         B.append(Block("h3", "Membership inference, every result"))
         if au["mia"]:
-            fprs = sorted({k for m in au["mia"] for k in m["tpr_at_fpr"]}, key=float)
-            B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI", "significant"]
-                                     + [f"TPR@{k}" for k in fprs] + ["members / non-members"],
-                                     [[_v(m["hospital"]), _v(m["target"]), _v(m["task"]), m["attack"], _v(m["auc"]),
-                                       _interval(m.get("auc_ci") or m["auc_ci95"]), _v(m.get("significant"))] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
-                                                             k in (m.get("tpr_at_fpr_note") or {}) else _v(m["tpr_at_fpr"].get(k))
-                                                             for k in fprs] +
-                                      [f"{_v(m['n_members'])} / {_v(m['n_nonmembers'])}"] for m in au["mia"]]), None))
+            _audit_mia(B, au["mia"])
         if au["dp_audit"]:
             B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound",
                                       "accountant eps (audit's replay)", "consistent"],
@@ -445,8 +466,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
         if len(au["roc_images"]) > len(shown):
             B.append(Block("p", f"{len(au['roc_images']) - len(shown)} more ROC curves are in the run's audit/ directory "
                                 f"(listed with their hashes in section 12)."))
-    # 8 utility
-    h2("utility")
+
+
+def _section_utility(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Metrics per task and model, and the utility plot."""
     ut = report["utility"]
     rows = []
     for t in ut["tasks"]:
@@ -471,8 +494,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     img = plot_utility(report)
     if img:
         B.append(Block("img", img, "Utility per task"))
-    # 9 inventory
-    h2("inventory")
+
+
+def _section_inventory(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Record counts per task and hospital (counts only)."""
     inv = report["data_inventory"]
     rows = []
     for t in inv["tasks"]:
@@ -486,8 +511,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     B.append(Block("table", (["task", "role", "modality", "where", "records", "positives", "patient ids / max per patient"], rows), None))
     B.append(Block("p", f"{inv['rule']}. Source: {inv['source']}." + (f" {inv['note']}" if inv.get("note") else "")
                    + f" Dates: {inv['date_ranges']}."))
-    # 10 provenance
-    h2("provenance")
+
+
+def _section_provenance(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Hashes, ledger heads, artifacts, signature and the verify commands."""
     pv = report["provenance"]
     cv = pv["code_version"]
     B.append(Block("kv", [("config sha256", _v(pv["config_sha256"])), ("resolved config sha256", pv["resolved_config_sha256"]),
@@ -506,24 +533,66 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
                         f"(sha256 of the raw public key) {sig.get('public_key_sha256', '-')}: {sig.get('signed_bytes', '-')} "
                         f"in {sig.get('signature_file', '-')}; {sig.get('files_manifest', '')}. {sig.get('key_custody', '')}"))
     B.append(Block("pre", (pv.get("verify_command") or "") + ("\n" + sig["openssl_command"] if sig.get("openssl_command") else "")))
-    # 11 regulatory
-    h2("regulatory")
+
+
+def _section_regulatory(B: list[Block], report: dict, run_dir: Path) -> None:
+    """The regulatory mapping table."""
     B.append(Block("table", (["framework", "requirement", "report sections", "status", "note"],
                              [[r["framework"], r["requirement"], ", ".join(r["sections"]), r["status"], r["note"]]
                               for r in report["regulatory_mapping"]]), 3))
-    # 12 hazards
-    h2("hazards")
+
+
+def _section_hazards(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Hazards with their status, then the limitations."""
     B.append(Block("table", (["hazard", "status", "how checked", "detail"],
                              [[hz["hazard"], hz["status"], hz["how_checked"], hz.get("detail") or ""] for hz in report["hazards"]]), 1))
     B.append(Block("h3", "Limitations"))
     B.append(Block("ul", report["limitations"]))
-    # 13 glossary + sign-off
-    h2("glossary")
+
+
+def _section_glossary(B: list[Block], report: dict, run_dir: Path) -> None:
+    """The glossary and the empty sign-off table."""
     B.append(Block("table", (["term", "meaning"], [[x["term"], x["meaning"]] for x in report["glossary"]]), None))
     so = report["sign_off"]
     B.append(Block("table", (["role", "name", "date", "decision"],
                              [["hospital data protection officer", "", "", ""], ["expert (HIPAA expert determination)", "", "", ""]]), None))
     B.append(Block("p", so["note"]))
+
+
+class Section(NamedTuple):
+    key: str  # the HTML anchor
+    title: str  # the heading, numbered as in REPORTING.md §2.3
+    build: Callable[[list[Block], dict, Path], None]  # appends the section's blocks after its heading
+
+
+# The report's sections, in order. Adding a section: write one builder above and add one line here.
+SECTIONS: list[Section] = [
+    Section("summary", "1. Summary and decision", _section_summary),
+    Section("checks", "2. Checks", _section_checks),
+    Section("guarantee", "3. Guarantee statement", _section_guarantee),
+    Section("scope", "4. Intended use, roles and data flow", _section_scope),
+    Section("privacy", "5. Privacy definition and accounting", _section_privacy),
+    Section("budget", "6. Budget ledger and enforcement", _section_budget),
+    Section("aggregation", "7. Aggregation confidentiality", _section_aggregation),
+    Section("threats", "8. Threat model", _section_threats),
+    Section("audit", "9. Empirical audits", _section_audit),
+    Section("utility", "10. Utility", _section_utility),
+    Section("inventory", "11. Data inventory (counts only)", _section_inventory),
+    Section("provenance", "12. Provenance and integrity", _section_provenance),
+    Section("regulatory", "13. Regulatory mapping", _section_regulatory),
+    Section("hazards", "14. Hazards and limitations", _section_hazards),
+    Section("glossary", "15. Glossary and sign-off", _section_glossary),
+]
+
+
+def blocks(report: dict, run_dir: Path) -> list[Block]:
+    """The report as one list of blocks (the title, then each section of ``SECTIONS`` under its heading), which
+    HTML and PDF both render."""
+    B: list[Block] = []
+    _title(B, report)
+    for section in SECTIONS:
+        B.append(Block("h2", section.title, section.key))
+        section.build(B, report, run_dir)
     return B
 
 
@@ -567,7 +636,7 @@ def render_html(report: dict, run_dir: Path, bl: list[Block] | None = None, json
             out.append(f"<h1>{e(b.data)}</h1>")
             if json_sha256:
                 out.append(f'<p class="hash">Renders report.json with sha256 {e(json_sha256)}</p>')
-            out.append("<nav>" + "".join(f'<a href="#{k}">{e(t)}</a>' for k, t in SECTIONS) + "</nav>")
+            out.append("<nav>" + "".join(f'<a href="#{k}">{e(t)}</a>' for k, t, _ in SECTIONS) + "</nav>")
         elif b.kind == "h2":
             out.append(f'<h2 id="{b.extra}">{e(b.data)}</h2>')
         elif b.kind == "h3":
@@ -617,27 +686,18 @@ def _fonts() -> dict[str, str]:
     return {"": str(d / "DejaVuSans.ttf"), "B": str(d / "DejaVuSans-Bold.ttf"), "mono": str(d / "DejaVuSansMono.ttf")}
 
 
-def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None, json_sha256: str | None = None) -> bytes:
+def _pdf_document(report: dict, title: str, json_sha256: str | None):
+    """Page set-up: an A4 FPDF with the DejaVu fonts, metadata, margins, the footer on every page, and page 1."""
     from fpdf import FPDF
-    from fpdf.enums import TableCellFillMode, XPos, YPos
-    from fpdf.fonts import FontFace
 
-    bl = bl if bl is not None else blocks(report, run_dir)
     fonts = _fonts()
 
     class PDF(FPDF):
         def footer(self):
-            self.set_y(-12)
-            self.set_font("dv", size=MIN_PDF_PT)
-            self.set_text_color(110)
-            self.cell(0, 4, f"page {self.page_no()}/{{nb}} - report {report['report_id']}", align="C",
-                      new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-            if json_sha256:
-                self.cell(0, 4, f"renders report.json sha256 {json_sha256}", align="C")
-            self.set_text_color(0)
+            _pdf_footer(self, report, json_sha256)
 
     pdf = PDF(orientation="P", unit="mm", format="A4")
-    pdf.set_title(bl[0].data)
+    pdf.set_title(title)
     pdf.set_creator("secure-fedkim report")
     pdf.set_creation_date(__import__("datetime").datetime.fromisoformat(report["generated_at"].replace("Z", "+00:00")))
     if json_sha256:
@@ -648,93 +708,155 @@ def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None, json_
     pdf.set_auto_page_break(True, margin=18)
     pdf.set_margins(14, 14, 14)
     pdf.add_page()
-    width = pdf.epw
+    return pdf
 
-    def para(text, size=9.5, style=""):
-        pdf.set_font("dv", style, size)
-        pdf.multi_cell(width, size * 0.5, text, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-        pdf.ln(1.5)
 
+def _pdf_footer(pdf, report: dict, json_sha256: str | None) -> None:
+    """Page number, report id and the sha256 of the report.json rendered, at the foot of every page."""
+    from fpdf.enums import XPos, YPos
+
+    pdf.set_y(-12)
+    pdf.set_font("dv", size=MIN_PDF_PT)
+    pdf.set_text_color(110)
+    pdf.cell(0, 4, f"page {pdf.page_no()}/{{nb}} - report {report['report_id']}", align="C",
+             new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    if json_sha256:
+        pdf.cell(0, 4, f"renders report.json sha256 {json_sha256}", align="C")
+    pdf.set_text_color(0)
+
+
+def _pdf_para(pdf, text, size=9.5, style="") -> None:
+    from fpdf.enums import XPos, YPos
+
+    pdf.set_font("dv", style, size)
+    pdf.multi_cell(pdf.epw, size * 0.5, text, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(1.5)
+
+
+def _pdf_filled(pdf, text: str, status: str, size: float, line_height: float) -> None:
+    """Bold text on the status's fill colour (the decision, the overall status)."""
+    from fpdf.enums import XPos, YPos
+
+    pdf.set_fill_color(*FILLS[status])
+    pdf.set_font("dv", "B", size)
+    pdf.multi_cell(pdf.epw, line_height, text, fill=True, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_fill_color(255, 255, 255)
+    pdf.ln(1.5)
+
+
+def _pdf_h2(pdf, b: Block) -> None:
+    if pdf.get_y() > pdf.h - 60:
+        pdf.add_page()
+    pdf.ln(3)
+    pdf.start_section(b.data, level=0)
+    _pdf_para(pdf, b.data, 12.5, "B")
+
+
+def _pdf_p(pdf, b: Block) -> None:
+    if b.extra:
+        _pdf_filled(pdf, b.data, b.extra, 9.5, 5)
+    else:
+        _pdf_para(pdf, b.data)
+
+
+def _pdf_ul(pdf, b: Block) -> None:
+    for item in b.data:
+        _pdf_para(pdf, "\u2022 " + item, 8.5)
+
+
+def _pdf_kv(pdf, b: Block) -> None:
+    from fpdf.enums import TableCellFillMode
+    from fpdf.fonts import FontFace
+
+    pdf.set_font("dv", size=MIN_PDF_PT)
+    with pdf.table(col_widths=(1, 3), first_row_as_headings=False, text_align="LEFT",
+                   line_height=3.8, cell_fill_mode=TableCellFillMode.NONE) as t:
+        for k, v in b.data:
+            row = t.row()
+            row.cell(str(k), style=FontFace(emphasis="BOLD"))
+            row.cell(str(v))
+    pdf.ln(2)
+
+
+def _pdf_big(pdf, b: Block) -> None:
+    pdf.set_font("dv", "B", 15)
+    _pdf_para(pdf, "    ".join(f"{k}: {v}" for k, v in b.data), 13, "B")
+
+
+def _pdf_pre(pdf, b: Block) -> None:
+    from fpdf.enums import XPos, YPos
+
+    pdf.set_font("dvmono", size=MIN_PDF_PT)
+    pdf.multi_cell(pdf.epw, 4, b.data, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(1.5)
+
+
+def _pdf_img(pdf, b: Block) -> None:
+    """The PNG at its 110 dpi size (at most the text width), on a new page unless it fits, then its caption."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(b.data))
+    w_mm = min(pdf.epw, im.width / 110 * 25.4)
+    h_mm = w_mm * im.height / im.width
+    if pdf.get_y() + h_mm > pdf.h - 20:
+        pdf.add_page()
+    pdf.image(io.BytesIO(b.data), w=w_mm)
+    _pdf_para(pdf, b.extra, MIN_PDF_PT)
+
+
+def _pdf_table(pdf, b: Block) -> None:
+    """A table with bold grey headings; the status column (``b.extra``) is bold on its status colour."""
+    from fpdf.enums import TableCellFillMode
+    from fpdf.fonts import FontFace
+
+    head, rows = b.data
+    col = b.extra
+    n = len(head)
+    size = 8.5 if n <= 5 else MIN_PDF_PT
+    pdf.set_font("dv", size=size)
+    table_width = pdf.epw * 0.62 if b.style == "compact" else pdf.epw
+    widths = _col_widths(pdf, head, [[_st(c) if i == col else c for i, c in enumerate(r)] for r in rows], table_width)
+    with pdf.table(col_widths=widths, width=table_width, align="LEFT", text_align="LEFT", line_height=size * 0.48,
+                   headings_style=FontFace(emphasis="BOLD", fill_color=(235, 235, 235)),
+                   cell_fill_mode=TableCellFillMode.NONE) as t:
+        hr = t.row()
+        for h in head:
+            hr.cell(str(h))
+        for r in rows:
+            row = t.row()
+            for i, c in enumerate(r):
+                c = str(c)
+                if i == col and c in FILLS:
+                    row.cell(_st(c), style=FontFace(emphasis="BOLD", fill_color=FILLS[c]))
+                else:
+                    row.cell(c)
+    pdf.ln(2)
+
+
+# How the PDF draws each kind of block (see ``Block.kind``).
+PDF_BLOCKS = {
+    "h1": lambda pdf, b: _pdf_para(pdf, b.data, 15, "B"),
+    "h2": _pdf_h2,
+    "h3": lambda pdf, b: _pdf_para(pdf, b.data, 10.5, "B"),
+    "break": lambda pdf, b: pdf.add_page(),
+    "decision": lambda pdf, b: _pdf_filled(pdf, b.data, b.extra, 16, 9),
+    "p": _pdf_p,
+    "ul": _pdf_ul,
+    "kv": _pdf_kv,
+    "big": _pdf_big,
+    "pre": _pdf_pre,
+    "img": _pdf_img,
+    "table": _pdf_table,
+}
+
+
+def render_pdf(report: dict, run_dir: Path, bl: list[Block] | None = None, json_sha256: str | None = None) -> bytes:
+    bl = bl if bl is not None else blocks(report, run_dir)
+    pdf = _pdf_document(report, bl[0].data, json_sha256)
     for b in bl:
-        if b.kind == "h1":
-            para(b.data, 15, "B")
-        elif b.kind == "h2":
-            if pdf.get_y() > pdf.h - 60:
-                pdf.add_page()
-            pdf.ln(3)
-            pdf.start_section(b.data, level=0)
-            para(b.data, 12.5, "B")
-        elif b.kind == "h3":
-            para(b.data, 10.5, "B")
-        elif b.kind == "break":
-            pdf.add_page()
-        elif b.kind == "decision":
-            pdf.set_fill_color(*FILLS[b.extra])
-            pdf.set_font("dv", "B", 16)
-            pdf.multi_cell(width, 9, b.data, fill=True, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-            pdf.set_fill_color(255, 255, 255)
-            pdf.ln(1.5)
-        elif b.kind == "p":
-            if b.extra:
-                pdf.set_fill_color(*FILLS[b.extra])
-                pdf.set_font("dv", "B", 9.5)
-                pdf.multi_cell(width, 5, b.data, fill=True, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-                pdf.set_fill_color(255, 255, 255)
-                pdf.ln(1.5)
-            else:
-                para(b.data)
-        elif b.kind == "ul":
-            for item in b.data:
-                para("\u2022 " + item, 8.5)
-        elif b.kind == "kv":
-            pdf.set_font("dv", size=MIN_PDF_PT)
-            with pdf.table(col_widths=(1, 3), first_row_as_headings=False, text_align="LEFT",
-                           line_height=3.8, cell_fill_mode=TableCellFillMode.NONE) as t:
-                for k, v in b.data:
-                    row = t.row()
-                    row.cell(str(k), style=FontFace(emphasis="BOLD"))
-                    row.cell(str(v))
-            pdf.ln(2)
-        elif b.kind == "big":
-            pdf.set_font("dv", "B", 15)
-            para("    ".join(f"{k}: {v}" for k, v in b.data), 13, "B")
-        elif b.kind == "pre":
-            pdf.set_font("dvmono", size=MIN_PDF_PT)
-            pdf.multi_cell(width, 4, b.data, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-            pdf.ln(1.5)
-        elif b.kind == "img":
-            from PIL import Image
-
-            im = Image.open(io.BytesIO(b.data))
-            w_mm = min(width, im.width / 110 * 25.4)
-            h_mm = w_mm * im.height / im.width
-            if pdf.get_y() + h_mm > pdf.h - 20:
-                pdf.add_page()
-            pdf.image(io.BytesIO(b.data), w=w_mm)
-            para(b.extra, MIN_PDF_PT)
-        elif b.kind == "table":
-            head, rows = b.data
-            col = b.extra
-            n = len(head)
-            size = 8.5 if n <= 5 else MIN_PDF_PT
-            pdf.set_font("dv", size=size)
-            table_width = width * 0.62 if b.style == "compact" else width
-            widths = _col_widths(pdf, head, [[_st(c) if i == col else c for i, c in enumerate(r)] for r in rows], table_width)
-            with pdf.table(col_widths=widths, width=table_width, align="LEFT", text_align="LEFT", line_height=size * 0.48,
-                           headings_style=FontFace(emphasis="BOLD", fill_color=(235, 235, 235)),
-                           cell_fill_mode=TableCellFillMode.NONE) as t:
-                hr = t.row()
-                for h in head:
-                    hr.cell(str(h))
-                for r in rows:
-                    row = t.row()
-                    for i, c in enumerate(r):
-                        c = str(c)
-                        if i == col and c in FILLS:
-                            row.cell(_st(c), style=FontFace(emphasis="BOLD", fill_color=FILLS[c]))
-                        else:
-                            row.cell(c)
-            pdf.ln(2)
+        draw = PDF_BLOCKS.get(b.kind)
+        if draw:
+            draw(pdf, b)
     return bytes(pdf.output())
 
 
