@@ -267,45 +267,12 @@ def _baseline_facts(run: "RunFacts", h: HospitalFacts) -> None:
 
 
 def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: bool) -> None:
-    plan = h.plan
-    labelled = config_dp or bool(plan and plan.get("dp")) or any(e.get("dp") for e in h.dp_rounds)
-    if not labelled:
-        h.dp = False
-        if h.ledger_verified or not h.ledger_exists:
-            _non_dp_events(run, h, of_run)
-        return
-    if not h.ledger_verified:
-        h.dp = True  # labelled DP, but there is no trustworthy source for any figure
-        if not h.ledger_exists:
-            h.add("dp_label_has_accountant", "fail",
-                  f"{h.name} is labelled DP (config privacy.dp) but has no ledger, so no accountant record ({h.ledger_rel})",
-                  "a hospital is labelled DP without an accountant record")
-        return
-    problems = []
-    if plan is None:
-        problems.append("its ledger has no dp_plan entry (no accountant, noise or delta recorded)")
-    else:
-        if plan.get("accountant") not in ("prv", "rdp"):
-            problems.append(f"its dp_plan names no known accountant ({plan.get('accountant')!r})")
-        if not plan.get("dp") or not plan.get("noise_multiplier"):
-            problems.append(f"its dp_plan records noise multiplier {plan.get('noise_multiplier')!r} and dp={plan.get('dp')!r} "
-                            "(clipping without noise is not DP)")
-        delta = plan.get("delta")
-        if not isinstance(delta, (int, float)) or not 0 < delta < 1:
-            problems.append(f"its dp_plan has no valid delta ({delta!r})")
-    for e in h.dp_rounds:
-        if not e.get("dp", True) or e.get("accountant") not in ("prv", "rdp") or not e.get("noise_multiplier"):
-            problems.append(f"dp_round seq {e.get('seq')} (line {e.get('seq', 0) + 1}) has dp={e.get('dp')!r}, "
-                            f"accountant={e.get('accountant')!r}, noise_multiplier={e.get('noise_multiplier')!r}")
-            break
-    if problems:
-        h.dp = True
-        h.add("dp_label_has_accountant", "fail",
-              f"{h.name} is labelled DP but " + "; ".join(problems) + f" ({h.ledger_rel})",
-              "a hospital is labelled DP without an accountant record")
-        _non_dp_events(run, h, of_run)
+    """A hospital's DP facts (``h.dp``, ``h.mechanism``, ``h.accounting``, ``h.events``) and findings, every epsilon
+    recomputed from its verified ledger: the plan and history read, each check run, the figures gathered."""
+    if not _dp_accountable(run, h, of_run, config_dp):
         return
     h.dp = True
+    plan = h.plan
     try:
         history = history_of(h.dp_rounds)
     except (KeyError, TypeError, ValueError) as e:
@@ -320,159 +287,24 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         h.add("dp_label_has_accountant", "fail", f"{h.name}: the {acc} accountant cannot compute epsilon: {e}",
               "the accountant could not compute a hospital's epsilon")
         return
-    unit = plan.get("privacy_unit", "record")
-    n = plan.get("n_patients") if unit == "patient" else plan.get("n_records")  # delta is resolved on the unit
-    if unit != run.cfg.privacy.unit:
-        h.add("privacy_unit", "fail", f"{h.ledger_rel}: the DP plan's privacy unit is {unit!r}, the run config's "
-              f"{run.cfg.privacy.unit!r}", "a ledger's privacy unit contradicts the config")
+    unit, n = _privacy_unit(run, h, plan)
     schedule = [(float(q), int(k)) for q, k in plan.get("round_schedule", [])]
     rounds_planned = int(plan.get("rounds", run.rounds_planned))
     targets = [float(plan["target_epsilon"])] + [float(e["target_epsilon"]) for e in h.dp_rounds if "target_epsilon" in e]
     budget = min(targets)
-    # -- epsilon by round, recomputed from the ledger prefix; compared with the ledger and the metrics
-    by_round = []
-    last_round = max([run.rounds_run] + [int(e.get("round", 0)) for e in h.dp_rounds])
-    part = {p["round"]: p for p in h.participation}
-    skip_rounds = {int(e["round"]) for e in of_run if e.get("event") == "skipped_budget" and "round" in e}
-    for r in range(1, last_round + 1):
-        prefix = [e for e in h.dp_rounds if int(e.get("round", 0)) <= r]
-        in_round = [e for e in h.dp_rounds if int(e.get("round", 0)) == r]
-        eps_r = account(history_of(prefix), delta, acc)
-        status = "trained" if in_round else ("skipped_budget" if r in skip_rounds else part.get(r, {}).get("status", "absent"))
-        by_round.append({"round": r, "epsilon": finite(eps_r), "status": status})
-        if in_round:
-            recorded = in_round[-1].get("epsilon")
-            if not close(recorded, finite(eps_r)):
-                h.add("epsilon_recomputed", "fail",
-                      f"{h.ledger_rel} seq {in_round[-1].get('seq')} (round {r}) records epsilon {recorded!r}; "
-                      f"the {acc} accountant recomputes {eps_r!r} from the ledger's history",
-                      "a recorded epsilon differs from its recomputation")
-        reported = run.metric_epsilon(h.name, r)
-        if reported is not None and not close(reported, finite(eps_r)):
-            h.add("epsilon_recomputed", "fail",
-                  f"{run.files.relative(run.files.round_metrics(r))} reports epsilon-spent {reported!r} for {h.name}; "
-                  f"the ledger gives {eps_r!r}", "a reported epsilon differs from its recomputation")
-        for e in in_round:  # understated steps: the ledger must cover what the optimizer and the metrics say
-            observed = e.get("steps_observed")
-            if observed is not None and int(e["steps"]) < int(observed):
-                h.add("epsilon_recomputed", "fail",
-                      f"{h.ledger_rel} seq {e.get('seq')}: steps {e['steps']} < steps observed {observed}",
-                      "a ledger understates the steps taken")
-            m_steps = run.metric_steps(h.name, r, e.get("task"))
-            if m_steps is not None and int(m_steps) > int(e["steps"]):
-                h.add("epsilon_recomputed", "fail",
-                      f"{run.files.relative(run.files.round_metrics(r))}: {h.name} reports {m_steps} steps on {e.get('task')!r}, "
-                      f"its ledger (seq {e.get('seq')}) accounts for {e['steps']}",
-                      "a ledger understates the steps taken")
-    # -- budget
-    if spent > budget * (1 + BUDGET_SLACK) or any(e.get("over_budget") for e in h.dp_rounds):
-        first = next((e for e in h.dp_rounds if e.get("over_budget")), None)
-        if first is None:
-            for i in range(1, len(h.dp_rounds) + 1):
-                e = h.dp_rounds[i - 1]
-                if account(history_of(h.dp_rounds[:i]), delta, acc) > float(e.get("target_epsilon", budget)) * (1 + BUDGET_SLACK):
-                    first = e
-                    break
-        where = f" (first at seq {first.get('seq')}, round {first.get('round')})" if first else ""
-        h.add("budget_respected", "fail",
-              f"{h.name} spent epsilon {spent:.4g} over its budget {budget:.4g}{where}", "a hospital exceeded its budget")
-    # -- delta vs 1/n
-    delta_ok = None
-    if isinstance(n, int) and n > 0:
-        delta_ok = delta < 1.0 / n
-        if not delta_ok:
-            h.add("delta_below_1_over_n", "fail",
-                  f"{h.name}: delta {delta:g} >= 1/n = {1.0 / n:.3g} for n = {n} records ({h.ledger_rel} seq {plan.get('seq')})",
-                  "delta is not below 1/n at a hospital")
-    else:
-        h.add("delta_below_1_over_n", "attention", f"{h.name}: the dp_plan records no record count n",
-              "a hospital's record count is not recorded")
-    # -- sampling assumption: the accountants assume Poisson sampling
-    used = {plan.get("sampling")} | {e.get("sampling") for e in h.dp_rounds}
-    sampling_used = "poisson" if used == {"poisson"} else ", ".join(sorted(str(u) if u else "not recorded" for u in used))
-    if sampling_used != "poisson":
-        h.add("sampling_assumption", "attention",
-              f"{h.name}: the accountant assumes Poisson sampling, the ledger records {sampling_used}",
-              "Poisson sampling is assumed but not recorded as used")
-    # -- tiers
+    by_round, last_round = _epsilon_by_round(run, h, of_run, delta, acc)
+    _check_budget(h, spent, budget, delta, acc)
+    delta_ok = _check_delta(h, plan, delta, n)
+    sampling_used = _check_sampling(h, plan)
     if spent > 10 or budget > 10:
         h.add("epsilon_tier", "attention",
               f"{h.name}: epsilon spent {spent:.4g}, budget {budget:.4g}: above 10 is a weak guarantee",
               "a hospital's epsilon is above 10")
-    # -- independent recomputation
-    method = independent_method(acc)
-    try:
-        ind = independent(history, delta, method)
-    except Exception as e:  # the cross-check must not hide the report
-        ind = None
-        h.add("independent_accountant_agreement", "attention", f"{h.name}: dp_accounting failed: {e}",
-              "the independent accountant failed")
-    rel = (ind - spent) / spent if ind is not None and spent and math.isfinite(spent) and math.isfinite(ind) else None
-    if rel is not None and rel > 0.05:
-        h.add("independent_accountant_agreement", "attention",
-              f"{h.name}: dp_accounting {method.upper()} gives {ind:.4g}, {rel:+.1%} above Opacus {acc.upper()}'s {spent:.4g}",
-              "the independent recomputation is more than 5% above the accountant")
-    planned = account([Step(sigma, q, k) for q, k in schedule] * rounds_planned, delta, acc) if schedule else None
-    if planned is not None and plan.get("planned_epsilon") is not None and not close(plan["planned_epsilon"], finite(planned)):
-        h.add("epsilon_recomputed", "fail",
-              f"{h.ledger_rel} dp_plan records planned_epsilon {plan['planned_epsilon']!r}, recomputed {planned!r}",
-              "a recorded epsilon differs from its recomputation")
-    # -- patient level: the config's bound on records per patient, else what the data's patient ids show
-    configured = getattr(run.cfg.privacy, "max_records_per_patient", None)
-    k = configured if configured is not None else run.records_per_patient.get(h.name)
-    patient = None
-    if k is not None and math.isfinite(spent) and unit == "record":
-        e_k, d_k = group_privacy_epsilon(spent, delta, k)
-        patient = {"max_records_per_patient": k, "epsilon": e_k, "delta": d_k,
-                   "source": "config privacy.max_records_per_patient" if configured is not None else "patient ids in the data",
-                   "method": "group privacy: (k*eps, k*exp((k-1)*eps)*delta), loose"}
-        for r in range(1, last_round + 1):
-            rec = (run.record(r) or {}).get("clients", {}).get(h.name) or {}
-            if "epsilon-patient" in rec:
-                eps_r = next((x["epsilon"] for x in by_round if x["round"] == r), None)
-                want = group_privacy_epsilon(eps_r, delta, k) if eps_r is not None else (None, None)
-                if not (close(rec["epsilon-patient"], want[0]) and close(rec.get("delta-patient"), want[1])):
-                    h.add("epsilon_recomputed", "fail",
-                          f"{run.files.relative(run.files.round_metrics(r))} reports patient-level ({rec['epsilon-patient']!r}, "
-                          f"{rec.get('delta-patient')!r}) for {h.name}; group privacy of the ledger's spend gives {want}",
-                          "a reported epsilon differs from its recomputation")
-    if plan.get("privacy_unit") == "patient":
-        pass  # accounted at the patient level: nothing to add
-    elif k is None and run.records_per_patient_at_least.get(h.name, 1) > 1:
-        least = run.records_per_patient_at_least[h.name]
-        h.add("privacy_unit", "attention",
-              f"{h.name}: record-level unit while a patient has at least {least} records "
-              f"({run.records_per_patient_where.get(h.name)}); other tasks carry no patient ids",
-              "patients with several records under a record-level unit")
-    elif k is None:
-        h.add("privacy_unit", "attention",
-              f"{h.name}: record-level unit; records per patient unknown (no privacy.max_records_per_patient in the "
-              f"config and no patient ids in the data)",
-              "records per patient unknown at a hospital")
-    elif k > 1:
-        h.add("privacy_unit", "attention",
-              f"{h.name}: record-level unit while a patient has up to {k} records (patient-level epsilon {e_k:.4g} by group privacy)",
-              "patients with several records under a record-level unit")
-    attended = sum(1 for p in h.participation if p["status"] == "trained")
-    h.mechanism = {
-        "noise_multiplier": sigma,
-        "noise_source": plan.get("noise_source"),
-        "max_grad_norm": float(plan.get("max_grad_norm")),
-        "sampling": sampling_used,
-        "sample_rates": sorted({float(q) for q, _ in schedule}),
-        "round_schedule": [[q, k_] for q, k_ in schedule],
-        "batch_size": run.batch_size,
-        "local_epochs": run.local_epochs,
-        "local_epochs_by_task": run.local_epochs_by_task,
-        "steps_per_round": sum(k_ for _, k_ in schedule),
-        "steps_total": sum(int(e["steps"]) for e in h.dp_rounds),
-        "rounds_planned": rounds_planned,
-        "rounds_attended": attended,
-        "n_records": plan.get("n_records"),
-        "n_patients": plan.get("n_patients"),
-        "max_records_per_patient_step": plan.get("max_records_per_patient_step"),
-        "secure_mode": bool(plan.get("secure_mode")),
-    }
+    method, ind, rel = _independent_check(h, history, spent, delta, acc)
+    planned = _check_planned(h, plan, schedule, rounds_planned, sigma, delta, acc)
+    k, patient = _patient_level(run, h, spent, delta, unit, by_round, last_round)
+    _unit_wording(run, h, plan, k, patient)
+    h.mechanism = _mechanism(run, h, plan, sigma, schedule, sampling_used, rounds_planned)
     h.accounting = {
         "accountant": acc,
         "accountant_library": plan.get("accountant_library"),
@@ -505,6 +337,255 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         "on_exhaustion": plan.get("on_exhaustion"),
     }
     _dp_events(run, h, of_run, delta, acc, sigma, schedule)
+
+
+def _dp_accountable(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: bool) -> bool:
+    """Whether the hospital's DP spend can be accounted: labelled DP, its ledger verified, a complete plan and
+    noisy rounds. Otherwise sets ``h.dp``, records why and (where its participation is trustworthy) its events."""
+    plan = h.plan
+    labelled = config_dp or bool(plan and plan.get("dp")) or any(e.get("dp") for e in h.dp_rounds)
+    if not labelled:
+        h.dp = False
+        if h.ledger_verified or not h.ledger_exists:
+            _non_dp_events(run, h, of_run)
+        return False
+    if not h.ledger_verified:
+        h.dp = True  # labelled DP, but there is no trustworthy source for any figure
+        if not h.ledger_exists:
+            h.add("dp_label_has_accountant", "fail",
+                  f"{h.name} is labelled DP (config privacy.dp) but has no ledger, so no accountant record ({h.ledger_rel})",
+                  "a hospital is labelled DP without an accountant record")
+        return False
+    problems = _plan_problems(plan, h.dp_rounds)
+    if problems:
+        h.dp = True
+        h.add("dp_label_has_accountant", "fail",
+              f"{h.name} is labelled DP but " + "; ".join(problems) + f" ({h.ledger_rel})",
+              "a hospital is labelled DP without an accountant record")
+        _non_dp_events(run, h, of_run)
+        return False
+    return True
+
+
+def _plan_problems(plan: dict | None, dp_rounds: list[dict]) -> list[str]:
+    """What keeps a DP-labelled ledger from naming an accountant, noise and delta (empty: nothing)."""
+    problems = []
+    if plan is None:
+        problems.append("its ledger has no dp_plan entry (no accountant, noise or delta recorded)")
+    else:
+        if plan.get("accountant") not in ("prv", "rdp"):
+            problems.append(f"its dp_plan names no known accountant ({plan.get('accountant')!r})")
+        if not plan.get("dp") or not plan.get("noise_multiplier"):
+            problems.append(f"its dp_plan records noise multiplier {plan.get('noise_multiplier')!r} and dp={plan.get('dp')!r} "
+                            "(clipping without noise is not DP)")
+        delta = plan.get("delta")
+        if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            problems.append(f"its dp_plan has no valid delta ({delta!r})")
+    for e in dp_rounds:
+        if not e.get("dp", True) or e.get("accountant") not in ("prv", "rdp") or not e.get("noise_multiplier"):
+            problems.append(f"dp_round seq {e.get('seq')} (line {e.get('seq', 0) + 1}) has dp={e.get('dp')!r}, "
+                            f"accountant={e.get('accountant')!r}, noise_multiplier={e.get('noise_multiplier')!r}")
+            break
+    return problems
+
+
+def _privacy_unit(run: "RunFacts", h: HospitalFacts, plan: dict) -> tuple[str, Any]:
+    """The plan's privacy unit and its count n (delta is resolved on the unit), checked against the config."""
+    unit = plan.get("privacy_unit", "record")
+    n = plan.get("n_patients") if unit == "patient" else plan.get("n_records")  # delta is resolved on the unit
+    if unit != run.cfg.privacy.unit:
+        h.add("privacy_unit", "fail", f"{h.ledger_rel}: the DP plan's privacy unit is {unit!r}, the run config's "
+              f"{run.cfg.privacy.unit!r}", "a ledger's privacy unit contradicts the config")
+    return unit, n
+
+
+def _epsilon_by_round(run: "RunFacts", h: HospitalFacts, of_run: list[dict], delta: float,
+                      acc: str) -> tuple[list[dict], int]:
+    """Epsilon by round, recomputed from the ledger prefix; compared with the ledger and the metrics, and the
+    ledger's steps with those observed. Returns the rows and the last round."""
+    by_round = []
+    last_round = max([run.rounds_run] + [int(e.get("round", 0)) for e in h.dp_rounds])
+    part = {p["round"]: p for p in h.participation}
+    skip_rounds = {int(e["round"]) for e in of_run if e.get("event") == "skipped_budget" and "round" in e}
+    for r in range(1, last_round + 1):
+        prefix = [e for e in h.dp_rounds if int(e.get("round", 0)) <= r]
+        in_round = [e for e in h.dp_rounds if int(e.get("round", 0)) == r]
+        eps_r = account(history_of(prefix), delta, acc)
+        status = "trained" if in_round else ("skipped_budget" if r in skip_rounds else part.get(r, {}).get("status", "absent"))
+        by_round.append({"round": r, "epsilon": finite(eps_r), "status": status})
+        if in_round:
+            recorded = in_round[-1].get("epsilon")
+            if not close(recorded, finite(eps_r)):
+                h.add("epsilon_recomputed", "fail",
+                      f"{h.ledger_rel} seq {in_round[-1].get('seq')} (round {r}) records epsilon {recorded!r}; "
+                      f"the {acc} accountant recomputes {eps_r!r} from the ledger's history",
+                      "a recorded epsilon differs from its recomputation")
+        reported = run.metric_epsilon(h.name, r)
+        if reported is not None and not close(reported, finite(eps_r)):
+            h.add("epsilon_recomputed", "fail",
+                  f"{run.files.relative(run.files.round_metrics(r))} reports epsilon-spent {reported!r} for {h.name}; "
+                  f"the ledger gives {eps_r!r}", "a reported epsilon differs from its recomputation")
+        _check_steps(run, h, r, in_round)
+    return by_round, last_round
+
+
+def _check_steps(run: "RunFacts", h: HospitalFacts, r: int, in_round: list[dict]) -> None:
+    """Understated steps: the ledger must cover what the optimizer and the metrics say."""
+    for e in in_round:
+        observed = e.get("steps_observed")
+        if observed is not None and int(e["steps"]) < int(observed):
+            h.add("epsilon_recomputed", "fail",
+                  f"{h.ledger_rel} seq {e.get('seq')}: steps {e['steps']} < steps observed {observed}",
+                  "a ledger understates the steps taken")
+        m_steps = run.metric_steps(h.name, r, e.get("task"))
+        if m_steps is not None and int(m_steps) > int(e["steps"]):
+            h.add("epsilon_recomputed", "fail",
+                  f"{run.files.relative(run.files.round_metrics(r))}: {h.name} reports {m_steps} steps on {e.get('task')!r}, "
+                  f"its ledger (seq {e.get('seq')}) accounts for {e['steps']}",
+                  "a ledger understates the steps taken")
+
+
+def _check_budget(h: HospitalFacts, spent: float, budget: float, delta: float, acc: str) -> None:
+    """The federation's spend within the budget; over it, the first entry that crossed it is named."""
+    if spent > budget * (1 + BUDGET_SLACK) or any(e.get("over_budget") for e in h.dp_rounds):
+        first = next((e for e in h.dp_rounds if e.get("over_budget")), None)
+        if first is None:
+            for i in range(1, len(h.dp_rounds) + 1):
+                e = h.dp_rounds[i - 1]
+                if account(history_of(h.dp_rounds[:i]), delta, acc) > float(e.get("target_epsilon", budget)) * (1 + BUDGET_SLACK):
+                    first = e
+                    break
+        where = f" (first at seq {first.get('seq')}, round {first.get('round')})" if first else ""
+        h.add("budget_respected", "fail",
+              f"{h.name} spent epsilon {spent:.4g} over its budget {budget:.4g}{where}", "a hospital exceeded its budget")
+
+
+def _check_delta(h: HospitalFacts, plan: dict, delta: float, n) -> bool | None:
+    """Delta below 1/n (None: n not recorded)."""
+    delta_ok = None
+    if isinstance(n, int) and n > 0:
+        delta_ok = delta < 1.0 / n
+        if not delta_ok:
+            h.add("delta_below_1_over_n", "fail",
+                  f"{h.name}: delta {delta:g} >= 1/n = {1.0 / n:.3g} for n = {n} records ({h.ledger_rel} seq {plan.get('seq')})",
+                  "delta is not below 1/n at a hospital")
+    else:
+        h.add("delta_below_1_over_n", "attention", f"{h.name}: the dp_plan records no record count n",
+              "a hospital's record count is not recorded")
+    return delta_ok
+
+
+def _check_sampling(h: HospitalFacts, plan: dict) -> str:
+    """The sampling the ledger records; the accountants assume Poisson sampling."""
+    used = {plan.get("sampling")} | {e.get("sampling") for e in h.dp_rounds}
+    sampling_used = "poisson" if used == {"poisson"} else ", ".join(sorted(str(u) if u else "not recorded" for u in used))
+    if sampling_used != "poisson":
+        h.add("sampling_assumption", "attention",
+              f"{h.name}: the accountant assumes Poisson sampling, the ledger records {sampling_used}",
+              "Poisson sampling is assumed but not recorded as used")
+    return sampling_used
+
+
+def _independent_check(h: HospitalFacts, history: list[Step], spent: float, delta: float,
+                       acc: str) -> tuple[str, float | None, float | None]:
+    """The spend recomputed by dp_accounting: (method, epsilon or None, relative difference or None)."""
+    method = independent_method(acc)
+    try:
+        ind = independent(history, delta, method)
+    except Exception as e:  # the cross-check must not hide the report
+        ind = None
+        h.add("independent_accountant_agreement", "attention", f"{h.name}: dp_accounting failed: {e}",
+              "the independent accountant failed")
+    rel = (ind - spent) / spent if ind is not None and spent and math.isfinite(spent) and math.isfinite(ind) else None
+    if rel is not None and rel > 0.05:
+        h.add("independent_accountant_agreement", "attention",
+              f"{h.name}: dp_accounting {method.upper()} gives {ind:.4g}, {rel:+.1%} above Opacus {acc.upper()}'s {spent:.4g}",
+              "the independent recomputation is more than 5% above the accountant")
+    return method, ind, rel
+
+
+def _check_planned(h: HospitalFacts, plan: dict, schedule: list[tuple[float, int]], rounds_planned: int,
+                   sigma: float, delta: float, acc: str) -> float | None:
+    """The planned epsilon recomputed from the plan's schedule, compared with the one it records."""
+    planned = account([Step(sigma, q, k) for q, k in schedule] * rounds_planned, delta, acc) if schedule else None
+    if planned is not None and plan.get("planned_epsilon") is not None and not close(plan["planned_epsilon"], finite(planned)):
+        h.add("epsilon_recomputed", "fail",
+              f"{h.ledger_rel} dp_plan records planned_epsilon {plan['planned_epsilon']!r}, recomputed {planned!r}",
+              "a recorded epsilon differs from its recomputation")
+    return planned
+
+
+def _patient_level(run: "RunFacts", h: HospitalFacts, spent: float, delta: float, unit: str, by_round: list[dict],
+                   last_round: int) -> tuple[Any, dict | None]:
+    """Patient level: the config's bound on records per patient, else what the data's patient ids show.
+    Returns that bound k and the group-privacy guarantee (None unless a record-level spend with k known),
+    whose per-round values the metrics report are compared."""
+    configured = getattr(run.cfg.privacy, "max_records_per_patient", None)
+    k = configured if configured is not None else run.records_per_patient.get(h.name)
+    patient = None
+    if k is not None and math.isfinite(spent) and unit == "record":
+        e_k, d_k = group_privacy_epsilon(spent, delta, k)
+        patient = {"max_records_per_patient": k, "epsilon": e_k, "delta": d_k,
+                   "source": "config privacy.max_records_per_patient" if configured is not None else "patient ids in the data",
+                   "method": "group privacy: (k*eps, k*exp((k-1)*eps)*delta), loose"}
+        for r in range(1, last_round + 1):
+            rec = (run.record(r) or {}).get("clients", {}).get(h.name) or {}
+            if "epsilon-patient" in rec:
+                eps_r = next((x["epsilon"] for x in by_round if x["round"] == r), None)
+                want = group_privacy_epsilon(eps_r, delta, k) if eps_r is not None else (None, None)
+                if not (close(rec["epsilon-patient"], want[0]) and close(rec.get("delta-patient"), want[1])):
+                    h.add("epsilon_recomputed", "fail",
+                          f"{run.files.relative(run.files.round_metrics(r))} reports patient-level ({rec['epsilon-patient']!r}, "
+                          f"{rec.get('delta-patient')!r}) for {h.name}; group privacy of the ledger's spend gives {want}",
+                          "a reported epsilon differs from its recomputation")
+    return k, patient
+
+
+def _unit_wording(run: "RunFacts", h: HospitalFacts, plan: dict, k, patient: dict | None) -> None:
+    """What a record-level unit means for patients with several records (nothing at the patient level)."""
+    if plan.get("privacy_unit") == "patient":
+        pass  # accounted at the patient level: nothing to add
+    elif k is None and run.records_per_patient_at_least.get(h.name, 1) > 1:
+        least = run.records_per_patient_at_least[h.name]
+        h.add("privacy_unit", "attention",
+              f"{h.name}: record-level unit while a patient has at least {least} records "
+              f"({run.records_per_patient_where.get(h.name)}); other tasks carry no patient ids",
+              "patients with several records under a record-level unit")
+    elif k is None:
+        h.add("privacy_unit", "attention",
+              f"{h.name}: record-level unit; records per patient unknown (no privacy.max_records_per_patient in the "
+              f"config and no patient ids in the data)",
+              "records per patient unknown at a hospital")
+    elif k > 1:
+        h.add("privacy_unit", "attention",
+              f"{h.name}: record-level unit while a patient has up to {k} records (patient-level epsilon "
+              f"{patient['epsilon']:.4g} by group privacy)",
+              "patients with several records under a record-level unit")
+
+
+def _mechanism(run: "RunFacts", h: HospitalFacts, plan: dict, sigma: float, schedule: list[tuple[float, int]],
+               sampling_used: str, rounds_planned: int) -> dict:
+    """The report's description of the DP-SGD mechanism, from the plan, the ledger and the run."""
+    attended = sum(1 for p in h.participation if p["status"] == "trained")
+    return {
+        "noise_multiplier": sigma,
+        "noise_source": plan.get("noise_source"),
+        "max_grad_norm": float(plan.get("max_grad_norm")),
+        "sampling": sampling_used,
+        "sample_rates": sorted({float(q) for q, _ in schedule}),
+        "round_schedule": [[q, k_] for q, k_ in schedule],
+        "batch_size": run.batch_size,
+        "local_epochs": run.local_epochs,
+        "local_epochs_by_task": run.local_epochs_by_task,
+        "steps_per_round": sum(k_ for _, k_ in schedule),
+        "steps_total": sum(int(e["steps"]) for e in h.dp_rounds),
+        "rounds_planned": rounds_planned,
+        "rounds_attended": attended,
+        "n_records": plan.get("n_records"),
+        "n_patients": plan.get("n_patients"),
+        "max_records_per_patient_step": plan.get("max_records_per_patient_step"),
+        "secure_mode": bool(plan.get("secure_mode")),
+    }
 
 
 def _non_dp_events(run: "RunFacts", h: HospitalFacts, of_run: list[dict]) -> None:

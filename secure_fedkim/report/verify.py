@@ -80,33 +80,14 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
     name = path.name
     run_dir = Path(run_dir) if run_dir is not None else path.parent
     data = path.read_bytes()
+    # 1-2. the signatures, the content, the rendered files
     msgs, key = _check_signatures(path, data, public_key)
-    # 2. content
-    try:
-        report = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return msgs + [f"{name}: not valid JSON ({e}); nothing further can be checked"]
-    if not isinstance(report, dict):
-        return msgs + [f"{name}: not a report object"]
-    if report.get("schema_version") != SCHEMA_VERSION:
-        return msgs + [f"{name}: schema version {report.get('schema_version')!r}, this verifier reads {SCHEMA_VERSION}: "
-                       f"regenerate the report with `secure-fedkim report` (an older report cannot be checked)"]
-    from .render import schema_errors
-
-    errs = schema_errors(report)
-    for e in errs[:MAX_SCHEMA_MESSAGES]:
-        msgs.append(f"{name}: does not fit the report schema {SCHEMA_VERSION}: {e}")
-    if len(errs) > MAX_SCHEMA_MESSAGES:
-        msgs.append(f"{name}: {len(errs) - MAX_SCHEMA_MESSAGES} more schema errors")
-    if errs:
+    report, found = _read_report(name, data)
+    msgs += found
+    if report is None:
         return msgs
     prov = report["provenance"]
-    sig = prov.get("signature") or {}
-    if key is not None and sig.get("public_key_sha256") != fingerprint(key):
-        msgs.append(f"{name}: provenance.signature.public_key_sha256 {sig.get('public_key_sha256')} is not the "
-                    f"fingerprint of the given public key ({fingerprint(key)})")
-    if key is not None and (sig.get("signer") or {}).get("public_key_sha256") != fingerprint(key):
-        msgs.append(f"{name}: the signer named in provenance.signature.signer does not hold the given public key")
+    msgs += _check_signer(name, prov, key)
     msgs += _check_rendered(path, data)
     # 3-5. the run
     try:
@@ -115,21 +96,81 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
         return msgs + [f"{run_dir}: the run directory cannot be read ({type(e).__name__}: {e})"]
     run, hs = f["run"], f["hospitals"]
     partner = report["partner"]
-    if partner is not None and partner not in hs:
-        return msgs + [f"{name}: partner {partner!r} is not a hospital of the run in {run_dir}"]
-    view = [h["hospital"] for h in report["hospitals"]]
-    unknown = [h for h in view if h not in hs]
-    if unknown:
-        return msgs + [f"{name}: hospitals {unknown} are not in the run in {run_dir}"]
+    view, wrong = _view_of(report, hs, name, run_dir)
+    if wrong:
+        return msgs + [wrong]
     others = [c for c in run.clients if c not in view]
     # a partner holding only its own files: the others' parts rest on the report's signed commitments
     standalone = partner is not None and any(not hs[c].ledger_exists for c in others)
     msgs += _check_summary(report, f, name)
-    # config and artifacts
+    msgs += _check_configs(run, prov)
+    msgs += _check_artifacts(run_dir, run, prov, view, others, standalone)
+    msgs += _check_ledgers(run_dir, report, hs, view)
+    msgs += _check_baselines(run_dir, hs, view, prov)
+    if others and not standalone:
+        msgs += _check_others(report, run, hs, others, prov)
+    msgs += _check_keyholder(f, prov)
+    msgs += _check_checks(report, f, partner, standalone)
+    return list(dict.fromkeys(msgs))
+
+
+def _read_report(name: str, data: bytes) -> tuple[dict | None, list[str]]:
+    """The report parsed and checked against the schema: (report, []), or (None, why nothing further is checked)."""
+    try:
+        report = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, [f"{name}: not valid JSON ({e}); nothing further can be checked"]
+    if not isinstance(report, dict):
+        return None, [f"{name}: not a report object"]
+    if report.get("schema_version") != SCHEMA_VERSION:
+        return None, [f"{name}: schema version {report.get('schema_version')!r}, this verifier reads {SCHEMA_VERSION}: "
+                      f"regenerate the report with `secure-fedkim report` (an older report cannot be checked)"]
+    from .render import schema_errors
+
+    errs = schema_errors(report)
+    msgs = [f"{name}: does not fit the report schema {SCHEMA_VERSION}: {e}" for e in errs[:MAX_SCHEMA_MESSAGES]]
+    if len(errs) > MAX_SCHEMA_MESSAGES:
+        msgs.append(f"{name}: {len(errs) - MAX_SCHEMA_MESSAGES} more schema errors")
+    return (None if errs else report), msgs
+
+
+def _check_signer(name: str, prov: dict, key) -> list[str]:
+    """The signing-key fingerprint the report records, and its named signer, are those of the given key."""
+    msgs = []
+    sig = prov.get("signature") or {}
+    if key is not None and sig.get("public_key_sha256") != fingerprint(key):
+        msgs.append(f"{name}: provenance.signature.public_key_sha256 {sig.get('public_key_sha256')} is not the "
+                    f"fingerprint of the given public key ({fingerprint(key)})")
+    if key is not None and (sig.get("signer") or {}).get("public_key_sha256") != fingerprint(key):
+        msgs.append(f"{name}: the signer named in provenance.signature.signer does not hold the given public key")
+    return msgs
+
+
+def _view_of(report: dict, hs: dict, name: str, run_dir: Path) -> tuple[list[str], str | None]:
+    """The hospitals the report covers, or a message when the report's partner or hospitals are not the run's."""
+    partner = report["partner"]
+    if partner is not None and partner not in hs:
+        return [], f"{name}: partner {partner!r} is not a hospital of the run in {run_dir}"
+    view = [h["hospital"] for h in report["hospitals"]]
+    unknown = [h for h in view if h not in hs]
+    if unknown:
+        return view, f"{name}: hospitals {unknown} are not in the run in {run_dir}"
+    return view, None
+
+
+def _check_configs(run, prov: dict) -> list[str]:
+    """config.yaml and resolved_config.json re-hashed."""
+    msgs = []
     for field, p in (("config_sha256", run.files.config_yaml), ("resolved_config_sha256", run.files.resolved_config)):
         now = sha256_file(p) if p.is_file() else None
         if now != prov.get(field):
             msgs.append(f"{run.files.relative(p)}: sha256 {now or '(missing)'} differs from the report's provenance.{field} {prov.get(field)}")
+    return msgs
+
+
+def _check_artifacts(run_dir: Path, run, prov: dict, view: list[str], others: list[str], standalone: bool) -> list[str]:
+    """Every listed artifact re-hashed, artifacts added since named, the other hospitals' against their digest."""
+    msgs = []
     listed = {a["path"]: a for a in prov["artifacts"]}
     current = artifact_paths(run_dir, run.clients)
     for rel, a in listed.items():
@@ -149,8 +190,14 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
         if (digest_of(other_art) if other_art else None) != prov.get("other_hospitals_artifacts_sha256"):
             msgs.append("provenance.other_hospitals_artifacts_sha256: another hospital's artifact (local model or "
                         "public key) changed, was added or removed after the report")
-    # ledgers
-    heads = prov["ledger_heads"]
+    return msgs
+
+
+def _check_ledgers(run_dir: Path, report: dict, hs: dict, view: list[str]) -> list[str]:
+    """Each covered hospital's ledger: present, intact, the recorded head (entries appended since named), and its
+    report entry recomputed from it."""
+    msgs: list[str] = []
+    heads = report["provenance"]["ledger_heads"]
     for c in view:
         h = hs[c]
         rel = h.ledger_rel
@@ -163,43 +210,65 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
             msgs.append(f"{rel}: does not verify: {h.ledger_error}")
             continue
         if h.head != expected:
-            try:
-                PrivacyLedger(run_dir / rel).verify(expected_head=expected)
-                entries = PrivacyLedger(run_dir / rel).entries()
-                at = next(i for i, e in enumerate(entries) if e["hash"] == expected)
-                msgs.append(f"{rel}: {len(entries) - at - 1} entr{'y' if len(entries) - at - 1 == 1 else 'ies'} appended "
-                            f"after the report (seq {at + 1} to {len(entries) - 1}); head now {h.head}, the report's "
-                            f"provenance.ledger_heads.{c} is {expected}")
-            except (LedgerTampered, StopIteration) as e:
-                msgs.append(f"{rel}: chain head {h.head} differs from the report's provenance.ledger_heads.{c} "
-                            f"{expected}: {e}")
+            msgs.append(_head_moved(run_dir, rel, c, h.head, expected))
             continue
         mine = next(x for x in report["hospitals"] if x["hospital"] == c)
         diff(mine, json.loads(json.dumps(_hospital_entry(h))), f"hospitals[{c}]", msgs, rel)
-    msgs += _check_baselines(run_dir, hs, view, prov)
-    if others and not standalone:
-        now = digest_of({c: hs[c].head for c in others})
-        if now != prov.get("other_hospitals_ledger_heads_sha256"):
-            bad = sum(not hs[c].ledger_verified for c in others)
-            msgs.append("provenance.other_hospitals_ledger_heads_sha256: another hospital's ledger changed after the "
-                        f"report ({bad} of {len(others)} other ledgers do not verify)")
-        if sorted(other_commitment(hs[c]) for c in others) != prov.get("other_hospitals_commitments"):
-            msgs.append("provenance.other_hospitals_commitments: another hospital's federation or baseline ledger "
-                        "differs from its commitment")
-        if report.get("other_hospitals") is not None:
-            now_others: list[str] = []
-            diff(report["other_hospitals"], json.loads(json.dumps(_others([hs[c] for c in others], min_others(run)))),
-                 "other_hospitals", now_others, "the other hospitals' ledgers")
-            if now_others:  # never print the others' figures in a partner's message
-                msgs.append(f"other_hospitals: {len(now_others)} aggregate figure(s) differ from the other hospitals' "
-                            f"ledgers")
+    return msgs
+
+
+def _head_moved(run_dir: Path, rel: str, c: str, head: str | None, expected: str | None) -> str:
+    """A verified ledger whose head is not the report's: entries appended after the report, or another chain."""
+    try:
+        PrivacyLedger(run_dir / rel).verify(expected_head=expected)
+        entries = PrivacyLedger(run_dir / rel).entries()
+        at = next(i for i, e in enumerate(entries) if e["hash"] == expected)
+        return (f"{rel}: {len(entries) - at - 1} entr{'y' if len(entries) - at - 1 == 1 else 'ies'} appended "
+                f"after the report (seq {at + 1} to {len(entries) - 1}); head now {head}, the report's "
+                f"provenance.ledger_heads.{c} is {expected}")
+    except (LedgerTampered, StopIteration) as e:
+        return (f"{rel}: chain head {head} differs from the report's provenance.ledger_heads.{c} "
+                f"{expected}: {e}")
+
+
+def _check_others(report: dict, run, hs: dict, others: list[str], prov: dict) -> list[str]:
+    """The hospitals a partner report does not cover: ledger heads, commitments and aggregates against the report's
+    digests, without naming their figures."""
+    msgs = []
+    now = digest_of({c: hs[c].head for c in others})
+    if now != prov.get("other_hospitals_ledger_heads_sha256"):
+        bad = sum(not hs[c].ledger_verified for c in others)
+        msgs.append("provenance.other_hospitals_ledger_heads_sha256: another hospital's ledger changed after the "
+                    f"report ({bad} of {len(others)} other ledgers do not verify)")
+    if sorted(other_commitment(hs[c]) for c in others) != prov.get("other_hospitals_commitments"):
+        msgs.append("provenance.other_hospitals_commitments: another hospital's federation or baseline ledger "
+                    "differs from its commitment")
+    if report.get("other_hospitals") is not None:
+        now_others: list[str] = []
+        diff(report["other_hospitals"], json.loads(json.dumps(_others([hs[c] for c in others], min_others(run)))),
+             "other_hospitals", now_others, "the other hospitals' ledgers")
+        if now_others:  # never print the others' figures in a partner's message
+            msgs.append(f"other_hospitals: {len(now_others)} aggregate figure(s) differ from the other hospitals' "
+                        f"ledgers")
+    return msgs
+
+
+def _check_keyholder(f: dict, prov: dict) -> list[str]:
+    """The key holder's ledger: intact, with the head the report recorded."""
+    run = f["run"]
     kh = ((f["aggregation"].get("ckks") or {}).get("key_holder_ledger")) or {}
     if kh.get("error"):
-        msgs.append(f"{kh['path']}: does not verify: {kh['error']}")
-    elif kh.get("head") != prov.get("keyholder_ledger_head"):
-        msgs.append(f"{run.files.relative(run.files.keyholder_ledger)}: chain head {kh.get('head')} differs from the report's "
-                    f"provenance.keyholder_ledger_head {prov.get('keyholder_ledger_head')}")
-    # checks re-derived; a partner alone re-derives from its own findings, and the report may only be worse
+        return [f"{kh['path']}: does not verify: {kh['error']}"]
+    if kh.get("head") != prov.get("keyholder_ledger_head"):
+        return [f"{run.files.relative(run.files.keyholder_ledger)}: chain head {kh.get('head')} differs from the report's "
+                f"provenance.keyholder_ledger_head {prov.get('keyholder_ledger_head')}"]
+    return []
+
+
+def _check_checks(report: dict, f: dict, partner: str | None, standalone: bool) -> list[str]:
+    """Every check's status re-derived; a partner alone re-derives from its own findings, and the report may only
+    be worse."""
+    msgs = []
     if standalone:
         f = {**f, "findings": {k: [x for x in v if x.hospital in (None, partner)] for k, v in f["findings"].items()}}
     now_checks = {c["name"]: c for c in _check_rows(f, partner)}
@@ -210,7 +279,7 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
         elif n["status"] != c["status"] and not (standalone and _RANK[c["status"]] > _RANK[n["status"]]):
             msgs.append(f"checks[{c['name']}].status: the report says {c['status']}, the run now gives {n['status']} "
                         f"({n['reason']})")
-    return list(dict.fromkeys(msgs))
+    return msgs
 
 
 def _check_signatures(path: Path, data: bytes, public_key) -> tuple[list[str], object]:
