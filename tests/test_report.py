@@ -864,6 +864,27 @@ def test_audit_verdicts_inconsistent_fails_and_inconclusive_is_never_pass(copy_r
     assert "hungary" not in all_text(part) and "cleveland" not in all_text(part)
 
 
+def test_a_check_with_many_findings_still_renders_to_pdf(copy_run):
+    """The demo's audit: 20 canary replays, each inconclusive, make one check's reason over 5,000 characters;
+    fpdf refuses a table row taller than a page, so the PDF cuts the cell and points to the full text."""
+    from secure_fedkim.report import render
+
+    run = copy_run()
+    entry = {"hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.0, "status": "inconclusive",
+             "max_certifiable_epsilon": 4.08, "accountant_epsilon": 5.33, "threat_model": "black-box final model",
+             "reasons": ["the claimed epsilon 5.33 is above the largest epsilon 4.08 that 200 canaries can certify, "
+                         "so this audit could not have caught a violation"]}
+    write_audit(run, {"dp_audit": [dict(entry, task=f"task_{i}") for i in range(30)]})
+    report = build_report(run)
+    reason = status_of(report, "audit_consistent_with_accountant")["reason"]
+    assert len(reason) > 2 * render.PDF_CELL_MAX and "task_29" in reason  # the JSON keeps every finding
+    pdf = render.render_pdf(report, run)
+    assert pdf.startswith(b"%PDF") and len(pdf) > 1000
+    cut = render._fits_a_page(reason)
+    assert len(cut) < render.PDF_CELL_MAX + 120 and cut.endswith("the full text is in the HTML and JSON report]")
+    assert render._fits_a_page("short reason") == "short reason"
+
+
 # ------------------------------------------------------------------------------------------ every spend counted
 def test_a_released_dp_baseline_is_composed_into_the_hospitals_epsilon(copy_run):
     run = copy_run()

@@ -804,6 +804,18 @@ def _pdf_img(pdf, b: Block) -> None:
     _pdf_para(pdf, b.extra, MIN_PDF_PT)
 
 
+PDF_CELL_MAX = 1500  # characters: a longer table cell would not fit on one PDF page (fpdf refuses such a row)
+
+
+def _fits_a_page(text: str) -> str:
+    """``text``, cut at :data:`PDF_CELL_MAX` characters with a pointer to the full text (HTML and JSON)."""
+    if len(text) <= PDF_CELL_MAX:
+        return text
+    cut = text.rfind(" ", 0, PDF_CELL_MAX)
+    cut = cut if cut > PDF_CELL_MAX // 2 else PDF_CELL_MAX
+    return f"{text[:cut]} ... [{len(text) - cut:,} more characters: the full text is in the HTML and JSON report]"
+
+
 def _pdf_table(pdf, b: Block) -> None:
     """A table with bold grey headings; the status column (``b.extra``) is bold on its status colour."""
     from fpdf.enums import TableCellFillMode
@@ -825,7 +837,7 @@ def _pdf_table(pdf, b: Block) -> None:
         for r in rows:
             row = t.row()
             for i, c in enumerate(r):
-                c = str(c)
+                c = _fits_a_page(str(c))
                 if i == col and c in FILLS:
                     row.cell(_st(c), style=FontFace(emphasis="BOLD", fill_color=FILLS[c]))
                 else:
