@@ -1194,3 +1194,30 @@ def test_report_of_a_real_audit(written, tmp_path):
     text = part.json.read_text() + part.html.read_text()
     assert not any(c in text for c in CLIENTS if c != "cleveland")
 
+
+
+def test_a_record_level_unit_with_an_infinite_spend_is_worded_not_crashed():
+    """A hospital whose patients have several records and whose spend is not finite has no group-privacy figure;
+    the privacy_unit wording says so (it used to index that missing figure and crash the report)."""
+    from secure_fedkim.report.collect import _unit_wording
+
+    class Hospital:
+        name = "cleveland"
+
+        def __init__(self):
+            self.found = []
+
+        def add(self, check, status, message, anonymous):
+            self.found.append((check, status, message))
+
+    class Facts:
+        records_per_patient_at_least: dict = {}
+        records_per_patient_where: dict = {}
+
+    h = Hospital()
+    _unit_wording(Facts(), h, {"privacy_unit": "record"}, 3, None)
+    assert h.found == [("privacy_unit", "attention", "cleveland: record-level unit while a patient has up to 3 records "
+                                                     "(no patient-level epsilon: the record-level spend is not finite)")]
+    h = Hospital()
+    _unit_wording(Facts(), h, {"privacy_unit": "record"}, 3, {"epsilon": 12.5})
+    assert "patient-level epsilon 12.5 by group privacy" in h.found[0][2]

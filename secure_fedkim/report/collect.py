@@ -558,8 +558,9 @@ def _unit_wording(run: "RunFacts", h: HospitalFacts, plan: dict, k, patient: dic
               "records per patient unknown at a hospital")
     elif k > 1:
         h.add("privacy_unit", "attention",
-              f"{h.name}: record-level unit while a patient has up to {k} records (patient-level epsilon "
-              f"{patient['epsilon']:.4g} by group privacy)",
+              f"{h.name}: record-level unit while a patient has up to {k} records ("
+              + (f"patient-level epsilon {patient['epsilon']:.4g} by group privacy)" if patient is not None else
+                 "no patient-level epsilon: the record-level spend is not finite)"),
               "patients with several records under a record-level unit")
 
 
