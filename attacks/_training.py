@@ -39,8 +39,6 @@ class ShadowDP:
         self.grad_sample_mode = grad_sample_mode
 
     def make_private(self, module, optimizer, data_loader, criterion=None):
-        from torch import nn as _nn
-
         from privacy.fast_dp import LEAN_MODE, LeanPrivacyEngine, lean_supported
 
         mode = self.grad_sample_mode
@@ -48,7 +46,7 @@ class ShadowDP:
             mode = "hooks"
         return LeanPrivacyEngine().make_private(
             module=module, optimizer=optimizer, data_loader=data_loader,
-            criterion=criterion if criterion is not None else _nn.CrossEntropyLoss(),
+            criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
             noise_multiplier=self.dp.noise_multiplier, max_grad_norm=self.dp.max_grad_norm, poisson_sampling=True,
             grad_sample_mode=mode,
         )

@@ -594,19 +594,20 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
 
         from tqdm.auto import tqdm
 
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_audit_job, *a, progress=False, in_worker=True) for a in args]
-            with tqdm(total=len(futures), desc=f"audit ({workers} processes, one job per task)", disable=not progress) as bar:
-                for f in futures:
-                    f.result()
-                    bar.update()
-            results = [f.result() for f in futures]
+        # spawn, as the baseline's pool (a forked child of a process that ran torch's OpenMP pool can hang); one
+        # torch thread per worker: two processes x two threads on two cores made the small models' steps spin
+        with ProcessPoolExecutor(workers, get_context("spawn"), torch.set_num_threads, (1,)) as pool:
+            futures = [pool.submit(_audit_job, *a, progress=False) for a in args]
+            results = []
+            for f in tqdm(futures, desc=f"audit ({workers} processes, one job per task)", disable=not progress):
+                results.append(f.result())
     for part_lists, part_cpu in results:  # job order, whatever process ran each job
         for part in _PARTS:
             audit[part].extend(part_lists[part])
         for part, by_task in part_cpu.items():
-            for task, s in by_task.items():
-                cpu.setdefault(part, {})[task] = cpu.get(part, {}).get(task, 0.0) + s
+            merged = cpu.setdefault(part, {})
+            for task, seconds in by_task.items():
+                merged[task] = merged.get(task, 0.0) + seconds
     _adjust_mia_p_values(audit["mia"])
     audit["summary"] = mia_summary(audit["mia"])
     audit["seconds"] = time.perf_counter() - t_start
@@ -630,13 +631,11 @@ def _default_workers() -> int:
 
 
 def _audit_job(run_dir: Path, config: AuditConfig, tasks: list[str], clients: list[str], accountant: dict,
-               kind: str, ti: int, task: str | None, *, progress: bool, in_worker: bool = False) -> tuple[dict, dict]:
+               kind: str, ti: int, task: str | None, *, progress: bool) -> tuple[dict, dict]:
     """One job of :func:`audit_run` (its own process when ``workers`` > 1): the white-box audits
     (``kind == "whitebox"``) or every audit of one task. Returns (entries by part, CPU seconds by part)."""
     from tqdm.auto import tqdm
 
-    if in_worker:  # a worker process: one torch thread each (two processes x two threads on two
-        torch.set_num_threads(1)  # cores made the small models' steps many times slower: threads spin-waiting)
     torch.manual_seed(config.seed * 1000 + ti + 1)
     np.random.seed((config.seed * 1000 + ti + 1) % 2**32)
     run = load_run(run_dir)

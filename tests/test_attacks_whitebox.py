@@ -253,10 +253,7 @@ def test_one_run_test_is_planned_from_the_claim_only_and_agrees_with_the_paper()
     out = one_run_audit(scores, included, history, 1e-5, seed=1)
     assert out["plan"] == plan
     a_plan, a_all = PLAN_SHARE * 0.05, (1 - PLAN_SHARE) * 0.05
-    if plan["side"] == "both":
-        planned = steinke_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - a_plan)
-    else:
-        planned = steinke_top_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - a_plan)
+    planned = steinke_epsilon(scores, included, plan["k"], 1e-5, confidence=1 - a_plan, side=plan["side"])
     every = steinke_epsilon(scores, included, 1500, 1e-5, confidence=1 - a_all)
     assert out["eps_lb_steinke"] == pytest.approx(max(planned, every), abs=1e-6) and out["eps_lb_steinke"] > 0.5
     r, v = guesses(scores, included, plan["side"], plan["k"])
@@ -322,14 +319,15 @@ def test_planted_bugs_restore_the_shipped_code():
 # ------------------------------------------------------------- statistics against the papers, independently
 
 
-def steinke_epsilon(scores, included, k, delta, confidence=0.95):
+def steinke_epsilon(scores, included, k, delta, confidence=0.95, side="both"):
     """Steinke, Nasr and Jagielski (2023), Algorithm 1 + Theorem 3, written from the paper: guess IN for
-    the k highest scores and OUT for the k lowest; v correct of r = 2k; the largest eps whose p-value
+    the k highest scores and (``side="both"``) OUT for the k lowest, or (``side="top"``) abstain on the rest;
+    v correct of r guesses; the largest eps whose p-value
     P[Bin(r, e^eps/(1+e^eps)) >= v] + 2 m delta max_i P[v-i <= Bin < v] / i is below 1 - confidence."""
     s, b = np.asarray(scores), np.asarray(included, bool)
     m, order = len(s), np.argsort(-s)
-    v = int(b[order[:k]].sum() + (~b[order[m - k:]]).sum())
-    r = 2 * k
+    v = int(b[order[:k]].sum() + ((~b[order[m - k:]]).sum() if side == "both" else 0))
+    r = 2 * k if side == "both" else k
 
     def p_value(eps):
         p = math.exp(eps) / (1 + math.exp(eps))
@@ -337,27 +335,6 @@ def steinke_epsilon(scores, included, k, delta, confidence=0.95):
         i = np.arange(1, v + 1)
         window = binom.cdf(v - 1, r, p) - binom.cdf(v - 1 - i, r, p)
         return tail + 2 * m * delta * float(np.max(window / i))
-
-    alpha = 1 - confidence
-    if p_value(0.0) >= alpha:
-        return 0.0
-    hi = 1.0
-    while p_value(hi) < alpha:
-        hi *= 2
-    return brentq(lambda e: p_value(e) - alpha, 0.0, hi, xtol=1e-9)
-
-
-def steinke_top_epsilon(scores, included, k, delta, confidence=0.95):
-    """As :func:`steinke_epsilon`, guessing only IN for the k highest scores (abstaining on the rest)."""
-    s, b = np.asarray(scores), np.asarray(included, bool)
-    m, order = len(s), np.argsort(-s)
-    v, r = int(b[order[:k]].sum()), k
-
-    def p_value(eps):
-        p = math.exp(eps) / (1 + math.exp(eps))
-        i = np.arange(1, v + 1)
-        window = binom.cdf(v - 1, r, p) - binom.cdf(v - 1 - i, r, p)
-        return binom.sf(v - 1, r, p) + 2 * m * delta * float(np.max(window / i))
 
     alpha = 1 - confidence
     if p_value(0.0) >= alpha:
