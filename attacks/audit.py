@@ -79,7 +79,7 @@ from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from secure_fedkim.artifacts import Run, load_run
-from secure_fedkim.client import patients_of, task_local_epochs
+from secure_fedkim.local_training import patients_of, task_local_epochs
 from secure_fedkim.config import ConfigError
 
 __all__ = [

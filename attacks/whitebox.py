@@ -674,7 +674,7 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
     is the accountant's epsilon of the ledger's entries for this task; ``accountant_epsilon`` is the ledger's
     whole-run epsilon.
     """
-    from secure_fedkim.client import task_local_epochs
+    from secure_fedkim.local_training import task_local_epochs
 
     t0 = time.perf_counter()
     section = section or WhiteboxSection()

@@ -1,8 +1,8 @@
 """Budget planning for DP-SGD runs (used by ``secure-fedkim budget``). No printing here.
 
-A plan follows what Opacus's Poisson data loader does: each record is sampled per step with
+A forecast follows what Opacus's Poisson data loader does: each record is sampled per step with
 probability ``q = batch_size / n_records`` (Opacus's loader uses ``1/ceil(n/batch)``, which is never
-larger, so the plan is conservative), and one local epoch is ``ceil(n/batch)`` steps.
+larger, so the forecast is conservative), and one local epoch is ``ceil(n/batch)`` steps.
 
 With ``unit="patient"`` (patient-level DP-SGD, ``privacy.patient``) the same holds with patients in place
 of records: ``batch_size`` counts patients, ``q = batch_size / n_patients``, an epoch is
@@ -27,7 +27,7 @@ from .accounting import (
     resolve_delta,
 )
 
-__all__ = ["BudgetPlan", "plan", "epsilon_by_round", "compare_accountants", "format_table", "MIN_NOISE_MULTIPLIER",
+__all__ = ["BudgetForecast", "forecast", "epsilon_by_round", "compare_accountants", "format_table", "MIN_NOISE_MULTIPLIER",
            "MAX_TABLE_ROUNDS", "table_rounds", "noise_dominates"]
 
 # Below this noise multiplier the PRV and PLD accountants' grids grow without bound (sigma 0.2 already
@@ -41,7 +41,7 @@ MAX_TABLE_ROUNDS = 20
 
 
 @dataclass(frozen=True)
-class BudgetPlan:
+class BudgetForecast:
     """The noise a hospital needs for a whole run, and what it spends round by round.
 
     Attributes:
@@ -90,7 +90,7 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def plan(
+def forecast(
     target_epsilon: float,
     delta: float | None,
     n_records: int,
@@ -101,7 +101,7 @@ def plan(
     *,
     unit: str = "record",
     n_patients: int | None = None,
-) -> BudgetPlan:
+) -> BudgetForecast:
     """Calibrate the noise for a whole run and list epsilon by round.
 
     Args:
@@ -145,7 +145,7 @@ def plan(
         sigma = calibrate_noise(target_epsilon, delta, [(q, steps_per_round * rounds)], accountant=accountant)
     listed = table_rounds(rounds)
     by_round = epsilon_by_round(sigma, q, steps_per_round, rounds, delta, accountant)
-    return BudgetPlan(
+    return BudgetForecast(
         target_epsilon=float(target_epsilon),
         delta=delta,
         n_records=n_records,
@@ -221,7 +221,7 @@ def compare_accountants(
     }
 
 
-def format_table(budget: BudgetPlan, comparison: dict[str, float] | None = None) -> str:
+def format_table(budget: BudgetForecast, comparison: dict[str, float] | None = None) -> str:
     """A plain-text summary of ``budget`` (and optionally of :func:`compare_accountants`)."""
     b = budget
     per = f"per {b.unit}"

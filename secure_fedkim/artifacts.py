@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from secure_fedkim.client import new_client_model
+from secure_fedkim.local_training import new_client_model
 from pydantic import ValidationError
 
 from secure_fedkim.config import ConfigError, RunConfig

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from privacy.accounting import epsilon
 from privacy.ledger import DPPlan, PrivacyLedger
-from secure_fedkim.client import local_round, new_client_model, train_plans
+from secure_fedkim.local_training import local_round, new_client_model, train_plans
 from secure_fedkim.config import RunConfig
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.metrics import binary_metrics

@@ -63,7 +63,7 @@ def _cmd_budget(args) -> int:
         raise UsageError(f"budget: --batch {args.batch} is larger than {what} {units}")
     try:
         if args.epsilon is not None:
-            plan = b.plan(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant,
+            plan = b.forecast(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant,
                           unit="patient" if args.patients is not None else "record", n_patients=args.patients)
             comparison = b.compare_accountants(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, plan.delta)
             print(b.format_table(plan, comparison), end="")
@@ -143,7 +143,7 @@ def _budget_for_config(args) -> int:
     import yaml
 
     from privacy.accounting import Step, epsilon, resolve_delta
-    from secure_fedkim.client import dp_plan_inputs
+    from secure_fedkim.local_training import dp_plan_inputs
     from secure_fedkim.config import load_config
     from secure_fedkim.run import load_plans
 

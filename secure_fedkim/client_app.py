@@ -20,7 +20,7 @@ from privacy.accounting import group_privacy_epsilon
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import save_model
-from secure_fedkim.client import dp_plan_inputs, local_round, new_client_model
+from secure_fedkim.local_training import dp_plan_inputs, local_round, new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.models import ClientModel

@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     from flwr.supercore.logger import update_console_handler
 
     from secure_fedkim.artifacts import save_model
-    from secure_fedkim.client import new_client_model
+    from secure_fedkim.local_training import new_client_model
     from secure_fedkim.config import config_sha256, load_config
     from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
     from secure_fedkim.federation.engine import run_fedkim

@@ -385,7 +385,7 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans) -> None
         except PolicyError as e:
             record_refusal(home, run_id, server_round, client, f"invalid policy: {e}", None)
             raise
-        from secure_fedkim.client import hospital_records
+        from secure_fedkim.local_training import hospital_records
 
         requested = str(config["code-sha256"]) if "code-sha256" in config else None
         try:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from privacy.budget import noise_dominates
 from secure_fedkim.artifacts import save_model
 from secure_fedkim.baseline import planned_noise, privacy_spend, single_hospital_baseline
-from secure_fedkim.client import new_client_model, train_plans
+from secure_fedkim.local_training import new_client_model, train_plans
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
 from secure_fedkim.data import DataError, load_task
 from secure_fedkim.data.formats import DataWarning

@@ -142,9 +142,9 @@ def test_opacus_history_layout_is_sigma_q_steps(mechanism):
 
 
 def test_budget_plan_table_and_comparison():
-    from privacy.budget import compare_accountants, format_table, plan
+    from privacy.budget import compare_accountants, forecast, format_table
 
-    p = plan(2.0, None, n_records=1000, batch_size=64, local_epochs=2, rounds=5, accountant="rdp")
+    p = forecast(2.0, None, n_records=1000, batch_size=64, local_epochs=2, rounds=5, accountant="rdp")
     # the loaders' own rule (Opacus's DPDataLoader, privacy.patient): q = 1/ceil(n/b), ceil(n/b) steps per epoch
     assert p.sample_rate == 1 / 16 and p.steps_per_round == 2 * 16 and p.total_steps == 160
     assert p.delta == 1e-5
@@ -157,4 +157,4 @@ def test_budget_plan_table_and_comparison():
     table = format_table(p, cmp)
     assert f"{p.epsilon_by_round[0]:.4f}" in table and "dp_accounting_pld" in table
     with pytest.raises(ValueError, match="1/n"):
-        plan(1.0, 0.05, n_records=50, batch_size=10, local_epochs=1, rounds=1)
+        forecast(1.0, 0.05, n_records=50, batch_size=10, local_epochs=1, rounds=1)

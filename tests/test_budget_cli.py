@@ -3,14 +3,14 @@
 import pytest
 
 from privacy.accounting import Step, epsilon
-from privacy.budget import plan
+from privacy.budget import forecast
 from secure_fedkim.cli import main
 
 
 def test_budget_plan_prints_the_calibrated_noise_and_epsilon_by_round(capsys):
     assert main(["budget", "--epsilon", "3", "--records", "2000", "--batch", "50", "--epochs", "1", "--rounds", "4"]) == 0
     out = capsys.readouterr().out
-    p = plan(3.0, None, 2000, 50, 1, 4)
+    p = forecast(3.0, None, 2000, 50, 1, 4)
     assert f"noise multiplier   {p.noise_multiplier:.6g}" in out
     eps4 = epsilon([Step(p.noise_multiplier, 50 / 2000, 40 * 4)], 1e-5, "prv")
     assert f"    4  {eps4:>10.4f}" in out and eps4 <= 3.0
@@ -74,11 +74,11 @@ def test_budget_delta_not_below_one_over_n_is_one_line(capsys):
 def test_a_huge_epsilon_is_answered_at_the_noise_floor_not_searched_below_it():
     from privacy.budget import MIN_NOISE_MULTIPLIER, format_table
 
-    p = plan(1e6, None, 500, 50, 1, 2, "rdp")  # searching below the floor grew to 22 GB with PRV
+    p = forecast(1e6, None, 500, 50, 1, 2, "rdp")  # searching below the floor grew to 22 GB with PRV
     assert p.at_noise_floor and p.noise_multiplier == MIN_NOISE_MULTIPLIER
     assert p.epsilon == epsilon([Step(MIN_NOISE_MULTIPLIER, 0.1, 20)], 1e-5, "rdp") < 1e6
     assert f"noise multiplier below {MIN_NOISE_MULTIPLIER:g} is not needed" in format_table(p)
-    assert not plan(3.0, None, 500, 50, 1, 2, "rdp").at_noise_floor
+    assert not forecast(3.0, None, 500, 50, 1, 2, "rdp").at_noise_floor
 
 
 def test_a_budget_too_small_to_learn_is_warned():
@@ -86,7 +86,7 @@ def test_a_budget_too_small_to_learn_is_warned():
 
     from privacy.budget import format_table, noise_dominates
 
-    usable = plan(3.0, None, 500, 50, 1, 1, "rdp")
+    usable = forecast(3.0, None, 500, 50, 1, 1, "rdp")
     assert "mostly noise" not in format_table(usable)
     assert "untrained AUROC" in format_table(replace(usable, noise_multiplier=51.0))  # sigma / batch > 1
     assert noise_dominates(33, 32) and not noise_dominates(32, 32)

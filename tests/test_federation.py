@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from secure_fedkim.artifacts import load_run
 from secure_fedkim.cli import main
-from secure_fedkim.client import new_client_model
+from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import load_config
 from secure_fedkim.plan import build_plan
 
@@ -87,7 +87,7 @@ def test_a_task_can_set_its_own_local_epochs(tmp_path):
 
     import yaml
 
-    from secure_fedkim.client import dp_round_schedule, local_round
+    from secure_fedkim.local_training import dp_round_schedule, local_round
     from secure_fedkim.config import RunConfig
 
     raw = yaml.safe_load(TINY)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from secure_fedkim.client import new_client_model
+from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import parse_config
 from secure_fedkim.fm.injection import Injector
 from secure_fedkim.fm.m3oe import m3oe_layers

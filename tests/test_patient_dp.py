@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.accounting import Step, epsilon, poisson_schedule
-from privacy.budget import format_table, plan
+from privacy.budget import forecast, format_table
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import FusedDPOptimizer
 from privacy.ledger import PrivacyLedger
@@ -238,8 +238,8 @@ def test_unit_mismatch_and_missing_arguments_are_refused(tmp_path):
 
 
 def test_budget_plan_per_patient_names_the_unit_and_equals_the_record_plan_on_patients():
-    patients = plan(2.0, None, 5000, 25, 2, 3, "rdp", unit="patient", n_patients=1000)
-    as_records = plan(2.0, None, 1000, 25, 2, 3, "rdp")  # the same (q, steps) with patients counted as records
+    patients = forecast(2.0, None, 5000, 25, 2, 3, "rdp", unit="patient", n_patients=1000)
+    as_records = forecast(2.0, None, 1000, 25, 2, 3, "rdp")  # the same (q, steps) with patients counted as records
     assert patients.sample_rate == 25 / 1000 and patients.steps_per_round == 2 * 40
     assert patients.noise_multiplier == as_records.noise_multiplier and patients.epsilon == as_records.epsilon
     assert patients.delta == 1e-5 and patients.n_units == 1000 and patients.unit == "patient"
@@ -248,8 +248,8 @@ def test_budget_plan_per_patient_names_the_unit_and_equals_the_record_plan_on_pa
     eps_lines = [line for line in table.splitlines() if "epsilon" in line]
     assert len(eps_lines) == 3 and all("per patient" in line for line in eps_lines)
     assert all("per record" in line for line in format_table(as_records).splitlines() if "epsilon" in line)
-    assert plan(2.0, None, 50, 5, 1, 1, unit="patient", n_patients=20).delta == pytest.approx(1e-5)
+    assert forecast(2.0, None, 50, 5, 1, 1, unit="patient", n_patients=20).delta == pytest.approx(1e-5)
     with pytest.raises(ValueError, match="n_patients"):
-        plan(2.0, None, 5000, 25, 2, 3, unit="patient")
+        forecast(2.0, None, 5000, 25, 2, 3, unit="patient")
     with pytest.raises(ValueError, match="1/n"):
-        plan(2.0, 0.01, 5000, 5, 1, 1, unit="patient", n_patients=100)
+        forecast(2.0, 0.01, 5000, 5, 1, 1, unit="patient", n_patients=100)

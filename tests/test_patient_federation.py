@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from privacy.accounting import Step, calibrate_noise, epsilon, poisson_schedule, resolve_delta
-from privacy.budget import plan as budget_plan
+from privacy.budget import forecast as budget_forecast
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import client_dir
 from secure_fedkim.cli import main
-from secure_fedkim.client import dp_plan_inputs, dp_round_schedule, n_patients, patients_of
+from secure_fedkim.local_training import dp_plan_inputs, dp_round_schedule, n_patients, patients_of
 from secure_fedkim.client_app import hospital_dp
 from secure_fedkim.config import RunConfig, parse_config
 from secure_fedkim.plan import build_plan
@@ -102,7 +102,7 @@ def test_the_federation_plan_reserves_the_baselines_steps_and_budget_config_agre
 def test_budget_plans_per_patient_from_the_command_line(capsys):
     assert main(["budget", "--epsilon", "4", "--records", "20000", "--patients", "2000", "--batch", "32", "--rounds", "5"]) == 0
     out = capsys.readouterr().out
-    p = budget_plan(4.0, None, 20000, 32, 2, 5, unit="patient", n_patients=2000)
+    p = budget_forecast(4.0, None, 20000, 32, 2, 5, unit="patient", n_patients=2000)
     assert f"noise multiplier   {p.noise_multiplier:.6g}" in out and "per patient" in out
     assert p.sample_rate == 1 / 63  # 2000 patients, 32 per batch: 63 batches
     assert main(["budget", "--epsilon", "4", "--records", "200", "--patients", "2000", "--rounds", "5"]) == 2

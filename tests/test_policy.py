@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from privacy.keys import generate_signing_key
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.client import new_client_model
+from secure_fedkim.local_training import new_client_model
 from secure_fedkim.client_app import app as client_app
 from secure_fedkim.config import parse_config
 from secure_fedkim.identity import ensure_signing_key, load_signing_key

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.logger import update_console_handler
 
-from secure_fedkim.client import new_client_model
+from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.checkpoint import restore_injector
 from secure_fedkim.federation.strategy import FedKIM

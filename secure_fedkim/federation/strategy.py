@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from secure_fedkim.aggregation import unflatten_state
-from secure_fedkim.client import new_client_model
+from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan
 from secure_fedkim.run_dir import RunDir

@@ -21,7 +21,7 @@ from typing import Any
 
 from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
 from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger, this_run_id
-from secure_fedkim.client import task_local_epochs
+from secure_fedkim.local_training import task_local_epochs
 from secure_fedkim.run_dir import RunDir
 
 #: relative tolerance when a recorded epsilon (ledger, metrics) is compared with the recomputation

@@ -43,7 +43,7 @@ class SecAggHospital(NumPyClient):
     def fit(self, parameters, config):
         import torch
 
-        from secure_fedkim.client import new_client_model
+        from secure_fedkim.local_training import new_client_model
         from secure_fedkim.client_app import hospital_round
         from secure_fedkim.config import RunConfig
         from secure_fedkim.plan import build_plan
