@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privacy.accounting import group_privacy_epsilon
-from privacy.dp import HospitalDP, PrivacyProfile
+from privacy.dp import HospitalDP
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.artifacts import save_model
 from secure_fedkim.local_training import dp_plan_inputs, local_round, new_client_model
@@ -68,11 +68,8 @@ def hospital_dp(
     inputs = dp_plan_inputs(cfg, plans, client)
     if noise_multiplier is not None:
         inputs.update(reserved=[], reserved_for=None)
-    p = cfg.privacy
     return HospitalDP(
-        PrivacyProfile(**profile.model_dump(), on_exhaustion=p.on_exhaustion, unit=p.unit,
-                       **({"max_records_per_patient_step": p.max_records_per_patient_step}
-                          if p.max_records_per_patient_step else {})),
+        profile,
         PrivacyLedger(HospitalDir(home).ledger),
         run_id,
         rounds=cfg.run.rounds,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from privacy.dp import PrivacyProfile
 from secure_fedkim.data.formats import USER_FORMATS
 from secure_fedkim.data.tasks import MODALITIES, TASKS
 from secure_fedkim.variants import METHODS, VARIANTS
@@ -174,7 +175,8 @@ class ClientSection(_Strict):
 
 
 class DPProfileSection(_Strict):
-    """A hospital's record-level DP budget for the whole run (see privacy.dp.PrivacyProfile)."""
+    """The YAML shape of a hospital's DP budget (``privacy.profile``, ``privacy.hospitals.NAME``). Parsing only:
+    the program uses the :class:`privacy.dp.PrivacyProfile` that :meth:`RunConfig.dp_profile` makes of it."""
 
     target_epsilon: float = Field(gt=0.0)
     delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: min(1e-5, 1/(10 n)) for the hospital's n records
@@ -291,10 +293,15 @@ class RunConfig(_Strict):
     report: ReportSection = ReportSection()
     study: StudySection | None = None
 
-    def dp_profile(self, client: str) -> DPProfileSection | None:
+    def dp_profile(self, client: str) -> PrivacyProfile | None:
+        """``client``'s DP policy for the run (its budget, or the run's default, with the run's privacy unit and
+        what to do on exhaustion); None when the run trains without DP."""
         if not self.privacy.dp:
             return None
-        return self.privacy.hospitals.get(client, self.privacy.profile)
+        p = self.privacy
+        budget = p.hospitals.get(client, p.profile)
+        k = {"max_records_per_patient_step": p.max_records_per_patient_step} if p.max_records_per_patient_step else {}
+        return PrivacyProfile(**budget.model_dump(), on_exhaustion=p.on_exhaustion, unit=p.unit, **k)
 
     def task_modality(self, entry: TaskEntry) -> str:
         return entry.modality or TASKS[entry.name].modality
