@@ -16,6 +16,7 @@ from secure_fedkim.local_training import new_client_model
 from pydantic import ValidationError
 
 from secure_fedkim.config import ConfigError, RunConfig
+from secure_fedkim.config_errors import describe_validation_error
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import TaskPlan, build_plan
 from secure_fedkim.run_dir import FM_SCORES, HospitalDir, RunDir, StudyDir
@@ -81,8 +82,6 @@ def load_run(run_dir: str | Path) -> Run:
     try:
         cfg = RunConfig.model_validate_json(cfg_file.read_text())
     except ValidationError as e:
-        raise ConfigError(
-            f"{cfg_file}: this run's config does not validate with this version of secure-fedkim "
-            f"({e.errors()[0]['loc']}: {e.errors()[0]['msg']})"
-        ) from None
+        raise ConfigError("this run's config does not validate with this version of secure-fedkim: "
+                          + describe_validation_error(e, RunConfig, str(cfg_file))) from None
     return Run(run_dir, cfg, build_plan(cfg))

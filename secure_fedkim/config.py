@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privacy.dp import PrivacyProfile
+from secure_fedkim.config_errors import describe_validation_error
 from secure_fedkim.data.formats import USER_FORMATS
 from secure_fedkim.data.tasks import MODALITIES, TASKS
 from secure_fedkim.variants import METHODS, VARIANTS
@@ -338,13 +339,6 @@ class RunConfig(_Strict):
 _NATURAL_SITES = {"heart_disease": ["cleveland", "hungary", "switzerland", "va_long_beach"]}
 
 
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
     """Validate a config mapping; `source` names the file in error messages."""
     if not isinstance(data, dict):
@@ -352,14 +346,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = _location(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        raise ConfigError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}") from None
+        raise ConfigError(describe_validation_error(e, RunConfig, source)) from None
     base = base_dir or Path.cwd()
     resolved = {}
     for section, entries in (("train", cfg.tasks.train), ("unseen", cfg.tasks.unseen)):

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from privacy.accounting import resolve_delta
 from privacy.keys import canonical_message, load_signing_public_key, public_key_bytes, sign, verify
 from privacy.ledger import PrivacyLedger
+from secure_fedkim.config_errors import describe_validation_error
 from secure_fedkim.run_dir import HospitalDir
 
 __all__ = [
@@ -154,10 +155,7 @@ def _validate(data, source: str) -> HospitalPolicy:
     try:
         return HospitalPolicy.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise PolicyError(f"{source}: {where}: {msg}") from None
+        raise PolicyError(describe_validation_error(e, HospitalPolicy, source)) from None
 
 
 def _public_key(public_key) -> bytes:

@@ -30,7 +30,18 @@ def _error(data: dict) -> str:
 def test_unknown_key_is_named():
     d = demo()
     d["client"]["learning_rate"] = 0.1
-    assert _error(d) == "bad.yaml: client.learning_rate: unknown key"
+    assert _error(d) == ("bad.yaml: client.learning_rate: unknown key "
+                         "(allowed: local_epochs, batch_size, lr, max_grad_norm, token_dim, num_tokens)")
+
+
+def test_an_unknown_key_inside_a_list_or_a_mapping_of_sections_lists_that_section_s_keys():
+    d = demo()
+    d["tasks"]["train"][1]["epochs"] = 2
+    assert _error(d).startswith("bad.yaml: tasks.train[1].epochs: unknown key (allowed: name, partition,")
+    d = demo()
+    d["privacy"]["hospitals"] = {"hungary": {"target_epsilon": 4.0, "epsilon": 1.0}}
+    assert _error(d) == ("bad.yaml: privacy.hospitals.hungary.epsilon: unknown key "
+                         "(allowed: target_epsilon, delta, max_grad_norm, accountant, secure_mode)")
 
 
 def test_wrong_type_is_named():
@@ -68,7 +79,7 @@ def test_task_modality_mismatch_is_named():
     d = demo()
     d["tasks"]["train"][0]["modality"] = "image"
     msg = _error(d)
-    assert msg.startswith("bad.yaml: tasks.train[0]:") and "'heart_disease' is 'tabular' data, not 'image'" in msg
+    assert msg.startswith("bad.yaml: tasks.train[0].modality:") and "'heart_disease' is 'tabular' data, not 'image'" in msg
 
 
 def test_unknown_task_without_source():

@@ -78,7 +78,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     bad.write_text(TINY.replace("rounds: 2", "rounds: 2, epochs: 3"))
     assert main(["run", str(bad), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"secure-fedkim: error: {bad}: run.epochs: unknown key"
+    assert err == f"secure-fedkim: error: {bad}: run.epochs: unknown key (allowed: name, seed, rounds, out_dir)"
     assert not (tmp_path / "x").exists()
 
 

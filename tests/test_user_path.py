@@ -75,11 +75,11 @@ def test_the_source_keys_of_formats_py_are_accepted_and_checked(tmp_path):
     src = parse_config(_user_task(ok), source="c.yaml", base_dir=tmp_path).tasks.train[0].source
     assert (src.key, src.fs, src.channel, src.task) == ("x", 250.0, 0, "mine")
     bad = [({"fs": 0}, "source.fs: Input should be greater than 0"),
-           ({"channel": -1}, "source: channel: an index must be >= 0"),
-           ({"channel": "MLII"}, "source: channel: npy channels are indices"),
-           ({"group": "pid"}, "source: site: npy arrays have no columns"),
-           ({"format": "csv", "path": "s.npz"}, "source: key: only for format npy, not 'csv'"),
-           ({"colour": 1}, "source.colour: unknown key")]
+           ({"channel": -1}, "source.channel: an index must be >= 0"),
+           ({"channel": "MLII"}, "source.channel: npy channels are indices"),
+           ({"group": "pid"}, "source.site: npy arrays have no columns"),
+           ({"format": "csv", "path": "s.npz"}, "source.key: only for format npy, not 'csv'"),
+           ({"colour": 1}, "source.colour: unknown key (allowed: format, path")]
     for change, message in bad:
         with pytest.raises(ConfigError) as e:
             parse_config(_user_task({**ok, **change}), source="c.yaml", base_dir=tmp_path)
