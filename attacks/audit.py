@@ -26,6 +26,11 @@ Members and non-members are matched: the same number of each per label, and per 
 task is partitioned by its real sites (``natural``), so that an attack measures membership, not the
 difference between one hospital's patients and the pooled test split.
 
+Each kind of audit is a registered unit (:data:`AUDIT_KINDS`, :class:`AuditKind`): its audit.json part and row
+type, its config section, its threat model and its run function; :func:`audit_run` runs the registry. audit.json's
+schema (id, one row type per part, the strict reader the report uses) is :mod:`secure_fedkim.audit_schema`;
+:func:`audit_run` checks every row against it and refuses to write a row it refuses.
+
 Outputs go to ``RUN_DIR/audit/``: ``audit.json`` and one log-log ROC PNG per (target, task). Every entry
 names its ``threat_model`` (:data:`THREAT_MODELS`); ``summary`` has one row per target (the worst row by
 the lower end of its AUC interval, and how many rows are significant); ``whitebox`` and ``mechanism`` are
@@ -61,7 +66,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -79,6 +84,9 @@ from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerTampered, PrivacyLedger
 from secure_fedkim.artifacts import Run, load_run
+from secure_fedkim.audit_schema import (
+    DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, SCHEMA, WHITEBOX_ROW, RowType, check_audit_json,
+)
 from secure_fedkim.local_training import patients_of, task_local_epochs
 from secure_fedkim.config import ConfigError
 
@@ -92,9 +100,9 @@ __all__ = [
     "mia_summary",
     "AUDITOR_KNOWLEDGE",
     "THREAT_MODELS",
+    "AUDIT_KINDS",
+    "AuditKind",
 ]
-
-SCHEMA = "secure-fedkim-audit/1"
 
 # What the adversary of each figure sees (every entry of audit.json names one)
 THREAT_BLACK_BOX = "black-box final model"
@@ -582,7 +590,8 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
         **{part: [] for part in _PARTS},
     }
     # the white-box job first: it is short, so the long task jobs then share the workers
-    jobs = ([("whitebox", -1, None)] if config.whitebox.enabled else []) + [("task", ti, t) for ti, t in enumerate(tasks)]
+    white_box = any(k.scope == "hospital" and k.enabled(config, run, None) for k in AUDIT_KINDS)
+    jobs = ([("hospital", -1, None)] if white_box else []) + [("task", ti, t) for ti, t in enumerate(tasks)]
     workers = min(len(jobs), config.workers or _default_workers())
     args = [(run.run_dir, config, tasks, clients, accountant, kind, ti, task) for kind, ti, task in jobs]
     cpu: dict[str, dict[str, float]] = {}
@@ -614,11 +623,12 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     audit["workers"] = workers
     audit["cpu_seconds_by_part"] = cpu
     audit = _jsonable(audit)
+    check_audit_json(audit)  # a row its row type refuses is a bug here: fail before writing, naming part, row, field
     run.files.audit_json.write_text(json.dumps(audit, indent=2, allow_nan=False))
     return audit
 
 
-_PARTS = ("mia", "dp_audit", "whitebox", "mechanism", "reconstruction", "skipped")
+_PARTS = PARTS  # secure_fedkim.audit_schema: every part of audit.json, in its order
 
 
 def _default_workers() -> int:
@@ -632,81 +642,93 @@ def _default_workers() -> int:
 
 def _audit_job(run_dir: Path, config: AuditConfig, tasks: list[str], clients: list[str], accountant: dict,
                kind: str, ti: int, task: str | None, *, progress: bool) -> tuple[dict, dict]:
-    """One job of :func:`audit_run` (its own process when ``workers`` > 1): the white-box audits
-    (``kind == "whitebox"``) or every audit of one task. Returns (entries by part, CPU seconds by part)."""
-    from tqdm.auto import tqdm
-
+    """One job of :func:`audit_run` (its own process when ``workers`` > 1): the white-box job (``kind ==
+    "hospital"``: every hospital-scope kind of :data:`AUDIT_KINDS`) or every task-scope kind on one task.
+    Returns (entries by part, CPU seconds by part)."""
     torch.manual_seed(config.seed * 1000 + ti + 1)
     np.random.seed((config.seed * 1000 + ti + 1) % 2**32)
     run = load_run(run_dir)
     out: dict[str, Any] = {part: [] for part in _PARTS}
-    if kind == "whitebox":
-        ctx = _Context(run, config, out, accountant, progress, tqdm(disable=True))
-        with ctx.timed("whitebox", "all"):
-            _whitebox(ctx, tasks, clients)
-        return out, ctx.cpu_seconds
-    targets: list[tuple[str, str, list[str]]] = []  # (name, kind, hospitals whose records are members)
-    if "local" in config.targets:
-        targets += [(h, "local", [h]) for h in clients]
-    if "global" in config.targets:
-        targets.append(("global", "global", run.clients))
-    if "fm" in config.targets:
-        targets.append(("fm", "fm", run.clients))
-    game = config.game.enabled and task in (tasks if config.game.tasks is None else config.game.tasks)
-    canary = config.canary.enabled and task in (tasks if config.canary.tasks is None else config.canary.tasks)
-    inversion = config.inversion.enabled and run.plans[task].task.modality in config.inversion.modalities
-    total = (len(targets) if config.mia.enabled else 0) + len(clients) * (game + canary + inversion)
-    bar = tqdm(total=total, desc=f"audit {task}", disable=not progress)
-    ctx = _Context(run, config, out, accountant, progress, bar)
-    nonmembers, population = _auditor_data(run, task, config.mia.nonmember_fraction, config.seed + ti)
-    if config.mia.enabled:
-        for target in targets:
-            with ctx.timed(f"mia {target[1]}", task):
-                _mia_target(ctx, ti, task, target, nonmembers, population)
-    if game:
-        for h in clients:
-            with ctx.timed("game", task):
-                _game(ctx, ti, task, h)
-    if canary:
-        for h in clients:
-            with ctx.timed("canary", task):
-                _canary(ctx, ti, task, h, population)
-    if inversion:
-        with ctx.timed("inversion", task):
-            _inversion(ctx, ti, task, clients, nonmembers, population)
-    bar.close()
-    return out, ctx.cpu_seconds
+    if kind == "hospital":
+        return _hospital_job(run, config, tasks, clients, accountant, out, progress)
+    return _task_job(run, config, clients, accountant, out, ti, task, progress)
 
 
-def _whitebox(ctx, tasks: list[str], clients: list[str]) -> None:
-    """The white-box audits of each DP hospital: gradient canaries through its real DP-SGD step on every
-    chosen task (attacks.whitebox) and the per-step mechanism audit once (attacks.mechanism)."""
-    section = ctx.config.whitebox
+def _hospital_job(run: Run, config: AuditConfig, tasks: list[str], clients: list[str], accountant: dict, out: dict,
+                  progress: bool) -> tuple[dict, dict]:
+    """The white-box job: each hospital-scope kind, hospital by hospital (in registry order for each hospital)."""
+    from tqdm.auto import tqdm
+
+    kinds = [k for k in AUDIT_KINDS if k.scope == "hospital" and k.enabled(config, run, None)]
+    ctx = _Context(run, config, out, accountant, progress, tqdm(disable=True))
+    section = config.whitebox
     # by default one task per hospital: the DP-SGD step under test is the same code for every task, and each
     # hospital's replay takes tens of CPU-seconds at 20,000 canaries (list more tasks to check each one's steps)
     wb_tasks = _known(section.tasks, tasks[:1], tasks, "whitebox.tasks", "audited tasks")
     hospitals = _known(section.hospitals, clients, clients, "whitebox.hospitals", "audited hospitals")
-    for h in hospitals:
-        for ti, task in enumerate(wb_tasks):
-            seed = ctx.config.seed + 17 * ti + 1009 * ctx.hospital_index[h]
-            try:
-                entry = whitebox_for_run(ctx.run, h, task, section, confidence=ctx.config.confidence, seed=seed)
-            except LedgerTampered as exc:
-                ctx.audit["skipped"].append({"what": f"whitebox {h}/{task}", "why": str(exc), "threat_model": "white-box every step"})
-                continue
-            if entry is None:
-                ctx.audit["skipped"].append({
-                    "what": f"whitebox {h}/{task}", "threat_model": "white-box every step",
-                    "why": "no DP plan in the hospital's ledger, no records, or no DP rounds on this task: nothing to check",
-                })
-            else:
-                ctx.audit["whitebox"].append(entry)
-        if section.mechanism and wb_tasks:
-            entry = mechanism_for_run(ctx.run, h, wb_tasks[0], trials=section.mechanism_trials,
-                                      grad_sample_mode=section.grad_sample_mode, confidence=ctx.config.confidence,
-                                      seed=ctx.config.seed)
-            if entry is not None:
-                ctx.audit["mechanism"].append(entry)
+    with ctx.timed("whitebox", "all"):
+        for h in hospitals:
+            for k in kinds:
+                k.run(ctx, h, wb_tasks)
+    return out, ctx.cpu_seconds
+
+
+class _TaskJob(NamedTuple):
+    """What every task-scope kind of one task's job shares: the task, its index, the audited hospitals and the
+    auditor's data (held-out non-members, population)."""
+
+    ti: int
+    task: str
+    clients: list[str]
+    nonmembers: Records
+    population: Records
+
+
+def _task_job(run: Run, config: AuditConfig, clients: list[str], accountant: dict, out: dict, ti: int, task: str,
+              progress: bool) -> tuple[dict, dict]:
+    """Every enabled task-scope kind on ``task``: kind by kind in registry order, unit by unit."""
+    from tqdm.auto import tqdm
+
+    units = [(k, u) for k in AUDIT_KINDS if k.scope == "task" and k.enabled(config, run, task)
+             for u in k.units(config, run, clients)]
+    bar = tqdm(total=sum(k.steps(u) for k, u in units), desc=f"audit {task}", disable=not progress)
+    ctx = _Context(run, config, out, accountant, progress, bar)
+    job = _TaskJob(ti, task, clients, *_auditor_data(run, task, config.mia.nonmember_fraction, config.seed + ti))
+    for k, unit in units:
+        with ctx.timed(k.cpu_part(unit), task):
+            k.run(ctx, job, unit)
+    bar.close()
+    return out, ctx.cpu_seconds
+
+
+def _whitebox(ctx, h: str, wb_tasks: list[str]) -> None:
+    """Gradient canaries through hospital ``h``'s real DP-SGD step on every chosen task (attacks.whitebox)."""
+    section = ctx.config.whitebox
+    for ti, task in enumerate(wb_tasks):
+        seed = ctx.config.seed + 17 * ti + 1009 * ctx.hospital_index[h]
+        try:
+            entry = whitebox_for_run(ctx.run, h, task, section, confidence=ctx.config.confidence, seed=seed)
+        except LedgerTampered as exc:
+            ctx.audit["skipped"].append({"what": f"whitebox {h}/{task}", "why": str(exc), "threat_model": "white-box every step"})
+            continue
+        if entry is None:
+            ctx.audit["skipped"].append({
+                "what": f"whitebox {h}/{task}", "threat_model": "white-box every step",
+                "why": "no DP plan in the hospital's ledger, no records, or no DP rounds on this task: nothing to check",
+            })
+        else:
+            ctx.audit["whitebox"].append(entry)
+
+
+def _mechanism(ctx, h: str, wb_tasks: list[str]) -> None:
+    """The per-step mechanism audit of hospital ``h``'s DP plan, once, on the first white-box task (attacks.mechanism)."""
+    section = ctx.config.whitebox
+    if wb_tasks:
+        entry = mechanism_for_run(ctx.run, h, wb_tasks[0], trials=section.mechanism_trials,
+                                  grad_sample_mode=section.grad_sample_mode, confidence=ctx.config.confidence,
+                                  seed=ctx.config.seed)
+        if entry is not None:
+            ctx.audit["mechanism"].append(entry)
 
 
 def _known(asked: list[str] | None, default: list[str], allowed: list[str], key: str, what: str) -> list[str]:
@@ -927,6 +949,81 @@ def _inversion(ctx: _Context, ti: int, task: str, clients: list[str], nonmembers
         ctx.bar.update()
 
 
+# ---------------------------------------------------------------------------------------------- audit kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditKind:
+    """One kind of audit as a registered unit (:data:`AUDIT_KINDS`): the audit.json ``part`` its rows go to and
+    their ``row`` type (:mod:`secure_fedkim.audit_schema`; :func:`audit_run` checks every row against it before
+    writing), its config ``section`` (the class of :class:`AuditConfig`'s field ``config_key``), the
+    ``threat_model`` of its figures and the function that runs it.
+
+    ``scope="task"``: in each task's job, ``run(ctx, job, unit)`` once per unit of ``units(config, run, clients)``
+    (a target, a hospital, or all hospitals at once), timed as ``cpu_part(unit)`` in ``cpu_seconds_by_part`` and
+    counting ``steps(unit)`` on the progress bar. ``scope="hospital"``: in the white-box job, ``run(ctx, hospital,
+    tasks)`` once per audited hospital (``whitebox.hospitals``) with the white-box tasks (``whitebox.tasks``).
+    ``enabled(config, run, task)``: whether it runs (``task`` is None in the white-box job).
+
+    A new kind is its run function and one line here (a new part also needs its row type in
+    ``secure_fedkim.audit_schema.ROW_TYPES`` and its reading in ``secure_fedkim.report.build``)."""
+
+    name: str
+    part: str
+    row: RowType
+    section: type[BaseModel]
+    config_key: str
+    threat_model: str | tuple[str, ...]
+    scope: Literal["task", "hospital"]
+    enabled: Callable[[AuditConfig, Run, str | None], bool]
+    run: Callable[..., None]
+    units: Callable[[AuditConfig, Run, list[str]], list] = lambda config, run, clients: []
+    cpu_part: Callable[[Any], str] = lambda unit: ""
+    steps: Callable[[Any], int] = lambda unit: 1
+
+
+def _mia_targets(config: AuditConfig, run: Run, clients: list[str]) -> list[tuple[str, str, list[str]]]:
+    """The MIA's targets: (name, kind, hospitals whose records are members)."""
+    targets: list[tuple[str, str, list[str]]] = []
+    if "local" in config.targets:
+        targets += [(h, "local", [h]) for h in clients]
+    if "global" in config.targets:
+        targets.append(("global", "global", run.clients))
+    if "fm" in config.targets:
+        targets.append(("fm", "fm", run.clients))
+    return targets
+
+
+def _per_hospital(config: AuditConfig, run: Run, clients: list[str]) -> list[str]:
+    return list(clients)
+
+
+def _chosen(tasks: list[str] | None, task: str | None) -> bool:
+    return tasks is None or task in tasks  # None: every audited task
+
+
+AUDIT_KINDS: tuple[AuditKind, ...] = (  # task-scope kinds run in this order in each task's job
+    AuditKind("mia", "mia", MIA_ROW, MIASection, "mia", THREAT_BLACK_BOX, "task",
+              enabled=lambda c, run, task: c.mia.enabled, units=_mia_targets, cpu_part=lambda target: f"mia {target[1]}",
+              run=lambda ctx, j, target: _mia_target(ctx, j.ti, j.task, target, j.nonmembers, j.population)),
+    AuditKind("game", "mia", MIA_ROW, GameSection, "game", THREAT_BLACK_BOX, "task",
+              enabled=lambda c, run, task: c.game.enabled and _chosen(c.game.tasks, task), units=_per_hospital,
+              cpu_part=lambda h: "game", run=lambda ctx, j, h: _game(ctx, j.ti, j.task, h)),
+    AuditKind("canary", "dp_audit", DP_AUDIT_ROW, CanarySection, "canary", THREAT_BLACK_BOX, "task",
+              enabled=lambda c, run, task: c.canary.enabled and _chosen(c.canary.tasks, task), units=_per_hospital,
+              cpu_part=lambda h: "canary", run=lambda ctx, j, h: _canary(ctx, j.ti, j.task, h, j.population)),
+    AuditKind("inversion", "reconstruction", RECONSTRUCTION_ROW, InversionSection, "inversion",
+              (THREAT_ONE_STEP, THREAT_AGGREGATE), "task",
+              enabled=lambda c, run, task: c.inversion.enabled and run.plans[task].task.modality in c.inversion.modalities,
+              units=lambda c, run, clients: [list(clients)], cpu_part=lambda hs: "inversion", steps=len,
+              run=lambda ctx, j, hs: _inversion(ctx, j.ti, j.task, hs, j.nonmembers, j.population)),
+    AuditKind("whitebox", "whitebox", WHITEBOX_ROW, WhiteboxSection, "whitebox", THREAT_EVERY_STEP, "hospital",
+              enabled=lambda c, run, task: c.whitebox.enabled, run=_whitebox),
+    AuditKind("mechanism", "mechanism", MECHANISM_ROW, WhiteboxSection, "whitebox", THREAT_ONE_STEP, "hospital",
+              enabled=lambda c, run, task: c.whitebox.enabled and c.whitebox.mechanism, run=_mechanism),
+)
+
+
 # ---------------------------------------------------------------------------------------------- table
 
 
@@ -1004,24 +1101,37 @@ def format_summary(audit: dict) -> list[str]:
 def format_audit_table(audit: dict) -> str:
     """The audit as text: the per-target summary, then the table (rows target x attack; n, AUC with its
     95% interval, TPR@1%, TPR@0.1%, eps lower bound, accountant eps). Reads old audit.json files too."""
+    rows = _mia_table_rows(audit) + _canary_table_rows(audit)
+    out = [f"Leakage audit of {audit.get('run_dir', '?')}", *format_summary(audit), *_table_lines(rows),
+           *_inversion_lines(audit)]
+    return "\n".join(out + [""] + _table_notes(audit, rows))
+
+
+_TABLE_HEADER = ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps lower bound", "accountant eps"]
+
+
+def _mia_accountant_cell(e: dict, accountant: dict) -> str:
+    """A local model's (or game's) hospital's spend; for the global model and the FM, the max over hospitals."""
+    if e["target_kind"] in ("local", "game"):
+        return _acc_cell(accountant.get(e["target"]))
+    cells = [accountant.get(h) for h in accountant]
+    if not cells or any(a is None for a in cells):
+        return "n/a (non-private)"
+    if any("error" in a for a in cells):
+        return "ledger does not verify"
+    eps = [a["epsilon"] for a in cells]
+    return "inf (no noise)" if any(x is None for x in eps) else f"max {max(eps):.3f}"
+
+
+def _mia_table_rows(audit: dict) -> list[list[str]]:
     accountant = audit.get("accountant", {})
+    return [[_target_cell(e), e["task"], e["attack"], str(e.get("n_pairs", e["n_members"])), _auc_cell(e),
+             _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", _mia_accountant_cell(e, accountant)]
+            for e in audit.get("mia", [])]
+
+
+def _canary_table_rows(audit: dict) -> list[list[str]]:
     rows = []
-    for e in audit.get("mia", []):
-        if e["target_kind"] in ("local", "game"):
-            acc = _acc_cell(accountant.get(e["target"]))
-        else:
-            cells = [accountant.get(h) for h in accountant]
-            if not cells or any(a is None for a in cells):
-                acc = "n/a (non-private)"
-            elif any("error" in a for a in cells):
-                acc = "ledger does not verify"
-            else:
-                eps = [a["epsilon"] for a in cells]
-                acc = "inf (no noise)" if any(x is None for x in eps) else f"max {max(eps):.3f}"
-        rows.append([
-            _target_cell(e), e["task"], e["attack"], str(e.get("n_pairs", e["n_members"])), _auc_cell(e),
-            _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", acc,
-        ])
     for d in audit.get("dp_audit", []):
         per = f" patients x{d['records_per_canary']}" if d.get("canary_unit") == "patient" else ""
         attack = f"canaries ({d['mode'].replace('_', '-')}, {d['canaries']} {d['kind']}{per})"
@@ -1031,55 +1141,68 @@ def format_audit_table(audit: dict) -> str:
             acc = "inf (no noise)" if d["eps_accountant"] is None else f"{d['eps_accountant']:.3f} *"
         rows.append([f"{d['hospital']} (training)", d["task"], attack, str(d["canaries"] * d["trials"]),
                      _fmt(d["canary_auc"]), "-", "-", _canary_lb_cell(d), acc])
-    header = ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps lower bound", "accountant eps"]
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    return rows
+
+
+def _table_lines(rows: list[list[str]]) -> list[str]:
+    """The header, its rule and the rows, each column as wide as its widest cell."""
+    widths = [max(len(str(r[i])) for r in rows + [_TABLE_HEADER]) for i in range(len(_TABLE_HEADER))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-    out = [f"Leakage audit of {audit.get('run_dir', '?')}", *format_summary(audit), line(header),
-           line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    notes = []
-    if audit.get("dp_audit"):
-        new = "status" in audit["dp_audit"][0]
-        units = sorted({d["epsilon_unit"] for d in audit["dp_audit"] if d.get("epsilon_unit")})
-        notes.append(
-            ("* canary rows: the hospital's whole-run epsilon from its ledger; the replay trains the task with "
-             "the ledger's steps and sample rate. " if new else
-             "* canary rows: the accountant's epsilon for the audit's own replay of that hospital's training "
-             "(its noise, clip, sample rate and steps); ")
-            + "the lower bound is the larger of the Clopper-Pearson "
-            f"and one-run bounds at {audit['dp_audit'][0]['confidence']:.0%} confidence"
-            + ("; inconclusive (max E): the claim is above the largest epsilon E these canaries can certify." if new else ".")
-            + (f" Canary rows' epsilons are {' or '.join(units)}" + (
-                "; 'patients xR': each canary is a patient of R records, included or excluded with all of them"
-                if "epsilon per patient" in units else "") + "." if units else "")
+    return [line(_TABLE_HEADER), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _inversion_lines(audit: dict) -> list[str]:
+    """The update inversions (plain and DP rows), then the transport's row when it has one."""
+    recon = [r for r in audit.get("reconstruction", []) if r.get("update") in ("plain", "dp")]
+    if not recon:
+        return []
+    out = ["", "Update inversion (one record's single-record update of the global model; relative MSE 1.0 = prior only)"]
+    for r in recon:
+        seen = "" if r.get("visible", True) else " (not visible to the aggregator)"
+        out.append(
+            f"  {r['hospital']}/{r['task']} {r['update']:5s} relative MSE {r['relative_mse']:.3f}  "
+            f"centered cosine {r['cosine_centered']:.3f}{seen}"
         )
+    for r in audit.get("reconstruction", []):
+        if "relative_mse" not in r:  # the transport's row: no single update to invert
+            out.append(f"  {r['hospital']}/{r['task']} {r['update']}: {r['note']}")
+            break
+    return out
+
+
+def _canary_note(dp_rows: list[dict]) -> str:
+    """What the canary rows' accountant epsilon and lower bound are (an audit.json before statuses: the replay's)."""
+    new = "status" in dp_rows[0]
+    units = sorted({d["epsilon_unit"] for d in dp_rows if d.get("epsilon_unit")})
+    return (
+        ("* canary rows: the hospital's whole-run epsilon from its ledger; the replay trains the task with "
+         "the ledger's steps and sample rate. " if new else
+         "* canary rows: the accountant's epsilon for the audit's own replay of that hospital's training "
+         "(its noise, clip, sample rate and steps); ")
+        + "the lower bound is the larger of the Clopper-Pearson "
+        f"and one-run bounds at {dp_rows[0]['confidence']:.0%} confidence"
+        + ("; inconclusive (max E): the claim is above the largest epsilon E these canaries can certify." if new else ".")
+        + (f" Canary rows' epsilons are {' or '.join(units)}" + (
+            "; 'patients xR': each canary is a patient of R records, included or excluded with all of them"
+            if "epsilon per patient" in units else "") + "." if units else "")
+    )
+
+
+def _table_notes(audit: dict, rows: list[list[str]]) -> list[str]:
+    """The notes under the table: what its columns mean for the rows it has, then what was skipped and why."""
+    mia = audit.get("mia", [])
+    notes = [_canary_note(audit["dp_audit"])] if audit.get("dp_audit") else []
     notes.append("n: matched member/non-member pairs per MIA row ((model, record) pairs per model in a game row); "
                  "canaries (x trials) per canary row. AUC [95% bootstrap interval].")
-    if any(e.get("p_adjusted") is not None for e in audit.get("mia", [])):
+    if any(e.get("p_adjusted") is not None for e in mia):
         notes.append(
             f"*: significant after the Holm-Bonferroni correction over all {len(audit['mia'])} MIA rows "
             f"(one-sided Mann-Whitney p-value for AUC > 0.5, adjusted p < {SIGNIFICANCE})."
         )
-    if any(e.get("target_kind") == "game" for e in audit.get("mia", [])):
+    if any(e.get("target_kind") == "game" for e in mia):
         notes.append("(game): the auditor's own models trained with the hospital's recipe on random halves of its "
                      "shard, each played as the target against the others (LiRA's experiment).")
     if any(r[5].startswith("n/a") or r[6].startswith("n/a") for r in rows):
         notes.append("n/a (<N non-m.): too few non-members to measure that FPR; the audit says so instead of a number.")
     notes.append("accountant eps of a local model: the hospital's whole-run spend from its ledger; global: the max over hospitals.")
-    recon = [r for r in audit.get("reconstruction", []) if r.get("update") in ("plain", "dp")]
-    if recon:
-        out.append("")
-        out.append("Update inversion (one record's single-record update of the global model; relative MSE 1.0 = prior only)")
-        for r in recon:
-            seen = "" if r.get("visible", True) else " (not visible to the aggregator)"
-            out.append(
-                f"  {r['hospital']}/{r['task']} {r['update']:5s} relative MSE {r['relative_mse']:.3f}  "
-                f"centered cosine {r['cosine_centered']:.3f}{seen}"
-            )
-        for r in audit.get("reconstruction", []):
-            if "relative_mse" not in r:  # the transport's row: no single update to invert
-                out.append(f"  {r['hospital']}/{r['task']} {r['update']}: {r['note']}")
-                break
-    for s in audit.get("skipped", []):
-        notes.append(f"skipped {s['what']}: {s['why']}")
-    return "\n".join(out + [""] + notes)
+    return notes + [f"skipped {s['what']}: {s['why']}" for s in audit.get("skipped", [])]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from attacks.audit import (
+    AUDIT_KINDS,
+    THREAT_MODELS,
     AuditConfig,
     AuditConfigError,
     audit_run,
@@ -328,3 +330,47 @@ def test_the_injected_fm_is_skipped_with_the_reason_when_the_run_did_not_save_it
     (tmp_path / "resolved_config.json").write_text(RunConfig.model_validate(data).model_dump_json())
     with pytest.raises(FileNotFoundError, match=r"did not save the injected foundation model \(.*fm/adapter\.safetensors is missing"):
         _fm_scorer(load_run(tmp_path), "heart_disease")
+
+
+# ---------------------------------------------------------------------------------------------- registry and schema
+
+
+def test_every_audit_kind_has_its_part_row_type_section_and_a_reader_in_the_report():
+    """Each registered kind names a part of audit.json with a row type (secure_fedkim.audit_schema) that the
+    report reads (PART_READERS), a section of AuditConfig and a threat model; a kind without one fails here."""
+    import attacks.audit as audit_mod
+    from secure_fedkim.audit_schema import PARTS, ROW_TYPES
+    from secure_fedkim.report.build import PART_READERS
+
+    for kind in AUDIT_KINDS:
+        assert kind.part in ROW_TYPES and kind.row is ROW_TYPES[kind.part], kind.name
+        assert kind.part in PART_READERS, f"{kind.name}: the report has no reader for part {kind.part!r}"
+        assert AuditConfig.model_fields[kind.config_key].annotation is kind.section, kind.name
+        threats = (kind.threat_model,) if isinstance(kind.threat_model, str) else kind.threat_model
+        assert threats and set(threats) <= set(THREAT_MODELS), kind.name
+        assert kind.scope in ("task", "hospital") and callable(kind.run) and callable(kind.enabled), kind.name
+    assert len({k.name for k in AUDIT_KINDS}) == len(AUDIT_KINDS)
+    assert set(ROW_TYPES) == set(PART_READERS) == {k.part for k in AUDIT_KINDS} | {"skipped"}
+    assert audit_mod._PARTS == PARTS
+
+
+def test_the_writer_refuses_a_row_its_row_type_refuses(tmp_path, monkeypatch):
+    """A kind whose row lost a required field fails audit_run before audit.json is written, naming part, row, field."""
+    import attacks.audit as audit_mod
+    from secure_fedkim.audit_schema import DP_AUDIT_ROW, AuditSchemaError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run_5ecdfde", run_dir)
+
+    def careless(ctx, job, h):  # a canary replay's row without its lower bound
+        ctx.audit["dp_audit"].append({"hospital": h, "task": job.task, "canaries": 20, "kind": "ood", "mode": "one_run",
+                                      "trials": 1, "dp": True, "eps_accountant": None, "canary_auc": 0.5,
+                                      "confidence": 0.95})
+
+    kind = audit_mod.AuditKind("careless", "dp_audit", DP_AUDIT_ROW, audit_mod.CanarySection, "canary",
+                               audit_mod.THREAT_BLACK_BOX, "task", enabled=lambda c, run, task: True, run=careless,
+                               units=lambda c, run, clients: clients[:1], cpu_part=lambda h: "canary")
+    monkeypatch.setattr(audit_mod, "AUDIT_KINDS", (kind,))
+    with pytest.raises(AuditSchemaError, match=r"audit\.json: dp_audit\[0\] lacks field 'eps_lb'"):
+        audit_run(run_dir, parse_audit_config({"tasks": ["heart_disease"], "workers": 1}), progress=False)
+    assert not (run_dir / "audit" / "audit.json").exists()

@@ -331,6 +331,11 @@ def test_epsilon_above_ten_needs_attention(copy_run):
     assert status_of(report, "epsilon_recomputed")["status"] == "pass"
 
 
+#: the fields every canary row of audit.json has (secure_fedkim.audit_schema.DP_AUDIT_ROW) that a test does not set
+CANARY_ROW = {"kind": "ood", "mode": "one_run", "trials": 1, "dp": True, "canary_auc": 0.5, "confidence": 0.95,
+              "eps_accountant": None}
+
+
 def test_audit_lower_bound_above_the_accountant_fails_and_mia_at_low_fpr_needs_attention(copy_run, roc_png):
     run = copy_run()
     (run / "audit").mkdir()
@@ -344,15 +349,17 @@ def test_audit_lower_bound_above_the_accountant_fails_and_mia_at_low_fpr_needs_a
              "n_nonmembers": 1000, "top_exposed": [{"hospital": "hungary", "shard_index": 17, "score": 3.2}],
              "per_record_exposure": hist, "roc_png": "roc_hungary_heart_disease.png"},
             {"attack": "rmia", "target": "global", "target_kind": "global", "task": "heart_disease", "auc": 0.52,
-             "tpr_at_fpr": {"0.001": 0.001}, "n_members": 1000, "n_nonmembers": 1000, "roc_png": "roc_global_heart_disease.png"},
+             "auc_ci95": [0.48, 0.56], "tpr_at_fpr": {"0.001": 0.001}, "n_members": 1000, "n_nonmembers": 1000,
+             "roc_png": "roc_global_heart_disease.png"},
             {"attack": "loss", "target": "switzerland", "target_kind": "local", "task": "heart_disease", "auc": 0.57,
-             "tpr_at_fpr": {"0.001": 0.0}, "roc_png": "roc_switzerland_heart_disease.png"},
+             "auc_ci95": [0.5, 0.64], "tpr_at_fpr": {"0.001": 0.0}, "n_members": 200, "n_nonmembers": 200,
+             "roc_png": "roc_switzerland_heart_disease.png"},
         ],
         "dp_audit": [
-            {"hospital": "hungary", "task": "heart_disease", "canaries": 100, "eps_lb": 9.5, "eps_lb_one_run": 2.0,
-             "eps_accountant": 7.9, "consistent_with_accountant": False},
-            {"hospital": "cleveland", "task": "heart_disease", "canaries": 100, "eps_lb": 0.4, "eps_accountant": 7.9,
-             "consistent_with_accountant": True},
+            {**CANARY_ROW, "hospital": "hungary", "task": "heart_disease", "canaries": 100, "eps_lb": 9.5,
+             "eps_lb_one_run": 2.0, "eps_accountant": 7.9, "consistent_with_accountant": False},
+            {**CANARY_ROW, "hospital": "cleveland", "task": "heart_disease", "canaries": 100, "eps_lb": 0.4,
+             "eps_accountant": 7.9, "consistent_with_accountant": True},
         ],
         "reconstruction": [{"update": "plain", "visible": False, "relative_mse": 0.01, "cosine": 0.99, "hospital": "hungary",
                             "task": "heart_disease", "shard_index": 4}],
@@ -788,12 +795,14 @@ def resign(path: Path, key_path: Path, report: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ status rules
 def write_audit(run: Path, audit: dict) -> None:
+    """audit.json with ``audit``'s parts, under the schema id the audit writes (unless ``audit`` names one)."""
     (run / "audit").mkdir(exist_ok=True)
-    (run / "audit" / "audit.json").write_text(json.dumps(audit))
+    (run / "audit" / "audit.json").write_text(json.dumps({"schema": "secure-fedkim-audit/1", **audit}))
 
 
-MIA = {"attack": "loss", "target": "global", "task": "heart_disease", "auc": 0.52, "tpr_at_fpr": {"0.01": 0.02},
-       "n_members": 100, "n_nonmembers": 100, "threat_model": "black-box final model"}
+MIA = {"attack": "loss", "target": "global", "target_kind": "global", "task": "heart_disease", "auc": 0.52,
+       "auc_ci95": [0.45, 0.6], "tpr_at_fpr": {"0.01": 0.02}, "n_members": 100, "n_nonmembers": 100,
+       "threat_model": "black-box final model"}
 
 
 def test_measured_leakage_is_attention_or_fail_by_its_interval(copy_run):
@@ -828,7 +837,8 @@ def test_a_hazard_with_no_check_behind_it_is_never_pass(written):
 
 def test_audit_verdicts_inconsistent_fails_and_inconclusive_is_never_pass(copy_run):
     run = copy_run()
-    inconclusive = {"hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.3, "eps_lb_one_run": 0.3,
+    inconclusive = {**CANARY_ROW, "hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.3,
+                    "eps_lb_one_run": 0.3,
                     "status": "inconclusive", "max_certifiable_epsilon": 4.19, "accountant_epsilon": 7.9, "delta": 1e-5,
                     "ratio": 0.04, "threat_model": "black-box final model",
                     "reasons": ["the claimed epsilon 7.9 is above the largest epsilon 4.19 that 200 canaries can certify"]}
@@ -870,7 +880,8 @@ def test_a_check_with_many_findings_still_renders_to_pdf(copy_run):
     from secure_fedkim.report import render
 
     run = copy_run()
-    entry = {"hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.0, "status": "inconclusive",
+    entry = {**CANARY_ROW, "hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.0,
+             "status": "inconclusive",
              "max_certifiable_epsilon": 4.08, "accountant_epsilon": 5.33, "threat_model": "black-box final model",
              "reasons": ["the claimed epsilon 5.33 is above the largest epsilon 4.08 that 200 canaries can certify, "
                          "so this audit could not have caught a violation"]}
@@ -883,6 +894,104 @@ def test_a_check_with_many_findings_still_renders_to_pdf(copy_run):
     cut = render._fits_a_page(reason)
     assert len(cut) < render.PDF_CELL_MAX + 120 and cut.endswith("the full text is in the HTML and JSON report]")
     assert render._fits_a_page("short reason") == "short reason"
+
+
+# ------------------------------------------------------------------------------------------ audit.json's schema
+#: one row of each part as the previous release (commit 5ecdfde) wrote them: no threat models, statuses, p-values
+OLD_RELEASE_AUDIT = {
+    "schema": "secure-fedkim-audit/1", "run_name": "old", "aggregation": "he", "auditor_knowledge": "black-box",
+    "accountant": {"cleveland": {"epsilon": 3.9, "dp": True, "delta": 1e-5}},
+    "mia": [{"attack": "loss", "auc": 0.53, "auc_ci95": [0.47, 0.59], "balanced_accuracy": 0.52,
+             "tpr_at_fpr": {"0.01": 0.02, "0.001": None}, "tpr_at_fpr_note": {"0.001": "too few non-members"},
+             "n_members": 60, "n_nonmembers": 60, "auc_null_std": 0.05, "top_exposed": [], "target": "cleveland",
+             "target_kind": "local", "target_artifact": "hospital's final local model (encoders + heads)",
+             "task": "heart_disease", "modality": "tabular", "access": "black-box (logits)", "matched_on": "site and label",
+             "training_records": 80, "reference_models": 0, "reference_mode": None, "reference_dp": None,
+             "per_record_exposure": {"percentile_among_nonmembers_bins": [0.0, 1.0], "member_counts": [60]},
+             "roc_png": "roc_cleveland_heart_disease.png"}],
+    "dp_audit": [{"canaries": 20, "kind": "ood", "mode": "one_run", "trials": 1, "training_records": 80, "dp": True,
+                  "noise_multiplier": 1.1, "max_grad_norm": 1.0, "accountant": "rdp", "epochs": 4, "batch_size": 32,
+                  "steps_per_training": 12, "sample_rate": 0.3, "delta": 1e-5, "confidence": 0.95, "canary_auc": 0.55,
+                  "eps_lb": 0.0, "threshold": 1.2, "direction": "higher", "tpr": 0.1, "fpr": 0.1, "n_included": 10,
+                  "n_excluded": 10, "eps_lb_one_run": 0.0, "one_run_guesses": 2, "one_run_correct": 1,
+                  "accountant_noise_multiplier": 1.1, "eps_accountant": 2.5, "consistent_with_accountant": True,
+                  "seconds": 1.5, "hospital": "cleveland", "task": "heart_disease", "ledger_epsilon": 3.9}],
+    "reconstruction": [
+        {"update": "plain", "visible": False, "matching_loss": 0.01, "loss": "cosine", "optimizer": "adam", "steps": 30,
+         "seconds": 0.2, "mse": 0.4, "relative_mse": 0.9, "cosine": 0.3, "cosine_centered": 0.1, "hospital": "cleveland",
+         "task": "heart_disease", "shard_index": 3, "model": "global model (what each client trains from)"},
+        {"update": "he", "visible": False, "note": "no per-client update visible", "hospital": "cleveland",
+         "task": "heart_disease", "shard_index": 3, "model": "global model (what each client trains from)"},
+    ],
+    "skipped": [{"what": "mia global/heart_disease", "why": "too few candidates"}],
+    "seconds": 12.0,
+}
+
+
+def test_an_audit_json_of_the_previous_release_reads_without_a_problem(copy_run):
+    from secure_fedkim.audit_schema import read_audit_json
+
+    assert read_audit_json(OLD_RELEASE_AUDIT).problems == []  # no whitebox or mechanism part: read as empty
+    run = copy_run()
+    write_audit(run, OLD_RELEASE_AUDIT)
+    report = build_report(run)
+    assert status_of(report, "audit_run")["status"] == "pass"
+    audit = report["audit"]
+    assert (len(audit["mia"]), len(audit["dp_audit"]), len(audit["reconstruction"]), len(audit["skipped"])) == (1, 1, 2, 1)
+    assert "shard_index" not in all_text(report) and "top_exposed" not in all_text(report)
+
+
+def test_a_malformed_audit_row_is_named_and_the_other_rows_are_still_read(copy_run):
+    """A row that does not follow its row type is named (part, row, field) and left out; nothing else is lost."""
+    run = copy_run()
+    rows = [dict(MIA, attack=a) for a in ("loss", "rmia", "lira_online")]
+    del rows[1]["auc"]
+    canary = {**CANARY_ROW, "hospital": "cleveland", "task": "heart_disease", "canaries": 200, "eps_lb": 0.2}
+    write_audit(run, {"mia": rows, "dp_audit": [dict(canary, eps_lb="x"), canary],
+                      "skipped": [{"what": "mia fm/heart_disease"}, {"what": "inversion", "why": "no global model"}]})
+    report = build_report(run)
+    check = status_of(report, "audit_run")
+    assert check["status"] == "attention"
+    assert "audit/audit.json: mia[1] lacks field 'auc'" in check["reason"]
+    assert "audit/audit.json: dp_audit[0].eps_lb is not a number: 'x'" in check["reason"]
+    assert "audit/audit.json: skipped[0] lacks field 'why'" in check["reason"]
+    assert [m["path"] for m in report["audit"]["mia"]] == ["mia/0", "mia/2"]  # the other rows, still counted
+    assert [a["path"] for a in report["audit"]["dp_audit"]] == ["dp_audit/1"]
+    assert report["audit"]["skipped"] == [{"what": "inversion", "why": "no global model"}]
+    assert report["summary"]["first_page"]["decision"] != "release"
+    # a wrong optional field is named; its row is still read
+    write_audit(run, {"mia": [dict(MIA, significant="yes")]})
+    report = build_report(run)
+    assert "mia[0].significant is not true or false: 'yes'" in status_of(report, "audit_run")["reason"]
+    assert len(report["audit"]["mia"]) == 1 and report["audit"]["mia"][0]["significant"] is None
+
+
+def test_a_malformed_row_that_reports_a_dp_bug_fails(copy_run):
+    """A left-out DP-consistency row that says 'inconsistent' cannot clear the bug it reports."""
+    run = copy_run()
+    bug = {"hospital": "hungary", "task": "heart_disease", "threat_model": "white-box every step", "canaries": 1000,
+           "status": "inconsistent", "reasons": ["the GDP mu interval lies above the accountant's"]}  # no eps_lb_one_run
+    write_audit(run, {"whitebox": [bug]})
+    report = build_report(run)
+    check = status_of(report, "audit_consistent_with_accountant")
+    assert check["status"] == "fail" and "whitebox[0] lacks field 'eps_lb_one_run'" in check["reason"]
+    assert report["audit"]["consistency"] == []
+
+
+def test_an_unknown_audit_schema_id_is_named_and_the_rows_are_still_read(copy_run):
+    run = copy_run()
+    write_audit(run, {"schema": "secure-fedkim-audit/0", "mia": [MIA]})
+    report = build_report(run)
+    check = status_of(report, "audit_run")
+    assert check["status"] == "attention"
+    assert "audit/audit.json: schema is 'secure-fedkim-audit/0', not 'secure-fedkim-audit/1'" in check["reason"]
+    assert len(report["audit"]["mia"]) == 1
+    (run / "audit" / "audit.json").write_text(json.dumps({"mia": [MIA]}))
+    check = status_of(build_report(run), "audit_run")
+    assert check["status"] == "attention" and "audit/audit.json: lacks field 'schema'" in check["reason"]
+    (run / "audit" / "audit.json").write_text(json.dumps([MIA]))
+    check = status_of(build_report(run), "audit_run")
+    assert check["status"] == "attention" and "the top level is not an object" in check["reason"]
 
 
 # ------------------------------------------------------------------------------------------ every spend counted
@@ -1180,7 +1289,12 @@ def test_report_of_a_real_audit(written, tmp_path):
     report = json.loads(paths.json.read_text())
     assert report["audit"]["run"] and report["audit"]["mia"] and report["audit"]["dp_audit"]
     assert status_of(report, "audit_run")["status"] == "pass"
-    assert status_of(report, "audit_consistent_with_accountant")["status"] == "pass"
+    # 40 black-box canaries cannot certify the run's claim: those replays are inconclusive, never pass; the
+    # white-box audits of the real DP step (20,000 canaries) are consistent, so nothing fails
+    check = status_of(report, "audit_consistent_with_accountant")
+    assert check["status"] == "inconclusive", check
+    verdicts = {c["status"] for c in report["audit"]["consistency"]}
+    assert "inconsistent" not in verdicts and "consistent" in verdicts, verdicts
     pngs = sorted((d / "audit").glob("*.png"))
     assert pngs and [r["path"] for r in report["audit"]["roc_images"]] == [f"audit/{p.name}" for p in pngs]
     assert paths.html.read_text().count("data:image/png;base64,") >= len(pngs)

@@ -14,7 +14,8 @@ fail
   * ``ledger_verified``: a privacy ledger (or the key holder's) does not verify, or a DP hospital has none.
   * ``delta_below_1_over_n``: delta >= 1/n for a hospital's n records.
   * ``audit_consistent_with_accountant``: an audit's empirical epsilon lower bound exceeds the accountant's
-    epsilon, or an audit entry has status ``inconsistent`` (named with its reasons).
+    epsilon, or an audit entry has status ``inconsistent`` (named with its reasons), or says so in a row that does
+    not follow audit.json's schema (a malformed row cannot clear the DP bug it reports).
   * ``measured_leakage``: a significant MIA (Holm-adjusted p < 0.05; in an old audit.json, an AUC interval
     above 0.5) whose AUC lower bound reaches the config's ``report.mia_auc_fail`` (default 0.65).
   * ``server_secret_key``: the run shows the aggregating server held the CKKS secret key, or an aggregate was
@@ -32,7 +33,9 @@ attention
   * ``privacy_unit``: record-level unit while a patient has several records, or records per patient unknown.
   * ``mia_low_fpr``: an MIA's TPR at FPR 1e-3 exceeds 2 x 1e-3.
   * ``secagg_dropout_margin``: a SecAgg+ round lost at least as many hospitals as it tolerates.
-  * ``audit_run``: no audit/audit.json.
+  * ``audit_run``: no audit/audit.json; or a part of it does not follow its schema (``secure_fedkim.audit_schema``:
+    an unknown schema id, a row lacking a required field or with a field of the wrong type), each named by part,
+    row and field: such a row is left out, the rest of the audit is read.
   * ``secure_aggregation``: plain aggregation (the server sees every update).
   * ``independent_accountant_agreement``: dp_accounting's epsilon is more than 5% above the accountant's.
   * ``he_parameters``: CKKS parameters not shown to meet 128-bit security.
@@ -56,6 +59,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from secure_fedkim.audit_schema import AuditJson, read_audit_json
 from secure_fedkim.run_dir import RunDir
 
 from . import text
@@ -145,11 +149,11 @@ def _histogram(h) -> dict | None:
     return out or None
 
 
-def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dict, list[Finding]]:
-    """audit/audit.json, read tolerantly: any object with ``auc`` and ``tpr_at_fpr`` is an MIA result, any
-    object with ``eps_lb`` a canary DP audit, any object with ``update`` under an inversion/reconstruction key
-    an inversion row. The hospital and task come from the object's fields or its path. Record ids
-    (``top_exposed``) are never copied."""
+def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dict, dict[str, list[Finding]]]:
+    """audit/audit.json, read strictly through its schema (:mod:`secure_fedkim.audit_schema`): each part by its
+    row type. A row that does not follow it is named (part, row, field) in a finding and left out; the other rows
+    are read. Returns the audit section and the findings by check name. Record ids (``top_exposed``, ...) are
+    never copied."""
     files = RunDir(run_dir)
     path = files.audit_json
     rel = files.relative(path)
@@ -157,86 +161,17 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
            "roc_images": [], "note": None, "auditor_knowledge": None, "skipped": [], "low_fpr_note": None}
     if not path.is_file():
         out["note"] = f"audit not run: no {rel} in the run directory (run `secure-fedkim audit RUN_DIR`)"
-        return out, [Finding("attention", out["note"], None, out["note"])]
+        return out, {"audit_run": [Finding("attention", out["note"], None, out["note"])]}
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         out["note"] = f"{rel} is unreadable ({e}); treated as not run"
-        return out, [Finding("attention", out["note"], None, "the audit file is unreadable")]
+        return out, {"audit_run": [Finding("attention", out["note"], None, "the audit file is unreadable")]}
     out["run"] = True
-    findings: list[Finding] = []
-
-    def walk(node, where: list[str], ctx: dict) -> None:
-        if isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, where + [str(i)], ctx)
-            return
-        if not isinstance(node, dict):
-            return
-        ctx = dict(ctx)
-        for key in ("hospital", "client", "site", "partner", "target"):
-            if isinstance(node.get(key), str) and node[key] in clients:
-                ctx["hospital"] = node[key]
-        for key in ("target", "artifact", "model"):
-            if isinstance(node.get(key), str):
-                ctx["target"] = node[key]
-        if isinstance(node.get("task"), str):
-            ctx["task"] = node["task"]
-        label = "/".join(where)
-        if "auc" in node and isinstance(node.get("auc"), (int, float)) and ("tpr_at_fpr" in node or "auc_ci95" in node):
-            tpr = {}
-            for k, v in (node.get("tpr_at_fpr") or {}).items():
-                if _fpr_value(k) is not None and (v is None or isinstance(v, (int, float))):
-                    tpr[f"{_fpr_value(k):g}"] = v
-            ci = node.get("auc_ci95")
-            out["mia"].append({
-                "path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"),
-                "target": ctx.get("target") or (where[0] if where else None),
-                "attack": node.get("attack") if isinstance(node.get("attack"), str) else (where[-1] if where else "attack"),
-                "access": node.get("access") if isinstance(node.get("access"), str) else None,
-                "auc": float(node["auc"]),
-                "auc_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
-                "balanced_accuracy": node.get("balanced_accuracy") if isinstance(node.get("balanced_accuracy"), (int, float)) else None,
-                "tpr_at_fpr": tpr,
-                "n_members": node.get("n_members") if isinstance(node.get("n_members"), int) else None,
-                "n_nonmembers": node.get("n_nonmembers") if isinstance(node.get("n_nonmembers"), int) else None,
-                "tpr_at_fpr_note": {f"{_fpr_value(k):g}": str(v) for k, v in (node.get("tpr_at_fpr_note") or {}).items()
-                                    if _fpr_value(k) is not None} if isinstance(node.get("tpr_at_fpr_note"), dict) else {},
-                "per_record_exposure": _histogram(node.get("per_record_exposure")),
-                "roc_png": node.get("roc_png") if isinstance(node.get("roc_png"), str) else None,
-                **_mia_significance(node, ci),
-            })
-            return
-        if node.get("status") in AUDIT_CONSISTENCY:
-            out["consistency"].append(_consistency_entry(node, label, where, ctx))
-            if not isinstance(node.get("eps_lb"), (int, float)):
-                return
-        if "eps_lb" in node and isinstance(node.get("eps_lb"), (int, float)):
-            keep = ("eps_lb", "eps_lb_one_run", "eps_accountant", "consistent_with_accountant", "canaries", "kind",
-                    "mode", "trials", "confidence", "delta", "noise_multiplier", "accountant_noise_multiplier",
-                    "accountant", "dp", "canary_auc", "note", "status", "max_certifiable_epsilon",
-                    "accountant_epsilon", "ratio", "threat_model", "epsilon_unit", "canary_unit", "records_per_canary")
-            entry = {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), "target": ctx.get("target")}
-            entry.update({k: node.get(k) for k in keep if k in node and _scalar(node.get(k))})
-            out["dp_audit"].append(entry)
-            return
-        if "update" in node and any(w in label.lower() for w in ("inversion", "reconstruction")):
-            row = {k: v for k, v in node.items() if _scalar(v) and not isinstance(v, float) or isinstance(v, float) and math.isfinite(v)}
-            row = {k: v for k, v in row.items() if k in ("update", "visible", "mse", "relative_mse", "cosine",
-                                                         "cosine_centered", "noise_multiplier", "max_grad_norm", "note", "steps")}
-            out["reconstruction"].append({"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), **row})
-            return
-        for k, v in node.items():
-            if k in ("top_exposed", "scores", "labels", "member_ids", "ids"):
-                continue  # per-record data: never copied into a report
-            sub = dict(ctx)
-            if k in clients:
-                sub["hospital"] = k
-            if k in tasks:
-                sub["task"] = k
-            walk(v, where + [k], sub)
-
-    walk(data, [], {})
+    parsed = read_audit_json(data, rel)
+    for part, rows in parsed.rows.items():  # in the file's order
+        for i, row in rows:
+            PART_READERS[part](out, row, [part, str(i)], _row_context(row, clients))
     out["_clients"] = list(clients)
     by_png = {m["roc_png"]: m["hospital"] for m in out["mia"] if m.get("roc_png")}
     out["roc_images"] = [
@@ -244,24 +179,142 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
          "hospital": by_png[p.name] if p.name in by_png else next((c for c in clients if p.name.startswith(f"roc_{c}_")), None)}
         for p in sorted(files.audit_dir.glob("*.png"))
     ]
-    if isinstance(data, dict):
-        out["auditor_knowledge"] = data.get("auditor_knowledge") if isinstance(data.get("auditor_knowledge"), str) else None
-        out["skipped"] = [{"what": str(x.get("what")), "why": str(x.get("why"))}
-                          for x in data.get("skipped", []) if isinstance(x, dict)]
-    unmeasured = [m for m in out["mia"] if m["tpr_at_fpr"].get("0.001") is None]
-    if out["mia"] and len(unmeasured) == len(out["mia"]):
-        out["low_fpr_note"] = ("TPR at FPR 1e-3 was not measurable in any MIA result (fewer than 1000 non-members); "
-                               "the rule cannot be checked")
-    elif unmeasured:
-        out["low_fpr_note"] = f"{len(unmeasured)} of {len(out['mia'])} MIA results could not measure TPR at FPR 1e-3"
-    for m in out["mia"]:
+    out["auditor_knowledge"] = parsed.auditor_knowledge
+    out["low_fpr_note"] = _low_fpr_note(out["mia"])
+    return out, {"audit_run": _schema_findings(parsed, data, clients, "attention"),
+                 "audit_consistent_with_accountant": _schema_findings(parsed, data, clients, "fail"),
+                 "mia_low_fpr": _low_fpr_findings(out["mia"])}
+
+
+def _row_context(node: dict, clients: list[str]) -> dict:
+    """The hospital (a client named by the row), target and task a row is about."""
+    ctx = {}
+    for key in ("hospital", "client", "site", "partner", "target"):
+        if isinstance(node.get(key), str) and node[key] in clients:
+            ctx["hospital"] = node[key]
+    for key in ("target", "artifact", "model"):
+        if isinstance(node.get(key), str):
+            ctx["target"] = node[key]
+    if isinstance(node.get("task"), str):
+        ctx["task"] = node["task"]
+    return ctx
+
+
+def _read_mia(out: dict, node: dict, where: list[str], ctx: dict) -> None:
+    out["mia"].append(_mia_entry(node, "/".join(where), where, ctx))
+
+
+def _read_dp_consistency(out: dict, node: dict, where: list[str], ctx: dict) -> None:
+    """A DP-consistency audit (canary replay, white-box, per-step): its verdict, and its lower bound if it has one."""
+    if node.get("status") in AUDIT_CONSISTENCY:
+        out["consistency"].append(_consistency_entry(node, "/".join(where), where, ctx))
+    if isinstance(node.get("eps_lb"), (int, float)):
+        out["dp_audit"].append(_dp_audit_entry(node, "/".join(where), ctx))
+
+
+def _read_reconstruction(out: dict, node: dict, where: list[str], ctx: dict) -> None:
+    out["reconstruction"].append(_reconstruction_entry(node, "/".join(where), ctx))
+
+
+def _read_skipped(out: dict, node: dict, where: list[str], ctx: dict) -> None:
+    out["skipped"].append({"what": node["what"], "why": node["why"]})
+
+
+#: how the report reads each part of audit.json (secure_fedkim.audit_schema.ROW_TYPES): (section, row, [part,
+#: index], row context); a row reaches its reader only when it follows its row type
+PART_READERS = {"mia": _read_mia, "dp_audit": _read_dp_consistency, "whitebox": _read_dp_consistency,
+                "mechanism": _read_dp_consistency, "reconstruction": _read_reconstruction, "skipped": _read_skipped}
+
+
+def _mia_entry(node: dict, label: str, where: list[str], ctx: dict) -> dict:
+    tpr = {}
+    for k, v in (node.get("tpr_at_fpr") or {}).items():
+        if _fpr_value(k) is not None and (v is None or isinstance(v, (int, float))):
+            tpr[f"{_fpr_value(k):g}"] = v
+    ci = node.get("auc_ci95")
+    return {
+        "path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"),
+        "target": ctx.get("target") or (where[0] if where else None),
+        "attack": node.get("attack") if isinstance(node.get("attack"), str) else (where[-1] if where else "attack"),
+        "access": node.get("access") if isinstance(node.get("access"), str) else None,
+        "auc": float(node["auc"]),
+        "auc_ci95": [float(x) for x in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+        "balanced_accuracy": node.get("balanced_accuracy") if isinstance(node.get("balanced_accuracy"), (int, float)) else None,
+        "tpr_at_fpr": tpr,
+        "n_members": node.get("n_members") if isinstance(node.get("n_members"), int) else None,
+        "n_nonmembers": node.get("n_nonmembers") if isinstance(node.get("n_nonmembers"), int) else None,
+        "tpr_at_fpr_note": {f"{_fpr_value(k):g}": str(v) for k, v in (node.get("tpr_at_fpr_note") or {}).items()
+                            if _fpr_value(k) is not None} if isinstance(node.get("tpr_at_fpr_note"), dict) else {},
+        "per_record_exposure": _histogram(node.get("per_record_exposure")),
+        "roc_png": node.get("roc_png") if isinstance(node.get("roc_png"), str) else None,
+        **_mia_significance(node, ci),
+    }
+
+
+_DP_AUDIT_KEEP = ("eps_lb", "eps_lb_one_run", "eps_accountant", "consistent_with_accountant", "canaries", "kind", "mode",
+                  "trials", "confidence", "delta", "noise_multiplier", "accountant_noise_multiplier", "accountant", "dp",
+                  "canary_auc", "note", "status", "max_certifiable_epsilon", "accountant_epsilon", "ratio",
+                  "threat_model", "epsilon_unit", "canary_unit", "records_per_canary")
+
+
+def _dp_audit_entry(node: dict, label: str, ctx: dict) -> dict:
+    entry = {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), "target": ctx.get("target")}
+    entry.update({k: node.get(k) for k in _DP_AUDIT_KEEP if k in node and _scalar(node.get(k))})
+    return entry
+
+
+_RECONSTRUCTION_KEEP = ("update", "visible", "mse", "relative_mse", "cosine", "cosine_centered", "noise_multiplier",
+                        "max_grad_norm", "note", "steps")
+
+
+def _reconstruction_entry(node: dict, label: str, ctx: dict) -> dict:
+    row = {k: v for k, v in node.items() if _scalar(v) and not isinstance(v, float) or isinstance(v, float) and math.isfinite(v)}
+    row = {k: v for k, v in row.items() if k in _RECONSTRUCTION_KEEP}
+    return {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), **row}
+
+
+def _schema_findings(parsed: AuditJson, data, clients: list[str], status: str) -> list[Finding]:
+    """What does not follow audit.json's schema, one finding each. A left-out DP-consistency row that says
+    ``inconsistent`` (or inconsistent_with_accountant) is a fail (``status="fail"``): a malformed row cannot clear a
+    DP bug it reports; every other problem needs attention (``status="attention"``): evidence is missing."""
+    out = []
+    for p in parsed.problems:
+        row = data[p.part][p.index] if p.index is not None else None
+        row = row if isinstance(row, dict) else {}
+        claims_bug = p.refused and p.part in ("dp_audit", "whitebox", "mechanism") and (
+            row.get("status") == "inconsistent" or row.get("consistent_with_accountant") is False)
+        if claims_bug != (status == "fail"):
+            continue
+        hospital = _row_context(row, clients).get("hospital")
+        what = ("the row says the training is inconsistent with its accounting (a DP bug), and is left out"
+                if claims_bug else "the row is left out of this report" if p.refused and p.index is not None
+                else "that field is ignored" if p.index is not None else "")
+        out.append(Finding(status, f"{p.message}" + (f": {what}" if what else ""), hospital,
+                           "an audit row reporting a DP bug does not follow the audit schema" if claims_bug
+                           else "audit.json does not follow the audit schema"))
+    return out
+
+
+def _low_fpr_note(mia: list[dict]) -> str | None:
+    unmeasured = [m for m in mia if m["tpr_at_fpr"].get("0.001") is None]
+    if mia and len(unmeasured) == len(mia):
+        return ("TPR at FPR 1e-3 was not measurable in any MIA result (fewer than 1000 non-members); "
+                "the rule cannot be checked")
+    if unmeasured:
+        return f"{len(unmeasured)} of {len(mia)} MIA results could not measure TPR at FPR 1e-3"
+    return None
+
+
+def _low_fpr_findings(mia: list[dict]) -> list[Finding]:
+    findings = []
+    for m in mia:
         t = m["tpr_at_fpr"].get("0.001")
         if t is not None and t > 2 * 1e-3:
             who = f"{m['hospital']}: " if m["hospital"] else ""
             findings.append(Finding(
                 "attention", f"{who}{m['attack']} on {m['target']}{' / ' + m['task'] if m['task'] else ''}: TPR {t:.4g} at FPR 1e-3 (> 2 x FPR)",
                 m["hospital"], "an MIA exceeds TPR 2e-3 at FPR 1e-3"))
-    return out, findings
+    return findings
 
 
 def _num_or_none(v):
@@ -468,10 +521,8 @@ def _facts(run_dir: Path) -> dict:
             findings[k].extend(v)
     for k, v in agg_f.items():
         findings[k].extend(v)
-    if audit_f and not audit["run"]:
-        findings["audit_run"].extend(audit_f)
-    else:
-        findings["mia_low_fpr"].extend(audit_f)
+    for k, v in audit_f.items():
+        findings[k].extend(v)
     findings["audit_consistent_with_accountant"].extend(audit_vs_accountant(audit, hospitals))
     findings["audit_consistent_with_accountant"].extend(consistency_findings(audit))
     thresholds = run.cfg.report
