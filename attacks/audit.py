@@ -89,6 +89,7 @@ from secure_fedkim.audit_schema import (
 )
 from secure_fedkim.local_training import patients_of, task_local_epochs
 from secure_fedkim.config import ConfigError
+from secure_fedkim.config_errors import describe_validation_error
 
 __all__ = [
     "AuditConfig",
@@ -232,13 +233,6 @@ class AuditConfig(_Strict):
         return self
 
 
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def parse_audit_config(data: Any, source: str = "<audit config>") -> AuditConfig:
     """Validate a mapping; one :class:`AuditConfigError` naming ``source`` and the key."""
     if data is None:
@@ -248,26 +242,7 @@ def parse_audit_config(data: Any, source: str = "<audit config>") -> AuditConfig
     try:
         return AuditConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = _location(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(err["loc"][:-1])
-            msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
-        head, sep, rest = msg.partition(": ")
-        if where and sep and re.fullmatch(r"[a-z_]+", head):  # a section's validator naming its own key
-            where, msg = f"{where}.{head}", rest
-        raise AuditConfigError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}") from None
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: Any = AuditConfig
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return []
-        model = field.annotation
-    return list(model.model_fields)
+        raise AuditConfigError(describe_validation_error(e, AuditConfig, source)) from None
 
 
 def load_audit_config(path: str | Path | None) -> AuditConfig:
