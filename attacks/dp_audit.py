@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -318,7 +319,53 @@ def canary_audit(
     # default_rng(seed).random() read the same words, and label 2i+1 was exactly 1 - (canary i included)
     rng = np.random.default_rng([seed, 1])
     unit = dp.unit if dp is not None else "record"
-    r, patients = 1, None
+    cs = _canary_set(train, canaries, kind, seed, pool, dp, unit, groups, records_per_canary)
+    replay = _replay_trainings(
+        train, cs, make_model, rng, trials=trials, progress=progress, desc=desc, batch_size=batch_size,
+        sample_rate=sample_rate, seed=seed, epochs=epochs, lr=lr,
+        max_grad_norm=dp.max_grad_norm if dp else max_grad_norm, dp=dp,
+    )
+    scores, included = np.concatenate(replay.scores), np.concatenate(replay.included)
+    delta = replay.delta
+    if delta is None:
+        delta = resolve_delta(dp.delta if dp else None, cs.n_units + canaries // 2)
+    out = _canary_result(train, cs, replay, scores, included, delta, unit=unit, kind=kind, trials=trials, dp=dp,
+                         epochs=epochs, sample_rate=sample_rate, confidence=confidence)
+    _add_one_run_and_certifiable(out, scores, included, replay.included[0], delta, confidence, trials)
+    _check_claim(out, cs, replay, delta, dp=dp, trials=trials, claimed_epsilon=claimed_epsilon,
+                 accountant_noise_multiplier=accountant_noise_multiplier)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+@dataclass(frozen=True)
+class _CanarySet:
+    """The canaries of one audit (module docstring, 1 and 8) and the units of the training set they join."""
+
+    count: int
+    r: int  # records per canary (copies of one canary record; 1 for a record-level run)
+    owner: np.ndarray  # the canary (patient) of each canary record
+    records: Records  # r copies of each canary's record
+    patients: np.ndarray | None  # the patient of each training record (patient-level runs only)
+    ids: np.ndarray | None  # the canary patients' ids (patient-level runs only)
+    n_units: int  # training records, or training patients
+
+
+@dataclass
+class _Replay:
+    """What the replayed trainings gave: each training's canary scores and inclusion draw, and their steps."""
+
+    scores: list[np.ndarray]
+    included: list[np.ndarray]
+    steps: int  # over all trainings
+    observed_rate: float  # the largest sample rate a training used
+    delta: float | None
+    batch: int | None  # the last training's batch size
+
+
+def _canary_set(train: Records, canaries: int, kind: str, seed: int, pool: Records | None, dp: DPSettings | None,
+                unit: str, groups: np.ndarray | None, records_per_canary: int | None) -> _CanarySet:
+    r, patients, canary_ids = 1, None, None
     if unit == "patient":
         r = dp.max_records_per_patient_step if records_per_canary is None else records_per_canary
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
@@ -329,69 +376,87 @@ def canary_audit(
         canary_ids = np.char.add("canary-patient-", np.arange(canaries).astype(str))
         if np.isin(canary_ids, patients).any():
             raise ValueError("a training record's patient id collides with a canary patient's id ('canary-patient-<j>')")
-    owner = np.repeat(np.arange(canaries), r)  # the canary (patient) of each canary record
-    can_records = make_canaries(train, canaries, kind, seed=seed, pool=pool).take(owner)  # r copies of each
+    owner = np.repeat(np.arange(canaries), r)
+    records = make_canaries(train, canaries, kind, seed=seed, pool=pool).take(owner)
     n_units = len(train) if patients is None else len(np.unique(patients))
-    all_scores, all_in, steps, observed_rate = [], [], 0, 0.0
-    delta = None
+    return _CanarySet(canaries, r, owner, records, patients, canary_ids, n_units)
+
+
+def _replay_trainings(train: Records, cs: _CanarySet, make_model: Callable[[int], nn.Module], rng: np.random.Generator,
+                      *, trials: int, progress: bool, desc: str, batch_size: int, sample_rate: float | None, seed: int,
+                      **train_kw) -> _Replay:
+    """Train ``trials`` times, each on ``train`` plus a fresh half of the canaries, and score every canary."""
+    replay = _Replay([], [], 0, 0.0, None, None)
     it = range(trials)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=desc, leave=False)
     for t in it:
-        inc = rng.random(canaries) < 0.5
-        if inc.all() or not inc.any():
-            inc[0] = not inc[0]
-        rows = np.flatnonzero(inc[owner])  # a canary patient's records are all in, or all out
-        data = Records.concat([train, can_records.take(rows)])
-        data_groups = None if patients is None else np.concatenate([patients, canary_ids[owner[rows]]])
-        units = len(data) if patients is None else n_units + int(inc.sum())
-        batch = batch_size if sample_rate is None else replay_batch_size(units, sample_rate)
-        model, stats, d = train_model(
-            make_model, data.x, data.y, epochs=epochs, batch_size=batch, lr=lr,
-            max_grad_norm=dp.max_grad_norm if dp else max_grad_norm, dp=dp, seed=seed * 1000 + t, groups=data_groups,
-        )
-        delta = d if d is not None else delta
-        steps += int(stats["steps"])
-        observed_rate = max(observed_rate, float(stats["sample_rate"]))
-        per_record = signed_logit(target_logits(model, can_records.x), can_records.y)
-        all_scores.append(np.bincount(owner, weights=per_record, minlength=canaries) / r)  # mean per canary (patient)
-        all_in.append(inc)
-    scores, included = np.concatenate(all_scores), np.concatenate(all_in)
-    n_train = n_units + canaries // 2
-    if delta is None:
-        delta = resolve_delta(dp.delta if dp else None, n_train)
-    bound = empirical_epsilon(scores, included, delta, confidence)
+        inc = _draw_inclusion(rng, cs.count)
+        rows = np.flatnonzero(inc[cs.owner])  # a canary patient's records are all in, or all out
+        data = Records.concat([train, cs.records.take(rows)])
+        data_groups = None if cs.patients is None else np.concatenate([cs.patients, cs.ids[cs.owner[rows]]])
+        units = len(data) if cs.patients is None else cs.n_units + int(inc.sum())
+        replay.batch = batch_size if sample_rate is None else replay_batch_size(units, sample_rate)
+        model, stats, d = train_model(make_model, data.x, data.y, batch_size=replay.batch, seed=seed * 1000 + t,
+                                      groups=data_groups, **train_kw)
+        replay.delta = d if d is not None else replay.delta
+        replay.steps += int(stats["steps"])
+        replay.observed_rate = max(replay.observed_rate, float(stats["sample_rate"]))
+        per_record = signed_logit(target_logits(model, cs.records.x), cs.records.y)
+        replay.scores.append(np.bincount(cs.owner, weights=per_record, minlength=cs.count) / cs.r)  # mean per canary (patient)
+        replay.included.append(inc)
+    return replay
+
+
+def _draw_inclusion(rng: np.random.Generator, canaries: int) -> np.ndarray:
+    """Each canary in with probability 1/2; never all in or all out."""
+    inc = rng.random(canaries) < 0.5
+    if inc.all() or not inc.any():
+        inc[0] = not inc[0]
+    return inc
+
+
+def _canary_result(train: Records, cs: _CanarySet, replay: _Replay, scores: np.ndarray, included: np.ndarray,
+                   delta: float, *, unit: str, kind: str, trials: int, dp: DPSettings | None, epochs: int,
+                   sample_rate: float | None, confidence: float) -> dict:
+    """The result's set-up and Clopper-Pearson bound (module docstring, 5)."""
     from attacks.metrics import roc_auc
 
-    out = {
+    bound = empirical_epsilon(scores, included, delta, confidence)
+    return {
         "threat_model": THREAT_MODEL,
         "privacy_unit": unit,
         "epsilon_unit": f"epsilon per {unit}",  # what eps_lb and the claim it is checked against protect
-        "canaries": canaries,
+        "canaries": cs.count,
         "canary_unit": unit,  # a canary is one record, or one patient of records_per_canary records
-        "records_per_canary": r,
+        "records_per_canary": cs.r,
         "kind": kind,
         "mode": "one_run" if trials == 1 else "repeated",
         "trials": trials,
         "training_records": len(train),
-        "training_patients": None if patients is None else n_units,
+        "training_patients": None if cs.patients is None else cs.n_units,
         "dp": dp is not None,
         "noise_multiplier": None if dp is None else dp.noise_multiplier,
         "max_grad_norm": None if dp is None else dp.max_grad_norm,
         "accountant": None if dp is None else dp.accountant,
         "epochs": epochs,
-        "batch_size": batch,
-        "steps_per_training": steps // trials,
-        "sample_rate": observed_rate,
+        "batch_size": replay.batch,
+        "steps_per_training": replay.steps // trials,
+        "sample_rate": replay.observed_rate,
         "sample_rate_requested": sample_rate,
         "delta": delta,
         "confidence": confidence,
         "canary_auc": roc_auc(scores, included.astype(np.int64)),
         **{k: bound[k] for k in ("eps_lb", "threshold", "direction", "tpr", "fpr", "n_included", "n_excluded")},
     }
-    cap = max_certifiable_epsilon(all_in[0], delta, confidence) if trials == 1 else {
+
+
+def _add_one_run_and_certifiable(out: dict, scores: np.ndarray, included: np.ndarray, first_in: np.ndarray,
+                                 delta: float, confidence: float, trials: int) -> None:
+    """The one-run bound (one training only) and the largest epsilon these canaries can certify (module docstring, 5, 7)."""
+    cap = max_certifiable_epsilon(first_in, delta, confidence) if trials == 1 else {
         "one_run": None, "clopper_pearson": max_certifiable_epsilon(included, delta, confidence)["clopper_pearson"]}
     if trials == 1:
         one = one_run_epsilon(scores, included, delta, confidence)
@@ -399,24 +464,27 @@ def canary_audit(
         out["one_run_guesses"], out["one_run_correct"] = one["guesses"], one["correct"]
     out["max_certifiable_epsilon"] = max(v for v in (cap["one_run"], cap["clopper_pearson"]) if v is not None)
     out["max_certifiable_one_run"], out["max_certifiable_clopper_pearson"] = cap["one_run"], cap["clopper_pearson"]
+
+
+def _check_claim(out: dict, cs: _CanarySet, replay: _Replay, delta: float, *, dp: DPSettings | None, trials: int,
+                 claimed_epsilon: float | None, accountant_noise_multiplier: float | None) -> None:
+    """The claim the lower bounds are checked against, and the verdict (module docstring, 6-7)."""
     claimed_sigma = accountant_noise_multiplier if accountant_noise_multiplier is not None else (dp.noise_multiplier if dp else None)
     out["accountant_noise_multiplier"] = claimed_sigma
     eps_replay = None
     if dp is not None:
         # one training's steps; repeated trials are independent trainings, each with this guarantee
-        e = epsilon([Step(float(claimed_sigma), observed_rate, steps // trials)], delta, dp.accountant)
+        e = epsilon([Step(float(claimed_sigma), replay.observed_rate, replay.steps // trials)], delta, dp.accountant)
         eps_replay = e if math.isfinite(e) else None
     claim = None if dp is None else (claimed_epsilon if claimed_epsilon is not None else eps_replay)
     lb = max(out["eps_lb"], out.get("eps_lb_one_run", 0.0))
     out["eps_accountant_replay"] = eps_replay
     out["accountant_epsilon"] = out["eps_accountant"] = claim
     out["ratio"] = lb / claim if claim else None
-    what = f"{canaries} canaries" if patients is None else f"{canaries} canary patients ({r} records each)"
+    what = f"{cs.count} canaries" if cs.patients is None else f"{cs.count} canary patients ({cs.r} records each)"
     out["status"], out["reasons"] = consistency_status(lb, claim, out["max_certifiable_epsilon"], what)
     out["consistent_with_accountant"] = None if claim is None else out["status"] != "inconsistent"
     if dp is None:
         out["note"] = "n/a (non-private): no accountant claim to check; eps_lb shows what the training leaks"
     elif out["status"] == "inconsistent":
         out["note"] = f"DP BUG: {out['reasons'][0]} (noise multiplier {claimed_sigma})"
-    out["seconds"] = time.perf_counter() - t0
-    return out

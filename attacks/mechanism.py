@@ -90,50 +90,14 @@ def mechanism_audit(
     steps = math.ceil(trials / k)
     batch = min(batch_size, len(x))
     xb, yb = (torch.as_tensor(t) for t in as_tensors(x[:batch], y[:batch]).tensors)
-    with tempfile.TemporaryDirectory(prefix="mechanism-ledger-") as tmp:
-        dp = HospitalDP(
-            PrivacyProfile(target_epsilon=1e6, max_grad_norm=max_grad_norm),
-            PrivacyLedger(Path(tmp) / "mechanism.jsonl"), "mechanism-audit", [(batch / len(x), 1)], 1,
-            n_records=len(x), noise_multiplier=noise_multiplier,
-        )
-        loader = DataLoader(as_tensors(x, y), batch_size=batch)
-        module, optimizer, _ = dp.make_private(model, torch.optim.SGD(params, lr=0.0), loader,
-                                               criterion=nn.BCEWithLogitsLoss(), grad_sample_mode=grad_sample_mode,
-                                               noise_generator=noise_generator(seed, 2))
-    loss_fn = nn.BCEWithLogitsLoss()
-    scale = optimizer.expected_batch_size if optimizer.loss_reduction == "mean" else 1
-
-    def step(index: np.ndarray, values: torch.Tensor) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(module(xb), yb).backward()
-        add_canary_rows(optimizer, torch.from_numpy(index), values)
-        optimizer.step()
-        return _flat(optimizer.params, "grad") * scale
-
-    module.train()
-    step(np.zeros(0, np.int64), torch.zeros(0))
-    real_sum = _flat(optimizer.params, "summed_grad")  # the real records' clipped sum, fixed (lr 0)
-    with_canary, without = [], []
-    for _ in range(steps):
-        coords = rng.choice(total, k, replace=False)
-        present = rng.random(k) < 0.5
-        observed = (step(coords[present], torch.full((int(present.sum()),), canary_norm * max_grad_norm)) - real_sum)
-        observed = observed[torch.from_numpy(coords)].numpy() / max_grad_norm
-        with_canary.append(observed[present])
-        without.append(observed[~present])
-    if hasattr(module, "_close"):
-        module._close()
-    a, b = np.concatenate(with_canary), np.concatenate(without)
+    dp, module, optimizer = _frozen_private_step(model, params, x, y, batch, noise_multiplier=noise_multiplier,
+                                                 max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode, seed=seed)
+    step = _step_with_canaries(module, optimizer, xb, yb)
+    a, b = _observe_canaries(step, module, optimizer, rng, total=total, k=k, steps=steps, canary_norm=canary_norm,
+                             max_grad_norm=max_grad_norm)
     mu, lo, hi = _mu_interval(a, b, confidence)
     configured = 1.0 / noise_multiplier
-    if lo > configured * (1 + TOLERANCE):
-        status = "inconsistent"
-        reasons = [f"the per-step mu interval [{lo:.3f}, {hi:.3f}] lies above the configured mu 1/sigma = {configured:.3f} "
-                   f"(tolerance {TOLERANCE:.0%}): the step adds less noise than sigma {noise_multiplier:g} or does not "
-                   f"clip at C {max_grad_norm:g}"]
-    else:
-        status = "consistent"
-        reasons = [f"the per-step mu interval [{lo:.3f}, {hi:.3f}] does not lie above the configured mu {configured:.3f}"]
+    status, reasons = _mechanism_status(lo, hi, configured, noise_multiplier, max_grad_norm)
     return {
         "threat_model": THREAT_MODEL,
         "hospital": hospital,
@@ -152,6 +116,69 @@ def mechanism_audit(
         "reasons": reasons,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _frozen_private_step(model: nn.Module, params: list, x: np.ndarray, y: np.ndarray, batch: int, *,
+                         noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str, seed: int):
+    """``(dp, module, optimizer)``: the hospital's DP-SGD step on ``model`` with SGD at lr 0 (parameters frozen)."""
+    with tempfile.TemporaryDirectory(prefix="mechanism-ledger-") as tmp:
+        dp = HospitalDP(
+            PrivacyProfile(target_epsilon=1e6, max_grad_norm=max_grad_norm),
+            PrivacyLedger(Path(tmp) / "mechanism.jsonl"), "mechanism-audit", [(batch / len(x), 1)], 1,
+            n_records=len(x), noise_multiplier=noise_multiplier,
+        )
+        loader = DataLoader(as_tensors(x, y), batch_size=batch)
+        module, optimizer, _ = dp.make_private(model, torch.optim.SGD(params, lr=0.0), loader,
+                                               criterion=nn.BCEWithLogitsLoss(), grad_sample_mode=grad_sample_mode,
+                                               noise_generator=noise_generator(seed, 2))
+    return dp, module, optimizer
+
+
+def _step_with_canaries(module: nn.Module, optimizer, xb: torch.Tensor, yb: torch.Tensor):
+    """``step(index, values)``: one optimizer step on the batch plus canary rows (gradient ``values`` at coordinates
+    ``index``); returns the noisy sum it applied."""
+    loss_fn = nn.BCEWithLogitsLoss()
+    scale = optimizer.expected_batch_size if optimizer.loss_reduction == "mean" else 1
+
+    def step(index: np.ndarray, values: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(module(xb), yb).backward()
+        add_canary_rows(optimizer, torch.from_numpy(index), values)
+        optimizer.step()
+        return _flat(optimizer.params, "grad") * scale
+
+    return step
+
+
+def _observe_canaries(step, module: nn.Module, optimizer, rng: np.random.Generator, *, total: int, k: int, steps: int,
+                      canary_norm: float, max_grad_norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The observed sums (in units of C) at the canary coordinates: those with a canary, those without (module
+    docstring, 1-2)."""
+    module.train()
+    step(np.zeros(0, np.int64), torch.zeros(0))
+    real_sum = _flat(optimizer.params, "summed_grad")  # the real records' clipped sum, fixed (lr 0)
+    with_canary, without = [], []
+    for _ in range(steps):
+        coords = rng.choice(total, k, replace=False)
+        present = rng.random(k) < 0.5
+        observed = (step(coords[present], torch.full((int(present.sum()),), canary_norm * max_grad_norm)) - real_sum)
+        observed = observed[torch.from_numpy(coords)].numpy() / max_grad_norm
+        with_canary.append(observed[present])
+        without.append(observed[~present])
+    if hasattr(module, "_close"):
+        module._close()
+    return np.concatenate(with_canary), np.concatenate(without)
+
+
+def _mechanism_status(lo: float, hi: float, configured: float, noise_multiplier: float,
+                      max_grad_norm: float) -> tuple[str, list[str]]:
+    if lo > configured * (1 + TOLERANCE):
+        return "inconsistent", [
+            f"the per-step mu interval [{lo:.3f}, {hi:.3f}] lies above the configured mu 1/sigma = {configured:.3f} "
+            f"(tolerance {TOLERANCE:.0%}): the step adds less noise than sigma {noise_multiplier:g} or does not "
+            f"clip at C {max_grad_norm:g}"]
+    return "consistent", [
+        f"the per-step mu interval [{lo:.3f}, {hi:.3f}] does not lie above the configured mu {configured:.3f}"]
 
 
 def _mu_interval(with_canary: np.ndarray, without: np.ndarray, confidence: float) -> tuple[float, float, float]:

@@ -426,35 +426,54 @@ def membership_inference(
             reference_mode = references.mode
             res.details["reference_mode"] = reference_mode
         if reference_mode == "offline":
-            for a in ref_attacks:
-                if MIA_ATTACKS[a].online:
-                    res.skipped[a] = "needs reference models trained on the candidates (reference_mode 'online')"
-            ref_attacks = [a for a in ref_attacks if not MIA_ATTACKS[a].online]
-        if references is None:
-            refs = train_references(cand, population, training, num_references, reference_mode, seed + 1, progress, desc)
-        else:
-            refs = references
-            if refs.phi_candidates.shape[1] != len(cand) or refs.phi_population.shape[1] != len(population):
-                raise ValueError(
-                    f"the reference set was trained for {refs.phi_candidates.shape[1]} candidates and "
-                    f"{refs.phi_population.shape[1]} population records, not {len(cand)} and {len(population)}"
-                )
+            ref_attacks = _skip_online_attacks(res, ref_attacks)
+        refs = _reference_set(cand, population, training, references, num_references, reference_mode, seed + 1,
+                              progress, desc)
         res.details.update(num_references=refs.k, reference_train_seconds=refs.train_seconds)
-        for a in ref_attacks:
-            spec = MIA_ATTACKS[a]
-            if spec.kind == "lira":
-                res.scores[a], how = lira_scores(phi_c, refs, online=spec.online, per_record_variance_min=per_record_variance_min)
-                res.details[f"{a}_variance"] = how
-            elif spec.kind == "rmia":
-                if not len(population):
-                    res.skipped[a] = "needs population records (z samples); the auditor holds none"
-                    continue
-                res.scores[a] = rmia_scores(phi_c, phi_p, refs, online=spec.online, gamma=rmia_gamma, a=rmia_offline_a)
-            else:
-                raise ValueError(f"attack {a!r}: no scoring for kind {spec.kind!r}")
+        _score_with_references(res, ref_attacks, phi_c, phi_p, refs, len(population), rmia_gamma=rmia_gamma,
+                               rmia_offline_a=rmia_offline_a, per_record_variance_min=per_record_variance_min)
     res.details["seconds"] = time.perf_counter() - t0
     res.scores = {a: res.scores[a] for a in attacks if a in res.scores}
     return res
+
+
+def _skip_online_attacks(res: MIAResult, ref_attacks: list[str]) -> list[str]:
+    """The attacks offline references can run; the online ones are recorded as skipped, with why."""
+    for a in ref_attacks:
+        if MIA_ATTACKS[a].online:
+            res.skipped[a] = "needs reference models trained on the candidates (reference_mode 'online')"
+    return [a for a in ref_attacks if not MIA_ATTACKS[a].online]
+
+
+def _reference_set(cand: Records, population: Records, training: ReferenceTraining, references: ReferenceSet | None,
+                   num_references: int, reference_mode: str, seed: int, progress: bool, desc: str) -> ReferenceSet:
+    """``references`` when given (checked against these candidates and population), else freshly trained ones."""
+    if references is None:
+        return train_references(cand, population, training, num_references, reference_mode, seed, progress, desc)
+    if references.phi_candidates.shape[1] != len(cand) or references.phi_population.shape[1] != len(population):
+        raise ValueError(
+            f"the reference set was trained for {references.phi_candidates.shape[1]} candidates and "
+            f"{references.phi_population.shape[1]} population records, not {len(cand)} and {len(population)}"
+        )
+    return references
+
+
+def _score_with_references(res: MIAResult, ref_attacks: list[str], phi_c: np.ndarray, phi_p: np.ndarray,
+                           refs: ReferenceSet, n_population: int, *, rmia_gamma: float, rmia_offline_a: float,
+                           per_record_variance_min: int) -> None:
+    """LiRA and RMIA scores of the candidates into ``res`` (RMIA is skipped without population records)."""
+    for a in ref_attacks:
+        spec = MIA_ATTACKS[a]
+        if spec.kind == "lira":
+            res.scores[a], how = lira_scores(phi_c, refs, online=spec.online, per_record_variance_min=per_record_variance_min)
+            res.details[f"{a}_variance"] = how
+        elif spec.kind == "rmia":
+            if not n_population:
+                res.skipped[a] = "needs population records (z samples); the auditor holds none"
+                continue
+            res.scores[a] = rmia_scores(phi_c, phi_p, refs, online=spec.online, gamma=rmia_gamma, a=rmia_offline_a)
+        else:
+            raise ValueError(f"attack {a!r}: no scoring for kind {spec.kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------- game

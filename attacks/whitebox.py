@@ -557,55 +557,97 @@ def whitebox_entry(
     """
     t0 = time.perf_counter()
     rate_ledger = max((s.sample_rate for s in history_ledger), default=None)
-    sigma = obs.noise_multiplier
-    scores = canary_scores(obs, sigma, obs.sample_rate)
+    scores = canary_scores(obs, obs.noise_multiplier, obs.sample_rate)
     one = one_run_audit(scores, obs.included, history_ledger, delta, confidence, seed=seed)
-    cert = one["max_certifiable"]
     mu, mu_lo, mu_hi = gdp_fit(scores, obs.included, confidence)
     eps_mu_lo = gdp_epsilon(mu_lo, delta)
     eps_claim = epsilon(history_ledger, delta, accountant) if history_ledger else math.inf
     claim = eps_claim if math.isfinite(eps_claim) else None
     checks = _checks(obs, steps_ledger, rate_ledger)
+    mu_claim = claimed_score_mu(history_ledger) if history_ledger else math.inf
+    reasons = _violations(checks, one, claim, mu_lo, mu_claim, eps_mu_lo, delta)
+    status, reasons = _whitebox_status(reasons, one, claim, len(scores), mu_lo, mu_hi, mu_claim)
+    return {
+        "threat_model": THREAT_MODEL,
+        "hospital": hospital,
+        "task": task,
+        **_observed_fields(obs, len(scores), steps_ledger, rate_ledger),
+        **_one_run_fields(one),
+        "gdp_mu_estimate": mu,
+        "gdp_mu_interval": [mu_lo, mu_hi],
+        "gdp_epsilon_lower": eps_mu_lo,
+        "accountant_gdp_mu": gdp_mu(history_ledger) if history_ledger else None,
+        "claimed_score_mu": mu_claim if math.isfinite(mu_claim) else None,
+        "accountant_epsilon_audited_steps": claim,
+        "accountant_epsilon": accountant_epsilon,
+        "delta": delta,
+        "confidence": confidence,
+        "max_certifiable_epsilon": one["max_certifiable"],
+        "max_certifiable_epsilon_steinke": one["max_certifiable_steinke"],
+        "ratio": one["eps_lb"] / claim if claim else None,
+        "ratio_steinke": one["eps_lb_steinke"] / claim if claim else None,
+        "checks": checks,
+        "status": status,
+        "reasons": reasons,
+        "seconds": (seconds or 0.0) + time.perf_counter() - t0,
+    }
+
+
+def _violations(checks: list[dict], one: dict, claim: float | None, mu_lo: float, mu_claim: float, eps_mu_lo: float,
+                delta: float) -> list[str]:
+    """Why the training is inconsistent with its claim, in words: failed checks and bounds above the claim."""
     reasons = [f"check failed: {c['name']}: {c['detail']}" for c in checks if not c["passed"]]
     if claim is not None and one["eps_lb"] > claim:
         reasons.append(f"the f-DP one-run lower bound {one['eps_lb']:.3f} (Gaussian trade-off; the (eps, delta)-DP bound "
                        f"of the same guesses: {one['eps_lb_steinke']:.3f}) exceeds the accountant's epsilon {claim:.3f} "
                        f"for these steps by {one['eps_lb'] - claim:.3f}")
-    mu_claim = claimed_score_mu(history_ledger) if history_ledger else math.inf
     if claim is not None and mu_lo > mu_claim * (1 + MU_TOLERANCE):
         reasons.append(f"the Gaussian-DP interval's lower end mu {mu_lo:.3f} (epsilon {eps_mu_lo:.3f} at delta {delta:g}) "
                        f"exceeds the mu {mu_claim:.3f} the ledger's mechanism gives these canaries by "
                        f"{mu_lo / mu_claim - 1:.0%} (tolerance {MU_TOLERANCE:.0%}; accountant's epsilon {claim:.3f})")
+    return reasons
+
+
+def _whitebox_status(violations: list[str], one: dict, claim: float | None, canaries: int, mu_lo: float, mu_hi: float,
+                     mu_claim: float) -> tuple[str, list[str]]:
+    """``(status, reasons)``: inconsistent on any violation; else inconclusive or consistent (module docstring, 5)."""
     if claim is None:
-        status = "inconsistent" if reasons else "inconclusive"
-        reasons = reasons or ["no finite accountant epsilon for these steps: nothing to check"]
-    elif reasons:
-        status = "inconsistent"
-    elif claim > cert:
-        status = "inconclusive"
-        reasons = [f"the claimed epsilon {claim:.3g} is above the largest epsilon {cert:.3g} that {len(scores)} "
-                   f"gradient canaries can certify (f-DP one-run bound, every guess correct); the GDP estimate and the "
-                   f"per-step audit still apply"]
-    else:
-        status = "consistent"
-        reasons = [f"the f-DP one-run lower bound {one['eps_lb']:.3f} (Steinke et al.'s: {one['eps_lb_steinke']:.3f}) "
-                   f"is within the accountant's epsilon {claim:.3f}, the GDP "
-                   f"interval [{mu_lo:.3f}, {mu_hi:.3f}] within the claimed mechanism's mu {mu_claim:.3f}; every check passed"]
+        return ("inconsistent" if violations else "inconclusive",
+                violations or ["no finite accountant epsilon for these steps: nothing to check"])
+    if violations:
+        return "inconsistent", violations
+    cert = one["max_certifiable"]
+    if claim > cert:
+        return "inconclusive", [
+            f"the claimed epsilon {claim:.3g} is above the largest epsilon {cert:.3g} that {canaries} "
+            f"gradient canaries can certify (f-DP one-run bound, every guess correct); the GDP estimate and the "
+            f"per-step audit still apply"]
+    return "consistent", [
+        f"the f-DP one-run lower bound {one['eps_lb']:.3f} (Steinke et al.'s: {one['eps_lb_steinke']:.3f}) "
+        f"is within the accountant's epsilon {claim:.3f}, the GDP "
+        f"interval [{mu_lo:.3f}, {mu_hi:.3f}] within the claimed mechanism's mu {mu_claim:.3f}; every check passed"]
+
+
+def _observed_fields(obs: CanaryObservation, canaries: int, steps_ledger: int, rate_ledger: float | None) -> dict:
+    """What the replay observed, beside the ledger's steps and sample rate."""
     steps = len(obs.updates)
     return {
-        "threat_model": THREAT_MODEL,
-        "hospital": hospital,
-        "task": task,
         "grad_sample_mode": obs.grad_sample_mode,
-        "canaries": len(scores),
+        "canaries": canaries,
         "canaries_included": int(obs.included.sum()),
-        "noise_multiplier": sigma,
+        "noise_multiplier": obs.noise_multiplier,
         "max_grad_norm": obs.max_grad_norm,
         "steps_observed": steps,
         "steps_ledger": int(steps_ledger),
         "sample_rate_observed": float(obs.batch_sizes.sum()) / (steps * obs.n_records) if steps else 0.0,
         "sample_rate_loader": obs.sample_rate,
         "sample_rate_ledger": rate_ledger,
+    }
+
+
+def _one_run_fields(one: dict) -> dict:
+    """The one-run test's figures as the entry reports them."""
+    return {
         "eps_lb_one_run": one["eps_lb"],  # the headline: f-DP, Gaussian trade-off
         "eps_lb_one_run_method": ONE_RUN_METHOD,
         "one_run_mu_lb": one["mu_lb"],
@@ -616,23 +658,6 @@ def whitebox_entry(
         "one_run_test_steinke": one["test_steinke"],
         "one_run_tests": one["tests"],
         "one_run_plan": one["plan"],
-        "gdp_mu_estimate": mu,
-        "gdp_mu_interval": [mu_lo, mu_hi],
-        "gdp_epsilon_lower": eps_mu_lo,
-        "accountant_gdp_mu": gdp_mu(history_ledger) if history_ledger else None,
-        "claimed_score_mu": mu_claim if math.isfinite(mu_claim) else None,
-        "accountant_epsilon_audited_steps": claim,
-        "accountant_epsilon": accountant_epsilon,
-        "delta": delta,
-        "confidence": confidence,
-        "max_certifiable_epsilon": cert,
-        "max_certifiable_epsilon_steinke": one["max_certifiable_steinke"],
-        "ratio": one["eps_lb"] / claim if claim else None,
-        "ratio_steinke": one["eps_lb_steinke"] / claim if claim else None,
-        "checks": checks,
-        "status": status,
-        "reasons": reasons,
-        "seconds": (seconds or 0.0) + time.perf_counter() - t0,
     }
 
 

@@ -234,6 +234,29 @@ def calibrate_noise(
         ValueError: target not positive/finite, empty schedule, or the target is unreachable even at
             sigma = ``MAX_NOISE_MULTIPLIER``.
     """
+    pairs = _calibration_pairs(target_epsilon, delta, schedule, accountant, tol)
+
+    def eps_at(sigma: float) -> float:
+        try:
+            return epsilon([Step(sigma, q, n) for q, n in pairs], delta, accountant)
+        except ValueError:
+            return math.inf
+
+    # Bracket: eps(low) > target >= eps(high).
+    high = 1.0
+    eps_high = eps_at(high)
+    if eps_high > target_epsilon:
+        low, high, eps_high = _bracket_upwards(eps_at, target_epsilon, delta, pairs, accountant)
+    else:
+        low, high, eps_high = _bracket_downwards(eps_at, target_epsilon, high, eps_high)
+        if low is None:  # absurdly weak target; sigma this small is already far below useful
+            return high
+    return _bisect_noise(eps_at, target_epsilon, tol, low, high, eps_high)
+
+
+def _calibration_pairs(target_epsilon, delta: float, schedule: Sequence[tuple[float, int]], accountant: str,
+                       tol: float) -> list[tuple[float, int]]:
+    """:func:`calibrate_noise`'s arguments checked; the schedule as ``(sample_rate, num_steps)`` pairs."""
     if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
     if not (0 < tol < 1):
@@ -246,41 +269,45 @@ def calibrate_noise(
         Step(1.0, q, n)  # validates q and n
     if sum(n for _, n in pairs) == 0:
         raise ValueError("calibrate_noise: the schedule has no steps; there is nothing to calibrate")
+    return pairs
 
-    def eps_at(sigma: float) -> float:
-        try:
-            return epsilon([Step(sigma, q, n) for q, n in pairs], delta, accountant)
-        except ValueError:
-            return math.inf
 
-    # Bracket: eps(low) > target >= eps(high).
-    high = 1.0
-    eps_high = eps_at(high)
-    if eps_high > target_epsilon:
+def _bracket_upwards(eps_at, target_epsilon: float, delta: float, pairs: list[tuple[float, int]],
+                     accountant: str) -> tuple[float, float, float]:
+    """``(low, high, eps(high))`` from sigma 1, which exceeds the target: double sigma until it meets it."""
+    low = 1.0
+    while True:
+        high = low * 2.0
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"target epsilon {target_epsilon} at delta {delta} is unreachable for this schedule "
+                f"({sum(n for _, n in pairs)} steps, sample rates {sorted({q for q, _ in pairs})}) "
+                f"with the {accountant!r} accountant even at noise multiplier {MAX_NOISE_MULTIPLIER:g}: "
+                f"raise epsilon, or plan fewer steps or a smaller sample rate"
+            )
+        eps_high = eps_at(high)
+        if eps_high <= target_epsilon:
+            return low, high, eps_high
         low = high
-        while True:
-            high = low * 2.0
-            if high > MAX_NOISE_MULTIPLIER:
-                raise ValueError(
-                    f"target epsilon {target_epsilon} at delta {delta} is unreachable for this schedule "
-                    f"({sum(n for _, n in pairs)} steps, sample rates {sorted({q for q, _ in pairs})}) "
-                    f"with the {accountant!r} accountant even at noise multiplier {MAX_NOISE_MULTIPLIER:g}: "
-                    f"raise epsilon, or plan fewer steps or a smaller sample rate"
-                )
-            eps_high = eps_at(high)
-            if eps_high <= target_epsilon:
-                break
-            low = high
-    else:
-        while True:
-            low = high / 2.0
-            eps_low = eps_at(low)
-            if eps_low > target_epsilon:
-                break
-            high, eps_high = low, eps_low
-            if high < 1e-3:  # absurdly weak target; sigma this small is already far below useful
-                return high
 
+
+def _bracket_downwards(eps_at, target_epsilon: float, high: float, eps_high: float) -> tuple[float | None, float, float]:
+    """``(low, high, eps(high))`` from sigma ``high``, which meets the target: halve sigma until it does not.
+
+    ``low`` is None when sigma fell below 1e-3 still meeting the target (``high`` is then the answer)."""
+    while True:
+        low = high / 2.0
+        eps_low = eps_at(low)
+        if eps_low > target_epsilon:
+            return low, high, eps_high
+        high, eps_high = low, eps_low
+        if high < 1e-3:
+            return None, high, eps_high
+
+
+def _bisect_noise(eps_at, target_epsilon: float, tol: float, low: float, high: float, eps_high: float) -> float:
+    """Bisect ``[low, high]`` (eps(low) > target >= eps(high)) until eps(high) is within ``tol`` of the target or
+    the bracket is narrower than 1e-4 relative; returns ``high``, always a verified point."""
     while target_epsilon - eps_high > tol * target_epsilon and (high - low) > 1e-4 * high:
         mid = 0.5 * (low + high)
         eps_mid = eps_at(mid)

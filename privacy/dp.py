@@ -417,23 +417,40 @@ class HospitalDP:
             ValueError: unit ``"patient"`` with ``groups`` missing, of the wrong length, naming more patients
                 than ``n_patients``, or with ``grad_sample_mode="ghost"``.
         """
-        import torch.nn as nn
+        from .fast_dp import LEAN_MODE, lean_supported
 
-        from .fast_dp import LEAN_MODE, LeanPrivacyEngine, lean_supported
-
-        mode = grad_sample_mode or self.grad_sample_mode
-        if mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
-        if self._pending is not None and self._pending["steps"] > 0:
-            raise RuntimeError(
-                f"{self._pending['steps']} DP-SGD steps from the previous make_private() were never recorded; "
-                f"call record_round() before starting another training session"
-            )
+        mode = self._requested_mode(grad_sample_mode)
+        self._check_recorded()
         patient = self._patient_args(data_loader, groups, patients_per_batch, mode, patient_generator)
         assert_dp_compatible(module)
         if mode == LEAN_MODE and not lean_supported(module):
             mode = "hooks"
         self.last_grad_sample_mode = mode
+        engine, out = self._opacus_make_private(module, optimizer, data_loader, criterion, mode, noise_generator, patient)
+        self._pending = self._counted_session(out[1], out[-1])
+        self.engine = engine  # kept for inspection; its accountant covers this session only
+        return out
+
+    def _requested_mode(self, grad_sample_mode: str | None) -> str:
+        mode = grad_sample_mode or self.grad_sample_mode
+        if mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+        return mode
+
+    def _check_recorded(self) -> None:
+        """Refuse a new session while the previous one's steps are not in the ledger."""
+        if self._pending is not None and self._pending["steps"] > 0:
+            raise RuntimeError(
+                f"{self._pending['steps']} DP-SGD steps from the previous make_private() were never recorded; "
+                f"call record_round() before starting another training session"
+            )
+
+    def _opacus_make_private(self, module, optimizer, data_loader, criterion, mode: str, noise_generator, patient: dict):
+        """``(engine, LeanPrivacyEngine.make_private(...))`` with the run's noise, clipping and Poisson sampling."""
+        import torch.nn as nn
+
+        from .fast_dp import LeanPrivacyEngine
+
         engine = LeanPrivacyEngine(accountant=self.accountant, secure_mode=self.profile.secure_mode)
         out = engine.make_private(
             module=module,
@@ -447,7 +464,11 @@ class HospitalDP:
             noise_generator=noise_generator,
             **patient,
         )
-        dp_optimizer, dp_loader = out[1], out[-1]
+        return engine, out
+
+    def _counted_session(self, dp_optimizer, dp_loader) -> dict:
+        """The session :meth:`record_round` checks: the optimizer's steps counted by a step hook, which also refuses
+        a noise multiplier changed mid-run."""
         session = {"steps": 0, "sample_rate": float(dp_loader.sample_rate), "optimizer": dp_optimizer}
         previous_hook = dp_optimizer.step_hook
 
@@ -462,9 +483,7 @@ class HospitalDP:
                 )
 
         dp_optimizer.attach_step_hook(count_step)
-        self._pending = session
-        self.engine = engine  # kept for inspection; its accountant covers this session only
-        return out
+        return session
 
     def _patient_args(self, data_loader, groups, patients_per_batch, mode: str, generator) -> dict:
         """The patient-level arguments of ``LeanPrivacyEngine.make_private`` (none for unit ``"record"``)."""

@@ -633,49 +633,72 @@ def render_html(report: dict, run_dir: Path, bl: list[Block] | None = None, json
            f"<title>{e(bl[0].data)}</title><style>{CSS}</style></head><body>"]
     for b in bl:
         if b.kind == "h1":
-            out.append(f"<h1>{e(b.data)}</h1>")
-            if json_sha256:
-                out.append(f'<p class="hash">Renders report.json with sha256 {e(json_sha256)}</p>')
-            out.append("<nav>" + "".join(f'<a href="#{k}">{e(t)}</a>' for k, t, _ in SECTIONS) + "</nav>")
-        elif b.kind == "h2":
-            out.append(f'<h2 id="{b.extra}">{e(b.data)}</h2>')
-        elif b.kind == "h3":
-            out.append(f"<h3>{e(b.data)}</h3>")
-        elif b.kind == "p":
-            cls = f' <span class="badge {b.extra}">{e(b.extra.upper())}</span>' if b.extra else ""
-            out.append(f"<p>{e(b.data)}{cls}</p>")
-        elif b.kind == "decision":
-            out.append(f'<p class="decision {b.extra}">{e(b.data)}</p>')
-        elif b.kind == "break":
-            continue
-        elif b.kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b.data) + "</ul>")
-        elif b.kind == "kv":
-            out.append("<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in b.data) + "</dl>")
-        elif b.kind == "big":
-            out.append('<div class="big">' + "".join(f'<div><div class="v">{e(v)}</div><div class="l">{e(k)}</div></div>'
-                                                    for k, v in b.data) + "</div>")
-        elif b.kind == "pre":
-            out.append(f"<pre>{e(b.data)}</pre>")
-        elif b.kind == "img":
-            data = base64.b64encode(b.data).decode()
-            out.append(f'<figure><img alt="{e(b.extra)}" src="data:image/png;base64,{data}"><figcaption>{e(b.extra)}</figcaption></figure>')
-        elif b.kind == "table":
-            head, rows = b.data
-            col = b.extra
-            compact = ' class="compact"' if b.style == "compact" else ""
-            out.append(f"<table{compact}><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
-            for r in rows:
-                cells = []
-                for i, c in enumerate(r):
-                    if i == col:
-                        cells.append(f'<td class="st {e(str(c))}">{e(_st(str(c)))}</td>')
-                    else:
-                        cells.append(f"<td>{e(str(c))}</td>")
-                out.append("<tr>" + "".join(cells) + "</tr>")
-            out.append("</tbody></table>")
+            out.extend(_html_h1(b, json_sha256))
+        elif b.kind in HTML_BLOCKS:
+            out.append(HTML_BLOCKS[b.kind](b))
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _html_h1(b: Block, json_sha256: str | None) -> list[str]:
+    """The title, the sha256 of the JSON it renders, and the table of contents."""
+    e = html.escape
+    out = [f"<h1>{e(b.data)}</h1>"]
+    if json_sha256:
+        out.append(f'<p class="hash">Renders report.json with sha256 {e(json_sha256)}</p>')
+    out.append("<nav>" + "".join(f'<a href="#{k}">{e(t)}</a>' for k, t, _ in SECTIONS) + "</nav>")
+    return out
+
+
+def _html_p(b: Block) -> str:
+    cls = f' <span class="badge {b.extra}">{html.escape(b.extra.upper())}</span>' if b.extra else ""
+    return f"<p>{html.escape(b.data)}{cls}</p>"
+
+
+def _html_big(b: Block) -> str:
+    e = html.escape
+    return '<div class="big">' + "".join(f'<div><div class="v">{e(v)}</div><div class="l">{e(k)}</div></div>'
+                                         for k, v in b.data) + "</div>"
+
+
+def _html_img(b: Block) -> str:
+    e = html.escape
+    data = base64.b64encode(b.data).decode()
+    return f'<figure><img alt="{e(b.extra)}" src="data:image/png;base64,{data}"><figcaption>{e(b.extra)}</figcaption></figure>'
+
+
+def _html_table(b: Block) -> str:
+    """A table; the status column (``b.extra``) is bold on its status colour."""
+    e = html.escape
+    head, rows = b.data
+    col = b.extra
+    compact = ' class="compact"' if b.style == "compact" else ""
+    out = [f"<table{compact}><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = []
+        for i, c in enumerate(r):
+            if i == col:
+                cells.append(f'<td class="st {e(str(c))}">{e(_st(str(c)))}</td>')
+            else:
+                cells.append(f"<td>{e(str(c))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+# How the HTML page draws each kind of block but the title (``_html_h1``); a "break" draws nothing.
+HTML_BLOCKS = {
+    "h2": lambda b: f'<h2 id="{b.extra}">{html.escape(b.data)}</h2>',
+    "h3": lambda b: f"<h3>{html.escape(b.data)}</h3>",
+    "p": _html_p,
+    "decision": lambda b: f'<p class="decision {b.extra}">{html.escape(b.data)}</p>',
+    "ul": lambda b: "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in b.data) + "</ul>",
+    "kv": lambda b: "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in b.data) + "</dl>",
+    "big": _html_big,
+    "pre": lambda b: f"<pre>{html.escape(b.data)}</pre>",
+    "img": _html_img,
+    "table": _html_table,
+}
 
 
 # ------------------------------------------------------------------------------------------ PDF
