@@ -1,10 +1,13 @@
-"""How the auditor trains a model the way a hospital does: plain, or DP-SGD through privacy.dp.HospitalDP."""
+"""How the auditor trains a model the way a hospital does: plain, or DP-SGD through privacy.dp.HospitalDP.
+
+The DP parameters are the hospital's own: its ledger's :class:`privacy.plan.DPPlan` (noise multiplier, clip,
+delta, accountant, privacy unit), read as every other reader reads it (:func:`attacks._runs.run_plan`).
+"""
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,19 +16,8 @@ from torch import nn
 
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
+from privacy.plan import DPPlan
 from secure_fedkim.training import train_task
-
-
-@dataclass
-class DPSettings:
-    """The DP-SGD parameters of a training (a hospital's, read from its ledger's ``dp_plan``)."""
-
-    noise_multiplier: float
-    max_grad_norm: float = 1.0
-    delta: float | None = None  # None: privacy.accounting.default_delta(n)
-    accountant: str = "prv"
-    unit: str = "record"  # the privacy unit: "record", or "patient" (patient-level DP-SGD, privacy.patient)
-    max_records_per_patient_step: int = 4  # k of a patient-unit plan: records of one patient per step
 
 
 class ShadowDP:
@@ -34,7 +26,7 @@ class ShadowDP:
     without a ledger or accountant (nobody's privacy is spent on them; HospitalDP would compute a planned
     epsilon, about 0.5 s, for every reference model)."""
 
-    def __init__(self, dp: DPSettings, grad_sample_mode: str = "lean"):
+    def __init__(self, dp: DPPlan, grad_sample_mode: str = "lean"):
         self.dp = dp
         self.grad_sample_mode = grad_sample_mode
 
@@ -61,7 +53,7 @@ def train_model(
     batch_size: int,
     lr: float,
     max_grad_norm: float = 1.0,
-    dp: DPSettings | None = None,
+    dp: DPPlan | None = None,
     seed: int = 0,
     ledger_dir: str | Path | None = None,
     accounted: bool = True,
@@ -72,19 +64,18 @@ def train_model(
     With ``dp``, training goes through HospitalDP (Opacus: Poisson sampling, per-sample clipping at
     ``dp.max_grad_norm``, noise ``dp.noise_multiplier``) with a throwaway ledger in ``ledger_dir`` (a
     temporary directory by default). Noise multiplier 0 uses HospitalDP's testing flag (not DP).
-    ``accounted=False`` trains with :class:`ShadowDP` instead (same mechanism, no ledger; delta is None).
-    ``dp.unit == "patient"``: patient-level DP-SGD with ``groups`` (one patient id per record; default: each
+    ``accounted=False`` trains with :class:`ShadowDP` instead (the plan's noise and clip on records sampled one by
+    one, whatever the plan's unit: the auditor's reference models hold nobody's privacy; no ledger, delta None).
+    Accounted, with ``dp.privacy_unit == "patient"``: patient-level DP-SGD with ``groups`` (one patient id per record; default: each
     record its own patient), ``batch_size`` patients per step (expected) and at most
     ``dp.max_records_per_patient_step`` records of a sampled patient per step; delta is then per patient.
     """
     model = make_model(seed)
-    patient = dp is not None and dp.unit == "patient"
+    patient = dp is not None and accounted and dp.privacy_unit == "patient"
     if patient:
         groups = np.arange(len(x)).astype(str) if groups is None else np.asarray(groups)
         if len(groups) != len(x):
             raise ValueError(f"groups must hold one patient id per record: got {len(groups)} for {len(x)} records")
-        if not accounted:
-            raise ValueError("patient-level DP-SGD is only replayed through HospitalDP (accounted=True)")
     if dp is not None and not accounted:
         stats = train_task(
             model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
@@ -96,8 +87,9 @@ def train_model(
         return model.eval(), stats, None
     with tempfile.TemporaryDirectory(prefix="audit-ledger-") as tmp:
         where = Path(ledger_dir or tmp)
+        k = {"max_records_per_patient_step": dp.max_records_per_patient_step} if dp.max_records_per_patient_step else {}
         profile = PrivacyProfile(target_epsilon=1e6, delta=dp.delta, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant,
-                                 unit=dp.unit, max_records_per_patient_step=dp.max_records_per_patient_step)
+                                 unit=dp.privacy_unit if patient else "record", **k)
         units = len(np.unique(groups)) if patient else len(x)
         batches = math.ceil(units / min(batch_size, units))
         privatizer = HospitalDP(

@@ -73,8 +73,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from attacks._runs import run_id_of, task_model_factory
-from attacks._training import DPSettings
+from attacks._runs import run_id_of, run_plan, task_model_factory
 from attacks.dp_audit import canary_audit, replay_batch_size
 from attacks.inversion import inversion_audit
 from attacks.metrics import fpr_key, holm_bonferroni, plot_roc
@@ -83,6 +82,7 @@ from attacks.mia import ATTACKS, MIA_ATTACKS, Records, ReferenceTraining, audito
 from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import LedgerTampered, PrivacyLedger
+from privacy.plan import DPPlan
 from secure_fedkim.artifacts import Run, load_run
 from secure_fedkim.audit_schema import (
     DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, SCHEMA, WHITEBOX_ROW, RowType, check_audit_json,
@@ -314,10 +314,17 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
     }
 
 
-def _dp_settings(acc: dict | None) -> DPSettings | None:
-    if not acc or "error" in acc:
+def hospital_plan(run: Run, client: str) -> DPPlan | None:
+    """This run's DP plan in ``client``'s ledger (:func:`attacks._runs.run_plan`, the plan :func:`ledger_epsilon`
+    reads): what the auditor's replays train with. None without a ledger or a plan of this run, or when the
+    ledger does not verify (``ledger_epsilon`` then records why)."""
+    path = run.ledger_path(client)
+    if not path.is_file():
         return None
-    return DPSettings(acc["noise_multiplier"], acc["max_grad_norm"], acc["delta"], acc["accountant"])
+    try:
+        return run_plan(run, PrivacyLedger(path))
+    except LedgerTampered:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -722,6 +729,7 @@ class _Context:
         self.models: dict[str, Any] = {}
         self.hospital_index = {h: i for i, h in enumerate(run.clients)}
         self.cpu_seconds: dict[str, dict[str, float]] = {}  # part -> task -> CPU seconds (where the time goes)
+        self.plans = {h: hospital_plan(run, h) for h in run.clients}
 
     @contextlib.contextmanager
     def timed(self, part: str, task: str):
@@ -737,10 +745,10 @@ class _Context:
             self.models[name] = self.run.global_model() if kind == "global" else self.run.local_model(name)
         return self.models[name]
 
-    def dp_of(self, holders: list[str]) -> DPSettings | None:
+    def dp_of(self, holders: list[str]) -> DPPlan | None:
         """The least noisy DP plan among ``holders`` (what reference models of their target train with)."""
-        dps = [_dp_settings(self.accountant[h]) for h in holders]
-        return min((d for d in dps if d is not None), key=lambda d: d.noise_multiplier, default=None)
+        plans = [self.plans[h] for h in holders]
+        return min((p for p in plans if p is not None), key=lambda p: p.noise_multiplier, default=None)
 
 
 _ARTIFACTS = {
@@ -837,7 +845,7 @@ def _game(ctx: _Context, ti: int, task: str, h: str) -> None:
     sched = _hospital_schedule(run, task, len(shard), ctx.accountant[h])
     half = max(1, len(shard) // 2)
     c = run.cfg.client
-    dp = _dp_settings(ctx.accountant[h])
+    dp = ctx.plans[h]
     training = ReferenceTraining(
         task_model_factory(run, task), train_size=half, epochs=g.epochs or sched["epochs"],
         batch_size=replay_batch_size(half, sched["sample_rate"]), lr=c.lr, max_grad_norm=c.max_grad_norm, dp=dp,
@@ -868,9 +876,8 @@ def _canary(ctx: _Context, ti: int, task: str, h: str, population: Records) -> N
         ctx.bar.update()
         return
     acc = ctx.accountant[h]
-    dp, groups = _dp_settings(acc), None
-    if dp is not None and acc.get("privacy_unit") == "patient":  # canary patients, a bound per patient
-        dp = dataclasses.replace(dp, unit="patient", max_records_per_patient_step=int(acc["max_records_per_patient_step"]))
+    dp, groups = ctx.plans[h], None
+    if dp is not None and dp.privacy_unit == "patient":  # canary patients, a bound per patient
         groups = patients_of(run.plans[task].shard(h))  # the same records, in the same order, as `shard`
     sched = _hospital_schedule(run, task, len(shard) if groups is None else len(np.unique(groups)), acc)
     c = run.cfg.client
@@ -905,7 +912,7 @@ def _inversion(ctx: _Context, ti: int, task: str, clients: list[str], nonmembers
         ctx.bar.set_description(f"inversion {h}/{task}")
         shard = _members(run, task, [h])
         rng = np.random.default_rng(config.seed + 31 * ti)
-        dp = _dp_settings(ctx.accountant[h])
+        dp = ctx.plans[h]
         for pos in rng.choice(len(shard), size=min(config.inversion.records, len(shard)), replace=False):
             rows = inversion_audit(
                 global_model.task_model(task), shard.x[pos], int(shard.y[pos]), mean,

@@ -36,7 +36,7 @@ Procedure (Jagielski et al. 2020; Nasr et al. 2021; one-run auditing, Steinke, N
    ``consistent``. ``reasons`` says why, in words. ``consistent_with_accountant`` (kept for old readers)
    is False only for ``inconsistent``: True is no evidence of a bug, never a pass.
 
-8. The unit (issue #18): a replay of a patient-level run (``dp.unit == "patient"``: patients Poisson-sampled,
+8. The unit (issue #18): a replay of a patient-level run (``dp.privacy_unit == "patient"``: patients Poisson-sampled,
    each patient's summed gradient over at most k records clipped to C) inserts canary *patients*: each
    canary is ``r`` copies of one canary record (default r = k, the run's ``max_records_per_patient_step``,
    so a sampled canary patient has all its records in the step), included or excluded as a whole; the
@@ -67,12 +67,12 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
-from attacks._training import DPSettings, train_model
+from attacks._training import train_model
 from attacks.mia import Records, signed_logit, target_logits
 from privacy.accounting import Step, epsilon, resolve_delta
+from privacy.plan import DPPlan
 
 __all__ = [
-    "DPSettings",
     "clopper_pearson",
     "empirical_epsilon",
     "one_run_epsilon",
@@ -282,7 +282,7 @@ def canary_audit(
     epochs: int,
     batch_size: int,
     lr: float,
-    dp: DPSettings | None,
+    dp: DPPlan | None,
     max_grad_norm: float = 1.0,
     canaries: int = 100,
     kind: str = "ood",
@@ -307,7 +307,7 @@ def canary_audit(
     ``batch_size`` gives). ``claimed_epsilon``: the epsilon to check (the ledger's whole-run epsilon;
     default: the accountant's for this replay). Returns a JSON-ready dict (module docstring, 6-7).
 
-    With ``dp.unit == "patient"`` the canaries are patients (module docstring, 8): ``groups`` is the patient
+    With ``dp.privacy_unit == "patient"`` the canaries are patients (module docstring, 8): ``groups`` is the patient
     of each record of ``train`` (default: each record its own patient), ``records_per_canary`` the records of
     one canary patient (default ``dp.max_records_per_patient_step``), ``batch_size`` and ``sample_rate``
     count patients, and the bound is per patient. Both are ignored for a record-level (or non-private) run.
@@ -318,7 +318,7 @@ def canary_audit(
     # the inclusion draws must not share make_canaries' stream: default_rng(seed).integers(0, 2) and
     # default_rng(seed).random() read the same words, and label 2i+1 was exactly 1 - (canary i included)
     rng = np.random.default_rng([seed, 1])
-    unit = dp.unit if dp is not None else "record"
+    unit = dp.privacy_unit if dp is not None else "record"
     cs = _canary_set(train, canaries, kind, seed, pool, dp, unit, groups, records_per_canary)
     replay = _replay_trainings(
         train, cs, make_model, rng, trials=trials, progress=progress, desc=desc, batch_size=batch_size,
@@ -363,7 +363,7 @@ class _Replay:
     batch: int | None  # the last training's batch size
 
 
-def _canary_set(train: Records, canaries: int, kind: str, seed: int, pool: Records | None, dp: DPSettings | None,
+def _canary_set(train: Records, canaries: int, kind: str, seed: int, pool: Records | None, dp: DPPlan | None,
                 unit: str, groups: np.ndarray | None, records_per_canary: int | None) -> _CanarySet:
     r, patients, canary_ids = 1, None, None
     if unit == "patient":
@@ -419,7 +419,7 @@ def _draw_inclusion(rng: np.random.Generator, canaries: int) -> np.ndarray:
 
 
 def _canary_result(train: Records, cs: _CanarySet, replay: _Replay, scores: np.ndarray, included: np.ndarray,
-                   delta: float, *, unit: str, kind: str, trials: int, dp: DPSettings | None, epochs: int,
+                   delta: float, *, unit: str, kind: str, trials: int, dp: DPPlan | None, epochs: int,
                    sample_rate: float | None, confidence: float) -> dict:
     """The result's set-up and Clopper-Pearson bound (module docstring, 5)."""
     from attacks.metrics import roc_auc
@@ -466,7 +466,7 @@ def _add_one_run_and_certifiable(out: dict, scores: np.ndarray, included: np.nda
     out["max_certifiable_one_run"], out["max_certifiable_clopper_pearson"] = cap["one_run"], cap["clopper_pearson"]
 
 
-def _check_claim(out: dict, cs: _CanarySet, replay: _Replay, delta: float, *, dp: DPSettings | None, trials: int,
+def _check_claim(out: dict, cs: _CanarySet, replay: _Replay, delta: float, *, dp: DPPlan | None, trials: int,
                  claimed_epsilon: float | None, accountant_noise_multiplier: float | None) -> None:
     """The claim the lower bounds are checked against, and the verdict (module docstring, 6-7)."""
     claimed_sigma = accountant_noise_multiplier if accountant_noise_multiplier is not None else (dp.noise_multiplier if dp else None)

@@ -210,7 +210,7 @@ def mechanism_for_run(run, hospital: str, task: str, *, trials: int = 50_000, gr
     if len(x) < 1:
         return None
     return mechanism_audit(
-        task_model_factory(run, task)(seed), x, y, noise_multiplier=float(plan["noise_multiplier"]),
-        max_grad_norm=float(plan["max_grad_norm"]), grad_sample_mode=grad_sample_mode, trials=trials,
+        task_model_factory(run, task)(seed), x, y, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm, grad_sample_mode=grad_sample_mode, trials=trials,
         batch_size=run.cfg.client.batch_size, confidence=confidence, hospital=hospital, seed=seed,
     ) | {"task": task}

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks._training import DPSettings, train_model
+from attacks._training import train_model
+from privacy.plan import DPPlan
 from secure_fedkim.training import as_tensors
 
 __all__ = [
@@ -151,7 +152,7 @@ class ReferenceTraining:
     batch_size: int = 64
     lr: float = 1e-3
     max_grad_norm: float = 1.0
-    dp: DPSettings | None = None
+    dp: DPPlan | None = None
 
     def train(self, x: np.ndarray, y: np.ndarray, seed: int) -> nn.Module:
         model, _, _ = train_model(

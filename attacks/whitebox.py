@@ -77,6 +77,7 @@ from privacy.accounting import Step, epsilon, gdp_mu
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import add_canary_rows
 from privacy.ledger import PrivacyLedger
+from privacy.plan import DPPlan
 from secure_fedkim.training import as_tensors
 
 __all__ = [
@@ -671,8 +672,8 @@ def _shard(run, task: str, hospital: str) -> tuple[np.ndarray, np.ndarray]:
     return data.x, data.y
 
 
-def ledger_plan(run, hospital: str) -> tuple[dict, list[dict], float | None] | None:
-    """(this run's dp_plan, its dp_round entries, whole-run epsilon) from the hospital's ledger; None without DP.
+def ledger_plan(run, hospital: str) -> tuple[DPPlan, list[dict], float | None] | None:
+    """(this run's DP plan, its dp_round entries, whole-run epsilon) from the hospital's ledger; None without DP.
 
     The plan is picked as :func:`attacks.audit.ledger_epsilon` picks it: the first ``dp_plan`` of this run's id
     (:func:`attacks._runs.run_plan`). Raises ``privacy.ledger.LedgerTampered`` when the ledger does not verify."""
@@ -680,11 +681,11 @@ def ledger_plan(run, hospital: str) -> tuple[dict, list[dict], float | None] | N
     if not path.is_file():
         return None
     ledger = PrivacyLedger(path)
-    plan = getattr(run_plan(run, ledger), "entry", None)
-    if plan is None or not plan.get("dp", True):
+    plan = run_plan(run, ledger)
+    if plan is None or not plan.dp:
         return None
-    eps = epsilon(ledger.dp_history(plan["run_id"]), float(plan["delta"]), plan["accountant"])
-    return plan, ledger.events("dp_round", plan["run_id"]), (eps if math.isfinite(eps) else None)
+    eps = epsilon(ledger.dp_history(plan.run_id), plan.delta, plan.accountant)
+    return plan, ledger.events("dp_round", plan.run_id), (eps if math.isfinite(eps) else None)
 
 
 def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | None = None, *,
@@ -715,10 +716,9 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
     batches = math.ceil(len(x) / min(c.batch_size, len(x)))
     with tempfile.TemporaryDirectory(prefix="whitebox-ledger-") as tmp:
         dp = HospitalDP(
-            PrivacyProfile(target_epsilon=1e6, delta=float(plan["delta"]), max_grad_norm=float(plan["max_grad_norm"]),
-                           accountant=plan["accountant"]),
+            PrivacyProfile(target_epsilon=1e6, delta=plan.delta, max_grad_norm=plan.max_grad_norm, accountant=plan.accountant),
             PrivacyLedger(Path(tmp) / "replay.jsonl"), "whitebox-replay", [(1.0 / batches, batches)], 1,
-            n_records=len(x), noise_multiplier=float(plan["noise_multiplier"]),
+            n_records=len(x), noise_multiplier=plan.noise_multiplier,
         )
         obs = replay_with_canaries(
             task_model_factory(run, task), x, y, dp, epochs=len(rounds) * task_local_epochs(run.cfg, task),
@@ -727,8 +727,8 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
         )
     history = [Step(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in rounds]
     return whitebox_entry(
-        obs, steps_ledger=sum(int(e["steps"]) for e in rounds), history_ledger=history, delta=float(plan["delta"]),
-        accountant=plan["accountant"], accountant_epsilon=eps_run, hospital=hospital, task=task,
+        obs, steps_ledger=sum(int(e["steps"]) for e in rounds), history_ledger=history, delta=plan.delta,
+        accountant=plan.accountant, accountant_epsilon=eps_run, hospital=hospital, task=task,
         confidence=confidence, seconds=time.perf_counter() - t0, seed=seed,
     )
 

@@ -8,7 +8,6 @@ import torch
 from scipy.stats import beta, binom
 
 from attacks.dp_audit import (
-    DPSettings,
     canary_audit,
     clopper_pearson,
     consistency_status,
@@ -18,6 +17,7 @@ from attacks.dp_audit import (
     replay_batch_size,
 )
 from attacks.mia import Records
+from privacy.plan import DPPlan
 from privacy.accounting import calibrate_noise
 from secure_fedkim.data import load_task
 from secure_fedkim.models import ClientModel
@@ -26,6 +26,11 @@ N_TRAIN, CANARIES, EPOCHS, BATCH = 200, 200, 100, 32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def dp_plan(sigma: float, **kw) -> DPPlan:
+    """A hospital's DP plan as its ledger records it: noise sigma, clip 1, delta 1e-5 (what the audit replays)."""
+    return DPPlan(run_id="audited-run", noise_multiplier=sigma, delta=1e-5, accountant="prv", max_grad_norm=1.0, **kw)
 
 
 def make(seed):
@@ -84,7 +89,7 @@ def test_empirical_epsilon_by_hand_and_in_both_directions():
 
 def test_dp_training_never_yields_a_lower_bound_above_its_accountant(hospital):
     sigma = sigma_for(2.0)
-    res = canary_audit(hospital, make, epochs=EPOCHS, batch_size=BATCH, lr=1e-2, dp=DPSettings(sigma, 1.0, delta=1e-5),
+    res = canary_audit(hospital, make, epochs=EPOCHS, batch_size=BATCH, lr=1e-2, dp=dp_plan(sigma),
                        canaries=CANARIES, seed=0)
     assert res["dp"] and res["noise_multiplier"] == sigma
     assert 1.5 < res["eps_accountant"] < 2.5  # the accountant over the steps this training took
@@ -96,7 +101,7 @@ def test_dp_training_never_yields_a_lower_bound_above_its_accountant(hospital):
 def test_broken_dp_without_noise_is_caught(hospital):
     """The implementation claims the noise for epsilon 1 but adds none (clipping only)."""
     claimed = sigma_for(1.0)
-    res = canary_audit(hospital, make, epochs=EPOCHS, batch_size=BATCH, lr=1e-2, dp=DPSettings(0.0, 1.0, delta=1e-5),
+    res = canary_audit(hospital, make, epochs=EPOCHS, batch_size=BATCH, lr=1e-2, dp=dp_plan(0.0),
                        canaries=CANARIES, accountant_noise_multiplier=claimed, seed=0)
     assert res["eps_accountant"] == pytest.approx(1.0, abs=0.15)  # what the accountant claims for that noise
     assert res["eps_lb"] > 2 * res["eps_accountant"], res  # measured about 2.7 (95% confidence)
@@ -136,7 +141,7 @@ def test_consistency_status_never_passes_a_claim_it_cannot_check():
 def test_no_noise_at_a_claim_of_8_reads_inconclusive_not_consistent(hospital):
     """The issue's case: a training with no noise, claimed epsilon 8, checked by 40 canaries. Its lower
     bound cannot exceed what 40 canaries certify, so it is not a pass, and the reason states the maximum."""
-    res = canary_audit(hospital, make, epochs=10, batch_size=BATCH, lr=1e-2, dp=DPSettings(0.0, 1.0, delta=1e-5),
+    res = canary_audit(hospital, make, epochs=10, batch_size=BATCH, lr=1e-2, dp=dp_plan(0.0),
                        canaries=40, accountant_noise_multiplier=sigma_for(8.0), claimed_epsilon=8.0, seed=0)
     assert res["accountant_epsilon"] == 8.0 and res["max_certifiable_epsilon"] < 8.0
     assert res["status"] == "inconclusive" and res["consistent_with_accountant"] is True
@@ -147,6 +152,6 @@ def test_no_noise_at_a_claim_of_8_reads_inconclusive_not_consistent(hospital):
 def test_the_replay_trains_at_the_requested_sample_rate(hospital):
     """The hospital's Poisson rate, not the one its batch size gives on the shard plus the canaries."""
     assert replay_batch_size(160, 0.5) == 80 and replay_batch_size(210, 1 / 7) == 30
-    res = canary_audit(hospital, make, epochs=3, batch_size=BATCH, lr=1e-2, dp=DPSettings(1.0, 1.0, delta=1e-5),
+    res = canary_audit(hospital, make, epochs=3, batch_size=BATCH, lr=1e-2, dp=dp_plan(1.0),
                        canaries=20, sample_rate=0.25, seed=0)
     assert res["sample_rate"] == 0.25 and res["steps_per_training"] == 3 * 4

@@ -9,10 +9,11 @@ import torch
 
 import attacks.dp_audit as dp_audit
 from attacks.audit import AuditConfigError, format_audit_table, format_summary, ledger_epsilon, parse_audit_config
-from attacks.dp_audit import DPSettings, canary_audit
+from attacks.dp_audit import canary_audit
 from attacks.mia import Records
 from attacks.planted_bugs import plant
 from privacy.accounting import calibrate_noise
+from privacy.plan import DPPlan
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.data import load_task
 from secure_fedkim.models import ClientModel
@@ -46,8 +47,13 @@ def trainings(monkeypatch):
     return seen
 
 
-def patient_dp(sigma: float, k: int = 3) -> DPSettings:
-    return DPSettings(sigma, 1.0, delta=1e-5, unit="patient", max_records_per_patient_step=k)
+def record_dp(sigma: float, **kw) -> DPPlan:
+    """A hospital's DP plan as its ledger records it: noise sigma, clip 1, delta 1e-5."""
+    return DPPlan(run_id="audited-run", noise_multiplier=sigma, delta=1e-5, accountant="prv", max_grad_norm=1.0, **kw)
+
+
+def patient_dp(sigma: float, k: int = 3) -> DPPlan:
+    return record_dp(sigma, privacy_unit="patient", max_records_per_patient_step=k)
 
 
 # ------------------------------------------------------------------------------------- (a) patient unit
@@ -138,7 +144,7 @@ def test_the_audit_config_and_ledger_carry_the_unit(tmp_path):
 def test_the_printed_audit_names_the_unit():
     train, groups = shard(40, 20)
     rows = []
-    for h, dp in (("a", patient_dp(1.0, k=2)), ("b", DPSettings(1.0, 1.0, delta=1e-5))):
+    for h, dp in (("a", patient_dp(1.0, k=2)), ("b", record_dp(1.0))):
         res = canary_audit(train, make, epochs=1, batch_size=10, lr=1e-2, dp=dp, canaries=10, seed=0, groups=groups)
         rows.append(dict(res, hospital=h, task="t"))
     audit = {"run_dir": "r", "summary": [], "dp_audit": rows}
@@ -155,7 +161,7 @@ def test_the_printed_audit_names_the_unit():
 def test_a_record_level_replay_is_unchanged(trainings):
     """Single-record canaries, no patients passed to training (groups are ignored), a bound per record."""
     train, groups = shard(60, 30)
-    kw = dict(epochs=2, batch_size=10, lr=1e-2, dp=DPSettings(1.0, 1.0, delta=1e-5), canaries=20, seed=0)
+    kw = dict(epochs=2, batch_size=10, lr=1e-2, dp=record_dp(1.0), canaries=20, seed=0)
     res = canary_audit(train, make, groups=groups, records_per_canary=3, **kw)
     x, _, g, _ = trainings[0]
     assert g is None and len(x) == 60 + res["n_included"]
