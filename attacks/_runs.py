@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from privacy.ledger import DPPlan, PrivacyLedger, this_run_id
+from privacy.ledger import DP_PLAN, DPPlan, PrivacyLedger, this_run_id
 
 
 def recorded_name(run) -> str | None:
@@ -27,7 +27,7 @@ def run_id_of(run, plans: list[DPPlan] | list[dict]) -> str | None:
 def run_plan(run, ledger: PrivacyLedger) -> DPPlan | None:
     """This run's DP plan in ``ledger`` (the first plan of this run's id, :func:`run_id_of`); None when the ledger
     has no plan, or plans of other runs only. Raises ``LedgerTampered`` when the ledger does not verify."""
-    run_id = run_id_of(run, ledger.events("dp_plan"))
+    run_id = run_id_of(run, ledger.events(DP_PLAN))
     return ledger.plan(run_id) if run_id is not None else None
 
 

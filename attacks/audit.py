@@ -81,7 +81,7 @@ from attacks.mechanism import mechanism_for_run
 from attacks.mia import ATTACKS, MIA_ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
 from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
-from privacy.ledger import LedgerTampered, PrivacyLedger
+from privacy.ledger import DP_ROUND, LedgerTampered, PrivacyLedger
 from privacy.plan import DPPlan
 from secure_fedkim.artifacts import Run, load_run
 from secure_fedkim.audit_schema import (
@@ -285,7 +285,7 @@ def ledger_epsilon(run: Run, client: str) -> dict | None:
             return {"error": f"the ledger holds DP plans of runs {ids}, none of them this run ({Path(run.run_dir).name})"}
         plan = ledger.plan(run_id)
         history = ledger.dp_history(run_id)
-        rounds = ledger.events("dp_round", run_id)
+        rounds = ledger.events(DP_ROUND, run_id)
     except LedgerTampered as exc:
         return {"error": f"ledger does not verify: {exc}"}
     eps = epsilon(history, plan.delta, plan.accountant)

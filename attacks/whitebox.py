@@ -76,7 +76,7 @@ from attacks.dp_audit import _one_run_p_value
 from privacy.accounting import Step, epsilon, gdp_mu
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import add_canary_rows
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import DP_ROUND, PrivacyLedger
 from privacy.plan import DPPlan
 from secure_fedkim.training import as_tensors
 
@@ -685,7 +685,7 @@ def ledger_plan(run, hospital: str) -> tuple[DPPlan, list[dict], float | None] |
     if plan is None or not plan.dp:
         return None
     eps = epsilon(ledger.dp_history(plan.run_id), plan.delta, plan.accountant)
-    return plan, ledger.events("dp_round", plan.run_id), (eps if math.isfinite(eps) else None)
+    return plan, ledger.events(DP_ROUND, plan.run_id), (eps if math.isfinite(eps) else None)
 
 
 def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | None = None, *,

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from .accounting import ACCOUNTANTS, Step, calibrate_noise, epsilon, gdp_mu, poisson_schedule, resolve_delta
-from .ledger import PrivacyLedger
+from .ledger import DP_PLAN, DP_ROUND, REFUSED, RESUME, SKIPPED_BUDGET, PrivacyLedger
 from .plan import DPPlan
 
 __all__ = [
@@ -321,7 +321,7 @@ class HospitalDP:
         if self.unit == "patient":
             fields.update(n_patients=self.n_patients, max_records_per_patient_step=p.max_records_per_patient_step,
                           clipping="per-patient sum")
-        return self.ledger.append("dp_plan", **fields)
+        return self.ledger.append(DP_PLAN, **fields)
 
     def _adopt_plan(self, plan: DPPlan, noise_multiplier: float | None) -> None:
         p = self.profile
@@ -545,7 +545,7 @@ class HospitalDP:
         eps_after = self._eps(self.history() + [step])
         over = self.is_dp and eps_after > self.target_epsilon * (1 + _BUDGET_SLACK)
         self.ledger.append(
-            "dp_round",
+            DP_ROUND,
             run_id=self.run_id,
             round=round,
             task=task,
@@ -577,7 +577,7 @@ class HospitalDP:
         """Append a ``skipped_budget`` entry (the hospital does not train this round)."""
         projected = self.projected_epsilon()
         return self.ledger.append(
-            "skipped_budget",
+            SKIPPED_BUDGET,
             run_id=self.run_id,
             round=round,
             task=task,
@@ -590,14 +590,14 @@ class HospitalDP:
 
     def record_refusal(self, round: int, reason: str, **fields: Any) -> dict:
         """Append a ``refused`` entry (e.g. a request that contradicts the hospital's policy)."""
-        return self.ledger.append("refused", run_id=self.run_id, round=round, reason=reason, **fields)
+        return self.ledger.append(REFUSED, run_id=self.run_id, round=round, reason=reason, **fields)
 
     def note_resume(self, **fields: Any) -> dict:
         """Append a ``resume`` entry with the spend restored from the ledger (call after a restart)."""
         history = self.history()
         spent = self._eps(history)
         return self.ledger.append(
-            "resume",
+            RESUME,
             run_id=self.run_id,
             rounds_recorded=len(history),
             steps_recorded=sum(s.num_steps for s in history),

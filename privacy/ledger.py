@@ -39,7 +39,17 @@ from typing import Any
 from .accounting import Step
 from .plan import DPPlan, this_run_id
 
-__all__ = ["PrivacyLedger", "LedgerTampered", "GENESIS_HASH", "canonical_json", "entry_hash", "DPPlan", "this_run_id"]
+__all__ = ["PrivacyLedger", "LedgerTampered", "GENESIS_HASH", "canonical_json", "entry_hash", "DPPlan", "this_run_id",
+           "DP_PLAN", "DP_ROUND", "SKIPPED_BUDGET", "REFUSED", "RESUME", "DATASET_COMMITMENT", "HE_DECRYPT"]
+
+# The events of a hospital's ledger (``entry["event"]``), and of the CKKS key holder's (HE_DECRYPT).
+DP_PLAN = "dp_plan"  #: the run's DP plan, written once (privacy.plan.DPPlan)
+DP_ROUND = "dp_round"  #: one round's DP-SGD steps on one task: what the accountant composes
+SKIPPED_BUDGET = "skipped_budget"  #: a round the hospital did not train because its budget would be exceeded
+REFUSED = "refused"  #: a request the hospital refused (its policy, or a plan that contradicts the recorded one)
+RESUME = "resume"  #: a restart that restored the spend from this ledger
+DATASET_COMMITMENT = "dataset_commitment"  #: sha256 of each training shard, committed before training
+HE_DECRYPT = "he_decrypt"  #: one aggregate the key holder decrypted and released (its own ledger)
 
 #: ``prev_hash`` of the first entry and :meth:`PrivacyLedger.head` of an empty ledger.
 GENESIS_HASH = "0" * 64
@@ -274,11 +284,11 @@ class PrivacyLedger:
 
     def plans(self) -> list[DPPlan]:
         """Every ``dp_plan`` entry as a :class:`~privacy.plan.DPPlan`, in ledger order (ValueError: a malformed plan)."""
-        return [DPPlan.from_entry(e) for e in self.events("dp_plan")]
+        return [DPPlan.from_entry(e) for e in self.events(DP_PLAN)]
 
     def plan(self, run_id: str) -> DPPlan | None:
         """The DP plan of run ``run_id``: its FIRST ``dp_plan`` entry (a resumed run keeps its first plan), or None."""
-        return next((DPPlan.from_entry(e) for e in self.events("dp_plan", run_id)), None)
+        return next((DPPlan.from_entry(e) for e in self.events(DP_PLAN, run_id)), None)
 
     def dp_history(self, run_id: str | None = None) -> list[Step]:
         """Accountant history rebuilt from the verified ``dp_round`` entries (optionally of one run).
@@ -288,7 +298,7 @@ class PrivacyLedger:
         from this, so the ledger (not an in-memory accountant) is the source of truth.
         """
         out = []
-        for e in self.events("dp_round", run_id):
+        for e in self.events(DP_ROUND, run_id):
             try:
                 out.append(Step(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])))
             except (KeyError, TypeError, ValueError) as exc:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.accounting import resolve_delta
 from privacy.keys import canonical_message, load_signing_public_key, public_key_bytes, sign, verify
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import DATASET_COMMITMENT, REFUSED, PrivacyLedger
 from secure_fedkim.config_errors import describe_validation_error
 from secure_fedkim.run_dir import HospitalDir
 
@@ -298,7 +298,7 @@ def enforce_policy(policy: HospitalPolicy, cfg, client: str, *, n_records: int |
 def record_refusal(home: Path, run_id: str, server_round: int, client: str, reason: str, policy_sha256: str | None) -> dict:
     """Append a `refused` event to the hospital's own ledger (before the node answers with an error)."""
     return PrivacyLedger(HospitalDir(home).ledger).append(
-        "refused", run_id=run_id, round=server_round, client=client, reason=reason, policy_sha256=policy_sha256,
+        REFUSED, run_id=run_id, round=server_round, client=client, reason=reason, policy_sha256=policy_sha256,
     )
 
 
@@ -351,9 +351,9 @@ def dataset_commitment(cfg, plans, client: str) -> dict:
 def commit_dataset(home: Path, run_id: str, cfg, plans, client: str) -> dict | None:
     """Append one `dataset_commitment` event per run to the hospital's ledger (None if already there)."""
     ledger = PrivacyLedger(HospitalDir(home).ledger)
-    if ledger.events("dataset_commitment", run_id):
+    if ledger.events(DATASET_COMMITMENT, run_id):
         return None
-    return ledger.append("dataset_commitment", run_id=run_id, client=client, tasks=dataset_commitment(cfg, plans, client))
+    return ledger.append(DATASET_COMMITMENT, run_id=run_id, client=client, tasks=dataset_commitment(cfg, plans, client))
 
 
 # ------------------------------------------------------------------------------------- the node's check

@@ -28,6 +28,7 @@ from privacy.keys import (
     seal_for,
     verify,
 )
+from privacy.ledger import HE_DECRYPT
 
 
 def _decrypt_sum(secret_ctx: ts.Context, agg: EncryptedAggregate) -> np.ndarray:
@@ -222,7 +223,7 @@ class KeyHolder:
             released += _csprng_gaussian(released.size, self.flooding_sigma)
             if self._ledger_append is not None:
                 self._ledger_append(
-                    event="he_decrypt",
+                    event=HE_DECRYPT,
                     round=agg.round,
                     clients=agg.clients,
                     n_values=agg.n_values,

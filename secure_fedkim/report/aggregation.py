@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from privacy.ledger import GENESIS_HASH
+from privacy.ledger import GENESIS_HASH, HE_DECRYPT
 
 from .collect import Finding, RunFacts, read_ledger
 
@@ -64,7 +64,7 @@ def _keyholder_ledger(run: RunFacts, f: dict) -> tuple[dict, list[dict]]:
                 Finding("fail", f"{kh_rel} does not verify: {err}", None, "the key holder's ledger does not verify"))
         else:
             kh.update(verified=True, head=entries[-1]["hash"] if entries else GENESIS_HASH, entries=len(entries))
-            decrypts = [e for e in entries if e.get("event") == "he_decrypt"]
+            decrypts = [e for e in entries if e.get("event") == HE_DECRYPT]
     return kh, decrypts
 
 

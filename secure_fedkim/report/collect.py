@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
-from privacy.ledger import GENESIS_HASH, LedgerTampered, PrivacyLedger, this_run_id
+from privacy.ledger import (DATASET_COMMITMENT, DP_PLAN, DP_ROUND, GENESIS_HASH, REFUSED, RESUME, SKIPPED_BUDGET,
+                            LedgerTampered, PrivacyLedger, this_run_id)
 from secure_fedkim.local_training import task_local_epochs
 from secure_fedkim.run_dir import RunDir
 
@@ -188,13 +189,13 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     elif config_dp:
         h.add("ledger_verified", "fail", f"{h.ledger_rel} is missing although the run is configured with DP",
               "a privacy ledger is missing")
-    plans = [e for e in entries if e.get("event") == "dp_plan"]
+    plans = [e for e in entries if e.get("event") == DP_PLAN]
     h.run_id = pick_run_id(plans, run_dir, run.summary)
     of_run = [e for e in entries if h.run_id is None or e.get("run_id") in (h.run_id, None)]
     # the run's first plan (PrivacyLedger.plan's rule), kept raw: a malformed plan is a finding here, not an error
-    h.plan = next((e for e in of_run if e.get("event") == "dp_plan"), None)
-    h.dp_rounds = [e for e in of_run if e.get("event") == "dp_round"]
-    h.commitments = [_commitment(e) for e in of_run if e.get("event") == "dataset_commitment"]
+    h.plan = next((e for e in of_run if e.get("event") == DP_PLAN), None)
+    h.dp_rounds = [e for e in of_run if e.get("event") == DP_ROUND]
+    h.commitments = [_commitment(e) for e in of_run if e.get("event") == DATASET_COMMITMENT]
     h.participation = run.participation(name)
     _dp_facts(run, h, of_run, config_dp)
     _baseline_facts(run, h)
@@ -222,7 +223,7 @@ def _baseline_facts(run: "RunFacts", h: HospitalFacts) -> None:
     if entries is None:
         h.add("baseline_spend_composed", "fail", f"{rel} does not verify: {err}", "a baseline ledger does not verify")
         return
-    rounds = [e for e in entries if e.get("event") == "dp_round"]
+    rounds = [e for e in entries if e.get("event") == DP_ROUND]
     if not rounds or h.accounting is None:
         return
     acc, delta = h.accounting["accountant"], h.accounting["delta"]
@@ -406,7 +407,7 @@ def _epsilon_by_round(run: "RunFacts", h: HospitalFacts, of_run: list[dict], del
     by_round = []
     last_round = max([run.rounds_run] + [int(e.get("round", 0)) for e in h.dp_rounds])
     part = {p["round"]: p for p in h.participation}
-    skip_rounds = {int(e["round"]) for e in of_run if e.get("event") == "skipped_budget" and "round" in e}
+    skip_rounds = {int(e["round"]) for e in of_run if e.get("event") == SKIPPED_BUDGET and "round" in e}
     for r in range(1, last_round + 1):
         prefix = [e for e in h.dp_rounds if int(e.get("round", 0)) <= r]
         in_round = [e for e in h.dp_rounds if int(e.get("round", 0)) == r]
@@ -597,7 +598,7 @@ def _dp_events(run, h: HospitalFacts, of_run, delta, acc, sigma, schedule) -> No
     events = []
     for e in of_run:
         kind = e.get("event")
-        if kind == "skipped_budget":
+        if kind == SKIPPED_BUDGET:
             before = [x for x in h.dp_rounds if x["seq"] < e["seq"]]
             spent = account(history_of(before), delta, acc)
             projected = account(history_of(before) + [Step(sigma, q, k) for q, k in schedule], delta, acc)
@@ -609,9 +610,9 @@ def _dp_events(run, h: HospitalFacts, of_run, delta, acc, sigma, schedule) -> No
             events.append({"round": e.get("round"), "event": "skipped_budget", "reason": e.get("reason", "budget"),
                            "epsilon_spent": finite(spent), "projected_epsilon": finite(projected),
                            "epsilon_budget": e.get("target_epsilon"), "action": e.get("on_exhaustion")})
-        elif kind == "refused":
+        elif kind == REFUSED:
             events.append({"round": e.get("round"), "event": "refused", "reason": str(e.get("reason", ""))})
-        elif kind == "resume":
+        elif kind == RESUME:
             restored = account(history_of([x for x in h.dp_rounds if x["seq"] < e["seq"]]), delta, acc)
             events.append({"round": None, "event": "resume", "reason": "ledger-restored spend after a restart",
                            "epsilon_spent": finite(restored), "rounds_recorded": e.get("rounds_recorded")})
