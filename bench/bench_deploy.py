@@ -110,7 +110,7 @@ def payload_bytes(mode: str, n_clients: int = 3) -> tuple[int, int]:
     """(parameters of the client model, bytes of one hospital's update payload alone) in `mode`."""
     from privacy.he import KeyHolder, encrypt_update
     from privacy.keys import generate_signing_key, public_key_bytes
-    from secure_fedkim.aggregation import flatten_state
+    from secure_fedkim.federation.aggregation import flatten_state
     from secure_fedkim.local_training import new_client_model
     from secure_fedkim.config import parse_config
     from secure_fedkim.plan import build_plan

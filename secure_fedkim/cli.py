@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from secure_fedkim.config import ConfigError
     from secure_fedkim.data import DataError
     from secure_fedkim.deploy import DeployError
-    from secure_fedkim.policy import PolicyError
+    from secure_fedkim.deploy.policy import PolicyError
 
     try:
         return args.func(args)

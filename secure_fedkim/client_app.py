@@ -25,7 +25,7 @@ from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.models import ClientModel
 from secure_fedkim.plan import build_plan
-from secure_fedkim.policy import check_node
+from secure_fedkim.deploy.policy import check_node
 from secure_fedkim.run_dir import HospitalDir, RunDir
 
 

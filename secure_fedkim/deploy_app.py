@@ -52,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
     from secure_fedkim.federation.engine import run_fedkim
     from secure_fedkim.plan import build_plan
-    from secure_fedkim.policy import code_sha256
+    from secure_fedkim.deploy.policy import code_sha256
     from secure_fedkim.run import format_round_table
 
     update_console_handler(level=logging.WARNING)

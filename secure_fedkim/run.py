@@ -23,7 +23,7 @@ from secure_fedkim.local_training import new_client_model, train_plans
 from secure_fedkim.config import ConfigError, RunConfig, config_sha256
 from secure_fedkim.data import DataError, load_task
 from secure_fedkim.data.formats import DataWarning
-from secure_fedkim.identity import ensure_signing_key
+from secure_fedkim.deploy.identity import ensure_signing_key
 from secure_fedkim.metrics import bootstrap_aurocs, interval, verdict
 from secure_fedkim.plan import TaskPlan, build_plan
 from secure_fedkim.run_dir import RunDir

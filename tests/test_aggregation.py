@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from secure_fedkim.aggregation import flatten_state, unflatten_state, weighted_mean
+from secure_fedkim.federation.aggregation import flatten_state, unflatten_state, weighted_mean
 from secure_fedkim.training import train_task
 
 

@@ -33,8 +33,8 @@ from secure_fedkim.deploy import (
 )
 from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
 from secure_fedkim.federation.transports.secagg import is_secagg_message
-from secure_fedkim.identity import load_signing_key
-from secure_fedkim.policy import code_sha256, load_policy
+from secure_fedkim.deploy.identity import load_signing_key
+from secure_fedkim.deploy.policy import code_sha256, load_policy
 
 
 def test_tls_certificate_chains_to_the_ca_and_serves_tls_on_localhost(tmp_path):
@@ -196,7 +196,7 @@ def test_superlink_admits_a_registered_node_and_refuses_an_unregistered_one(supe
 
 
 def test_a_tampered_policy_stops_the_node_before_it_starts(tmp_path):
-    from secure_fedkim.policy import PolicySignatureError
+    from secure_fedkim.deploy.policy import PolicySignatureError
 
     d = Deployment(tmp_path / "fed", make_tls(tmp_path / "tls"))
     try:

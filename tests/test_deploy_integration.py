@@ -33,7 +33,7 @@ from secure_fedkim.deploy import (
     snapshot_code,
     tagged_pids,
 )
-from secure_fedkim.policy import code_sha256
+from secure_fedkim.deploy.policy import code_sha256
 from secure_fedkim.run import run_federation
 
 pytestmark = pytest.mark.slow

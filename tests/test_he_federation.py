@@ -8,7 +8,7 @@ import pytest
 import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from secure_fedkim.aggregation import flatten_state
+from secure_fedkim.federation.aggregation import flatten_state
 from secure_fedkim.artifacts import client_dir, load_run
 from secure_fedkim.local_training import new_client_model
 from secure_fedkim.client_app import app as client_app

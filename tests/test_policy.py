@@ -10,9 +10,9 @@ from privacy.ledger import PrivacyLedger
 from secure_fedkim.local_training import new_client_model
 from secure_fedkim.client_app import app as client_app
 from secure_fedkim.config import parse_config
-from secure_fedkim.identity import ensure_signing_key, load_signing_key
+from secure_fedkim.deploy.identity import ensure_signing_key, load_signing_key
 from secure_fedkim.plan import build_plan
-from secure_fedkim.policy import (
+from secure_fedkim.deploy.policy import (
     PolicyError,
     PolicyRefusal,
     PolicySignatureError,
@@ -79,7 +79,7 @@ def test_code_hash_is_deterministic_and_sees_every_source_file(tmp_path, monkeyp
         shutil.copytree(importlib.import_module(name).__path__[0], tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     import subprocess
 
-    probe = "from secure_fedkim.policy import code_sha256; print(code_sha256())"
+    probe = "from secure_fedkim.deploy.policy import code_sha256; print(code_sha256())"
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

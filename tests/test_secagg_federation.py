@@ -11,7 +11,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.simulation import run_simulation
 
-from secure_fedkim.aggregation import flatten_state
+from secure_fedkim.federation.aggregation import flatten_state
 from secure_fedkim.artifacts import load_run
 from secure_fedkim.client_app import client_name
 from secure_fedkim.config import RunConfig, parse_config

@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from secure_fedkim.aggregation import flatten_state
+from secure_fedkim.federation.aggregation import flatten_state
 from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import parse_config
 from secure_fedkim.plan import build_plan

@@ -72,8 +72,8 @@ def _cmd_node_keys(args) -> int:
 
 
 def _cmd_hospital(args) -> int:
-    from secure_fedkim.identity import load_signing_key
-    from secure_fedkim.policy import sign_policy
+    from secure_fedkim.deploy.identity import load_signing_key
+    from secure_fedkim.deploy.policy import sign_policy
 
     if args.policy is not None:
         prepare_hospital(args.name, args.home, args.server_keys)
@@ -90,8 +90,8 @@ def _cmd_hospital(args) -> int:
 
 
 def _cmd_check_policy(args) -> int:
-    from secure_fedkim.identity import load_signing_key
-    from secure_fedkim.policy import code_sha256, load_policy
+    from secure_fedkim.deploy.identity import load_signing_key
+    from secure_fedkim.deploy.policy import code_sha256, load_policy
 
     policy = load_policy(args.policy, load_signing_key(args.home).public_key())
     print(json.dumps(policy.model_dump(), indent=2))
@@ -102,7 +102,7 @@ def _cmd_check_policy(args) -> int:
 
 
 def _cmd_code_hash(args) -> int:
-    from secure_fedkim.policy import code_sha256
+    from secure_fedkim.deploy.policy import code_sha256
 
     print(code_sha256())
     return 0

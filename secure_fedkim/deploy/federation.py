@@ -185,8 +185,8 @@ class Deployment:
         """Start the hospital's SuperNode. With a policy, its signature is checked first: a tampered
         policy stops the node here (PolicySignatureError), before it ever connects."""
         if verify_policy and node.policy is not None:
-            from secure_fedkim.identity import load_signing_key
-            from secure_fedkim.policy import load_policy
+            from secure_fedkim.deploy.identity import load_signing_key
+            from secure_fedkim.deploy.policy import load_policy
 
             load_policy(node.policy, load_signing_key(node.home).public_key())
         node.port = node.port or free_port()

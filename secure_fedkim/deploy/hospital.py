@@ -28,7 +28,7 @@ def default_policy(hospital: str, code: str | None = None, **overrides) -> dict:
     """A starting policy for `hospital`: DP required (epsilon <= 8, delta <= 1e-5), he or secagg only, at
     least 2 hospitals per aggregate, and the code installed here (or `code`, a code_sha256) approved.
     Review it before signing."""
-    from secure_fedkim.policy import code_sha256
+    from secure_fedkim.deploy.policy import code_sha256
 
     policy = {
         "version": 1,
@@ -51,8 +51,8 @@ def prepare_hospital(name: str, home: str | Path, server_keys: str | Path | None
     its public key handed to the federation (`server_keys/<name>.pub`, what the HE aggregator verifies),
     and, with `policy`, its policy written to `home/policy.yaml` and signed with its key. Returns the
     policy's path (None without a policy)."""
-    from secure_fedkim.identity import ensure_signing_key, load_signing_key
-    from secure_fedkim.policy import write_policy
+    from secure_fedkim.deploy.identity import ensure_signing_key, load_signing_key
+    from secure_fedkim.deploy.policy import write_policy
     from secure_fedkim.run_dir import HospitalDir, public_key_file
 
     home = Path(home)

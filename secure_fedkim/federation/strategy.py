@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from secure_fedkim.aggregation import unflatten_state
+from secure_fedkim.federation.aggregation import unflatten_state
 from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan

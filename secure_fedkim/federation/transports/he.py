@@ -56,8 +56,8 @@ class CKKSTransport(Transport):
 
     def reply(self, model_state, num_examples, config, home, client):
         from privacy.he import encrypt_update
-        from secure_fedkim.aggregation import flatten_state
-        from secure_fedkim.identity import load_signing_key
+        from secure_fedkim.federation.aggregation import flatten_state
+        from secure_fedkim.deploy.identity import load_signing_key
 
         update = encrypt_update(
             flatten_state(model_state), num_examples, bytes(config["he-public-context"]), load_signing_key(home),

@@ -19,7 +19,7 @@ class PlainTransport(Transport):
         return {"arrays": ArrayRecord(model_state)}
 
     def aggregate(self, strategy, server_round, contributions):
-        from secure_fedkim.aggregation import flatten_state, weighted_mean
+        from secure_fedkim.federation.aggregation import flatten_state, weighted_mean
 
         return weighted_mean(
             [flatten_state(content.array_records["arrays"].to_torch_state_dict()) for _, _, content in contributions],

@@ -363,7 +363,7 @@ def _verification_key(node_config, home: Path):
     """The policy's verification key: node config `policy-key` (a file), else the hospital's own signing key."""
     if "policy-key" in node_config:
         return Path(str(node_config["policy-key"]))
-    from secure_fedkim.identity import load_signing_key
+    from secure_fedkim.deploy.identity import load_signing_key
 
     return load_signing_key(home).public_key()
 
