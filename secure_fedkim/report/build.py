@@ -832,29 +832,12 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
     run, hs = f["run"], f["hospitals"]
     if partner is not None and partner not in run.clients:
         raise ValueError(f"partner {partner!r} is not a hospital of this federation ({len(run.clients)} hospitals)")
-    ref = None
-    if reference is not None:
-        ref = RunDir(reference).read_summary()
-        ref["_source"] = str(Path(reference).name)
-    elif isinstance(run.summary.get("non_private_reference"), dict):
-        ref = dict(run.summary["non_private_reference"])
-        ref["_source"] = "summary.json non_private_reference"
     view = [partner] if partner else list(run.clients)
     others = [c for c in run.clients if c not in view]
     generated_at = utc_now()
     checks = _check_rows(f, partner)
     overall = worst(c["status"] for c in checks)
     rounds = rounds_of(run, hs)
-    agg = {k: v for k, v in f["aggregation"].items()}
-    if agg.get("ckks"):
-        ckks = dict(agg["ckks"])
-        clients_lists = ckks.pop("_decrypt_clients")
-        if partner is None:
-            ckks["decryptions_by_round"] = clients_lists
-        else:
-            ckks["partner_included_in_decryptions"] = sum(partner in c for c in clients_lists)
-        agg["ckks"] = ckks
-    audit = _audit_view(f["audit"], partner)
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "report_id": uuid.uuid4().hex,
@@ -870,27 +853,16 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
                                                       any(hs[c].baseline for c in view)),
         "hospitals": [_hospital_entry(hs[c]) for c in view],
         "other_hospitals": _others([hs[c] for c in others], min_others(run)) if partner else None,
-        "accounting": {
-            "accountants": sorted({h.accounting["accountant"] for h in hs.values() if h.accounting}),
-            "accountant_libraries": sorted({str(h.accounting["accountant_library"]) for h in hs.values() if h.accounting}),
-            "independent_library": f"dp_accounting {_version('dp-accounting')}",
-            "composition": "all DP-SGD steps of the run composed (every round, every task); epsilon_by_round is cumulative",
-            "gdp_note": "Gaussian-DP mu by the central-limit approximation (Bu et al. 2020): an approximation, not a bound",
-        },
+        "accounting": _accounting_section(hs),
         "budget": text.budget_section(run.cfg, [hs[c] for c in view], [hs[c] for c in others], partner),
-        "aggregation": agg,
+        "aggregation": _aggregation_view(f["aggregation"], partner),
         "threat_model": text.threat_model(run.cfg, f["any_dp"]),
-        "audit": audit,
-        "utility": _utility(f, partner, ref),
+        "audit": _audit_view(f["audit"], partner),
+        "utility": _utility(f, partner, _reference(run, reference)),
         "data_inventory": _inventory(f, partner),
         "provenance": _provenance(f, partner, generated_at),
-        "regulatory_mapping": [],
-        "hazards": [],
         "limitations": text.LIMITATIONS,
-        "sign_off": {"hospital_dpo": {"name": None, "date": None, "decision": None},
-                     "expert": {"name": None, "date": None, "determination": None},
-                     "note": "To be completed by people. This tool does not certify HIPAA de-identification or "
-                             "compliance with any regulation; it provides evidence."},
+        "sign_off": _sign_off(),
         "glossary": text.GLOSSARY,
         "plots": {"epsilon_by_round": _epsilon_series(hs, view, others, rounds)},
     }
@@ -900,11 +872,60 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
     report["guarantee_statement"] = text.guarantee(report, run.cfg)
     report["summary"] = text.summary(report, run.cfg, rounds)
     report["summary"]["first_page"] = text.first_page(report, run.cfg)
-    order = ["schema_version", "report_id", "generated_at", "generator", "run_id", "federation_name", "partner",
-             "status", "summary", "checks", "guarantee_statement", "scope", "privacy_definition", "hospitals",
-             "other_hospitals", "accounting", "budget", "aggregation", "threat_model", "audit", "utility",
-             "data_inventory", "provenance", "regulatory_mapping", "hazards", "limitations", "sign_off", "glossary", "plots"]
-    return {k: report[k] for k in order}
+    return {k: report[k] for k in REPORT_ORDER}
+
+
+#: report.json's keys, in the order a reader meets them (the summary and checks first)
+REPORT_ORDER = ("schema_version", "report_id", "generated_at", "generator", "run_id", "federation_name", "partner",
+                "status", "summary", "checks", "guarantee_statement", "scope", "privacy_definition", "hospitals",
+                "other_hospitals", "accounting", "budget", "aggregation", "threat_model", "audit", "utility",
+                "data_inventory", "provenance", "regulatory_mapping", "hazards", "limitations", "sign_off", "glossary",
+                "plots")
+
+
+def _reference(run: RunFacts, reference) -> dict | None:
+    """The non-private reference run's summary (``--reference`` or summary.json's own), tagged with its source."""
+    if reference is not None:
+        ref = RunDir(reference).read_summary()
+        ref["_source"] = str(Path(reference).name)
+        return ref
+    if isinstance(run.summary.get("non_private_reference"), dict):
+        ref = dict(run.summary["non_private_reference"])
+        ref["_source"] = "summary.json non_private_reference"
+        return ref
+    return None
+
+
+def _aggregation_view(aggregation: dict, partner: str | None) -> dict:
+    """The aggregation facts as one reader may see them: a partner learns only how many CKKS decryptions
+    included it, not which hospitals each one combined."""
+    agg = dict(aggregation)
+    if agg.get("ckks"):
+        ckks = dict(agg["ckks"])
+        clients_lists = ckks.pop("_decrypt_clients")
+        if partner is None:
+            ckks["decryptions_by_round"] = clients_lists
+        else:
+            ckks["partner_included_in_decryptions"] = sum(partner in c for c in clients_lists)
+        agg["ckks"] = ckks
+    return agg
+
+
+def _accounting_section(hs: dict[str, HospitalFacts]) -> dict:
+    return {
+        "accountants": sorted({h.accounting["accountant"] for h in hs.values() if h.accounting}),
+        "accountant_libraries": sorted({str(h.accounting["accountant_library"]) for h in hs.values() if h.accounting}),
+        "independent_library": f"dp_accounting {_version('dp-accounting')}",
+        "composition": "all DP-SGD steps of the run composed (every round, every task); epsilon_by_round is cumulative",
+        "gdp_note": "Gaussian-DP mu by the central-limit approximation (Bu et al. 2020): an approximation, not a bound",
+    }
+
+
+def _sign_off() -> dict:
+    return {"hospital_dpo": {"name": None, "date": None, "decision": None},
+            "expert": {"name": None, "date": None, "determination": None},
+            "note": "To be completed by people. This tool does not certify HIPAA de-identification or "
+                    "compliance with any regulation; it provides evidence."}
 
 
 def rounds_of(run: RunFacts, hs: dict[str, HospitalFacts]) -> int:
