@@ -71,7 +71,7 @@ from typing import Any, Callable, Literal, NamedTuple
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attacks._runs import run_id_of, run_plan, task_model_factory
 from attacks.dp_audit import canary_audit, replay_batch_size
@@ -89,7 +89,7 @@ from secure_fedkim.audit_schema import (
 )
 from secure_fedkim.local_training import patients_of, task_local_epochs
 from secure_fedkim.config import ConfigError
-from secure_fedkim.config_errors import describe_validation_error
+from secure_fedkim.config_errors import validate_mapping
 
 __all__ = [
     "AuditConfig",
@@ -235,14 +235,7 @@ class AuditConfig(_Strict):
 
 def parse_audit_config(data: Any, source: str = "<audit config>") -> AuditConfig:
     """Validate a mapping; one :class:`AuditConfigError` naming ``source`` and the key."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise AuditConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
-    try:
-        return AuditConfig.model_validate(data)
-    except ValidationError as e:
-        raise AuditConfigError(describe_validation_error(e, AuditConfig, source)) from None
+    return validate_mapping(AuditConfig, {} if data is None else data, source, AuditConfigError)
 
 
 def load_audit_config(path: str | Path | None) -> AuditConfig:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from privacy.dp import PrivacyProfile
-from secure_fedkim.config_errors import describe_validation_error
+from secure_fedkim.config_errors import validate_mapping
 from secure_fedkim.data.formats import USER_FORMATS
 from secure_fedkim.data.tasks import MODALITIES, TASKS
 from secure_fedkim.variants import METHODS, VARIANTS
@@ -341,12 +341,7 @@ _NATURAL_SITES = {"heart_disease": ["cleveland", "hungary", "switzerland", "va_l
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
     """Validate a config mapping; `source` names the file in error messages."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(describe_validation_error(e, RunConfig, source)) from None
+    cfg = validate_mapping(RunConfig, data, source, ConfigError)
     base = base_dir or Path.cwd()
     resolved = {}
     for section, entries in (("train", cfg.tasks.train), ("unseen", cfg.tasks.unseen)):

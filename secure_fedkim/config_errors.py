@@ -10,11 +10,24 @@ from __future__ import annotations
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["describe_validation_error", "key_path"]
+M = TypeVar("M", bound=BaseModel)
+
+__all__ = ["describe_validation_error", "key_path", "validate_mapping"]
+
+
+def validate_mapping(model: type[M], data: Any, source: str, error: type[Exception]) -> M:
+    """``data`` (a YAML file's top level) validated as ``model``; otherwise one ``error`` naming ``source`` and
+    the key (:func:`describe_validation_error`)."""
+    if not isinstance(data, dict):
+        raise error(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise error(describe_validation_error(e, model, source)) from None
 
 
 def key_path(loc: tuple) -> str:

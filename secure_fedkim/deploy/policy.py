@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.accounting import resolve_delta
 from privacy.keys import canonical_message, load_signing_public_key, public_key_bytes, sign, verify
 from privacy.ledger import DATASET_COMMITMENT, REFUSED, PrivacyLedger
-from secure_fedkim.config_errors import describe_validation_error
+from secure_fedkim.config_errors import validate_mapping
 from secure_fedkim.run_dir import HospitalDir
 
 __all__ = [
@@ -150,12 +150,7 @@ def write_policy(path: str | Path, policy: dict, signing_key) -> Path:
 
 
 def _validate(data, source: str) -> HospitalPolicy:
-    if not isinstance(data, dict):
-        raise PolicyError(f"{source}: a policy is a mapping of sections, not {type(data).__name__}")
-    try:
-        return HospitalPolicy.model_validate(data)
-    except ValidationError as e:
-        raise PolicyError(describe_validation_error(e, HospitalPolicy, source)) from None
+    return validate_mapping(HospitalPolicy, data, source, PolicyError)
 
 
 def _public_key(public_key) -> bytes:
