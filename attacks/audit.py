@@ -52,7 +52,9 @@ server's public split and the other part of the test split as population data; t
 (architecture, hyperparameters, DP plans in the ledgers). It never uses another hospital's shard to
 attack a hospital's local model.
 
-Reading runs goes only through ``secure_fedkim.artifacts.load_run`` (and the ledger files it names).
+Reading runs goes only through ``secure_fedkim.artifacts.load_run`` (and the ledger files it names). The
+audit's config is :mod:`attacks.audit_config` and its terminal table :mod:`attacks.audit_table`; both are
+importable from here.
 """
 
 from __future__ import annotations
@@ -70,15 +72,14 @@ from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 
 from attacks._runs import run_id_of, run_plan, task_model_factory
 from attacks.dp_audit import canary_audit, replay_batch_size
 from attacks.inversion import inversion_audit
 from attacks.metrics import fpr_key, holm_bonferroni, plot_roc
 from attacks.mechanism import mechanism_for_run
-from attacks.mia import ATTACKS, MIA_ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
+from attacks.mia import MIA_ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
 from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import DP_ROUND, LedgerTampered, PrivacyLedger
@@ -88,13 +89,18 @@ from secure_fedkim.audit_schema import (
     DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, SCHEMA, WHITEBOX_ROW, RowType, check_audit_json,
 )
 from secure_fedkim.local_training import patients_of, task_local_epochs
-from secure_fedkim.config import ConfigError
-from secure_fedkim.config_errors import validate_mapping
+from attacks.audit_config import (  # noqa: F401 (AuditConfigError, load/parse: the audit's import API)
+    SIGNIFICANCE, AuditConfig, AuditConfigError, CanarySection, GameSection, InversionSection, MIASection,
+    load_audit_config, parse_audit_config,
+)
+from attacks.audit_table import format_audit_table, format_summary  # noqa: F401 (the CLI's import API)
 
 __all__ = [
     "AuditConfig",
     "AuditConfigError",
     "load_audit_config",
+    "parse_audit_config",
+    "format_summary",
     "audit_run",
     "format_audit_table",
     "ledger_epsilon",
@@ -111,7 +117,6 @@ THREAT_EVERY_STEP = "white-box every step"
 THREAT_ONE_STEP = "white-box one step"
 THREAT_AGGREGATE = "aggregate the server sees"
 THREAT_MODELS = (THREAT_BLACK_BOX, THREAT_EVERY_STEP, THREAT_ONE_STEP, THREAT_AGGREGATE)
-SIGNIFICANCE = 0.05  # family-wise error rate of the MIA rows (Holm-Bonferroni)
 
 AUDITOR_KNOWLEDGE = (
     "Black-box (logit) access to each released model; the candidate records (the target's training "
@@ -120,136 +125,6 @@ AUDITOR_KNOWLEDGE = (
     "the hospitals' ledgers. Another hospital's shard is never used against a hospital's local model. "
     "Inversion: white-box access to the global model and to one record's single-record update (worst case)."
 )
-
-
-class AuditConfigError(ConfigError):
-    """A bad audit config; the message names the file and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MIASection(_Strict):
-    enabled: bool = True
-    attacks: list[Literal[ATTACKS]] = Field(  # attacks.mia.MIA_ATTACKS
-        default_factory=lambda: list(ATTACKS), min_length=1
-    )
-    reference_models: int = Field(4, ge=1)  # 4: references are most of the audit's time (module docstring)
-    reference_mode: Literal["online", "offline"] = "online"
-    reference_epochs: int | None = Field(None, ge=1)  # None: the run's rounds x the task's local epochs
-    nonmember_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # of the test split; the rest is population data
-    max_records: int | None = Field(1000, ge=10)  # members (and as many non-members) per target
-    min_records: int = Field(10, ge=2)  # a target with fewer candidates is skipped, with the reason
-    rmia_gamma: float = Field(1.0, gt=0.0)
-    rmia_offline_a: float = Field(0.3, ge=0.0, le=1.0)
-    per_record_variance_min: int = Field(32, ge=2)
-    top_k: int = Field(10, ge=0)
-    bootstrap: int = Field(200, ge=10)
-
-    @model_validator(mode="after")
-    def _check(self):
-        needs_refs = any(MIA_ATTACKS[a].needs_references for a in self.attacks)
-        if needs_refs and self.reference_mode == "online" and (self.reference_models < 2 or self.reference_models % 2):
-            raise ValueError(
-                f"reference_models: online reference models need an even number >= 2 (each record IN for half "
-                f"of them), got {self.reference_models}; use reference_mode: offline for one"
-            )
-        return self
-
-
-class CanarySection(_Strict):
-    enabled: bool = True
-    canaries: int = Field(200, ge=2)
-    kind: Literal["ood", "flip"] = "ood"
-    trials: int = Field(1, ge=1)  # 1: one-run auditing; more: repeated trainings, pooled
-    epochs: int | None = Field(None, ge=1)  # None: the hospital's steps of that task, from its ledger
-    tasks: list[str] | None = None  # None: every audited task
-    # patient-unit runs only: records of one canary patient (copies of one canary; attacks.dp_audit, step 8);
-    # None: the run's max_records_per_patient_step (more than that adds nothing: a step takes at most k)
-    records_per_canary_patient: int | None = Field(None, strict=True)
-
-    @model_validator(mode="after")
-    def _check(self):
-        r = self.records_per_canary_patient
-        if r is not None and r < 1:
-            raise ValueError(
-                f"records_per_canary_patient: must be an integer >= 1 (the records of one canary patient in a "
-                f"patient-level run) or null (the run's max_records_per_patient_step), got {r!r}"
-            )
-        return self
-
-
-class GameSection(_Strict):
-    """The auditor-controlled membership game (attacks.mia.auditor_game), per hospital and task."""
-
-    enabled: bool = True
-    min_nonmember_pairs: int = Field(1000, ge=10)  # K x n / 2 non-member pairs wanted: 1000 measures TPR@0.1%
-    min_models: int = Field(4, ge=4)
-    max_models: int = Field(16, ge=4)  # cost cap: a shard too small for min_nonmember_pairs gets max_models
-    epochs: int | None = Field(None, ge=1)  # None: the hospital's own (rounds x the task's local epochs)
-    tasks: list[str] | None = None  # None: every audited task
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.max_models < self.min_models:
-            raise ValueError(f"max_models: must be >= min_models ({self.min_models}), got {self.max_models}")
-        return self
-
-
-class InversionSection(_Strict):
-    enabled: bool = True
-    records: int = Field(1, ge=1)  # per hospital and task
-    modalities: list[Literal["tabular", "timeseries", "signal", "image"]] = ["tabular"]
-    loss: Literal["cosine", "l2"] = "cosine"
-    optimizer: Literal["adam", "lbfgs"] = "adam"
-    steps: int = Field(300, ge=1)
-    lr: float = Field(0.1, gt=0.0)
-    noise_multiplier: float = Field(1.0, gt=0.0)  # for hospitals without DP: what DP-SGD at this noise would do
-    max_grad_norm: float = Field(1.0, gt=0.0)
-
-
-class AuditConfig(_Strict):
-    """What `secure-fedkim audit` runs; defaults are configs/audit.yaml's."""
-
-    targets: list[Literal["local", "global", "fm"]] = Field(default_factory=lambda: ["local", "global", "fm"], min_length=1)
-    clients: list[str] | None = None  # None: every hospital of the run
-    tasks: list[str] | None = None  # None: every training task of the run
-    fprs: list[float] = Field(default_factory=lambda: [0.1, 0.01, 0.001], min_length=1)
-    confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    seed: int = 0
-    workers: int | None = Field(None, ge=1)  # processes, one job per task; None: 2 where 2 cores are free, else 1
-    mia: MIASection = MIASection()
-    canary: CanarySection = CanarySection()
-    game: GameSection = GameSection()
-    inversion: InversionSection = InversionSection()
-    whitebox: WhiteboxSection = WhiteboxSection()
-
-    @model_validator(mode="after")
-    def _check(self):
-        bad = [f for f in self.fprs if not 0.0 < f < 1.0]
-        if bad:
-            raise ValueError(f"fprs: each target false positive rate must be in (0, 1), got {bad}")
-        return self
-
-
-def parse_audit_config(data: Any, source: str = "<audit config>") -> AuditConfig:
-    """Validate a mapping; one :class:`AuditConfigError` naming ``source`` and the key."""
-    return validate_mapping(AuditConfig, {} if data is None else data, source, AuditConfigError)
-
-
-def load_audit_config(path: str | Path | None) -> AuditConfig:
-    """Read and validate an audit YAML (``None``: the defaults, as in configs/audit.yaml)."""
-    if path is None:
-        return AuditConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise AuditConfigError(f"{path}: audit config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise AuditConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_audit_config(data, str(path))
 
 
 # ---------------------------------------------------------------------------------------------- ledger
@@ -997,187 +872,3 @@ AUDIT_KINDS: tuple[AuditKind, ...] = (  # task-scope kinds run in this order in 
     AuditKind("mechanism", "mechanism", MECHANISM_ROW, WhiteboxSection, "whitebox", THREAT_ONE_STEP, "hospital",
               enabled=lambda c, run, task: c.whitebox.enabled and c.whitebox.mechanism, run=_mechanism),
 )
-
-
-# ---------------------------------------------------------------------------------------------- table
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _tpr_cell(entry: dict, fpr: float) -> str:
-    key = fpr_key(fpr)
-    v = entry.get("tpr_at_fpr", {}).get(key)
-    if v is not None:
-        return f"{v:.3f}"
-    if key in entry.get("tpr_at_fpr_note", {}):
-        return f"n/a (<{math.ceil(1 / fpr - 1e-9)} non-m.)"
-    return "-"
-
-
-def _acc_cell(acc: dict | None) -> str:
-    if acc is None:
-        return "n/a (non-private)"
-    if "error" in acc:
-        return "ledger does not verify"
-    return "inf (no noise)" if acc.get("epsilon") is None else f"{acc['epsilon']:.3f}"
-
-
-def _auc_cell(e: dict) -> str:
-    ci = e.get("auc_ci") or e.get("auc_ci95")
-    cell = _fmt(e["auc"]) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-    return cell + (" *" if e.get("significant") else "")
-
-
-def _target_cell(e: dict) -> str:
-    kind = e.get("target_kind")
-    if kind == "local":
-        return f"{e['target']} (local)"
-    if kind == "game":
-        return f"{e['target']} (game)"
-    return e["target"]
-
-
-def _canary_lb_cell(d: dict) -> str:
-    lb = max(d["eps_lb"], d.get("eps_lb_one_run") or 0.0)
-    status = d.get("status")
-    if status is None:  # an audit.json from before statuses
-        return f"{lb:.3f}" + ("  DP BUG" if d.get("consistent_with_accountant") is False else "")
-    if status == "inconsistent":
-        return f"{lb:.3f}  DP BUG (inconsistent)"
-    cap = d.get("max_certifiable_epsilon")
-    return f"{lb:.3f}  {status}" + (f" (max {cap:.2f})" if cap is not None else "")
-
-
-def format_summary(audit: dict) -> list[str]:
-    """The per-target summary lines (audit.json ``summary``): worst row with its interval, significant rows."""
-    rows = audit.get("summary")
-    if rows is None:
-        return []
-    out = ["Summary per target (worst = highest lower end of the AUC's 95% interval; * = significant after Holm)"]
-    for r in rows:
-        w = r["worst"]
-        tpr = w.get("tpr_at_smallest_measurable_fpr")
-        tpr_txt = "no TPR measurable" if tpr is None else f"TPR@{tpr['fpr']:g} {tpr['tpr']:.3f}" + (
-            f" [{tpr['tpr_ci'][0]:.3f}, {tpr['tpr_ci'][1]:.3f}]" if tpr.get("tpr_ci") else "")
-        out.append(
-            f"  {r['target']}: worst {w['attack']} on {w['task']}, AUC {w['auc']:.3f} "
-            f"[{w['auc_ci'][0]:.3f}, {w['auc_ci'][1]:.3f}] (n={w['n_pairs']}), {tpr_txt}; "
-            f"{r['significant_rows']} of {r['rows']} rows significant"
-        )
-    for d in audit.get("dp_audit", []):
-        if d.get("status"):
-            unit = f" ({d['epsilon_unit']})" if d.get("epsilon_unit") else ""
-            out.append(f"  canary replay {d['hospital']}/{d['task']}{unit}: {d['status']}: {'; '.join(d.get('reasons', []))}")
-    return out + [""]
-
-
-def format_audit_table(audit: dict) -> str:
-    """The audit as text: the per-target summary, then the table (rows target x attack; n, AUC with its
-    95% interval, TPR@1%, TPR@0.1%, eps lower bound, accountant eps). Reads old audit.json files too."""
-    rows = _mia_table_rows(audit) + _canary_table_rows(audit)
-    out = [f"Leakage audit of {audit.get('run_dir', '?')}", *format_summary(audit), *_table_lines(rows),
-           *_inversion_lines(audit)]
-    return "\n".join(out + [""] + _table_notes(audit, rows))
-
-
-_TABLE_HEADER = ["target", "task", "attack", "n", "AUC", "TPR@1%", "TPR@0.1%", "eps lower bound", "accountant eps"]
-
-
-def _mia_accountant_cell(e: dict, accountant: dict) -> str:
-    """A local model's (or game's) hospital's spend; for the global model and the FM, the max over hospitals."""
-    if e["target_kind"] in ("local", "game"):
-        return _acc_cell(accountant.get(e["target"]))
-    cells = [accountant.get(h) for h in accountant]
-    if not cells or any(a is None for a in cells):
-        return "n/a (non-private)"
-    if any("error" in a for a in cells):
-        return "ledger does not verify"
-    eps = [a["epsilon"] for a in cells]
-    return "inf (no noise)" if any(x is None for x in eps) else f"max {max(eps):.3f}"
-
-
-def _mia_table_rows(audit: dict) -> list[list[str]]:
-    accountant = audit.get("accountant", {})
-    return [[_target_cell(e), e["task"], e["attack"], str(e.get("n_pairs", e["n_members"])), _auc_cell(e),
-             _tpr_cell(e, 0.01), _tpr_cell(e, 0.001), "-", _mia_accountant_cell(e, accountant)]
-            for e in audit.get("mia", [])]
-
-
-def _canary_table_rows(audit: dict) -> list[list[str]]:
-    rows = []
-    for d in audit.get("dp_audit", []):
-        per = f" patients x{d['records_per_canary']}" if d.get("canary_unit") == "patient" else ""
-        attack = f"canaries ({d['mode'].replace('_', '-')}, {d['canaries']} {d['kind']}{per})"
-        if not d["dp"]:
-            acc = "n/a (non-private)"
-        else:
-            acc = "inf (no noise)" if d["eps_accountant"] is None else f"{d['eps_accountant']:.3f} *"
-        rows.append([f"{d['hospital']} (training)", d["task"], attack, str(d["canaries"] * d["trials"]),
-                     _fmt(d["canary_auc"]), "-", "-", _canary_lb_cell(d), acc])
-    return rows
-
-
-def _table_lines(rows: list[list[str]]) -> list[str]:
-    """The header, its rule and the rows, each column as wide as its widest cell."""
-    widths = [max(len(str(r[i])) for r in rows + [_TABLE_HEADER]) for i in range(len(_TABLE_HEADER))]
-    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-    return [line(_TABLE_HEADER), line(["-" * w for w in widths])] + [line(r) for r in rows]
-
-
-def _inversion_lines(audit: dict) -> list[str]:
-    """The update inversions (plain and DP rows), then the transport's row when it has one."""
-    recon = [r for r in audit.get("reconstruction", []) if r.get("update") in ("plain", "dp")]
-    if not recon:
-        return []
-    out = ["", "Update inversion (one record's single-record update of the global model; relative MSE 1.0 = prior only)"]
-    for r in recon:
-        seen = "" if r.get("visible", True) else " (not visible to the aggregator)"
-        out.append(
-            f"  {r['hospital']}/{r['task']} {r['update']:5s} relative MSE {r['relative_mse']:.3f}  "
-            f"centered cosine {r['cosine_centered']:.3f}{seen}"
-        )
-    for r in audit.get("reconstruction", []):
-        if "relative_mse" not in r:  # the transport's row: no single update to invert
-            out.append(f"  {r['hospital']}/{r['task']} {r['update']}: {r['note']}")
-            break
-    return out
-
-
-def _canary_note(dp_rows: list[dict]) -> str:
-    """What the canary rows' accountant epsilon and lower bound are (an audit.json before statuses: the replay's)."""
-    new = "status" in dp_rows[0]
-    units = sorted({d["epsilon_unit"] for d in dp_rows if d.get("epsilon_unit")})
-    return (
-        ("* canary rows: the hospital's whole-run epsilon from its ledger; the replay trains the task with "
-         "the ledger's steps and sample rate. " if new else
-         "* canary rows: the accountant's epsilon for the audit's own replay of that hospital's training "
-         "(its noise, clip, sample rate and steps); ")
-        + "the lower bound is the larger of the Clopper-Pearson "
-        f"and one-run bounds at {dp_rows[0]['confidence']:.0%} confidence"
-        + ("; inconclusive (max E): the claim is above the largest epsilon E these canaries can certify." if new else ".")
-        + (f" Canary rows' epsilons are {' or '.join(units)}" + (
-            "; 'patients xR': each canary is a patient of R records, included or excluded with all of them"
-            if "epsilon per patient" in units else "") + "." if units else "")
-    )
-
-
-def _table_notes(audit: dict, rows: list[list[str]]) -> list[str]:
-    """The notes under the table: what its columns mean for the rows it has, then what was skipped and why."""
-    mia = audit.get("mia", [])
-    notes = [_canary_note(audit["dp_audit"])] if audit.get("dp_audit") else []
-    notes.append("n: matched member/non-member pairs per MIA row ((model, record) pairs per model in a game row); "
-                 "canaries (x trials) per canary row. AUC [95% bootstrap interval].")
-    if any(e.get("p_adjusted") is not None for e in mia):
-        notes.append(
-            f"*: significant after the Holm-Bonferroni correction over all {len(audit['mia'])} MIA rows "
-            f"(one-sided Mann-Whitney p-value for AUC > 0.5, adjusted p < {SIGNIFICANCE})."
-        )
-    if any(e.get("target_kind") == "game" for e in mia):
-        notes.append("(game): the auditor's own models trained with the hospital's recipe on random halves of its "
-                     "shard, each played as the target against the others (LiRA's experiment).")
-    if any(r[5].startswith("n/a") or r[6].startswith("n/a") for r in rows):
-        notes.append("n/a (<N non-m.): too few non-members to measure that FPR; the audit says so instead of a number.")
-    notes.append("accountant eps of a local model: the hospital's whole-run spend from its ledger; global: the max over hospitals.")
-    return notes + [f"skipped {s['what']}: {s['why']}" for s in audit.get("skipped", [])]
