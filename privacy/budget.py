@@ -1,12 +1,13 @@
 """Budget planning for DP-SGD runs (used by ``secure-fedkim budget``). No printing here.
 
-A forecast follows what Opacus's Poisson data loader does: each record is sampled per step with
-probability ``q = batch_size / n_records`` (Opacus's loader uses ``1/ceil(n/batch)``, which is never
-larger, so the forecast is conservative), and one local epoch is ``ceil(n/batch)`` steps.
+A forecast uses the Poisson loaders' own rule, as a run does (:func:`privacy.accounting.poisson_schedule`, the
+one rule for Opacus's ``DPDataLoader`` and ``privacy.patient``): each record is sampled per step with
+probability ``q = 1/ceil(n/batch)``, for ``ceil(n/batch)`` steps per local epoch; so the forecast's noise is
+the noise a run with the same inputs calibrates (``privacy.accounting.calibrate_noise``).
 
 With ``unit="patient"`` (patient-level DP-SGD, ``privacy.patient``) the same holds with patients in place
-of records: ``batch_size`` counts patients, ``q = batch_size / n_patients``, an epoch is
-``ceil(n_patients/batch)`` steps, delta defaults on ``n_patients``, and every epsilon is per patient.
+of records: ``batch_size`` counts patients, ``n`` is ``n_patients``, delta defaults on ``n_patients``, and
+every epsilon is per patient.
 
 This module imports nothing from ``secure_fedkim`` or ``attacks``.
 """
@@ -46,7 +47,7 @@ class BudgetForecast:
 
     Attributes:
         noise_multiplier: calibrated sigma (smallest that meets ``target_epsilon`` at the end of the run).
-        sample_rate: ``batch_size / n`` (Poisson sampling; n: records, or patients for unit "patient").
+        sample_rate: ``1/ceil(n/batch_size)`` (Poisson sampling; n: records, or patients for unit "patient").
         steps_per_round: ``local_epochs * ceil(n / batch_size)``.
         epsilon: epsilon at the end of the planned run (<= target).
         epsilon_by_round: epsilon after each round 1..rounds.
