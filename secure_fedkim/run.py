@@ -205,8 +205,9 @@ def warn_about_noise(cfg: RunConfig, run_dir: Path) -> None:
     for client in cfg.federation.clients:
         noise = planned_noise(run_dir, client)
         if noise is not None and noise_dominates(noise, cfg.client.batch_size):
+            profile = cfg.dp_profile(client)
             warnings.warn(f"{client}: noise multiplier {noise:.3g} for a batch of {cfg.client.batch_size} at epsilon "
-                          f"{cfg.dp_profile(client).target_epsilon:g} per record: each step's mean gradient is mostly "
+                          f"{profile.target_epsilon:g} per {profile.unit}: each step's mean gradient is mostly "
                           f"noise, so the model will likely stay near its untrained AUROC", DataWarning, stacklevel=2)
 
 
