@@ -5,6 +5,8 @@ Shared by the Flower ClientApp and the single-hospital baseline, so both train e
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import torch
 
@@ -108,6 +110,11 @@ def local_round(
     """
     c = cfg.client
     proximal_mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
+    if dp is not None:
+        # DP-SGD draws its noise and its Poisson batches from torch's global RNG (Opacus without secure_mode), which
+        # new_client_model has just reset to the run seed: without fresh entropy every round at every hospital
+        # would draw the same noise and batches, and noise repeated in two rounds cancels in their difference.
+        torch.manual_seed(secrets.randbits(63))
     stats = {}
     for i, (name, plan) in enumerate(train_plans(plans)):
         shard = plan.shard(client)

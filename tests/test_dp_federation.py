@@ -57,3 +57,31 @@ def test_hospital_spends_its_own_budget_and_stops_when_it_is_gone(flower_identit
     entries = ledger.entries()
     assert [e["event"] for e in entries[before:]] == ["skipped_budget"]
     assert len(ledger.dp_history("r1")) == 2  # nothing more was spent
+
+
+def test_each_round_draws_fresh_noise_and_batches(flower_identity, tmp_path, monkeypatch):
+    """The same global model sent twice to a hospital: its two DP-SGD updates must differ. The model is built from
+    the run seed (which resets torch's global RNG, where Opacus draws noise and Poisson batches without
+    secure_mode); if the noise were drawn from there each round would add the same noise, which cancels in the
+    difference of two rounds' updates. Planted: removing the fresh seed in local_round makes this fail."""
+    import privacy.fast_dp as fast_dp
+
+    cfg = parse_config(CFG)
+    arrays = ArrayRecord(new_client_model(cfg, build_plan(cfg)).state_dict())
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    first_draws, draw = [], fast_dp.FusedDPOptimizer._draw_noise
+
+    def recorded(self, std, like):
+        noise = draw(self, std, like)
+        first_draws.append(noise.flatten()[:8].clone())
+        return noise
+
+    monkeypatch.setattr(fast_dp.FusedDPOptimizer, "_draw_noise", recorded)
+    updates = []
+    for r in (1, 2):
+        first_draws.clear()
+        reply = client_app(train_message(cfg, arrays, r, tmp_path), context)
+        updates.append((first_draws[0], reply.content["arrays"].to_torch_state_dict()))
+    (noise1, w1), (noise2, w2) = updates
+    assert not noise1.equal(noise2)
+    assert any(not w1[k].equal(w2[k]) for k in w1)
