@@ -71,13 +71,15 @@ from .collect import (
     collect_hospital,
     digest_of,
     load_run_facts,
+    dp_sessions,
+    randomness_findings,
     read_ledger,
     sha256_file,
     suppress,
     _version,
 )
 
-SCHEMA_VERSION = "2.0.0"
+SCHEMA_VERSION = "2.1.0"
 STATUSES = ("pass", "inconclusive", "attention", "fail", "not_applicable")
 # inconclusive ranks above pass: a report with an undecided audit is never "pass" overall
 _RANK = {"not_applicable": -1, "pass": 0, "inconclusive": 1, "attention": 2, "fail": 3}
@@ -103,15 +105,22 @@ CHECKS: list[tuple[str, str, str]] = [
     ("secagg_dropout_margin", "aggregation", "SecAgg+ dropouts stayed below the tolerated number"),
     ("audit_run", "audit", "a leakage audit was run"),
     ("audit_consistent_with_accountant", "audit", "every empirical epsilon lower bound is at most the accountant's epsilon"),
-    ("mia_low_fpr", "audit", "MIA TPR at FPR 1e-3 is at most 2 x 1e-3"),
-    ("measured_leakage", "audit", "no membership-inference result shows significant leakage (Holm-adjusted p < 0.05 "
-     "or an AUC interval above 0.5)"),
+    ("mia_low_fpr", "audit", "no MIA's TPR at FPR 1e-3 is shown above 2 x 1e-3 (the 95% Clopper-Pearson lower bound "
+     "of its TPR is at most 2e-3)"),
+    ("measured_leakage", "audit", "no membership-inference result shows leakage above chance (neither a Holm-adjusted "
+     "p < 0.05 with AUC above 0.5 nor an AUC interval wholly above 0.5)"),
+    ("mia_below_chance", "audit", "no membership-inference result scores reliably below chance (an AUC interval wholly "
+     "below 0.5 is an audit fault)"),
     ("dp_lower_bound", "audit", "every empirical epsilon lower bound is at most the configured threshold"),
     ("baseline_spend_composed", "accounting", "every released DP spend on a hospital's records is composed into its epsilon"),
+    ("noise_randomness", "privacy_definition", "every DP session's noise and sampling were drawn by the secure generator "
+     "(recorded in each dp_round entry)"),
+    ("noise_fresh", "privacy_definition", "no two DP sessions of this run (hospitals, rounds, tasks, federation and "
+     "baseline) share a noise or a Poisson-sample fingerprint"),
     ("config_hash", "provenance", "config.yaml hashes to the run's recorded config_sha256"),
 ]
 DP_ONLY = {"epsilon_recomputed", "budget_respected", "delta_below_1_over_n", "epsilon_tier", "sampling_assumption",
-           "privacy_unit", "independent_accountant_agreement"}
+           "privacy_unit", "independent_accountant_agreement", "noise_randomness", "noise_fresh"}
 #: a run without DP fails these: there is no guarantee for them to hold
 DP_DEPENDENT = DP_ONLY | {"differential_privacy", "dp_label_has_accountant", "audit_consistent_with_accountant",
                           "baseline_spend_composed"}
@@ -251,15 +260,18 @@ def _mia_entry(node: dict, label: str, where: list[str], ctx: dict) -> dict:
     }
 
 
-_DP_AUDIT_KEEP = ("eps_lb", "eps_lb_one_run", "eps_accountant", "consistent_with_accountant", "canaries", "kind", "mode",
+#: what a black-box canary row keeps; its verdict is ``status`` only, set by ``settle_audit`` (audit.json's
+#: ``consistent_with_accountant`` and ``status`` are read there, never copied: one status per row)
+_DP_AUDIT_KEEP = ("eps_lb", "eps_lb_one_run", "eps_accountant", "canaries", "kind", "mode",
                   "trials", "confidence", "delta", "noise_multiplier", "accountant_noise_multiplier", "accountant", "dp",
-                  "canary_auc", "note", "status", "max_certifiable_epsilon", "accountant_epsilon", "ratio",
+                  "canary_auc", "note", "max_certifiable_epsilon", "accountant_epsilon", "ratio",
                   "threat_model", "epsilon_unit", "canary_unit", "records_per_canary")
 
 
 def _dp_audit_entry(node: dict, label: str, ctx: dict) -> dict:
     entry = {"path": label, "hospital": ctx.get("hospital"), "task": ctx.get("task"), "target": ctx.get("target")}
     entry.update({k: node.get(k) for k in _DP_AUDIT_KEEP if k in node and _scalar(node.get(k))})
+    entry["_consistent_with_accountant"] = node.get("consistent_with_accountant")  # read by settle_audit, then dropped
     return entry
 
 
@@ -306,14 +318,18 @@ def _low_fpr_note(mia: list[dict]) -> str | None:
 
 
 def _low_fpr_findings(mia: list[dict]) -> list[Finding]:
+    """``mia_low_fpr`` from an interval, not a point estimate: attention when the 95% lower end of an attack's TPR at
+    FPR 1e-3 (``tpr_lower_bound``) is above 2e-3. An attack below chance is an audit fault, not a signal: not counted."""
     findings = []
     for m in mia:
-        t = m["tpr_at_fpr"].get("0.001")
-        if t is not None and t > 2 * 1e-3:
-            who = f"{m['hospital']}: " if m["hospital"] else ""
-            findings.append(Finding(
-                "attention", f"{who}{m['attack']} on {m['target']}{' / ' + m['task'] if m['task'] else ''}: TPR {t:.4g} at FPR 1e-3 (> 2 x FPR)",
-                m["hospital"], "an MIA exceeds TPR 2e-3 at FPR 1e-3"))
+        t = m["tpr_at_fpr"].get(LOW_FPR)
+        lo = tpr_lower_bound(m)
+        if t is None or lo is None or lo <= LOW_FPR_LIMIT or mia_status(m) == MIA_BELOW_CHANCE:
+            continue
+        who = f"{m['hospital']}: " if m["hospital"] else ""
+        findings.append(Finding(
+            "attention", f"{who}{m['attack']} on {m['target']}{' / ' + m['task'] if m['task'] else ''}: TPR {t:.4g} at FPR "
+            f"1e-3, 95% lower bound {lo:.3g} (> 2 x FPR)", m["hospital"], "an MIA exceeds TPR 2e-3 at FPR 1e-3"))
     return findings
 
 
@@ -353,6 +369,7 @@ def _consistency_entry(node: dict, label: str, where: list[str], ctx: dict) -> d
         "accountant_epsilon": _num_or_none(node.get("accountant_epsilon")),
         # the claim the lower bound is checked against: the white-box audit checks the steps it replayed
         "claim_checked": _num_or_none(node.get("accountant_epsilon_audited_steps", node.get("accountant_epsilon"))),
+        "claim_checked_of": CLAIM_CHECKED_OF[kind],
         "ratio": _num_or_none(node.get("ratio")),
         "mu_estimate": _num_or_none(node.get("gdp_mu_estimate", node.get("mu_estimate"))),
         "mu_interval": [float(x) for x in node.get("gdp_mu_interval", node.get("mu_interval"))]
@@ -363,38 +380,153 @@ def _consistency_entry(node: dict, label: str, where: list[str], ctx: dict) -> d
 
 KIND_WORDS = {"dp_audit": "black-box canary audit", "whitebox": "white-box gradient-canary audit",
               "mechanism": "per-step mechanism audit"}
+#: what each kind of DP-consistency audit checks its lower bound against (``claim_checked``)
+CLAIM_CHECKED_OF = {
+    "dp_audit": "the federation's own whole-run epsilon from the hospital's ledger (the replay retrains the federation's "
+                "training only; the single-hospital baseline's spend is not part of this claim)",
+    "whitebox": "the epsilon of the DP-SGD steps the audit replayed",
+    "mechanism": "the configured Gaussian-DP mu of one DP-SGD step",
+}
+#: a membership-inference row's one status (``mia[].status``), read by every section
+MIA_SIGNAL, MIA_NO_SIGNAL, MIA_BELOW_CHANCE = "signal above chance", "no signal shown", "below chance (audit fault)"
+#: the false-positive rate mia_low_fpr reads, its limit (2 x FPR) and the confidence of the TPR interval
+LOW_FPR, LOW_FPR_LIMIT, LOW_FPR_CONFIDENCE = "0.001", 2e-3, 0.95
 
 
-def consistency_findings(audit: dict) -> list[Finding]:
-    """``inconsistent`` is evidence of a DP bug (fail, naming the case); ``inconclusive`` cannot decide."""
+def _lb(a: dict) -> float | None:
+    vals = [_num_or_none(a.get(k)) for k in ("eps_lb", "eps_lb_one_run")]
+    return max((x for x in vals if x is not None), default=None)
+
+
+def mia_interval(m: dict) -> list[float] | None:
+    """The AUC interval a row is judged by: the audit's pair-level ``auc_ci`` when it has one, else ``auc_ci95``."""
+    return m.get("auc_ci") or m.get("auc_ci95")
+
+
+def mia_status(m: dict) -> str:
+    """One status per membership-inference row (the rule ``measured_leakage`` states): a signal above chance when the
+    audit's test says so with the AUC above 0.5 (Holm-adjusted p < 0.05) or the AUC interval lies wholly above 0.5;
+    below chance (an audit fault, not a membership signal) when the interval lies wholly below 0.5."""
+    ci = mia_interval(m)
+    if ci is not None and ci[1] < 0.5:
+        return MIA_BELOW_CHANCE
+    if (ci is not None and ci[0] > 0.5) or (m.get("significant") is True and m["auc"] > 0.5):
+        return MIA_SIGNAL
+    return MIA_NO_SIGNAL
+
+
+def tpr_lower_bound(m: dict, fpr: str = LOW_FPR) -> float | None:
+    """The 95% lower end of the TPR at ``fpr``: the audit's own Clopper-Pearson interval (``tpr_ci``) when it has
+    one, else Clopper-Pearson (one-sided) on the row's hits among its members."""
+    t = m["tpr_at_fpr"].get(fpr)
+    if t is None:
+        return None
+    ci = (m.get("tpr_ci") or {}).get(fpr)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
+        return float(ci[0])
+    n = m.get("n_members")
+    if not isinstance(n, int) or n <= 0:
+        return None
+    from scipy.stats import beta
+
+    hits = int(round(t * n))
+    return 0.0 if hits == 0 else float(beta.ppf(1 - LOW_FPR_CONFIDENCE, hits, n - hits + 1))
+
+
+def settle_audit(audit: dict, hospitals: dict[str, HospitalFacts]) -> None:
+    """One status per audit row, set here and nowhere else; every section (checks, tables, first page, partner view)
+    reads it. A DP-consistency row is ``inconsistent`` when the audit says so, says it is not consistent with the
+    accountant, or its lower bound exceeds the claim it was checked against; its black-box and table entries (the same
+    row of audit.json) carry the same status. ``underpowered``: inconclusive because the claim is above the largest
+    epsilon the audit could certify."""
+    by_path = {e["path"]: e for e in audit["consistency"]}
+    for a in audit["dp_audit"]:
+        lb = _lb(a)
+        acc, source = a.get("eps_accountant"), "the audit's accountant epsilon"
+        if not isinstance(acc, (int, float)) and a.get("hospital") in hospitals:
+            acc, source = (hospitals[a["hospital"]].accounting or {}).get("epsilon_spent"), "the hospital's spent epsilon"
+        c = by_path.get(a["path"])
+        over = a.pop("_consistent_with_accountant", None) is False or (
+            lb is not None and isinstance(acc, (int, float)) and lb > acc * (1 + 1e-9))
+        if over:
+            a["status"] = "inconsistent"
+            a["inconsistency"] = (f"empirical epsilon lower bound {lb:.4g} exceeds {source} "
+                                  f"{acc if acc is None else format(acc, '.4g')}")
+            if c is not None:
+                c["status"] = "inconsistent"
+        else:
+            a["status"] = c["status"] if c is not None else "consistent"
+    for e in audit["consistency"]:
+        cert, claim = e["max_certifiable_epsilon"], e["claim_checked"]
+        e["underpowered"] = bool(e["status"] == "inconclusive" and cert is not None and claim is not None and claim > cert)
+    for a in audit["dp_audit"]:
+        c = by_path.get(a["path"])
+        a["underpowered"] = bool(c and c["underpowered"])
+        a["claim_checked_of"] = CLAIM_CHECKED_OF["dp_audit"]
+    for m in audit["mia"]:
+        m["status"] = mia_status(m)
+        m["tpr_lower_at_low_fpr"] = tpr_lower_bound(m)
+
+
+def _decided_by_whitebox(audit: dict, e: dict) -> dict | None:
+    """A white-box audit of the same hospital and task that decided (consistent): it carries the decision an
+    underpowered black-box canary audit cannot."""
+    return next((w for w in audit["consistency"] if w["kind"] == "whitebox" and w["status"] == "consistent"
+                 and w["hospital"] == e["hospital"] and w["task"] == e["task"]), None)
+
+
+def consistency_findings(audit: dict, hospitals: dict[str, HospitalFacts] | None = None) -> list[Finding]:
+    """From each row's settled status: ``inconsistent`` is evidence of a DP bug (fail, naming the case);
+    ``inconclusive`` cannot decide, and holds the decision unless it is underpowered and a white-box audit of the same
+    training decided (then it is said, as such, under a pass). Rows of an older audit.json without a verdict are
+    judged by their lower bound against the accountant (``settle_audit``)."""
     out = []
+    hospitals = hospitals or {}
+    paths = {e["path"] for e in audit["consistency"]}
+    for a in audit["dp_audit"]:
+        if a["path"] not in paths and a["status"] == "inconsistent":
+            who = f"{a['hospital']}: " if a.get("hospital") else ""
+            out.append(Finding("fail", f"{who}audit {a['path']}: {a['inconsistency']}: the training leaks more than its "
+                               "accounting claims (a DP bug)", a.get("hospital"),
+                               "an audit lower bound exceeds the accountant's epsilon"))
     for e in audit["consistency"]:
         who = f"{e['hospital']}: " if e["hospital"] else ""
         case = f"{who}{KIND_WORDS[e['kind']]}{' on ' + e['task'] if e['task'] else ''} ({e['path']})"
         why = "; ".join(e["reasons"]) or "no reason given"
         if e["status"] == "inconsistent":
-            out.append(Finding("fail", f"{case} is inconsistent with the accountant: {why}", e["hospital"],
-                               "an audit found the training inconsistent with its accounting (a DP bug)"))
+            extra = next((a["inconsistency"] for a in audit["dp_audit"] if a["path"] == e["path"] and a.get("inconsistency")), None)
+            out.append(Finding("fail", f"{case} is inconsistent with the accountant: {why}" + (f"; {extra}" if extra else ""),
+                               e["hospital"], "an audit found the training inconsistent with its accounting (a DP bug)"))
         elif e["status"] == "inconclusive":
             cert = e["max_certifiable_epsilon"]
-            out.append(Finding("inconclusive", f"{case} is inconclusive: {why}"
-                               + (f" (the largest epsilon it can certify is {cert:.3g})" if cert is not None else ""),
-                               e["hospital"], "an audit could not decide"))
+            h = hospitals.get(e["hospital"])
+            total = ((h.accounting or {}).get("epsilon_total") if h else None)
+            claim = e["claim_checked"]
+            named = (f" (the claim checked, {claim:.3g}, is {CLAIM_CHECKED_OF[e['kind']]}"
+                     + (f"; the hospital's composed epsilon is {total:.4g}" if total is not None and e["kind"] == "dp_audit"
+                        and claim is not None and abs(total - claim) > 1e-9 else "") + ")") if claim is not None else ""
+            cap = f" (the largest epsilon it can certify is {cert:.3g})" if cert is not None else ""
+            decided = _decided_by_whitebox(audit, e) if e["underpowered"] else None
+            if decided is not None:
+                out.append(Finding("pass", f"{case} is underpowered: it cannot decide at this budget{cap}{named}; the "
+                                   f"white-box audit of the same training ({decided['path']}) decided consistent and "
+                                   "carries the decision", e["hospital"],
+                                   "an underpowered audit could not decide; a white-box audit of the same training did"))
+            else:
+                out.append(Finding("inconclusive", f"{case} is inconclusive"
+                                   + (" (underpowered: it cannot decide at this budget)" if e["underpowered"] else "")
+                                   + f": {why}{cap}{named}", e["hospital"], "an audit could not decide"))
     return out
 
 
 def leakage_findings(audit: dict, auc_fail: float) -> list[Finding]:
-    """Measured membership leakage. A row is significant when the audit says so (Holm-adjusted p < 0.05) or, in an
-    old audit.json without p-values, when its AUC interval excludes 0.5. Significant: attention; significant with
-    the interval's lower bound at or above ``auc_fail`` (config report.mia_auc_fail): fail."""
+    """Measured membership leakage, from each row's status (``mia_status``): a signal above chance needs attention,
+    and fails when the interval's lower bound reaches ``auc_fail`` (config report.mia_auc_fail)."""
     out = []
     for m in audit["mia"]:
-        ci = m.get("auc_ci") or m.get("auc_ci95")
-        significant = m.get("significant")
-        if significant is None:
-            significant = ci is not None and ci[0] > 0.5
-        if not significant:
+        if m["status"] != MIA_SIGNAL:
             continue
+        ci = mia_interval(m)
         status = "fail" if ci is not None and ci[0] >= auc_fail else "attention"
         who = f"{m['hospital']}: " if m["hospital"] else ""
         interval = f" (95% interval {ci[0]:.3g} to {ci[1]:.3g})" if ci else ""
@@ -406,10 +538,25 @@ def leakage_findings(audit: dict, auc_fail: float) -> list[Finding]:
     return out
 
 
+def below_chance_findings(audit: dict) -> list[Finding]:
+    """An attack whose AUC interval lies wholly below 0.5 is an audit fault: its scores are reliably on the wrong side
+    of chance (leakage measured with the wrong sign), so the audit under-reports; never a membership signal."""
+    out = []
+    for m in audit["mia"]:
+        if m["status"] != MIA_BELOW_CHANCE:
+            continue
+        ci = mia_interval(m)
+        who = f"{m['hospital']}: " if m["hospital"] else ""
+        out.append(Finding("attention", f"{who}{m['attack']} attack on {m['target']}{' / ' + m['task'] if m['task'] else ''}: "
+                           f"AUC {m['auc']:.3g} (95% interval {ci[0]:.3g} to {ci[1]:.3g}) lies below chance: an audit "
+                           "fault (the attack's scores are inverted), not a membership signal; this attack under-reports",
+                           m["hospital"], "an attack scored below chance (an audit fault)"))
+    return out
+
+
 def lower_bound_findings(audit: dict, threshold: float) -> list[Finding]:
     out = []
-    rows = [(a, max((x for x in (_num_or_none(a.get("eps_lb")), _num_or_none(a.get("eps_lb_one_run"))) if x is not None),
-                    default=None)) for a in audit["dp_audit"]]
+    rows = [(a, _lb(a)) for a in audit["dp_audit"]]
     rows += [(e, e["eps_lb"]) for e in audit["consistency"] if e["kind"] != "dp_audit"]
     for a, lb in rows:
         if lb is not None and lb > threshold:
@@ -420,23 +567,18 @@ def lower_bound_findings(audit: dict, threshold: float) -> list[Finding]:
     return out
 
 
-def audit_vs_accountant(audit: dict, hospitals: dict[str, HospitalFacts]) -> list[Finding]:
-    findings = []
-    for a in audit["dp_audit"]:
-        lbs = [a.get("eps_lb"), a.get("eps_lb_one_run")]
-        lb = max(float(x) for x in lbs if isinstance(x, (int, float)))
-        acc = a.get("eps_accountant")
-        source = "the audit's accountant epsilon"
-        if not isinstance(acc, (int, float)) and a.get("hospital") in hospitals:
-            acc = ((hospitals[a["hospital"]].accounting or {}).get("epsilon_spent"))
-            source = "the hospital's spent epsilon"
-        who = f"{a['hospital']}: " if a.get("hospital") else ""
-        if a.get("consistent_with_accountant") is False or (isinstance(acc, (int, float)) and lb > acc * (1 + 1e-9)):
-            findings.append(Finding(
-                "fail", f"{who}audit {a['path']}: empirical epsilon lower bound {lb:.4g} exceeds {source} "
-                f"{acc if acc is None else format(acc, '.4g')}: the training leaks more than its accounting claims (a DP bug)",
-                a.get("hospital"), "an audit lower bound exceeds the accountant's epsilon"))
-    return findings
+def worst_leakage(mia: list[dict]) -> dict | None:
+    """The worst measured leakage, computed here once for the report (``audit.worst_leakage``) and read by the first
+    page and the summary: among rows that are not audit faults, the highest AUC interval lower bound (its AUC without
+    an interval), then the highest AUC."""
+    rows = [m for m in mia if m["status"] != MIA_BELOW_CHANCE]
+    if not rows:
+        return None
+    m = max(rows, key=lambda m: ((mia_interval(m) or [m["auc"]])[0], m["auc"]))
+    where = " / ".join(str(x) for x in (m.get("hospital"), m.get("target"), m.get("task")) if x)
+    return {"path": m["path"], "attack": m["attack"], "where": where, "auc": m["auc"], "auc_ci": mia_interval(m),
+            "status": m["status"], "threat_model": m.get("threat_model"),
+            "rule": "the highest AUC interval lower bound among rows that are not audit faults (below chance)"}
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -523,10 +665,13 @@ def _facts(run_dir: Path) -> dict:
         findings[k].extend(v)
     for k, v in audit_f.items():
         findings[k].extend(v)
-    findings["audit_consistent_with_accountant"].extend(audit_vs_accountant(audit, hospitals))
-    findings["audit_consistent_with_accountant"].extend(consistency_findings(audit))
+    settle_audit(audit, hospitals)
+    findings["audit_consistent_with_accountant"].extend(consistency_findings(audit, hospitals))
     thresholds = run.cfg.report
     findings["measured_leakage"].extend(leakage_findings(audit, thresholds.mia_auc_fail))
+    findings["mia_below_chance"].extend(below_chance_findings(audit))
+    for k, v in randomness_findings([hospitals[c] for c in run.clients]).items():
+        findings[k].extend(v)
     findings["dp_lower_bound"].extend(lower_bound_findings(audit, thresholds.eps_lower_bound_attention))
     dp_hosp = [h for h in hospitals.values() if h.dp]
     if not dp_hosp:
@@ -571,7 +716,7 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
             or (name in transport_only and name not in transport.report_checks)
             or (name == "audit_consistent_with_accountant" and not f["audit"]["dp_audit"] and not f["audit"]["consistency"])
             or (name == "ledger_verified" and no_ledger)
-            or (name == "measured_leakage" and not f["audit"]["mia"])
+            or (name in ("measured_leakage", "mia_below_chance") and not f["audit"]["mia"])
             or (name == "dp_lower_bound" and not f["audit"]["dp_audit"]
                 and not any(e["eps_lb"] is not None for e in f["audit"]["consistency"]))
             or (name == "baseline_spend_composed")
@@ -588,6 +733,7 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
                     "mia_low_fpr": (f["audit"].get("low_fpr_note") or "no MIA result in audit.json") if f["audit"]["run"]
                     else "audit not run",
                     "measured_leakage": "no MIA result in audit.json" if f["audit"]["run"] else "audit not run",
+                    "mia_below_chance": "no MIA result in audit.json" if f["audit"]["run"] else "audit not run",
                     "dp_lower_bound": "no epsilon lower bound in audit.json" if f["audit"]["run"] else "audit not run",
                     "ledger_verified": "no privacy ledger in this run",
                     "baseline_spend_composed": "no single-hospital baseline's DP spend in this run: the federation's "
@@ -605,7 +751,7 @@ def _check_rows(f: dict, partner: str | None) -> list[dict]:
 def _reason(found: list[Finding], partner: str | None) -> str:
     parts, anon = [], {}
     for x in found:
-        if partner is None or x.hospital is None or x.hospital == partner:
+        if partner is None or (x.hospital in (None, partner) and all(o == partner for o in x.also)):
             parts.append(x.message)
         else:
             key = (x.anonymous, x.status)
@@ -866,18 +1012,44 @@ def build_report(run_dir, partner: str | None = None, *, reference=None) -> dict
         "glossary": text.GLOSSARY,
         "plots": {"epsilon_by_round": _epsilon_series(hs, view, others, rounds)},
     }
+    report["scope"]["engine"] = run.summary.get("engine") or "flower simulation"
+    report["privacy_definition"].update(_adjacency([hs[c] for c in view], f["any_dp"]))
     by_name = {c["name"]: c for c in checks}
     report["hazards"] = text.hazards(by_name)
     report["regulatory_mapping"] = text.regulatory(by_name, f["any_dp"])
     report["guarantee_statement"] = text.guarantee(report, run.cfg)
     report["summary"] = text.summary(report, run.cfg, rounds)
+    report["dp_disclosure_card"] = text.disclosure_card(report, run.cfg, {c: randomness_of(hs[c]) for c in view})
     report["summary"]["first_page"] = text.first_page(report, run.cfg)
     return {k: report[k] for k in REPORT_ORDER}
 
 
+def randomness_of(h: HospitalFacts) -> dict:
+    """The generators a hospital's DP sessions (federation and baseline) recorded, and how many recorded none."""
+    sessions = dp_sessions(h)
+    return {"kinds": sorted({str(e["randomness"]) for _, e in sessions if "randomness" in e}),
+            "sessions": len(sessions), "not_recorded": sum("randomness" not in e for _, e in sessions)}
+
+
+def _adjacency(hs: list[HospitalFacts], any_dp: bool) -> dict:
+    """The neighbouring relation as the hospitals' DP plans state it (``dp_plan.adjacency``: a sentence, including that
+    the record count n is treated as public); older ledgers record only "add/remove"."""
+    said = {h.name: h.plan.get("adjacency") for h in hs if h.dp and h.plan and isinstance(h.plan.get("adjacency"), str)}
+    sentences = sorted(set(said.values()))
+    if not any_dp:
+        return {"adjacency_statement": None, "adjacency_source": None}
+    if not sentences:
+        return {"adjacency_statement": None, "adjacency_source": "no dp_plan records its adjacency: the relation above is "
+                                                                "the toolkit's (add/remove one unit)"}
+    return {"adjacency_statement": sentences[0] if len(sentences) == 1 else
+            "; ".join(f"{c}: {a}" for c, a in sorted(said.items())),
+            "adjacency_source": "the hospitals' dp_plan entries" + ("" if len(said) == len([h for h in hs if h.dp])
+                                                                    else " (not every hospital's plan records it)")}
+
+
 #: report.json's keys, in the order a reader meets them (the summary and checks first)
 REPORT_ORDER = ("schema_version", "report_id", "generated_at", "generator", "run_id", "federation_name", "partner",
-                "status", "summary", "checks", "guarantee_statement", "scope", "privacy_definition", "hospitals",
+                "status", "summary", "checks", "guarantee_statement", "dp_disclosure_card", "scope", "privacy_definition", "hospitals",
                 "other_hospitals", "accounting", "budget", "aggregation", "threat_model", "audit", "utility",
                 "data_inventory", "provenance", "regulatory_mapping", "hazards", "limitations", "sign_off", "glossary",
                 "plots")
@@ -938,14 +1110,19 @@ def _per_patient(run: RunFacts) -> dict[str, int | None]:
 
 
 def _audit_view(audit: dict, partner: str | None) -> dict:
+    """The audit as one reader sees it: every row with its one status (``settle_audit``), the worst measured leakage
+    of the rows shown, and in a partner report the other hospitals' rows only as counts of those same statuses."""
     out = {k: v for k, v in audit.items() if k != "_clients"}
     if partner is None:
         out["other_hospitals"] = None
+        out["worst_leakage"] = worst_leakage(out["mia"])
         return out
     mine = lambda e: e.get("hospital") in (None, partner)
     others_mia = [e for e in audit["mia"] if not mine(e)]
     others_dp = [e for e in audit["dp_audit"] if not mine(e)]
-    n_oh = len({e["hospital"] for e in others_mia + others_dp})
+    others_rows = [e for e in audit["consistency"] if not mine(e)]
+    others_rows += [e for e in others_dp if e["path"] not in {c["path"] for c in others_rows}]
+    n_oh = len({e["hospital"] for e in others_mia + others_rows})
     out["mia"] = [e for e in audit["mia"] if mine(e)]
     out["dp_audit"] = [e for e in audit["dp_audit"] if mine(e)]
     out["reconstruction"] = [e for e in audit["reconstruction"] if mine(e)]
@@ -953,11 +1130,14 @@ def _audit_view(audit: dict, partner: str | None) -> dict:
     out["roc_images"] = [p for p in audit["roc_images"] if p["hospital"] in (None, partner)]
     names = audit.get("_clients", [])
     out["skipped"] = [x for x in audit.get("skipped", []) if not any(c in x["what"] + x["why"] for c in names if c != partner)]
+    out["worst_leakage"] = worst_leakage(out["mia"])
     out["other_hospitals"] = {
         "hospitals": n_oh,
         "mia_results": len(others_mia),
         "dp_audits": len(others_dp),
-        "all_consistent_with_accountant": all(e.get("consistent_with_accountant") is not False for e in others_dp) if others_dp else None,
+        # the same statuses as every row of this report (settle_audit): no second verdict
+        "consistency_statuses": {st: sum(e["status"] == st for e in others_rows) for st in AUDIT_CONSISTENCY},
+        "mia_statuses": {st: sum(e["status"] == st for e in others_mia) for st in (MIA_SIGNAL, MIA_NO_SIGNAL, MIA_BELOW_CHANCE)},
     }
     return out
 

@@ -104,6 +104,7 @@ class Finding:
     message: str
     hospital: str | None = None
     anonymous: str = ""
+    also: tuple[str, ...] = ()  # other hospitals ``message`` names: a partner report shows it only when it is them
 
 
 # ------------------------------------------------------------------------------------------ hospitals
@@ -126,6 +127,9 @@ class HospitalFacts:
     accounting: dict | None = None
     commitments: list[dict] = field(default_factory=list)
     baseline: dict | None = None  # the single-hospital baseline's ledger, when the run has one
+    baseline_rounds: list[dict] = field(default_factory=list)  # its verified dp_round entries
+    patient_bound: Any = None  # k, the most records of one patient (None: unknown), and where it comes from
+    patient_bound_source: str | None = None
     findings: dict[str, list[Finding]] = field(default_factory=dict)
 
     def add(self, check: str, status: str, message: str, anonymous: str) -> None:
@@ -199,7 +203,125 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     h.participation = run.participation(name)
     _dp_facts(run, h, of_run, config_dp)
     _baseline_facts(run, h)
+    derive(h)
+    if h.accounting is not None:
+        _unit_wording(run, h, h.plan or {}, h.patient_bound, h.accounting["patient_level"])
     return h
+
+
+# ------------------------------------------------------------------------------------------ randomness
+#: the one randomness source fit for release (privacy.randomness: a ChaCha20 keystream keyed from the OS)
+SECURE_RANDOMNESS = "secure"
+
+
+def dp_sessions(h: HospitalFacts) -> list[tuple[str, dict]]:
+    """Every DP session (one dp_round entry: one round of one task) of a hospital in this run, federation and
+    single-hospital baseline, with its name in words."""
+    out = []
+    for source, rounds in (("", h.dp_rounds), ("the single-hospital baseline's ", h.baseline_rounds)):
+        for e in rounds:
+            task = f" (task {e['task']})" if e.get("task") else ""
+            out.append((f"{source}round {e.get('round')} at {h.name}{task}", e))
+    return out
+
+
+def randomness_findings(hospitals: list[HospitalFacts]) -> dict[str, list[Finding]]:
+    """``noise_randomness`` and ``noise_fresh`` (issue #30, item 5) from the run's own ledgers: which generator drew
+    every DP session's noise and Poisson samples, and whether two sessions drew the same (their fingerprints)."""
+    out: dict[str, list[Finding]] = {"noise_randomness": [], "noise_fresh": []}
+    sessions = [(h, name, e) for h in hospitals if h.dp for name, e in dp_sessions(h)]
+    for h in hospitals:
+        mine = [(name, e) for hh, name, e in sessions if hh is h]
+        bad = [(name, e.get("randomness")) for name, e in mine if "randomness" in e and e.get("randomness") != SECURE_RANDOMNESS]
+        for name, r in bad:
+            what = ("drawn from a reproducible generator: not fit for release" if r == "reproducible" else
+                    f"drawn from randomness {r!r}, not the secure generator: not fit for release")
+            out["noise_randomness"].append(Finding("fail", f"the noise of {name} was {what}", h.name,
+                                                   "a hospital's DP noise was drawn from a generator not fit for release"))
+        missing = [name for name, e in mine if "randomness" not in e]
+        if missing:
+            out["noise_randomness"].append(Finding(
+                "attention", f"{h.name}: {len(missing)} of {len(mine)} DP sessions record no randomness source (a run "
+                "written before it was recorded): where the noise came from cannot be shown", h.name,
+                "a hospital's ledger does not record where its DP noise came from"))
+        unfingerprinted = [name for name, e in mine if "noise_fingerprint" not in e
+                           or (e.get("noise_fingerprint") is None and int(e.get("steps") or 0) > 0)]
+        if unfingerprinted:
+            out["noise_fresh"].append(Finding(
+                "attention", f"{h.name}: {len(unfingerprinted)} of {len(mine)} DP sessions record no noise fingerprint "
+                "(a run written before it was recorded): fresh noise in every session cannot be shown", h.name,
+                "a hospital's ledger does not record noise fingerprints"))
+    out["noise_fresh"] += _repeats(sessions, "noise_fingerprint") + _repeats(sessions, "sampling_fingerprint")
+    return out
+
+
+def sampling_collision_bound(e: dict) -> float | None:
+    """The probability that an honest session draws one given Poisson sample again: at most
+    exp(-2 * units * q * (1 - q) * steps) (each unit is in or out with probability q at every step)."""
+    try:
+        units, q, steps = int(e["units"]), float(e["sample_rate"]), int(e["steps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return math.exp(-2.0 * units * q * (1.0 - q) * steps)
+
+
+def _repeats(sessions: list[tuple[HospitalFacts, str, dict]], key: str) -> list[Finding]:
+    """A fail for every DP session whose fingerprint ``key`` repeats an earlier session's (null: nothing random)."""
+    first: dict[str, tuple[HospitalFacts, str, dict]] = {}
+    out = []
+    for h, name, e in sessions:
+        fp = e.get(key)
+        if not isinstance(fp, str) or not fp:
+            continue
+        if fp not in first:
+            first[fp] = (h, name, e)
+            continue
+        h0, name0, e0 = first[fp]
+        same_place = h0 is h and e0.get("task") == e.get("task") and name0.startswith("round") == name.startswith("round")
+        earlier = f"round {e0.get('round')}'s" if same_place else f"that of {name0}"
+        if key == "noise_fingerprint":
+            msg = (f"the noise of {name} repeats {earlier} (the same noise_fingerprint {fp[:12]}...): repeated noise "
+                   "cancels in the difference of two updates, so the accountant's independence assumption fails")
+        else:
+            bounds = [b for b in (sampling_collision_bound(e0), sampling_collision_bound(e)) if b is not None]
+            honest = (f"; an honest run repeats a Poisson sample with probability at most {max(bounds):.2g} per pair "
+                      "(exp(-2 units q (1-q) steps))") if bounds else ""
+            msg = f"the Poisson samples of {name} repeat {earlier} (the same sampling_fingerprint {fp[:12]}...){honest}"
+        out.append(Finding("fail", msg, h.name, "two DP sessions drew the same randomness",
+                           also=() if h0 is h else (h0.name,)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ derived figures
+GROUP_PRIVACY_METHOD = "group privacy: (k*eps, k*exp((k-1)*eps)*delta), loose"
+MU_COVERS = {"gdp_mu": "the federation's DP-SGD steps alone",
+             "gdp_mu_total": "every released spend on these records composed (federation and single-hospital baseline)"}
+
+
+def derive(h: HospitalFacts) -> None:
+    """Every figure derived from a hospital's composed spend, computed here and only here (issue #30): the
+    remaining budget, the patient-level (group privacy) guarantee and what each Gaussian-DP mu covers. The composed
+    spend ``epsilon_total`` (federation and single-hospital baseline) is the hospital's epsilon; the federation's
+    ``epsilon_spent`` alone is never the base of a derived figure. ``verify`` recomputes each of them by its own
+    code path (:mod:`secure_fedkim.report.recompute`)."""
+    a = h.accounting
+    if a is None:
+        return
+    total = a["epsilon_total"]
+    a["epsilon_remaining"] = finite(a["epsilon_budget"] - total) if total is not None else None
+    a["epsilon_remaining_of"] = ("budget minus the composed spend (federation and single-hospital baseline)"
+                                 if len(a["released_spends"]) > 1 else "budget minus the federation's spend")
+    a["gdp_mu_covers"] = {"gdp_mu": MU_COVERS["gdp_mu"],
+                          "gdp_mu_total": MU_COVERS["gdp_mu_total"] if len(a["released_spends"]) > 1 else
+                          "the federation's DP-SGD steps alone (no other release on these records)"}
+    k = h.patient_bound
+    patient = None
+    if k is not None and total is not None and a.get("privacy_unit", "record") == "record":
+        e_k, d_k = group_privacy_epsilon(total, a["delta"], k)
+        patient = {"max_records_per_patient": k, "epsilon": e_k, "delta": d_k, "source": h.patient_bound_source,
+                   "method": GROUP_PRIVACY_METHOD, "of": "the composed epsilon (epsilon_total)",
+                   "meaningful": bool(d_k < 1.0 and e_k <= 10)}
+    a["patient_level"] = patient
 
 
 def _baseline_facts(run: "RunFacts", h: HospitalFacts) -> None:
@@ -224,6 +346,7 @@ def _baseline_facts(run: "RunFacts", h: HospitalFacts) -> None:
         h.add("baseline_spend_composed", "fail", f"{rel} does not verify: {err}", "a baseline ledger does not verify")
         return
     rounds = [e for e in entries if e.get("event") == DP_ROUND]
+    h.baseline_rounds = rounds
     if not rounds or h.accounting is None:
         return
     acc, delta = h.accounting["accountant"], h.accounting["delta"]
@@ -304,7 +427,6 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
     method, ind, rel = _independent_check(h, history, spent, delta, acc)
     planned = _check_planned(h, plan, schedule, rounds_planned, sigma, delta, acc)
     k, patient = _patient_level(run, h, spent, delta, unit, by_round, last_round)
-    _unit_wording(run, h, plan, k, patient)
     h.mechanism = _mechanism(run, h, plan, sigma, schedule, sampling_used, rounds_planned)
     h.accounting = {
         "accountant": acc,
@@ -321,7 +443,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
         "released_spends": [{"source": h.ledger_rel, "what": "federated training (every update sent)", "epsilon": finite(spent)}],
         "composition": "the federation's DP-SGD steps only: no other DP release on these records",
         "epsilon_budget": budget,
-        "epsilon_remaining": finite(budget - spent),
+        "epsilon_remaining": None,  # set by derive(): budget minus the composed spend
         "planned_epsilon": finite(planned) if planned is not None else None,
         "gdp_mu": finite(gdp_mu(history)),
         "epsilon_by_round": by_round,
@@ -331,7 +453,7 @@ def _dp_facts(run: "RunFacts", h: HospitalFacts, of_run: list[dict], config_dp: 
             "library": f"dp_accounting {_version('dp-accounting')}", "method": method,
             "epsilon": finite(ind), "relative_difference": rel,
         },
-        "patient_level": patient,
+        "patient_level": None,  # set by derive(), from the composed spend
         "records_per_patient_at_least": run.records_per_patient_at_least.get(h.name),
         "privacy_unit": plan.get("privacy_unit", "record"),
         "adjacency": plan.get("adjacency", "add/remove"),
@@ -523,6 +645,8 @@ def _patient_level(run: "RunFacts", h: HospitalFacts, spent: float, delta: float
     whose per-round values the metrics report are compared."""
     configured = getattr(run.cfg.privacy, "max_records_per_patient", None)
     k = configured if configured is not None else run.records_per_patient.get(h.name)
+    h.patient_bound = k
+    h.patient_bound_source = "config privacy.max_records_per_patient" if configured is not None else "patient ids in the data"
     patient = None
     if k is not None and math.isfinite(spent) and unit == "record":
         e_k, d_k = group_privacy_epsilon(spent, delta, k)
@@ -725,6 +849,19 @@ def load_run_facts(run_dir: Path) -> RunFacts:
 SUPPRESS_BELOW = 10
 
 
+def patient_ids_available(p) -> bool:
+    """Whether a task's records carry patient (person) ids, from the task registry for a built-in task
+    (:data:`secure_fedkim.data.tasks.TASKS`: its privacy unit names a patient, or its records are one or a few named
+    persons); a report id or a row number is not a patient id (report_abnormal's IU study uid names the report). For
+    a user's own task: whether its data names a group or person (``source.group``)."""
+    from secure_fedkim.data.tasks import TASKS
+
+    reg = TASKS.get(p.task.name)
+    if reg is not None and reg == p.task:
+        return reg.privacy_unit.startswith("patient") or (reg.persons in ("one", "few") and p.data.person is not None)
+    return p.data.persons is not None
+
+
 def suppress(n: int | None) -> int | str | None:
     """A count for the data inventory: cells below 10 (zero included) are shown as "<10"."""
     if n is None:
@@ -753,14 +890,14 @@ def _data_facts(facts: RunFacts) -> None:
     for name, p in plans.items():
         t = {"role": p.task.role, "modality": p.task.modality, "records": len(p.data),
              "positives": int(np.asarray(p.data.y).sum()), "test_records": len(p.split.test),
-             "public_records": len(p.split.public), "patient_ids": p.data.persons is not None,
+             "public_records": len(p.split.public), "patient_ids": patient_ids_available(p),
              "privacy_unit": p.task.privacy_unit, "persons": p.task.persons, "persons_note": p.task.persons_note,
              "hospitals": {}}
         if p.task.role == "train":
             for c in facts.clients:
                 shard = p.shard(c)
                 k = None
-                if p.data.persons is not None and len(shard):  # persons, not the split's unit (ECG windows)
+                if t["patient_ids"] and len(shard):  # persons, not the split's unit (ECG windows)
                     _, counts = np.unique(np.asarray(shard.persons).astype(str), return_counts=True)
                     k = int(counts.max())
                 if len(shard):

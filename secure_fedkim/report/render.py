@@ -248,9 +248,17 @@ def _section_summary(B: list[Block], report: dict, run_dir: Path) -> None:
     fp = report["summary"]["first_page"]
     B.append(Block("decision", f"Decision: {fp['decision'].upper()}", DECISION_STATUS[fp["decision"]]))
     reasons = [r if len(r) <= 300 else r[:290].rsplit(" ", 1)[0] + " ... (section 2)" for r in fp["reasons"]]
-    B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (section 2)"] if len(reasons) > 6 else [])))
-    rows = [[h["hospital"], _v(h["epsilon"]), _v(h["delta"]), _v(h["gdp_mu"]), h["reading"]] for h in fp["hospitals"]]
-    B.append(Block("table", (["hospital", "epsilon", "delta", "Gaussian-DP mu", "what it means"], rows), None))
+    if fp.get("conditions"):
+        B.append(Block("p", "Conditions, as actions (each from a check in section 2):"))
+        B.append(Block("ul", [f"{c['action']} [{CHECK_TITLES.get(c['check'], c['check'])}: {_st(c['status'])}]"
+                              for c in fp["conditions"]]))
+    else:
+        B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (section 2)"] if len(reasons) > 6 else [])))
+    B.append(Block("kv", [("setting", fp["setting"]), ("patients", fp["patient_exposure"]["text"] or "-")]))
+    rows = [[h["hospital"], _v(h["epsilon"]), _v(h.get("epsilon_remaining")), _v(h["delta"]), _v(h["gdp_mu"]), h["reading"]]
+            for h in fp["hospitals"]]
+    B.append(Block("table", (["hospital", "epsilon (every release composed)", "budget remaining", "delta",
+                              "Gaussian-DP mu (composed)", "what it means"], rows), None))
     if fp.get("other_hospitals"):
         B.append(Block("p", fp["other_hospitals"] + "."))
     B.append(Block("kv", [("worst measured leakage", fp["worst_leakage_text"]),
@@ -275,6 +283,11 @@ def _section_guarantee(B: list[Block], report: dict, run_dir: Path) -> None:
         B.append(Block("p", para))
     B.append(Block("p", "This guarantee does not cover:"))
     B.append(Block("ul", gs["does_not_cover"]))
+    card = report.get("dp_disclosure_card")
+    if card:
+        B.append(Block("h3", "DP disclosure card"))
+        B.append(Block("kv", [(k.replace("_", " "), _v(v) if not isinstance(v, list) or not v or not isinstance(v[0], dict)
+                               else "; ".join(f"{x['task']}: {x['record']}" for x in v)) for k, v in card.items()]))
 
 
 def _section_scope(B: list[Block], report: dict, run_dir: Path) -> None:
@@ -299,12 +312,14 @@ def _privacy_per_hospital(B: list[Block], dp_h: list[dict]) -> None:
                                f"{m['rounds_attended']} / {m['rounds_planned']}", _v(m["n_records"]), _v(m["secure_mode"])]
                               for h in dp_h for m in [h["mechanism"]]]), None))
     B.append(Block("h3", "Accounting per hospital"))
-    B.append(Block("table", (["hospital", "released spends (ledger: epsilon)", "epsilon (composed)", "dp_accounting PLD"],
+    B.append(Block("table", (["hospital", "released spends (ledger: epsilon)", "epsilon (composed)", "dp_accounting PLD",
+                              "Gaussian-DP mu (composed)"],
                              [[h["hospital"], "; ".join(f"{x['source']}: {_v(x['epsilon'])}" for x in a["released_spends"]),
-                               _v(a["epsilon_total"]), _v(a.get("epsilon_total_pld"))]
+                               _v(a["epsilon_total"]), _v(a.get("epsilon_total_pld")), _v(a.get("gdp_mu_total"))]
                               for h in dp_h for a in [h["accounting"]]]), None))
-    B.append(Block("table", (["hospital", "accountant", "federation epsilon", "budget", "remaining", "delta", "1/n",
-                              "Gaussian-DP mu", "independent (library, method)", "relative difference", "patient level"],
+    B.append(Block("table", (["hospital", "accountant", "federation epsilon", "budget", "remaining (budget - composed)",
+                              "delta", "1/n", "Gaussian-DP mu (federation alone)", "independent (library, method)",
+                              "relative difference", "patient level (composed)"],
                              [[h["hospital"], f"{a['accountant']} ({a['accountant_library']})", _v(a["epsilon_spent"]),
                                _v(a["epsilon_budget"]), _v(a["epsilon_remaining"]), _v(a["delta"]), _v(a["one_over_n"]),
                                _v(a["gdp_mu"]),
@@ -313,7 +328,8 @@ def _privacy_per_hospital(B: list[Block], dp_h: list[dict]) -> None:
                                "-" if a["independent_recomputation"]["relative_difference"] is None else
                                f"{a['independent_recomputation']['relative_difference']:+.2%}",
                                "unknown records per patient" if not a["patient_level"] else
-                               f"k={a['patient_level']['max_records_per_patient']}: eps {g(a['patient_level']['epsilon'])}"]
+                               f"k={a['patient_level']['max_records_per_patient']}: eps {g(a['patient_level']['epsilon'])}, "
+                               f"delta {g(a['patient_level']['delta'])}"]
                               for h in dp_h for a in [h["accounting"]]]), None))
     rounds = sorted({x["round"] for h in dp_h for x in h["accounting"]["epsilon_by_round"]})
     B.append(Block("table", (["hospital"] + [f"round {r}" for r in rounds],
@@ -341,7 +357,9 @@ def _section_privacy(B: list[Block], report: dict, run_dir: Path) -> None:
     B.append(Block("kv", [("DP setting", pdef["dp_setting"]), ("privacy unit", _v(pdef["privacy_unit"])),
                           ("records per patient (max)", "; ".join(f"{c} {'unknown' if k is None else k}" for c, k in
                                                                   (pdef["max_records_per_patient"] or {}).items()) or "-"),
-                          ("adjacency", _v(pdef["adjacency"])), ("release scope", _v(pdef["release_scope"])),
+                          ("adjacency", _v(pdef.get("adjacency_statement") or pdef["adjacency"])
+                           + (f" ({pdef['adjacency_source']})" if pdef.get("adjacency_source") else "")),
+                          ("release scope", _v(pdef["release_scope"])),
                           ("not differential privacy", "; ".join(pdef["not_differential_privacy"]))]))
     B.append(Block("table", (["access", "status", "reason"],
                              [[a["access"], a["status"], a["reason"]] for a in pdef["covered_accesses"]]), None))
@@ -409,10 +427,15 @@ def _audit_consistency(B: list[Block], consistency: list[dict]) -> None:
     B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
     B.append(Block("table", (["audit", "hospital", "task", "status", "epsilon lower bound", "claim checked",
                               "largest epsilon it can certify", "reasons"],
-                             [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]), c["status"],
+                             [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]),
+                               c["status"] + (" (underpowered)" if c.get("underpowered") else ""),
                                _v(c.get("eps_lb")), _v(c.get("claim_checked")),
                                _v(c["max_certifiable_epsilon"]), "; ".join(c["reasons"])] for c in consistency]),
                    3))
+    B.append(Block("p", "Claim checked: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in
+                                                     {c["kind"]: c.get("claim_checked_of") for c in consistency}.items() if v)
+                   + ". Underpowered: the claim is above the largest epsilon the audit could certify, so it could not "
+                   "have decided; it holds no decision where a white-box audit of the same training decided."))
     methods = sorted({c["lower_bound_method"] for c in consistency if c.get("lower_bound_method")})
     if methods:
         B.append(Block("p", "White-box lower bound: " + "; ".join(methods) + ". It assumes the mechanism's "
@@ -423,10 +446,10 @@ def _audit_consistency(B: list[Block], consistency: list[dict]) -> None:
 def _audit_mia(B: list[Block], mia: list[dict]) -> None:
     """Section 9: every membership-inference result, with TPR at each false-positive rate measured."""
     fprs = sorted({k for m in mia for k in m["tpr_at_fpr"]}, key=float)
-    B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI", "significant"]
+    B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI", "status"]
                              + [f"TPR@{k}" for k in fprs] + ["members / non-members"],
                              [[_v(m["hospital"]), _v(m["target"]), _v(m["task"]), m["attack"], _v(m["auc"]),
-                               _interval(m.get("auc_ci") or m["auc_ci95"]), _v(m.get("significant"))] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
+                               _interval(m.get("auc_ci") or m["auc_ci95"]), m["status"]] + ["n/a (too few non-members)" if m["tpr_at_fpr"].get(k) is None and
                                                      k in (m.get("tpr_at_fpr_note") or {}) else _v(m["tpr_at_fpr"].get(k))
                                                      for k in fprs] +
                               [f"{_v(m['n_members'])} / {_v(m['n_nonmembers'])}"] for m in mia]), None))
@@ -446,17 +469,21 @@ def _section_audit(B: list[Block], report: dict, run_dir: Path) -> None:
             _audit_mia(B, au["mia"])
         if au["dp_audit"]:
             B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound",
-                                      "accountant eps (audit's replay)", "consistent"],
+                                      "claim checked (federation's spend)", "status"],
                                      [[_v(a.get("hospital")), _v(a.get("task")), _v(a.get("canaries")), _v(a.get("eps_lb")),
                                        _v(a.get("eps_lb_one_run")), _v(a.get("eps_accountant")),
-                                       _v(a.get("consistent_with_accountant"))] for a in au["dp_audit"]]), None))
+                                       a["status"] + (" (underpowered)" if a.get("underpowered") else "")]
+                                      for a in au["dp_audit"]]), None))
         if au["reconstruction"]:
             B.append(Block("table", (["hospital", "task", "update", "visible to server", "relative MSE", "cosine", "note"],
                                      [[_v(r.get("hospital")), _v(r.get("task")), _v(r.get("update")), _v(r.get("visible")),
                                        _v(r.get("relative_mse")), _v(r.get("cosine")), _v(r.get("note"))]
                                       for r in au["reconstruction"]]), None))
         if au.get("other_hospitals"):
-            B.append(Block("p", "Other hospitals' audits (aggregate): " + _v(au["other_hospitals"]) + "."))
+            o = au["other_hospitals"]
+            B.append(Block("p", f"Other hospitals' audits (aggregate, {o['hospitals']} hospitals): {o['mia_results']} "
+                                "membership-inference results (" + _v(o["mia_statuses"]) + "); DP-consistency audits: "
+                                + _v(o["consistency_statuses"]) + "."))
         img = plot_audit_bounds(report)
         if img:
             B.append(Block("img", img, "Empirical epsilon lower bound vs accountant epsilon"))
@@ -508,7 +535,7 @@ def _section_inventory(B: list[Block], report: dict, run_dir: Path) -> None:
         if t.get("other_hospitals"):
             rows.append([t["task"], "", "", f"{t['other_hospitals']['count']} other hospitals",
                          _v(t["other_hospitals"]["records"]), "-", "-"])
-    B.append(Block("table", (["task", "role", "modality", "where", "records", "positives", "patient ids / max per patient"], rows), None))
+    B.append(Block("table", (["task", "role", "modality", "where", "records", "positives", "patient ids (task registry) / max per patient"], rows), None))
     B.append(Block("p", f"{inv['rule']}. Source: {inv['source']}." + (f" {inv['note']}" if inv.get("note") else "")
                    + f" Dates: {inv['date_ranges']}."))
 

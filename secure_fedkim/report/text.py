@@ -361,7 +361,11 @@ def _hospital_statement(h: dict, t) -> str:
     if ind.get("epsilon") is not None:
         text += (f" An independent recomputation ({ind['library']}, {ind['method'].upper()}) gives "
                  f"{g(ind['epsilon'])} ({ind['relative_difference']:+.2%}).")
-    text += f" Gaussian-DP mu is about {g(a.get('gdp_mu_total', a['gdp_mu']))} (central-limit approximation)."
+    if len(a.get("released_spends", [])) > 1:
+        text += (f" Gaussian-DP mu is about {g(a['gdp_mu_total'])} for the federation and the baseline composed "
+                 f"({g(a['gdp_mu'])} for the federation alone; central-limit approximation).")
+    else:
+        text += f" Gaussian-DP mu is about {g(a['gdp_mu_total'])} (the federation's steps; central-limit approximation)."
     p = a.get("patient_level")
     if a.get("privacy_unit") == "patient":
         text += " This is a patient-level guarantee: every epsilon above is per patient."
@@ -435,12 +439,14 @@ def summary(report: dict, cfg, rounds: int) -> dict:
         h = hs[0]
         a = h.get("accounting")
         if a:
-            s += (f" Your hospital's records carry epsilon {g(a['epsilon_total'])} per {cfg.privacy.unit} (budget {g(a['epsilon_budget'])}), at "
-                  f"delta {g(a['delta'])} (Gaussian-DP mu about {g(a['gdp_mu_total'])})"
-                  + (", the federation's and the single-hospital baseline's spends composed." if len(a["released_spends"]) > 1
-                     else "."))
+            composed = len(a["released_spends"]) > 1
+            s += (f" Your hospital's records carry epsilon {g(a['epsilon_total'])} per {cfg.privacy.unit} (budget {g(a['epsilon_budget'])}, "
+                  f"remaining {g(a['epsilon_remaining'])}), at delta {g(a['delta'])} (Gaussian-DP mu about {g(a['gdp_mu_total'])}, "
+                  + ("federation and baseline composed)" if composed else "federation)")
+                  + (", the federation's and the single-hospital baseline's spends composed." if composed else "."))
             headline = {"hospital": partner, "epsilon": a["epsilon_total"], "delta": a["delta"], "gdp_mu": a["gdp_mu_total"],
-                        "epsilon_budget": a["epsilon_budget"]}
+                        "gdp_mu_covers": a["gdp_mu_covers"]["gdp_mu_total"], "epsilon_budget": a["epsilon_budget"],
+                        "epsilon_remaining": a["epsilon_remaining"]}
         else:
             s += (" Your hospital did not train with differential privacy: no epsilon is stated." if not h["dp"] else
                   " Your hospital is labelled DP but no epsilon can be stated (see the failed checks).")
@@ -460,15 +466,16 @@ def summary(report: dict, cfg, rounds: int) -> dict:
         headline = {"epsilon_spent": {"min": min(eps), "max": max(eps)} if eps else None,
                     "delta_max": max((h["accounting"]["delta"] for h in dp_h), default=None),
                     "gdp_mu_max": max((h["accounting"]["gdp_mu_total"] for h in dp_h
-                                       if h["accounting"]["gdp_mu_total"] is not None), default=None)}
+                                       if h["accounting"]["gdp_mu_total"] is not None), default=None),
+                    "gdp_mu_covers": "every released spend on a hospital's records composed (gdp_mu_total)"}
     s += " " + _transport(cfg).summary_sentence
     audit = report["audit"]
     if not audit["run"]:
         s += " No leakage audit was run."
     else:
-        aucs = [m["auc"] for m in audit["mia"]]
+        w = audit.get("worst_leakage")
         s += f" A leakage audit was run ({len(audit['mia'])} membership-inference results"
-        s += f", highest AUC {g(max(aucs))})." if aucs else ")."
+        s += f"; worst measured leakage: {leakage_words(w)})." if w else ")."
     s += " This report is evidence for people to judge; it does not certify compliance with HIPAA, GDPR or any law."
     return {"plain_language": s, "headline": headline}
 
@@ -481,18 +488,11 @@ def _reading(mu: float | None) -> str:
             f"{tpr:.0%} of this hospital's training records (from Gaussian-DP mu {mu:.3g}, an approximation)")
 
 
-def _worst_leakage(audit: dict) -> dict | None:
-    """The MIA row with the highest AUC lower bound (its AUC when it has no interval)."""
-    if not audit.get("mia"):
-        return None
-    ci = lambda m: m.get("auc_ci") or m.get("auc_ci95")
-    m = max(audit["mia"], key=lambda m: ((ci(m) or [m["auc"]])[0], m["auc"]))
-    where = " / ".join(str(x) for x in (m.get("hospital"), m.get("target"), m.get("task")) if x)
-    interval = f", 95% interval {g(ci(m)[0])} to {g(ci(m)[1])}" if ci(m) else ", no interval reported"
-    sig = {True: "significant", False: "not significant", None: "significance not computed"}[m.get("significant")]
-    return {"attack": m["attack"], "where": where, "auc": m["auc"], "auc_ci": ci(m), "significant": m.get("significant"),
-            "threat_model": m.get("threat_model"),
-            "text": f"{m['attack']} attack on {where}: AUC {g(m['auc'])}{interval} ({sig}; 0.5 is chance)"}
+def leakage_words(w: dict) -> str:
+    """The worst measured leakage (``audit.worst_leakage``, computed once by the builder) in words."""
+    ci = w.get("auc_ci")
+    interval = f", 95% interval {g(ci[0])} to {g(ci[1])}" if ci else ", no interval reported"
+    return f"{w['attack']} attack on {w['where']}: AUC {g(w['auc'])}{interval} ({w['status']}; 0.5 is chance)"
 
 
 def first_page(report: dict, cfg) -> dict:
@@ -514,8 +514,12 @@ def first_page(report: dict, cfg) -> dict:
         a = h.get("accounting")
         mu = a["gdp_mu_total"] if a else None
         hospitals.append({"hospital": h["hospital"], "epsilon": a["epsilon_total"] if a else None,
-                          "delta": a["delta"] if a else None, "gdp_mu": mu, "tpr_at_1pct_fpr": tpr_at_fpr(mu),
-                          "reading": _reading(mu)})
+                          "epsilon_of": "every released spend on its records composed (federation and baseline)" if a
+                          and len(a["released_spends"]) > 1 else "the federation's spend (no other release)" if a else None,
+                          "epsilon_remaining": a["epsilon_remaining"] if a else None,
+                          "delta": a["delta"] if a else None, "gdp_mu": mu,
+                          "gdp_mu_covers": a["gdp_mu_covers"]["gdp_mu_total"] if a else None,
+                          "tpr_at_1pct_fpr": tpr_at_fpr(mu), "reading": _reading(mu)})
     o = report.get("other_hospitals")
     others = None
     if o:
@@ -526,7 +530,9 @@ def first_page(report: dict, cfg) -> dict:
             others = f"{o['count']} other hospitals: no epsilon to show (no differential privacy)"
         else:
             others = f"{o['count']} other hospitals: figures withheld ({o['stats_note']})"
-    worst = _worst_leakage(report["audit"])
+    worst = report["audit"].get("worst_leakage")
+    if worst is not None:
+        worst = {**worst, "text": leakage_words(worst)}
     return {
         "decision": DECISIONS[st],
         "reasons": reasons or ["every check with evidence behind it passed"],
@@ -534,10 +540,176 @@ def first_page(report: dict, cfg) -> dict:
         "other_hospitals": others,
         "worst_leakage": worst,
         "worst_leakage_text": worst["text"] if worst else ("no leakage audit was run" if not report["audit"]["run"] else
-                                                           "the audit has no membership-inference result"),
+                                                           "the audit has no membership-inference result that is not "
+                                                           "an audit fault"),
+        "conditions": conditions(report),
+        "setting": setting(report),
+        "patient_exposure": patient_exposure(report),
         "not_covered": report["guarantee_statement"]["does_not_cover"][:4],
         "checks": [{"name": c["name"], "title": CHECK_TITLES.get(c["name"], c["name"]), "status": c["status"]}
                    for c in report["checks"]],
+    }
+
+
+#: what a privacy officer does about a check that did not pass: (check, status or "*") -> action
+ACTIONS = {
+    ("budget_respected", "fail"): "Do not release what was trained on the records of the hospitals over budget; rerun within "
+                                  "the budget, the single-hospital baseline's spend counted",
+    ("baseline_spend_composed", "fail"): "Do not release the single-hospital baseline's metrics until its privacy spend "
+                                         "is on record and composed",
+    ("ledger_verified", "fail"): "Do not release: a privacy ledger does not verify; find out who changed it",
+    ("epsilon_recomputed", "fail"): "Do not release: a recorded epsilon or step count differs from its recomputation; "
+                                    "have the accounting investigated",
+    ("delta_below_1_over_n", "fail"): "Rerun with a delta well below 1/n at the hospitals named",
+    ("dp_label_has_accountant", "fail"): "Do not call this run differentially private until every DP hospital has an "
+                                         "accountant record",
+    ("differential_privacy", "fail"): "Do not release models trained without differential privacy as privacy-protected",
+    ("audit_consistent_with_accountant", "fail"): "Do not release: an audit found the training leaks more than its "
+                                                  "accounting claims (a DP bug); have the implementation fixed and rerun",
+    ("audit_consistent_with_accountant", "inconclusive"): "Run an audit that can decide at this budget (the white-box "
+                                                          "gradient-canary audit, or enough canaries) before release",
+    ("measured_leakage", "fail"): "Do not release: an attack detects membership well above chance",
+    ("measured_leakage", "attention"): "Review the membership leakage the audit measured before release (section 9)",
+    ("mia_low_fpr", "attention"): "Review the attack that finds members at a 0.1% false-positive rate (section 9)",
+    ("mia_below_chance", "attention"): "Have the auditor fix the attacks that score below chance and rerun the audit: "
+                                       "they under-report leakage",
+    ("dp_lower_bound", "attention"): "Review the measured epsilon lower bound against the claim (section 9)",
+    ("epsilon_tier", "attention"): "Accept in writing an epsilon above 10 (a weak guarantee), or rerun with a smaller budget",
+    ("sampling_assumption", "attention"): "Have the sampling checked: the accountant assumes Poisson sampling",
+    ("privacy_unit", "attention"): "Do not present the guarantee as patient-level: patients have several records "
+                                   "(see the patient-level exposure below)",
+    ("independent_accountant_agreement", "attention"): "Have the accounting reviewed: the second library disagrees by "
+                                                       "more than 5%",
+    ("secure_aggregation", "attention"): "Use encrypted (he) or masked (secagg) aggregation before a deployment",
+    ("he_parameters", "attention"): "Use CKKS parameters that meet 128-bit security",
+    ("server_secret_key", "fail"): "Do not release: the aggregating server could decrypt single updates",
+    ("server_secret_key", "attention"): "Keep the key holder's ledger with the run to show the key's custody",
+    ("secagg_dropout_margin", "attention"): "Review the rounds that lost as many hospitals as SecAgg+ tolerates",
+    ("audit_run", "attention"): "Run the leakage audit (`secure-fedkim audit RUN_DIR`) and report again before release",
+    ("noise_randomness", "fail"): "Do not release: DP noise was drawn from a reproducible generator, not fit for release; "
+                                  "rerun with the secure generator",
+    ("noise_randomness", "attention"): "Rerun with a version that records where its DP noise comes from, or accept that "
+                                       "it cannot be shown",
+    ("noise_fresh", "fail"): "Do not release: two DP sessions drew the same randomness, so the accountant's epsilon does "
+                             "not hold; rerun",
+    ("noise_fresh", "attention"): "Rerun with a version that records noise fingerprints, or accept that fresh noise "
+                                  "cannot be shown",
+    ("config_hash", "fail"): "Do not release: the run's configuration changed after the run",
+}
+
+
+def conditions(report: dict) -> list[dict]:
+    """The decision's conditions as actions (``summary.first_page.conditions``): one per check that did not pass,
+    worst first, and one per task whose records are one person."""
+    out = []
+    for status in ("fail", "attention", "inconclusive"):
+        for c in report["checks"]:
+            if c["status"] == status:
+                action = ACTIONS.get((c["name"], status)) or f"Resolve: {CHECK_TITLES.get(c['name'], c['name'])}"
+                out.append({"action": action, "check": c["name"], "status": status})
+    for t in (report.get("data_inventory") or {}).get("tasks", []):
+        if t.get("persons") == "one" and t.get("role") == "train" and report["privacy_definition"]["dp"]:
+            out.append({"action": f"Do not release the {t['task']} task's model as protecting its patient: its records "
+                                  "are all one person, so the record-level guarantee says nothing about that person",
+                        "check": "privacy_unit", "status": "attention"})
+    return out
+
+
+def setting(report: dict) -> str:
+    """Simulation or deployment, in words."""
+    if report["scope"].get("engine") == "flower deployment":
+        return ("deployment: the hospitals ran their own nodes (Flower deployment engine); the evidence is from that run")
+    return ("simulation: every hospital ran as a process on one machine (Flower's simulation engine); no network, TLS or "
+            "separate custody was exercised, so this is evidence about the method, not about a deployment")
+
+
+def patient_exposure(report: dict) -> dict:
+    """What the guarantee means for a patient, in plain words, per hospital and per task."""
+    lines, per = [], []
+    if not report["privacy_definition"]["dp"]:
+        return {"text": "No differential privacy: no patient is protected by a formal guarantee.", "hospitals": [], "tasks": []}
+    for h in report["hospitals"]:
+        a = h.get("accounting")
+        if not a:
+            continue
+        p = a.get("patient_level")
+        if a.get("privacy_unit") == "patient":
+            words = f"{h['hospital']}: every epsilon is per patient (epsilon {g(a['epsilon_total'])} for a patient with all their records)."
+            meaningful = True
+        elif p and p["max_records_per_patient"] <= 1:
+            words = f"{h['hospital']}: one record per patient, so each patient has the record-level epsilon {g(a['epsilon_total'])}."
+            meaningful = True
+        elif p:
+            meaningful = p.get("meaningful", False)
+            words = (f"{h['hospital']}: a patient can have up to {p['max_records_per_patient']} records, so one patient is "
+                     f"protected only at epsilon {g(p['epsilon'])} with delta {g(p['delta'])} (group privacy)"
+                     + (": no meaningful patient-level guarantee." if not meaningful else "."))
+        else:
+            meaningful = False
+            words = (f"{h['hospital']}: records per patient are unknown (a task has no patient ids), so the guarantee is per "
+                     "record only and says nothing certain about a patient with several records.")
+        lines.append(words)
+        per.append({"hospital": h["hospital"], "meaningful": meaningful, "text": words})
+    tasks = []
+    for t in (report.get("data_inventory") or {}).get("tasks", []):
+        if t.get("persons") in ("one", "few") and t.get("role") == "train":
+            words = (f"The {t['task']} task's records come from {'one person' if t['persons'] == 'one' else 'a few persons'}"
+                     f": they carry no meaningful patient-level guarantee ({t.get('persons_note') or 'see the task registry'}).")
+            lines.append(words)
+            tasks.append({"task": t["task"], "persons": t["persons"], "text": words})
+    return {"text": " ".join(lines), "hospitals": per, "tasks": tasks}
+
+
+def _tier(eps: float | None) -> str:
+    if eps is None:
+        return "none (no finite epsilon)"
+    return "strong (epsilon <= 1)" if eps <= 1 else "reasonable (epsilon <= 10)" if eps <= 10 else "weak (epsilon > 10)"
+
+
+def disclosure_card(report: dict, cfg, randomness: dict[str, dict]) -> dict | None:
+    """The DP disclosure card (DP Deployments Registry fields and NIST SP 800-226's lower layers), from the report's
+    own fields and the run's ledgers (``randomness``: per hospital, the generators its DP sessions recorded)."""
+    dp_h = [h for h in report["hospitals"] if h.get("accounting")]
+    if not report["privacy_definition"]["dp"]:
+        return None
+    eps = [h["accounting"]["epsilon_total"] for h in dp_h if h["accounting"]["epsilon_total"] is not None]
+    pdef = report["privacy_definition"]
+    prov = report["provenance"]["package_versions"]
+    kinds = sorted({k for r in randomness.values() for k in r["kinds"]})
+    if kinds == ["secure"]:
+        source = ("secure: a ChaCha20 keystream keyed from the OS for every DP session (privacy.randomness), as every "
+                  "dp_round entry of the run records")
+        fp = ("Gaussian noise as the sum of four Box-Muller draws in float64 halved (Holohan and Braghin 2021), against "
+              "floating-point attacks on the sampler (privacy.randomness)")
+    elif kinds:
+        source = "as recorded per DP session: " + ", ".join(kinds) + ("; a reproducible generator is not fit for release"
+                                                                       if "reproducible" in kinds else "")
+        fp = "not shown: the noise did not come only from the secure generator"
+    else:
+        source = "not recorded: the ledgers were written before the randomness source was recorded"
+        fp = "not recorded"
+    return {
+        "tier": _tier(max(eps) if eps else None),
+        "unit_of_privacy": pdef["privacy_unit"],
+        "adjacency": pdef.get("adjacency_statement") or pdef["adjacency"],
+        "epsilon": {h["hospital"]: h["accounting"]["epsilon_total"] for h in dp_h},
+        "epsilon_of": "per hospital, every released spend on its records composed (federation and single-hospital baseline)",
+        "delta": {h["hospital"]: h["accounting"]["delta"] for h in dp_h},
+        "model": "central DP per hospital: each hospital is the curator of its own records and adds the noise itself "
+                 "(DP-SGD); neither the server nor the other hospitals need to be trusted for the guarantee",
+        "accounting": sorted({f"{h['accounting']['accountant'].upper()} ({h['accounting']['accountant_library']})"
+                              for h in dp_h}) + [f"cross-check: {report['accounting']['independent_library']} "
+                                                 f"({'PLD' if any(h['accounting']['accountant'] == 'prv' for h in dp_h) else 'RDP'})"],
+        "implementation": f"secure-fedkim {prov.get('secure-fedkim')} (DP-SGD on Opacus {prov.get('opacus')}, torch "
+                          f"{prov.get('torch')})",
+        "trust_model": "each hospital runs its own training and ledger; an honest-but-curious aggregation server and key "
+                       "holder that do not collude see only encrypted or masked updates and their aggregate",
+        "randomness_source": source,
+        "randomness_by_hospital": {c: r["kinds"] or ["not recorded"] for c, r in randomness.items()},
+        "floating_point_protection": fp,
+        "record_per_task": [{"task": t["task"], "record": t.get("task_privacy_unit"), "persons": t.get("persons")}
+                            for t in (report.get("data_inventory") or {}).get("tasks", [])],
+        "setting": setting(report),
     }
 
 

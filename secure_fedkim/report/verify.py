@@ -13,7 +13,10 @@ Checks, each mismatch one message naming the file, ledger entry or report field:
   4. config.yaml, resolved_config.json and every listed artifact re-hashed (and artifacts present now
      but absent from the report);
   5. every epsilon (spent, per round, planned, independent, GDP mu, patient level) recomputed from the
-     ledgers by the accountants, every per-hospital figure compared, and every check's status re-derived.
+     ledgers by the accountants, every per-hospital figure compared, and every check's status re-derived;
+  6. every derived figure (composed and remaining budget, patient level, both Gaussian-DP mu, the first page, the
+     headline, the disclosure card, each audit row's status, the worst leakage, the randomness checks) recomputed by
+     :mod:`secure_fedkim.report.recompute`, a code path of its own, so that a bug in the builder fails here.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from . import text
 from .build import (_RANK, SCHEMA_VERSION, _check_rows, _facts, _hospital_entry, _others, artifact_paths, min_others,
                     other_commitment, rounds_of, worst)
 from .collect import digest_of, sha256_file
+from .recompute import check_report
 from .sign import fingerprint, load_public_key, verify_bytes
 
 MAX_SCHEMA_MESSAGES = 5
@@ -111,6 +115,8 @@ def verify_report(report_json_path, *, public_key=None, run_dir=None) -> list[st
         msgs += _check_others(report, run, hs, others, prov)
     msgs += _check_keyholder(f, prov)
     msgs += _check_checks(report, f, partner, standalone)
+    # every derived figure again, by verify's own code path from the ledgers and audit.json (not the builder's)
+    msgs += check_report(report, run_dir, run.clients, standalone)
     return list(dict.fromkeys(msgs))
 
 
