@@ -17,6 +17,7 @@ from torch import nn
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from privacy.plan import DPPlan
+from privacy.randomness import DPRandomness
 from secure_fedkim.training import train_task
 
 
@@ -30,7 +31,7 @@ class ShadowDP:
         self.dp = dp
         self.grad_sample_mode = grad_sample_mode
 
-    def make_private(self, module, optimizer, data_loader, criterion=None):
+    def make_private(self, module, optimizer, data_loader, criterion=None, randomness=None):
         from privacy.fast_dp import LEAN_MODE, LeanPrivacyEngine, lean_supported
 
         mode = self.grad_sample_mode
@@ -40,8 +41,14 @@ class ShadowDP:
             module=module, optimizer=optimizer, data_loader=data_loader,
             criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
             noise_multiplier=self.dp.noise_multiplier, max_grad_norm=self.dp.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode=mode,
+            grad_sample_mode=mode, randomness=randomness,
         )
+
+
+def audit_randomness(seed: int) -> DPRandomness:
+    """The DP draws of an auditor's model trained with ``seed``: reproducible (the same seed, the same model and
+    so the same audit numbers), which is what an audit needs and what a release must never use."""
+    return DPRandomness.reproducible(seed, "audit training")
 
 
 def train_model(
@@ -69,6 +76,7 @@ def train_model(
     Accounted, with ``dp.privacy_unit == "patient"``: patient-level DP-SGD with ``groups`` (one patient id per record; default: each
     record its own patient), ``batch_size`` patients per step (expected) and at most
     ``dp.max_records_per_patient_step`` records of a sampled patient per step; delta is then per patient.
+    DP draws (Poisson samples, noise) come from :func:`audit_randomness` of ``seed``.
     """
     model = make_model(seed)
     patient = dp is not None and accounted and dp.privacy_unit == "patient"
@@ -79,7 +87,7 @@ def train_model(
     if dp is not None and not accounted:
         stats = train_task(
             model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
-            seed=seed, privatizer=ShadowDP(dp),
+            seed=seed, privatizer=ShadowDP(dp), randomness=audit_randomness(seed),
         )
         return model.eval(), stats, None
     if dp is None:
@@ -99,6 +107,6 @@ def train_model(
         )
         stats = train_task(
             model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=dp.max_grad_norm,
-            seed=seed, privatizer=privatizer, groups=groups if patient else None,
+            seed=seed, privatizer=privatizer, groups=groups if patient else None, randomness=audit_randomness(seed),
         )
     return model.eval(), stats, privatizer.delta

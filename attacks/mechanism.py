@@ -16,7 +16,7 @@ on the real optimizer (``privacy.dp.HospitalDP.make_private``: the lean fused st
 3. ``mu = (mean_with - mean_without) / pooled sd`` of the observed sums at the canary coordinates, with
    a normal-approximation interval (``Var ~ 1/n_with + 1/n_without + mu^2 / (2 n)``).
 
-Noise comes from a generator seeded by ``seed`` (``attacks.whitebox.noise_generator``): the same seed
+Noise comes from a generator seeded by ``seed`` (``attacks.whitebox.replay_randomness``): the same seed
 gives the same numbers. Coverage of the interval (measured, issue #15): on the bench's heart-disease
 model at sigma 4.75 / 1.594 / 1.039 (claimed epsilon 1 / 4 / 8), seeds 0-11, it contained 1/sigma in
 36/36 audits of 50,000 trials on the lean path and 36/36 of 10,000 on Opacus's; on the tests' MLP at
@@ -42,7 +42,7 @@ from scipy.stats import norm
 from torch import nn
 from torch.utils.data import DataLoader
 
-from attacks.whitebox import noise_generator
+from attacks.whitebox import replay_randomness
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import add_canary_rows
 from privacy.ledger import PrivacyLedger
@@ -130,7 +130,7 @@ def _frozen_private_step(model: nn.Module, params: list, x: np.ndarray, y: np.nd
         loader = DataLoader(as_tensors(x, y), batch_size=batch)
         module, optimizer, _ = dp.make_private(model, torch.optim.SGD(params, lr=0.0), loader,
                                                criterion=nn.BCEWithLogitsLoss(), grad_sample_mode=grad_sample_mode,
-                                               noise_generator=noise_generator(seed, 2))
+                                               randomness=replay_randomness(seed, 2))
     return dp, module, optimizer
 
 

@@ -22,21 +22,19 @@ from typing import Callable, Iterator
 from unittest import mock
 
 import torch
-from opacus.optimizers import optimizer as opacus_optimizer
 from opacus.optimizers.optimizer import DPOptimizer, _mark_as_processed
 
 from privacy.dp import HospitalDP
 from privacy.fast_dp import FusedDPOptimizer
+from privacy.randomness import SourcedNoise
 
 __all__ = ["BUGS", "plant"]
 
 
-def _patch_noise(make: Callable[[Callable], Callable], make_fused: Callable[[Callable], Callable]):
-    """Patch Opacus's noise function and the fused optimizer's noise method together."""
-    return _both(
-        mock.patch.object(opacus_optimizer, "_generate_noise", make(opacus_optimizer._generate_noise)),
-        mock.patch.object(FusedDPOptimizer, "_draw_noise", make_fused(FusedDPOptimizer._draw_noise)),
-    )
+def _patch_noise(make: Callable[[Callable], Callable]):
+    """Patch the one noise method every DP optimizer draws through (``privacy.randomness.SourcedNoise._draw_noise``:
+    the fused optimizer, Opacus's hooks and ghost optimizers, the patient-level one)."""
+    return mock.patch.object(SourcedNoise, "_draw_noise", make(SourcedNoise._draw_noise))
 
 
 @contextlib.contextmanager
@@ -49,18 +47,12 @@ def _both(*patches) -> Iterator[None]:
 
 def no_noise():
     """(a) Clipped sums released without noise."""
-    return _patch_noise(
-        lambda orig: lambda std, reference, generator=None, secure_mode=False: torch.zeros_like(reference),
-        lambda orig: lambda self, std, like: torch.zeros_like(like),
-    )
+    return _patch_noise(lambda orig: lambda self, std, like: torch.zeros_like(like))
 
 
 def half_noise():
     """(b) Noise of standard deviation sigma * C / 2."""
-    return _patch_noise(
-        lambda orig: lambda std, reference, generator=None, secure_mode=False: orig(std / 2, reference, generator, secure_mode),
-        lambda orig: lambda self, std, like: orig(self, std / 2, like),
-    )
+    return _patch_noise(lambda orig: lambda self, std, like: orig(self, std / 2, like))
 
 
 def reused_noise():
@@ -72,11 +64,7 @@ def reused_noise():
             cache[key] = draw()
         return cache[key].clone()
 
-    return _patch_noise(
-        lambda orig: lambda std, reference, generator=None, secure_mode=False: remember(
-            ("opacus", tuple(reference.shape)), lambda: orig(std, reference, generator, secure_mode)),
-        lambda orig: lambda self, std, like: remember(("fused", tuple(like.shape)), lambda: orig(self, std, like)),
-    )
+    return _patch_noise(lambda orig: lambda self, std, like: remember(tuple(like.shape), lambda: orig(self, std, like)))
 
 
 def _unclipped_accumulate(self: DPOptimizer) -> None:

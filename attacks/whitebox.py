@@ -78,6 +78,7 @@ from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import add_canary_rows
 from privacy.ledger import DP_ROUND, PrivacyLedger
 from privacy.plan import DPPlan
+from privacy.randomness import DPRandomness
 from secure_fedkim.training import as_tensors
 
 __all__ = [
@@ -86,7 +87,7 @@ __all__ = [
     "CanaryObservation",
     "pick_coordinates",
     "replay_with_canaries",
-    "noise_generator",
+    "replay_randomness",
     "canary_scores",
     "plan_one_run",
     "one_run_audit",
@@ -182,9 +183,9 @@ def replay_with_canaries(
     does (Adam, BCE, Poisson batches), with gradient canaries, and observe every step's noisy sum.
 
     ``record``: write the steps to ``dp``'s ledger afterwards (``record_round``), as a hospital does.
-    ``seed``: the model, the canary coordinates and draw, the Poisson batches (the loader's generator), the
-    noise (``noise_generator=`` of ``make_private``, :func:`noise_generator`) and torch's global RNG inside the
-    replay (forked, so the caller's is untouched): the same seed gives the same observation.
+    ``seed``: the model, the canary coordinates and draw, the Poisson batches and the noise (``randomness=`` of
+    ``make_private``: :func:`replay_randomness`, reproducible and so never a release's) and torch's global RNG
+    inside the replay (forked, so the caller's is untouched): the same seed gives the same observation.
     """
     with torch.random.fork_rng(devices=[]):  # nothing below draws from (or disturbs) torch's global RNG state
         torch.manual_seed(seed)
@@ -192,10 +193,10 @@ def replay_with_canaries(
                        canary_norm=canary_norm, grad_sample_mode=grad_sample_mode, task=task, record=record, seed=seed)
 
 
-def noise_generator(seed: int, stream: int) -> torch.Generator:
-    """A torch generator for the optimizer's noise, derived from the audit's ``seed`` (``stream`` separates uses),
-    so that the same seed gives the same noise and so the same audit numbers."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1))
+def replay_randomness(seed: int, stream: int) -> DPRandomness:
+    """The DP randomness of an audit replay (Poisson samples and noise), reproducible from the audit's ``seed``
+    (``stream`` separates uses), so that the same seed gives the same noise and so the same audit numbers."""
+    return DPRandomness.reproducible(seed, "audit replay", stream)
 
 
 def _replay(make_model, x, y, dp, *, epochs, batch_size, lr, canaries, canary_norm, grad_sample_mode, task, record,
@@ -210,7 +211,7 @@ def _replay(make_model, x, y, dp, *, epochs, batch_size, lr, canaries, canary_no
                         generator=torch.Generator().manual_seed(seed))
     loss_fn = nn.BCEWithLogitsLoss()
     module, optimizer, loader = dp.make_private(model, optimizer, loader, criterion=loss_fn, grad_sample_mode=grad_sample_mode,
-                                                noise_generator=noise_generator(seed, 1))
+                                                randomness=replay_randomness(seed, 1))
     q = float(loader.sample_rate)
     index = torch.from_numpy(coords)
     value = canary_norm * dp.max_grad_norm

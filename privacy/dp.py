@@ -38,6 +38,7 @@ from typing import Any, Sequence
 from .accounting import ACCOUNTANTS, Step, calibrate_noise, epsilon, gdp_mu, poisson_schedule, resolve_delta
 from .ledger import DP_PLAN, DP_ROUND, REFUSED, RESUME, SKIPPED_BUDGET, PrivacyLedger
 from .plan import DPPlan
+from .randomness import GAUSSIAN, GENERATOR, REPRODUCIBLE, SECURE, DPRandomness
 
 __all__ = [
     "PrivacyProfile",
@@ -48,6 +49,8 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "PRIVACY_UNITS",
     "poisson_schedule",
+    "adjacency_statement",
+    "session_randomness",
 ]
 
 #: Per-sample-gradient modes allowed by :meth:`HospitalDP.make_private`: Opacus's ``"hooks"`` and
@@ -107,7 +110,10 @@ class PrivacyProfile:
             (records or patients; see :meth:`resolve_delta`).
         max_grad_norm: clipping norm C (of one record's gradient, or of one patient's summed gradient).
         accountant: Opacus accountant, ``"prv"`` (default) or ``"rdp"``.
-        secure_mode: Opacus ``secure_mode`` (cryptographically secure noise; needs ``torchcsprng``).
+        secure_mode: draw the noise and the Poisson samples from a secure generator
+            (``DPRandomness.secure()``: ChaCha20 keyed from the OS; the default) rather than a reproducible
+            one (tests, audits, benches; not fit for a release). Callers pick the session's
+            :class:`~privacy.randomness.DPRandomness` from it (:func:`session_randomness`).
         on_exhaustion: what the federation does when a round would exceed the budget:
             ``"exclude_client"`` (the run goes on without this hospital) or ``"stop_run"``.
         unit: the privacy unit, ``"record"`` (default) or ``"patient"`` (patient-level DP-SGD).
@@ -120,7 +126,7 @@ class PrivacyProfile:
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    secure_mode: bool = False
+    secure_mode: bool = True
     on_exhaustion: str = "exclude_client"
     unit: str = "record"
     max_records_per_patient_step: int = 4
@@ -165,6 +171,24 @@ def _schedule(pairs: Sequence[tuple[float, int]], what: str) -> list[tuple[float
             raise ValueError(f"{what}: steps must be an integer, got {n!r}")
         out.append((float(q), int(n)))
     return out
+
+
+def adjacency_statement(unit: str) -> str:
+    """The neighbouring relation a run's epsilon is stated under, in words (ledger, report, README)."""
+    who = "one patient with all their records" if unit == "patient" else "one record"
+    units = "patients" if unit == "patient" else "records"
+    return (
+        f"add/remove {who}; the number of {units} n at each hospital is public (it sets the sample rate "
+        f"q = 1/ceil(n/batch) and the normaliser of each step, and is sent with every round), so the "
+        f"guarantee holds given the released count"
+    )
+
+
+def session_randomness(profile: PrivacyProfile, seed: int, *stream: object) -> DPRandomness:
+    """The DPRandomness for one training session: secure (keyed from the OS) unless the profile turned
+    ``secure_mode`` off, then reproducible from ``seed`` and ``stream`` (name the session: run, hospital,
+    round, task), which the ledger records as not fit for a release."""
+    return DPRandomness.secure() if profile.secure_mode else DPRandomness.reproducible(seed, *stream)
 
 
 class HospitalDP:
@@ -306,13 +330,16 @@ class HospitalDP:
             accountant_library=f"opacus {opacus.__version__}",
             sampling="poisson",
             secure_mode=bool(p.secure_mode),
+            randomness=SECURE if p.secure_mode else REPRODUCIBLE,
+            randomness_generator=GENERATOR,
+            gaussian_sampler=GAUSSIAN,
             on_exhaustion=p.on_exhaustion,
             round_schedule=[list(x) for x in self.round_schedule],
             rounds=self.rounds,
             planned_epsilon=planned if math.isfinite(planned) else None,
             planned_gdp_mu=gdp_mu(history) if sigma > 0 else None,
             privacy_unit=self.unit,
-            adjacency="add/remove",
+            adjacency=adjacency_statement(self.unit),
         )
         if self.reserved:
             with_reserved = epsilon(history + [Step(sigma, q, n) for q, n in self.reserved], delta, p.accountant)
@@ -384,12 +411,11 @@ class HospitalDP:
         groups=None,
         patients_per_batch: int | None = None,
         grad_sample_mode: str | None = None,
-        noise_generator=None,
-        patient_generator=None,
+        randomness: DPRandomness | None = None,
     ):
         """Wrap model, optimizer and loader with Opacus for one round of DP-SGD.
 
-        Uses ``privacy.fast_dp.LeanPrivacyEngine(accountant=..., secure_mode=profile.secure_mode).make_private``
+        Uses ``privacy.fast_dp.LeanPrivacyEngine(accountant=...).make_private``
         (an ``opacus.PrivacyEngine``) with the run's calibrated noise multiplier, ``max_grad_norm``, Poisson
         sampling and ``grad_sample_mode``: ``"lean"`` (default; the same per-sample gradients, clipping,
         noise, Poisson loader and accountant as ``"hooks"`` with less per-step overhead, used when every
@@ -405,7 +431,12 @@ class HospitalDP:
         in :func:`poisson_schedule`), yields ``(xb, yb)`` of at most ``max_records_per_patient_step``
         records per sampled patient, and has ``.sample_rate = q`` (record that in :meth:`record_round`);
         the optimizer clips each patient's summed gradient. ``"ghost"`` cannot clip per patient and is
-        refused; ``patient_generator`` seeds the patient and record sampling (default: from torch's global RNG).
+        refused.
+
+        Every random draw of the session (the Poisson sample of records or patients, the records kept per
+        patient, the noise) comes from ``randomness`` (:mod:`privacy.randomness`; default
+        ``DPRandomness.secure()``), never from torch's or NumPy's global RNG; :meth:`record_round` writes
+        which kind it was and the fingerprints of its noise and samples to the ledger.
 
         Returns:
             ``(module, optimizer, data_loader)`` for ``"lean"`` and ``"hooks"``; ``(module, optimizer, criterion,
@@ -421,13 +452,14 @@ class HospitalDP:
 
         mode = self._requested_mode(grad_sample_mode)
         self._check_recorded()
-        patient = self._patient_args(data_loader, groups, patients_per_batch, mode, patient_generator)
+        patient = self._patient_args(data_loader, groups, patients_per_batch, mode)
+        randomness = randomness if randomness is not None else DPRandomness.secure()
         assert_dp_compatible(module)
         if mode == LEAN_MODE and not lean_supported(module):
             mode = "hooks"
         self.last_grad_sample_mode = mode
-        engine, out = self._opacus_make_private(module, optimizer, data_loader, criterion, mode, noise_generator, patient)
-        self._pending = self._counted_session(out[1], out[-1])
+        engine, out = self._opacus_make_private(module, optimizer, data_loader, criterion, mode, randomness, patient)
+        self._pending = self._counted_session(out[1], out[-1], randomness)
         self.engine = engine  # kept for inspection; its accountant covers this session only
         return out
 
@@ -445,13 +477,13 @@ class HospitalDP:
                 f"call record_round() before starting another training session"
             )
 
-    def _opacus_make_private(self, module, optimizer, data_loader, criterion, mode: str, noise_generator, patient: dict):
+    def _opacus_make_private(self, module, optimizer, data_loader, criterion, mode: str, randomness, patient: dict):
         """``(engine, LeanPrivacyEngine.make_private(...))`` with the run's noise, clipping and Poisson sampling."""
         import torch.nn as nn
 
         from .fast_dp import LeanPrivacyEngine
 
-        engine = LeanPrivacyEngine(accountant=self.accountant, secure_mode=self.profile.secure_mode)
+        engine = LeanPrivacyEngine(accountant=self.accountant)
         out = engine.make_private(
             module=module,
             optimizer=optimizer,
@@ -461,15 +493,16 @@ class HospitalDP:
             max_grad_norm=self.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=mode,
-            noise_generator=noise_generator,
+            randomness=randomness,
             **patient,
         )
         return engine, out
 
-    def _counted_session(self, dp_optimizer, dp_loader) -> dict:
+    def _counted_session(self, dp_optimizer, dp_loader, randomness: DPRandomness) -> dict:
         """The session :meth:`record_round` checks: the optimizer's steps counted by a step hook, which also refuses
         a noise multiplier changed mid-run."""
-        session = {"steps": 0, "sample_rate": float(dp_loader.sample_rate), "optimizer": dp_optimizer}
+        session = {"steps": 0, "sample_rate": float(dp_loader.sample_rate), "optimizer": dp_optimizer,
+                   "randomness": randomness, "units": len(dp_loader.dataset) if self.unit == "record" else dp_loader.n_patients}
         previous_hook = dp_optimizer.step_hook
 
         def count_step(optim) -> None:
@@ -485,7 +518,7 @@ class HospitalDP:
         dp_optimizer.attach_step_hook(count_step)
         return session
 
-    def _patient_args(self, data_loader, groups, patients_per_batch, mode: str, generator) -> dict:
+    def _patient_args(self, data_loader, groups, patients_per_batch, mode: str) -> dict:
         """The patient-level arguments of ``LeanPrivacyEngine.make_private`` (none for unit ``"record"``)."""
         if self.unit != "patient":
             return {}
@@ -506,7 +539,7 @@ class HospitalDP:
             )
         if mode == "ghost":
             raise ValueError("grad_sample_mode 'ghost' cannot clip per patient; use 'lean' or 'hooks'")
-        return dict(groups=ids, patients_per_batch=patients_per_batch, patient_generator=generator,
+        return dict(groups=ids, patients_per_batch=patients_per_batch,
                     max_records_per_patient=self.profile.max_records_per_patient_step)
 
     def record_round(self, round: int, task: str | None, steps: int, sample_rate: float) -> float:
@@ -562,6 +595,7 @@ class HospitalDP:
             sampling="poisson",
             privacy_unit=self.unit,
             **({"max_records_per_patient_step": self.profile.max_records_per_patient_step} if self.unit == "patient" else {}),
+            **self._randomness_evidence(observed),
             over_budget=over,
         )
         self._pending = None
@@ -571,6 +605,17 @@ class HospitalDP:
                 f"{self.target_epsilon}; the spend is recorded, the update must not be released"
             )
         return eps_after
+
+    @staticmethod
+    def _randomness_evidence(session: dict | None) -> dict:
+        """What the ledger says of the session's randomness: the generator's kind, and SHA-256 fingerprints of
+        the noise and the Poisson samples it drew (compared across rounds, tasks and hospitals by the report;
+        equal fingerprints mean repeated randomness). Unknown (None) when no make_private session was used."""
+        if session is None:
+            return {"randomness": None, "noise_fingerprint": None, "sampling_fingerprint": None, "units": None}
+        r: DPRandomness = session["randomness"]
+        return {"randomness": r.kind, "noise_fingerprint": r.noise_fingerprint(),
+                "sampling_fingerprint": r.sampling_fingerprint(), "units": int(session["units"])}
 
     # ------------------------------------------------------------------ other events
     def record_skip(self, round: int, task: str | None = None, reason: str = "budget") -> dict:

@@ -50,10 +50,11 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from .patient import PatientDPOptimizer, PatientPoissonLoader, group_per_sample_grads
+from .randomness import DPRandomness, PoissonLoader, SourcedNoise
 
 __all__ = [
     "LeanGradSampleModule", "FusedDPOptimizer", "LeanPrivacyEngine", "LEAN_MODE", "lean_supported", "add_canary_rows",
@@ -257,7 +258,7 @@ def materialize(p: torch.Tensor) -> None:
         p._lean_factors, p.grad_sample = None, torch.bmm(b.transpose(1, 2), a)
 
 
-class FusedDPOptimizer(DPOptimizer):
+class FusedDPOptimizer(SourcedNoise, DPOptimizer):
     """``DPOptimizer`` whose clipping, noise and scaling run over all parameters at once.
 
     Same algorithm as :class:`opacus.optimizers.DPOptimizer` (flat clipping): per-sample norm over all
@@ -385,10 +386,6 @@ class FusedDPOptimizer(DPOptimizer):
         """Per-sample clip factors ``min(1, C / (norm + 1e-6))`` from squared norms (Opacus's formula)."""
         return (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
 
-    def _draw_noise(self, std: float, like: torch.Tensor) -> torch.Tensor:
-        """One ``N(0, std^2)`` draw per coordinate of ``like`` from the optimizer's generator."""
-        return torch.normal(0.0, std, size=like.shape, device=like.device, dtype=like.dtype, generator=self.generator)
-
 
 def add_canary_rows(optimizer: DPOptimizer, index: torch.Tensor, values: torch.Tensor) -> None:
     """AUDITING ONLY: add ``len(index)`` records to the current step, record k's per-sample gradient being
@@ -426,14 +423,33 @@ def _append_dense_rows(params: list, index: torch.Tensor, values: torch.Tensor) 
 
 class LeanPrivacyEngine(PrivacyEngine):
     """``opacus.PrivacyEngine`` that also accepts ``grad_sample_mode="lean"`` (see the module docstring),
-    and patient-level DP-SGD (``groups=``, see :meth:`make_private`)."""
+    and patient-level DP-SGD (``groups=``, see :meth:`make_private`).
+
+    Every random draw of a session comes from the ``randomness=`` passed to :meth:`make_private` (a
+    :class:`~privacy.randomness.DPRandomness`; a secure one if none is given): the Poisson sample of
+    records (:class:`~privacy.randomness.PoissonLoader`) or patients, and the noise of every optimizer it
+    makes (:class:`~privacy.randomness.SourcedNoise`). Opacus's own ``secure_mode`` (torchcsprng) and
+    ``noise_generator`` (a torch generator) are refused: nothing is drawn from a torch generator.
+    """
 
     _patient_loader = None
+    _randomness: DPRandomness | None = None
 
-    def make_private(self, *, module, optimizer, data_loader, groups=None, patients_per_batch=None,
-                     max_records_per_patient=None, patient_generator=None, grad_sample_mode="hooks", **kwargs):
-        """``PrivacyEngine.make_private``; with ``groups`` (one patient id per record of ``data_loader.dataset``),
-        patient-level DP-SGD (:mod:`privacy.patient`).
+    def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
+        if secure_mode:
+            raise ValueError("Opacus's secure_mode needs torchcsprng; pass randomness=DPRandomness.secure() to make_private")
+        import warnings
+
+        with warnings.catch_warnings():  # Opacus's "Secure RNG turned off": its RNG is not used here
+            warnings.simplefilter("ignore")
+            super().__init__(accountant=accountant, secure_mode=False)
+
+    def make_private(self, *, module, optimizer, data_loader, randomness: DPRandomness | None = None, groups=None,
+                     patients_per_batch=None, max_records_per_patient=None, grad_sample_mode="hooks",
+                     noise_generator=None, **kwargs):
+        """``PrivacyEngine.make_private`` with every draw from ``randomness`` (default ``DPRandomness.secure()``);
+        with ``groups`` (one patient id per record of ``data_loader.dataset``), patient-level DP-SGD
+        (:mod:`privacy.patient`).
 
         Patient level: the returned loader is a :class:`~privacy.patient.PatientPoissonLoader` (patients
         sampled with rate ``q = 1/ceil(n_patients/patients_per_batch)``, default ``patients_per_batch`` =
@@ -442,9 +458,23 @@ class LeanPrivacyEngine(PrivacyEngine):
         clips each patient's summed gradient, divides by ``int(q * n_patients)`` for a mean loss, and the
         accountant's hook steps with ``q``. ``"ghost"`` clipping cannot clip per patient and is refused.
         """
-        if groups is None:
-            return super().make_private(module=module, optimizer=optimizer, data_loader=data_loader,
-                                        grad_sample_mode=grad_sample_mode, **kwargs)
+        if noise_generator is not None:
+            raise ValueError("noise_generator (a torch generator) is refused: every DP draw comes from "
+                             "randomness= (privacy.randomness.DPRandomness)")
+        if randomness is not None and not isinstance(randomness, DPRandomness):
+            raise TypeError(f"randomness must be a privacy.randomness.DPRandomness, got {type(randomness).__name__}")
+        self._randomness = randomness if randomness is not None else DPRandomness.secure()
+        try:
+            if groups is None:
+                return super().make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                            grad_sample_mode=grad_sample_mode, **kwargs)
+            return self._make_private_patients(module, optimizer, data_loader, groups, patients_per_batch,
+                                               max_records_per_patient, grad_sample_mode, kwargs)
+        finally:
+            self._randomness = None
+
+    def _make_private_patients(self, module, optimizer, data_loader, groups, patients_per_batch,
+                               max_records_per_patient, grad_sample_mode, kwargs):
         if grad_sample_mode not in (LEAN_MODE, "hooks"):
             raise NotImplementedError(f"patient-level DP-SGD supports grad_sample_mode 'lean' or 'hooks', not {grad_sample_mode!r}")
         if kwargs.get("poisson_sampling", True) is False:
@@ -453,7 +483,7 @@ class LeanPrivacyEngine(PrivacyEngine):
             raise ValueError("patient-level DP-SGD needs max_records_per_patient")
         loader = PatientPoissonLoader(
             data_loader.dataset, groups, patients_per_batch or data_loader.batch_size, max_records_per_patient,
-            collate_fn=data_loader.collate_fn, generator=self.secure_rng if self.secure_mode else patient_generator,
+            self._randomness, collate_fn=data_loader.collate_fn,
         )
         self._patient_loader = loader
         try:
@@ -468,11 +498,16 @@ class LeanPrivacyEngine(PrivacyEngine):
         optimizer.patient_batches = loader
         return module, optimizer, loader
 
-    def _prepare_data_loader(self, data_loader, **kwargs):
+    def _prepare_data_loader(self, data_loader, *, poisson_sampling: bool, distributed: bool, **kwargs):
         if isinstance(data_loader, PatientPoissonLoader):
             self.dataset = data_loader.dataset
             return data_loader
-        return super()._prepare_data_loader(data_loader, **kwargs)
+        if poisson_sampling:
+            if distributed:
+                raise NotImplementedError("Poisson sampling here runs on one process only")
+            self.dataset = data_loader.dataset
+            return PoissonLoader.like(data_loader, self._randomness)
+        return super()._prepare_data_loader(data_loader, poisson_sampling=False, distributed=distributed, **kwargs)
 
     def _prepare_model(self, module, *, batch_first=True, max_grad_norm=1.0, loss_reduction="mean", grad_sample_mode="hooks", wrap_model=True):
         if grad_sample_mode != LEAN_MODE:
@@ -489,19 +524,28 @@ class LeanPrivacyEngine(PrivacyEngine):
 
     def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction="mean",
                            distributed=False, clipping="flat", noise_generator=None, grad_sample_mode="hooks", **kwargs):
-        if grad_sample_mode != LEAN_MODE and self._patient_loader is None:
-            return super()._prepare_optimizer(
-                optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, distributed=distributed,
-                clipping=clipping, noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, **kwargs,
-            )
         if distributed or clipping != "flat":
             raise NotImplementedError(f"grad_sample_mode {grad_sample_mode!r} here supports flat clipping on one process only")
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
-        generator = self.secure_rng if self.secure_mode else noise_generator
-        return (FusedDPOptimizer if grad_sample_mode == LEAN_MODE else PatientDPOptimizer)(
+        if grad_sample_mode == LEAN_MODE:
+            optim_class = FusedDPOptimizer
+        elif self._patient_loader is not None:
+            optim_class = PatientDPOptimizer
+        else:
+            optim_class = SourcedGhostDPOptimizer if grad_sample_mode == "ghost" else SourcedDPOptimizer
+        dp_optimizer = optim_class(
             optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=generator,
-            secure_mode=self.secure_mode, **kwargs,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=None,
+            secure_mode=False, **kwargs,
         )
+        dp_optimizer.randomness = self._randomness
+        return dp_optimizer
+
+
+class SourcedDPOptimizer(SourcedNoise, DPOptimizer):
+    """Opacus's ``DPOptimizer`` (``"hooks"``) with its noise from the session's DPRandomness."""
+
+
+class SourcedGhostDPOptimizer(SourcedNoise, DPOptimizerFastGradientClipping):
+    """Opacus's ghost-clipping optimizer with its noise from the session's DPRandomness."""

@@ -7,7 +7,7 @@ user-level training:
 * :class:`PatientPoissonLoader` samples each patient independently with probability ``q`` at every step
   (``q = 1/ceil(n_patients/patients_per_batch)``, as Opacus's loader does for records), and takes at most
   ``k`` of a sampled patient's records (all of them if it has at most ``k``; else ``k`` drawn uniformly
-  without replacement with the loader's generator). It yields ``(xb, yb)`` batches whose rows are grouped
+  without replacement), every draw from the session's :class:`~privacy.randomness.DPRandomness`. It yields ``(xb, yb)`` batches whose rows are grouped
   by patient and keeps, for the last batch, which patient slot each row belongs to (:attr:`row_groups`).
 * :func:`group_per_sample_grads` sums each patient's rows of every ``p.grad_sample`` (and of the factored
   per-sample gradients of ``privacy.fast_dp``) so that the optimizer's per-sample clipping clips each
@@ -30,8 +30,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import TensorDataset
 from torch.utils.data._utils.collate import default_collate
+
+from .randomness import DPRandomness, SourcedNoise, fetch
 
 __all__ = ["PatientPoissonLoader", "PatientDPOptimizer", "group_per_sample_grads"]
 
@@ -47,8 +48,8 @@ class PatientPoissonLoader:
             ``1/ceil(n_patients/patients_per_batch)`` and one pass over the loader is
             ``ceil(n_patients/patients_per_batch)`` steps.
         max_records: ``k``, the most records one patient contributes to one step.
-        generator: draws the patient sample and the record subsets (default: a generator seeded from
-            torch's global RNG, so ``torch.manual_seed`` makes runs reproducible).
+        randomness: the session's :class:`~privacy.randomness.DPRandomness`, which draws the patient
+            sample and the record subsets.
 
     Batches are built in the calling process (no worker processes), so :attr:`row_groups` always
     describes the batch yielded last; an empty draw yields zero-length tensors (a step without data).
@@ -61,8 +62,8 @@ class PatientPoissonLoader:
             patient slot (0..n_groups-1) of each row, and the number of sampled patients.
     """
 
-    def __init__(self, dataset, groups, patients_per_batch: int, max_records: int, *,
-                 collate_fn: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
+    def __init__(self, dataset, groups, patients_per_batch: int, max_records: int, randomness: DPRandomness, *,
+                 collate_fn: Optional[Callable] = None):
         ids = np.asarray(groups)
         if ids.ndim != 1 or len(ids) != len(dataset):
             raise ValueError(
@@ -85,9 +86,9 @@ class PatientPoissonLoader:
         self._steps = math.ceil(self.n_patients / min(int(patients_per_batch), self.n_patients))
         self.sample_rate = 1.0 / self._steps
         self.expected_batch_size = int(self.n_patients * self.sample_rate)
-        if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-        self.generator = generator
+        if not isinstance(randomness, DPRandomness):
+            raise TypeError(f"randomness must be a privacy.randomness.DPRandomness, got {type(randomness).__name__}")
+        self.randomness = randomness
         self.records = self.row_groups = torch.zeros(0, dtype=torch.long)
         self.n_groups = 0
 
@@ -97,11 +98,11 @@ class PatientPoissonLoader:
     def __iter__(self):
         for _ in range(self._steps):
             self.records, self.row_groups, self.n_groups = self.sample()
-            yield self._fetch(self.records)
+            yield fetch(self.dataset, self.records, self.collate_fn)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One step's draw: (record indices, patient slot per row, number of sampled patients)."""
-        chosen = (torch.rand(self.n_patients, generator=self.generator) < self.sample_rate).nonzero().squeeze(1)
+        chosen = self.randomness.poisson(self.n_patients, self.sample_rate)
         counts = self._counts[chosen]
         m = len(chosen)
         slot = torch.repeat_interleave(torch.arange(m), counts)
@@ -109,18 +110,11 @@ class PatientPoissonLoader:
         records = self._order[self._offsets[chosen][slot] + within]
         if bool((counts > self.max_records).any()):
             # a uniform random order within each patient (slots stay contiguous), then its first k records
-            key = slot.to(torch.float64) + torch.rand(len(slot), generator=self.generator, dtype=torch.float64)
+            key = slot.to(torch.float64) + self.randomness.uniform(len(slot))
             perm = torch.argsort(key)
             keep = within < self.max_records  # rank within the patient after the shuffle is `within` again
             records, slot = records[perm][keep], slot[keep]
         return records, slot, m
-
-    def _fetch(self, records: torch.Tensor):
-        if isinstance(self.dataset, TensorDataset):
-            return tuple(t[records] for t in self.dataset.tensors)
-        if len(records):
-            return self.collate_fn([self.dataset[int(i)] for i in records])
-        return type(one := self.collate_fn([self.dataset[0]]))(t[:0] for t in one)
 
 
 def group_per_sample_grads(params: list, loader: PatientPoissonLoader) -> None:
@@ -175,7 +169,7 @@ def _positions(seg: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
     return pos, int(counts.max()) if m else 0
 
 
-class PatientDPOptimizer(DPOptimizer):
+class PatientDPOptimizer(SourcedNoise, DPOptimizer):
     """Opacus's ``DPOptimizer`` (``"hooks"`` path) clipping per patient: before Opacus's own clipping,
     noise and scaling, each ``p.grad_sample`` is summed per patient of the loader's last batch."""
 

@@ -7,7 +7,6 @@ modality does not match its data) raises one `ConfigError` naming the file and t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,18 +182,9 @@ class DPProfileSection(_Strict):
     delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: min(1e-5, 1/(10 n)) for the hospital's n records
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["prv", "rdp"] = "prv"
-    secure_mode: bool = False
-
-    @field_validator("secure_mode")
-    @classmethod
-    def _secure_rng_installed(cls, v: bool) -> bool:
-        # Opacus draws secure_mode's noise and Poisson samples from torchcsprng; without it Opacus fails
-        # only when the first hospital starts training, inside a worker. Say so before anything runs.
-        if v and importlib.util.find_spec("torchcsprng") is None:
-            raise ValueError("needs the torchcsprng package (Opacus's cryptographically secure RNG), which is not "
-                             "installed; no torchcsprng build exists for this torch, so set secure_mode: false "
-                             "or install a torch/torchcsprng pair that Opacus supports")
-        return v
+    # true (default): every DP draw from a ChaCha20 keystream keyed from the OS (privacy.randomness). false: a
+    # reproducible generator keyed from the run seed, for tests and benches; the report fails such a release.
+    secure_mode: bool = True
 
 
 class PrivacySection(_Strict):

@@ -5,13 +5,11 @@ Shared by the Flower ClientApp and the single-hospital baseline, so both train e
 
 from __future__ import annotations
 
-import secrets
-
 import numpy as np
 import torch
 
 from privacy.accounting import poisson_schedule
-from privacy.dp import HospitalDP
+from privacy.dp import HospitalDP, session_randomness
 from secure_fedkim.config import RunConfig
 from secure_fedkim.data import TaskData
 from secure_fedkim.models import ClientModel
@@ -95,6 +93,14 @@ def dp_plan_inputs(cfg: RunConfig, plans: dict[str, TaskPlan], client: str) -> d
     }
 
 
+def dp_randomness(dp: HospitalDP, cfg: RunConfig, client: str, server_round: int, task: str):
+    """The random source of one DP session (this task, this round, this hospital, this ledger's run): secure and
+    keyed from the OS by default; reproducible from the run seed and the session's name only where the profile
+    turned secure_mode off (tests, benches; the ledger and the report say it is not fit for release). Never
+    torch's global RNG, which new_client_model resets to the run seed before every round."""
+    return session_randomness(dp.profile, cfg.run.seed, dp.run_id, client, server_round, task)
+
+
 def local_round(
     model: ClientModel,
     plans: dict[str, TaskPlan],
@@ -110,11 +116,6 @@ def local_round(
     """
     c = cfg.client
     proximal_mu = cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0
-    if dp is not None:
-        # DP-SGD draws its noise and its Poisson batches from torch's global RNG (Opacus without secure_mode), which
-        # new_client_model has just reset to the run seed: without fresh entropy every round at every hospital
-        # would draw the same noise and batches, and noise repeated in two rounds cancels in their difference.
-        torch.manual_seed(secrets.randbits(63))
     stats = {}
     for i, (name, plan) in enumerate(train_plans(plans)):
         shard = plan.shard(client)
@@ -124,6 +125,7 @@ def local_round(
             seed=cfg.run.seed * 100_003 + server_round * 101 + i, proximal_mu=proximal_mu,
             privatizer=dp if len(shard) else None,
             groups=patients_of(shard) if cfg.privacy.unit == "patient" else None,
+            randomness=dp_randomness(dp, cfg, client, server_round, name) if dp is not None else None,
         )
         if dp is not None and stats[name]["steps"]:
             stats[name]["epsilon"] = dp.record_round(server_round, name, stats[name]["steps"], stats[name]["sample_rate"])

@@ -97,8 +97,9 @@ def _task_key(cfg: RunConfig, message: str) -> str:
 def warn_about_data(cfg: RunConfig, plans: dict[str, TaskPlan]) -> None:
     """One line each for federations and shards that run but cannot mean what a user would expect."""
     if any(cfg.dp_profile(c) is not None and not cfg.dp_profile(c).secure_mode for c in cfg.federation.clients):
-        warnings.warn("Opacus's secure RNG is off (privacy.profile.secure_mode: false): fine for evaluation; "
-                      "a production run draws its noise with torchcsprng", DataWarning, stacklevel=2)
+        warnings.warn("privacy.profile.secure_mode: false: the DP noise and samples come from a generator "
+                      "reproducible from the run seed, which is not fit for a release (the report fails it)",
+                      DataWarning, stacklevel=2)
     if len(cfg.federation.clients) == 1:
         warnings.warn(f"a one-hospital federation ({cfg.federation.clients[0]}): nothing is aggregated across "
                       f"hospitals, so the federated model is that hospital's own model", DataWarning, stacklevel=2)

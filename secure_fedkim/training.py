@@ -20,17 +20,14 @@ from secure_fedkim.metrics import binary_metrics
 
 # Opacus's hooks fire on every first layer whose input needs no gradient: expected, not a problem.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-# Opacus repeats its secure-RNG advice at every make_private (the accountant's catch_warnings resets the
-# "once"/"default" registries, 68+ lines in one demo); secure_fedkim.run says it once per run instead.
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
 
 class Privatizer(Protocol):
     """What DP-SGD needs from the training loop (privacy.dp.HospitalDP provides it)."""
 
-    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, criterion=None, **patients):
+    def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, criterion=None, **extra):
         """(module, optimizer, data_loader), or (module, optimizer, criterion, data_loader) for ghost clipping.
-        `patients`: `groups=` (one patient id per record) under patient-level DP only."""
+        `extra`: `randomness=` (the session's DPRandomness); `groups=` (one patient id per record) under patient-level DP only."""
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
@@ -51,13 +48,15 @@ def train_task(
     proximal_mu: float = 0.0,
     privatizer: Privatizer | None = None,
     groups: np.ndarray | None = None,
+    randomness=None,
 ) -> dict:
     """Train `model` (x -> one logit) with BCE and Adam; returns loss, steps and the sample rate used.
 
     Without a privatizer: shuffled batches and global-norm gradient clipping. With one: Opacus's Poisson
     sampling, per-sample clipping and noise (the privatizer owns those settings); with `groups` (one patient id
     per record), patient-level DP-SGD: patients are sampled (`batch_size` of them per step, expected) and each
-    patient's summed gradient is clipped (privacy.patient).
+    patient's summed gradient is clipped (privacy.patient). `randomness` (a privacy.randomness.DPRandomness)
+    draws the DP session's samples and noise (the privatizer's default, a secure one, if None).
     """
     if len(x) == 0:
         return {"loss": float("nan"), "steps": 0, "n": 0, "sample_rate": 0.0}
@@ -68,8 +67,10 @@ def train_task(
     module, sample_rate = model, loader.batch_size / len(x)
     loss_fn = nn.BCEWithLogitsLoss()
     if privatizer is not None:
-        patients = {} if groups is None else {"groups": groups}  # patient-level DP: the patient of each record
-        private = privatizer.make_private(model, optimizer, loader, criterion=loss_fn, **patients)
+        extra = {} if groups is None else {"groups": groups}  # patient-level DP: the patient of each record
+        if randomness is not None:
+            extra["randomness"] = randomness
+        private = privatizer.make_private(model, optimizer, loader, criterion=loss_fn, **extra)
         if len(private) == 4:  # Opacus's ghost clipping wraps the loss too
             module, optimizer, loss_fn, loader = private
         else:

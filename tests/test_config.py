@@ -132,18 +132,15 @@ def test_privacy_section_errors():
     assert _error(d).startswith("bad.yaml: privacy.profile.target_epsilon:")
 
 
-def test_secure_mode_without_a_secure_rng_is_refused_before_anything_runs():
-    import importlib.util
-
+def test_secure_mode_is_the_default_and_works_without_torchcsprng():
     d = demo()
-    d["privacy"] = {"dp": True, "profile": {"target_epsilon": 8.0, "secure_mode": True}}
-    if importlib.util.find_spec("torchcsprng") is not None:
-        assert parse_config(d).privacy.profile.secure_mode  # installed: accepted
-        return
-    msg = _error(d)
-    assert msg.startswith("bad.yaml: privacy.profile.secure_mode: needs the torchcsprng package")
-    d["privacy"]["profile"]["secure_mode"] = False
-    assert not parse_config(d).privacy.profile.secure_mode
+    d["privacy"] = {"dp": True, "profile": {"target_epsilon": 8.0}}
+    cfg = parse_config(d)
+    assert cfg.privacy.profile.secure_mode and cfg.dp_profile("cleveland").secure_mode  # privacy.randomness's ChaCha20
+    d["privacy"]["profile"]["secure_mode"] = False  # reproducible: accepted for tests, recorded as not for release
+    assert not parse_config(d).dp_profile("cleveland").secure_mode
+    d["privacy"]["profile"]["secure_mode"] = "sometimes"
+    assert _error(d).startswith("bad.yaml: privacy.profile.secure_mode:")
 
 
 def test_aggregation_mode_errors():

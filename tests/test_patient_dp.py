@@ -21,6 +21,7 @@ from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import FusedDPOptimizer
 from privacy.ledger import PrivacyLedger
 from privacy.patient import PatientDPOptimizer, PatientPoissonLoader
+from privacy.randomness import DPRandomness
 
 torch.set_num_threads(1)
 pytestmark = [
@@ -86,7 +87,7 @@ def private_step(tmp_path, mode, k, c, seed=0):
     module, opt, loader = dp.make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.0), DataLoader(TensorDataset(x, y), batch_size=3),
         criterion=nn.BCEWithLogitsLoss(), groups=groups, grad_sample_mode=mode,
-        patient_generator=torch.Generator().manual_seed(seed),
+        randomness=DPRandomness.reproducible(seed, "test"),
     )
     xb, yb = next(iter(loader))
     opt.zero_grad(set_to_none=True)
@@ -146,7 +147,7 @@ def test_sampler_rate_cap_and_patient_slots():
     n = len(groups)
     ds = TensorDataset(torch.arange(n), torch.zeros(n))
     k, steps = 3, 400
-    loader = PatientPoissonLoader(ds, groups, 20, k, generator=torch.Generator().manual_seed(7))
+    loader = PatientPoissonLoader(ds, groups, 20, k, DPRandomness.reproducible(7, "test"))
     q = loader.sample_rate
     assert (q, len(loader)) == poisson_schedule(200, 20) == (0.1, 10) and loader.expected_batch_size == 20
     hits = {p: 0 for p in np.unique(groups)}
