@@ -3,7 +3,13 @@
 A forecast uses the Poisson loaders' own rule, as a run does (:func:`privacy.accounting.poisson_schedule`, the
 one rule for Opacus's ``DPDataLoader`` and ``privacy.patient``): each record is sampled per step with
 probability ``q = 1/ceil(n/batch)``, for ``ceil(n/batch)`` steps per local epoch; so the forecast's noise is
-the noise a run with the same inputs calibrates (``privacy.accounting.calibrate_noise``).
+the noise a run with the same inputs calibrates (``privacy.accounting.calibrate_noise``, the one calibration
+for ``budget``, ``budget --config`` and every hospital's DP plan; see ``privacy.accounting`` for its method).
+
+Epsilon by round is composed incrementally (:class:`privacy.accounting.RoundComposer`: one more round onto
+the rounds before, never the whole prefix again): with Opacus's RDP for ``accountant="rdp"``, else with
+dp_accounting's PLD at the report's discretisation, because Opacus's PRV cannot compose incrementally (its
+mesh depends on the whole history). The end of the run is also given by the accountant the run enforces.
 
 With ``unit="patient"`` (patient-level DP-SGD, ``privacy.patient``) the same holds with patients in place
 of records: ``batch_size`` counts patients, ``n`` is ``n_patients``, delta defaults on ``n_patients``, and
@@ -19,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 from .accounting import (
     ACCOUNTANTS,
+    RoundComposer,
     Step,
-    calibrate_noise,
+    calibrate,
     epsilon,
     gdp_mu,
     independent_epsilon,
@@ -29,7 +36,8 @@ from .accounting import (
 )
 
 __all__ = ["BudgetForecast", "forecast", "epsilon_by_round", "compare_accountants", "format_table", "MIN_NOISE_MULTIPLIER",
-           "MAX_TABLE_ROUNDS", "table_rounds", "noise_dominates"]
+           "MAX_TABLE_ROUNDS", "table_rounds", "noise_dominates", "round_accountant", "signal_to_noise",
+           "epsilon_by_round_schedule"]
 
 # Below this noise multiplier the PRV and PLD accountants' grids grow without bound (sigma 0.2 already
 # takes ~1 GB and 15 s for one run of a few hundred steps; epsilon 1e6 was killed at 22 GB), and the
@@ -49,8 +57,9 @@ class BudgetForecast:
         noise_multiplier: calibrated sigma (smallest that meets ``target_epsilon`` at the end of the run).
         sample_rate: ``1/ceil(n/batch_size)`` (Poisson sampling; n: records, or patients for unit "patient").
         steps_per_round: ``local_epochs * ceil(n / batch_size)``.
-        epsilon: epsilon at the end of the planned run (<= target).
-        epsilon_by_round: epsilon after each round 1..rounds.
+        epsilon: epsilon at the end of the planned run by ``accountant`` (<= target).
+        epsilon_by_round: epsilon after each round of ``table_rounds``, composed round by round by
+            ``round_accountant`` (see :func:`round_accountant`).
         gdp_mu: Gaussian-DP mu at the end (CLT approximation).
         at_noise_floor: the target is met already at ``MIN_NOISE_MULTIPLIER``; less noise was not searched.
         unit: the privacy unit every epsilon is about, ``"record"`` or ``"patient"``.
@@ -75,6 +84,8 @@ class BudgetForecast:
     table_rounds: list[int] = field(default_factory=list)  # the rounds that epsilon_by_round lists
     unit: str = "record"
     n_patients: int | None = None
+    round_accountant: str = ""  # the accountant of epsilon_by_round (round_accountant(accountant))
+    checks: dict = field(default_factory=dict)  # the whole run at the calibrated noise, by each report accountant
 
     @property
     def n_units(self) -> int:
@@ -138,12 +149,9 @@ def forecast(
         raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
     delta = resolve_delta(delta, n)
     q, steps_per_round = poisson_schedule(n, batch_size, local_epochs)  # the loaders' own rule, as in a run
-    floor_eps = epsilon([Step(MIN_NOISE_MULTIPLIER, q, steps_per_round * rounds)], delta, accountant)
-    at_floor = floor_eps <= target_epsilon
-    if at_floor:
-        sigma = MIN_NOISE_MULTIPLIER
-    else:
-        sigma = calibrate_noise(target_epsilon, delta, [(q, steps_per_round * rounds)], accountant=accountant)
+    cal = calibrate(target_epsilon, delta, [(q, steps_per_round * rounds)], accountant=accountant,
+                    floor=MIN_NOISE_MULTIPLIER)
+    sigma, at_floor = cal.noise_multiplier, cal.at_floor
     listed = table_rounds(rounds)
     by_round = epsilon_by_round(sigma, q, steps_per_round, rounds, delta, accountant)
     return BudgetForecast(
@@ -158,13 +166,15 @@ def forecast(
         sample_rate=q,
         steps_per_round=steps_per_round,
         total_steps=steps_per_round * rounds,
-        epsilon=by_round[-1],
+        epsilon=cal.epsilon,
         epsilon_by_round=by_round,
         gdp_mu=gdp_mu([Step(sigma, q, steps_per_round * rounds)]),
         at_noise_floor=at_floor,
         table_rounds=listed,
         unit=unit,
         n_patients=n_patients if unit == "patient" else None,
+        round_accountant=round_accountant(accountant),
+        checks=dict(cal.checks),
     )
 
 
@@ -183,6 +193,15 @@ def noise_dominates(noise_multiplier: float, batch_size: float) -> bool:
     return noise_multiplier / batch_size > 1.0
 
 
+def round_accountant(accountant: str) -> str:
+    """The accountant that composes epsilon round by round for a budget held to ``accountant``: Opacus RDP
+    for ``"rdp"`` (its values are Opacus's), dp_accounting PLD otherwise (Opacus's PRV has no incremental
+    composition; PLD is the report's cross-check of PRV, and about ``eps_error`` = 0.01 below it)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return "opacus rdp" if accountant == "rdp" else "dp_accounting pld"
+
+
 def epsilon_by_round(
     noise_multiplier: float,
     sample_rate: float,
@@ -192,12 +211,41 @@ def epsilon_by_round(
     accountant: str = "prv",
 ) -> list[float]:
     """Epsilon after each round of :func:`table_rounds` (the cumulative spend, not a per-round figure):
-    every round up to MAX_TABLE_ROUNDS rounds, else MAX_TABLE_ROUNDS evenly spaced ones ending at the last."""
+    every round up to MAX_TABLE_ROUNDS rounds, else MAX_TABLE_ROUNDS evenly spaced ones ending at the last.
+
+    Incremental: each listed round composes only the rounds since the previous one onto them, with
+    :func:`round_accountant` ``(accountant)``; equal to a full recomposition up to rounding."""
     _positive_int("steps_per_round", steps_per_round)
-    return [
-        epsilon([Step(noise_multiplier, sample_rate, steps_per_round * r)], delta, accountant)
-        for r in table_rounds(rounds)
-    ]
+    return epsilon_by_round_schedule(noise_multiplier, [(sample_rate, steps_per_round)], rounds, delta, accountant)
+
+
+def epsilon_by_round_schedule(
+    noise_multiplier: float,
+    round_schedule: list[tuple[float, int]],
+    rounds: int,
+    delta: float,
+    accountant: str = "prv",
+    listed: list[int] | None = None,
+) -> list[float]:
+    """:func:`epsilon_by_round` for a heterogeneous round (``(sample_rate, steps)`` per task), at ``listed``
+    rounds (default :func:`table_rounds`)."""
+    method = "rdp" if round_accountant(accountant) == "opacus rdp" else "pld"
+    composer = RoundComposer(noise_multiplier, round_schedule, delta, method)
+    return [composer.after(r) for r in (listed if listed is not None else table_rounds(rounds))]
+
+
+def signal_to_noise(noise_multiplier: float, expected_batch: float) -> float:
+    """Predicted signal-to-noise of one DP-SGD step: ``expected_batch / noise_multiplier``.
+
+    Assumes a typical clipped per-unit gradient has norm about the clipping norm C (early in training most
+    per-sample gradients are clipped) and that they point broadly the same way, so the mean gradient's norm
+    is about C; the noise on the mean gradient has std ``sigma * C / expected_batch`` per coordinate. The
+    ratio of the two is independent of C. Below 1 the noise per coordinate exceeds the whole signal
+    (:func:`noise_dominates`); a model typically stays near its untrained AUROC. It is an optimistic figure:
+    disagreeing gradients or many coordinates make the signal per coordinate smaller."""
+    if noise_multiplier == 0:
+        return math.inf
+    return expected_batch / noise_multiplier
 
 
 def compare_accountants(
@@ -236,11 +284,16 @@ def format_table(budget: BudgetForecast, comparison: dict[str, float] | None = N
         (f"noise multiplier   {b.noise_multiplier:.6g}  (noise multiplier below {MIN_NOISE_MULTIPLIER:g} is not needed: "
          f"this noise already keeps the whole run within the target; less is not searched)")
         if b.at_noise_floor else f"noise multiplier   {b.noise_multiplier:.6g}  (calibrated for the whole run)",
-        f"final epsilon      {b.epsilon:.4f} {per}  GDP mu {b.gdp_mu:.4f} (CLT approximation)",
+        f"final epsilon      {b.epsilon:.4f} {per} ({b.accountant}, the accountant the run enforces)  "
+        f"GDP mu {b.gdp_mu:.4f} (CLT approximation)",
         "",
-        f"{'round':>5}  {'epsilon':>10}  {'remaining':>10}  (epsilon {per})",
+        f"{'round':>5}  {'epsilon':>10}  {'remaining':>10}  (epsilon {per}; {b.round_accountant or b.accountant}, "
+        f"composed round by round)",
         f"{'-' * 5}  {'-' * 10}  {'-' * 10}",
     ]
+    snr = signal_to_noise(b.noise_multiplier, b.sample_rate * b.n_units)
+    lines.insert(5, f"signal/noise       {snr:.3g} per step (expected batch {b.sample_rate * b.n_units:.4g} / noise multiplier; "
+                    f"assumes a typical clipped gradient of norm C; under 1 the noise outweighs the signal)")
     for r, eps in zip(b.table_rounds or range(1, b.rounds + 1), b.epsilon_by_round):
         lines.append(f"{r:>5}  {eps:>10.4f}  {b.target_epsilon - eps:>10.4f}")
     if comparison:

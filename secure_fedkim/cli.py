@@ -63,10 +63,11 @@ def _cmd_budget(args) -> int:
         raise UsageError(f"budget: --batch {args.batch} is larger than {what} {units}")
     try:
         if args.epsilon is not None:
-            plan = b.forecast(args.epsilon, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant,
-                          unit="patient" if args.patients is not None else "record", n_patients=args.patients)
-            comparison = b.compare_accountants(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, plan.delta)
-            print(b.format_table(plan, comparison), end="")
+            for i, target in enumerate(args.epsilon):  # several targets: one plan after another
+                plan = b.forecast(target, args.delta, args.records, args.batch, args.epochs, args.rounds, args.accountant,
+                                  unit="patient" if args.patients is not None else "record", n_patients=args.patients)
+                comparison = b.compare_accountants(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, plan.delta)
+                print(("\n" if i else "") + b.format_table(plan, comparison), end="")
         else:
             _print_noise_budget(args, b)
     except ValueError as e:  # an unreachable target, a delta >= 1/records: the accountant's own reason
@@ -76,9 +77,7 @@ def _cmd_budget(args) -> int:
 
 
 def _print_noise_budget(args, b) -> None:
-    from privacy.accounting import resolve_delta
-
-    from privacy.accounting import poisson_schedule
+    from privacy.accounting import poisson_schedule, resolve_delta
 
     unit, n = ("patient", args.patients) if args.patients is not None else ("record", args.records)
     delta = resolve_delta(args.delta, n)
@@ -86,7 +85,7 @@ def _print_noise_budget(args, b) -> None:
     by_round = b.epsilon_by_round(args.noise, q, steps, args.rounds, delta, args.accountant)
     print(f"noise multiplier {args.noise:g}, sample rate {q:.6g} per {unit} (Poisson), {steps} steps per round, "
           f"delta {delta:.3g}")
-    print(f"{'round':>5}  {'epsilon':>10}  (epsilon per {unit})")
+    print(f"{'round':>5}  {'epsilon':>10}  (epsilon per {unit}; {b.round_accountant(args.accountant)}, composed round by round)")
     for r, eps in zip(b.table_rounds(args.rounds), by_round):
         print(f"{r:>5}  {eps:>10.4f}")
     for name, eps in b.compare_accountants(args.noise, q, steps, args.rounds, delta).items():
@@ -110,8 +109,11 @@ def _check_budget_args(args) -> None:
     def bad(option: str, why: str, value) -> UsageError:
         return UsageError(f"budget: --{option} {why}, got {value!r}")
 
-    if args.epsilon is not None and not (math.isfinite(args.epsilon) and args.epsilon > 0):
-        raise bad("epsilon", "must be a finite number > 0", args.epsilon)
+    for target in args.epsilon or ():
+        if not (math.isfinite(target) and target > 0):
+            raise bad("epsilon", "must be a finite number > 0", target)
+    if args.epsilon is not None and len(set(args.epsilon)) != len(args.epsilon):
+        raise bad("epsilon", "lists a target twice", args.epsilon)
     if args.delta is not None and not (0 < args.delta < 1):
         raise bad("delta", "must lie strictly between 0 and 1", args.delta)
     if args.noise is not None and not (math.isfinite(args.noise) and args.noise >= MIN_NOISE_MULTIPLIER):
@@ -125,57 +127,134 @@ def _check_budget_args(args) -> None:
             raise bad(option, f"must be at most {_BUDGET_LIMITS[option]:,}", value)
 
 
-def _noise_for(target: float, delta: float, schedule: list, accountant: str) -> float:
-    """calibrate_noise, never searching below the noise floor of privacy.budget (see MIN_NOISE_MULTIPLIER)."""
-    from privacy.accounting import Step, calibrate_noise, epsilon
+def _calibrate_for(target: float, delta: float, schedule: list, accountant: str):
+    """privacy.accounting.calibrate (the run's own calibration), never searching below the noise floor of
+    privacy.budget (see MIN_NOISE_MULTIPLIER); an unreachable target is one usage line."""
+    from privacy.accounting import calibrate
     from privacy.budget import MIN_NOISE_MULTIPLIER
 
     try:
-        if epsilon([Step(MIN_NOISE_MULTIPLIER, q, k) for q, k in schedule], delta, accountant) <= target:
-            return MIN_NOISE_MULTIPLIER
-        return calibrate_noise(target, delta, schedule, accountant=accountant)
+        return calibrate(target, delta, schedule, accountant=accountant, floor=MIN_NOISE_MULTIPLIER)
     except ValueError as e:
         raise UsageError(f"budget: {e}") from None
 
 
+def _noise_for(target: float, delta: float, schedule: list, accountant: str) -> float:
+    """:func:`_calibrate_for`'s noise multiplier."""
+    return _calibrate_for(target, delta, schedule, accountant).noise_multiplier
+
+
+def _config_plans(cfg, config_path):
+    """The config's task plans, as `secure_fedkim.run.load_plans` builds them for a run, without importing the
+    run's own module (Flower, scikit-learn: seconds of start-up that planning a budget does not need)."""
+    from secure_fedkim.data import DataError
+    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.plan import build_plan
+
+    try:
+        plans = build_plan(cfg)
+    except DataError as e:
+        from secure_fedkim.run import _task_key
+
+        raise DataError(f"{config_path}: {_task_key(cfg, str(e))}: {e}") from None
+    try:
+        new_client_model(cfg, plans)  # every task of a modality gives one sample shape; encoders can be built
+    except ValueError as e:
+        from secure_fedkim.config import ConfigError
+
+        raise ConfigError(f"{config_path}: {e}") from None
+    return plans
+
+
+def _expected_batches(cfg, plans, client: str) -> list[float]:
+    """Expected Poisson batch (privacy units sampled per step, ``q * n``) of each task the hospital trains."""
+    import numpy as np
+
+    from privacy.accounting import poisson_schedule
+    from secure_fedkim.local_training import patients_of, train_plans
+
+    out = []
+    for _, plan in train_plans(plans):
+        shard = plan.shard(client)
+        if len(shard):
+            n = len(shard) if cfg.privacy.unit != "patient" else len(np.unique(patients_of(shard)))
+            q, _ = poisson_schedule(n, cfg.client.batch_size, 1)
+            out.append(q * n)
+    return out
+
+
 def _budget_for_config(args) -> int:
-    """Plan each hospital of a federation from its real shards (the schedule a run will use)."""
+    """Plan each hospital of a federation from its real shards (the schedule a run will use), for one target or
+    several side by side."""
     import yaml
 
-    from privacy.accounting import Step, epsilon, resolve_delta
-    from secure_fedkim.local_training import dp_plan_inputs
+    from privacy.accounting import resolve_delta
+    from privacy.budget import epsilon_by_round_schedule, round_accountant, signal_to_noise, table_rounds
     from secure_fedkim.config import load_config
-    from secure_fedkim.run import load_plans
+    from secure_fedkim.local_training import dp_plan_inputs
 
     if args.epsilon is None:
         raise UsageError("budget --config: give --epsilon, the budget to plan for every hospital")
     if args.patients is not None:
         raise UsageError("budget --config: --patients comes from the config's data (set privacy.unit: patient)")
+    if args.write is not None and len(args.epsilon) > 1:
+        raise UsageError(f"budget --config: --write writes one budget; give one --epsilon, got {len(args.epsilon)}")
     cfg, text = load_config(args.config)
-    plans = load_plans(cfg, args.config)
+    plans = _config_plans(cfg, args.config)
     rounds, unit = cfg.run.rounds, cfg.privacy.unit
+    listed = table_rounds(rounds)
     units = "patients" if unit == "patient" else "records"
-    print(f"{'hospital':<16}{units:>9}{'delta':>10}{'noise':>9}  epsilon per {unit} after each of {rounds} rounds "
-          f"({args.accountant})")
+    by_round_acc = round_accountant(args.accountant)
+    several = len(args.epsilon) > 1
+    if not several:
+        print(f"{'hospital':<16}{units:>9}{'delta':>10}{'noise':>9}  epsilon per {unit} after each of {rounds} rounds "
+              f"({by_round_acc}, composed round by round; the whole run and its verification by {args.accountant})")
     reserved = False
     for client in cfg.federation.clients:
         inputs = dp_plan_inputs(cfg, plans, client)  # what the run's own plan is calibrated on
         n = inputs["n_patients"] or inputs["n_records"]
-        delta = resolve_delta(args.delta, n)
+        try:
+            delta = resolve_delta(args.delta, n)
+        except ValueError as e:
+            raise UsageError(f"budget --config: {client}: {e}") from None
         schedule, reserved = inputs["round_schedule"], bool(inputs["reserved"])
-        sigma = _noise_for(args.epsilon, delta, schedule * rounds + inputs["reserved"], args.accountant)
-        eps = [epsilon([Step(sigma, q, k) for q, k in schedule * r], delta, args.accountant) for r in range(1, rounds + 1)]
-        line = f"{client:<16}{n:>9}{delta:>10.3g}{sigma:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps)
-        if inputs["reserved"]:
-            both = epsilon([Step(sigma, q, k) for q, k in schedule * rounds + inputs["reserved"]], delta, args.accountant)
-            line += f"  + baseline -> {both:.3f}"
-        print(line)
+        batch = min(_expected_batches(cfg, plans, client))
+        rows = []
+        for target in args.epsilon:
+            cal = _calibrate_for(target, delta, schedule * rounds + inputs["reserved"], args.accountant)
+            sigma = cal.noise_multiplier
+            eps = epsilon_by_round_schedule(sigma, schedule, rounds, delta, args.accountant, listed)
+            rows.append((target, cal, eps, signal_to_noise(sigma, batch)))
+        if not several:
+            target, cal, eps, _ = rows[0]
+            line = f"{client:<16}{n:>9}{delta:>10.3g}{cal.noise_multiplier:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps)
+            if inputs["reserved"]:
+                line += f"  + baseline -> {cal.epsilon:.3f}"
+            elif cal.epsilon != eps[-1]:
+                line += f"  (whole run: {cal.epsilon:.3f} {args.accountant})"
+            print(line)
+            continue
+        print(f"{client}: {n} {units}, delta {delta:.3g}, smallest expected batch {batch:.4g} {units}")
+        head = " ".join(f"{'r' + str(r):>6}" for r in listed)
+        whole = "+ baseline" if inputs["reserved"] else "whole run"
+        print(f"  {'epsilon':>8} {'noise':>8} {'signal/noise':>12}  {head}  {whole} ({args.accountant})")
+        for target, cal, eps, snr in rows:
+            flag = "  mostly noise" if snr < 1 else ""
+            print(f"  {target:>8g} {cal.noise_multiplier:>8.4f} {snr:>12.3g}  " + " ".join(f"{e:>6.3f}" for e in eps)
+                  + f"  {cal.epsilon:>10.3f}{flag}")
+    if several:
+        print(f"(epsilon per {unit} after each round by {by_round_acc}, composed round by round; the last column is the "
+              f"whole run by {args.accountant}, the accountant the run enforces. signal/noise: the smallest expected batch "
+              f"over the noise multiplier, assuming a typical clipped gradient of norm C (clip norm); below 1 a step is "
+              f"mostly noise and a model typically stays near its untrained AUROC)")
     if reserved:
         print(f"(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
-              f"federation and the baseline together, so both compose within epsilon {args.epsilon:g})")
+              f"federation and the baseline together, so both compose within each epsilon)" if several else
+              f"(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
+              f"federation and the baseline together, so both compose within epsilon {args.epsilon[0]:g})")
     if args.write is not None:
         data = yaml.safe_load(text)
-        profile = {"target_epsilon": args.epsilon, "accountant": args.accountant}
+        profile = {"target_epsilon": args.epsilon[0], "accountant": args.accountant}
         if args.delta is not None:
             profile["delta"] = args.delta
         data["privacy"] = {**data.get("privacy", {}), "dp": True, "profile": profile}
@@ -245,6 +324,8 @@ _BUDGET_EXAMPLES = """examples:
       patient-level DP-SGD: 32 patients per step, epsilon per patient
   secure-fedkim budget --config configs/demo.yaml --epsilon 8 --write configs/my_dp.yaml
       every hospital of a federation from its real shards, and a copy of the config with that budget
+  secure-fedkim budget --config configs/demo.yaml --epsilon 1 2 4 8
+      what-if: each hospital's noise, epsilon after each round and signal-to-noise of a step, per target
 """
 
 
@@ -264,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "spends after each round, with four accountants side by side. A bad value: one error line, exit 2.",
         epilog=_BUDGET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("--epsilon", type=float, help="target epsilon per record for the whole run, e.g. 8")
+    b.add_argument("--epsilon", type=float, nargs="+", metavar="E",
+                   help="target epsilon per record for the whole run, e.g. 8; several (e.g. 1 2 4 8) plan each, side by side")
     b.add_argument("--noise", type=float, help="a noise multiplier (>= 0.5), to see epsilon after each round")
     b.add_argument("--delta", type=float, default=None, help="target delta in (0, 1/records) (default: min(1e-5, 1/(10 n)))")
     b.add_argument("--records", type=int, help="training records at the hospital (required without --config)")
