@@ -29,6 +29,10 @@ from privacy.ledger import LedgerTampered, PrivacyLedger
 
 RTOL = 1e-6
 _CONSISTENCY_PARTS = ("dp_audit", "whitebox", "mechanism")
+
+
+def part_of(row: dict) -> str | None:
+    return row.get("_part")
 _VERDICTS = ("consistent", "inconsistent", "inconclusive")
 _STATUS_RANK = {"not_applicable": -1, "pass": 0, "inconclusive": 1, "attention": 2, "fail": 3}
 
@@ -177,10 +181,12 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def _verdict(row: dict) -> str:
-    """A DP-consistency row's status from audit.json: the audit's verdict, unless its lower bound says worse."""
+def _verdict(row: dict, spent: float | None = None) -> str:
+    """A DP-consistency row's status from audit.json: the audit's verdict, unless its lower bound says worse than the
+    claim (the row's accountant epsilon, else the hospital's federation spend ``spent``)."""
     lbs = [v for v in (_num(row.get("eps_lb")), _num(row.get("eps_lb_one_run"))) if v is not None]
     claim = _num(row.get("eps_accountant"))
+    claim = claim if claim is not None or part_of(row) != "dp_audit" else spent
     if row.get("consistent_with_accountant") is False or (lbs and claim is not None and max(lbs) > claim * (1 + 1e-9)):
         return "inconsistent"
     return row["status"] if row.get("status") in _VERDICTS else "consistent"
@@ -209,11 +215,12 @@ def _audit(report: dict, run_dir: Path, clients: list[str]) -> list[str]:
     mine = lambda row: _row_hospital(row, clients) in (None, partner) if partner else True
     msgs = []
     verdicts, other_verdicts = {}, {st: 0 for st in _VERDICTS}
+    spent = {h["hospital"]: (h.get("accounting") or {}).get("epsilon_spent") for h in report["hospitals"]}
     for part in _CONSISTENCY_PARTS:
         for i, row in enumerate(data.get(part) or []):
             if not isinstance(row, dict):
                 continue
-            v = _verdict(row)
+            v = _verdict({**row, "_part": part}, spent.get(_row_hospital(row, clients)))
             if mine(row):
                 verdicts[f"{part}/{i}"] = v
             elif row.get("status") in _VERDICTS or isinstance(row.get("eps_lb"), (int, float)):

@@ -31,6 +31,7 @@ FILLS = {"pass": (214, 240, 220), "attention": (255, 236, 200), "fail": (248, 21
 DECISION_STATUS = {"do not release": "fail", "release with conditions": "attention", "release": "pass"}
 MIN_PDF_PT = 8  # no PDF text below this size
 MAX_ROC_IMAGES = 6
+MAX_MIA_BODY = 8  # membership-inference rows in the main body; all of them in appendix B
 
 
 class ReportPaths(NamedTuple):
@@ -247,13 +248,13 @@ def _section_summary(B: list[Block], report: dict, run_dir: Path) -> None:
     what is not covered, the checks in words. Fits on the first PDF page."""
     fp = report["summary"]["first_page"]
     B.append(Block("decision", f"Decision: {fp['decision'].upper()}", DECISION_STATUS[fp["decision"]]))
-    reasons = [r if len(r) <= 300 else r[:290].rsplit(" ", 1)[0] + " ... (section 2)" for r in fp["reasons"]]
+    reasons = [r if len(r) <= 300 else r[:290].rsplit(" ", 1)[0] + " ... (appendix A)" for r in fp["reasons"]]
     if fp.get("conditions"):
-        B.append(Block("p", "Conditions, as actions (each from a check in section 2):"))
+        B.append(Block("p", "Conditions, as actions (each from a check in appendix A):"))
         B.append(Block("ul", [f"{c['action']} [{CHECK_TITLES.get(c['check'], c['check'])}: {_st(c['status'])}]"
                               for c in fp["conditions"]]))
     else:
-        B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (section 2)"] if len(reasons) > 6 else [])))
+        B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (appendix A)"] if len(reasons) > 6 else [])))
     B.append(Block("kv", [("setting", fp["setting"]), ("patients", fp["patient_exposure"]["text"] or "-")]))
     rows = [[h["hospital"], _v(h["epsilon"]), _v(h.get("epsilon_remaining")), _v(h["delta"]), _v(h["gdp_mu"]), h["reading"]]
             for h in fp["hospitals"]]
@@ -262,7 +263,7 @@ def _section_summary(B: list[Block], report: dict, run_dir: Path) -> None:
     if fp.get("other_hospitals"):
         B.append(Block("p", fp["other_hospitals"] + "."))
     B.append(Block("kv", [("worst measured leakage", fp["worst_leakage_text"]),
-                          ("not covered", "; ".join(fp["not_covered"]) + " (full list in section 3)")]))
+                          ("not covered", "; ".join(fp["not_covered"]) + " (full list in section 2)")]))
     B.append(Block("table", (["check", "status"], [[c["title"], c["status"]] for c in fp["checks"]]), 1, "compact"))
     B.append(Block("p", report["summary"]["plain_language"]))
     B.append(Block("break", None))  # the checks start on page 2
@@ -423,28 +424,32 @@ def _section_threats(B: list[Block], report: dict, run_dir: Path) -> None:
 
 
 def _audit_consistency(B: list[Block], consistency: list[dict]) -> None:
-    """Section 9: whether the training is consistent with its claimed epsilon, per audit."""
+    """Section 9: whether the training is consistent with its claimed epsilon, per audit. A reason several rows share
+    is printed once under the table, not in every row."""
     B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
+    shared: dict[str, int] = {}
+    for c in consistency:
+        for r in c["reasons"]:
+            shared[r] = shared.get(r, 0) + 1
+    notes = [r for r, n in shared.items() if n > 1]
+    cell = lambda c: "; ".join(f"see note {notes.index(r) + 1}" if r in notes else r for r in c["reasons"])
     B.append(Block("table", (["audit", "hospital", "task", "status", "epsilon lower bound", "claim checked",
                               "largest epsilon it can certify", "reasons"],
                              [[c["kind"].replace("_", " "), _v(c["hospital"]), _v(c["task"]),
                                c["status"] + (" (underpowered)" if c.get("underpowered") else ""),
                                _v(c.get("eps_lb")), _v(c.get("claim_checked")),
-                               _v(c["max_certifiable_epsilon"]), "; ".join(c["reasons"])] for c in consistency]),
+                               _v(c["max_certifiable_epsilon"]), cell(c)] for c in consistency]),
                    3))
+    for i, r in enumerate(notes, 1):
+        B.append(Block("p", f"Note {i} ({shared[r]} rows): {r}"))
     B.append(Block("p", "Claim checked: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in
                                                      {c["kind"]: c.get("claim_checked_of") for c in consistency}.items() if v)
                    + ". Underpowered: the claim is above the largest epsilon the audit could certify, so it could not "
                    "have decided; it holds no decision where a white-box audit of the same training decided."))
-    methods = sorted({c["lower_bound_method"] for c in consistency if c.get("lower_bound_method")})
-    if methods:
-        B.append(Block("p", "White-box lower bound: " + "; ".join(methods) + ". It assumes the mechanism's "
-                       "trade-off curve is Gaussian-shaped (DP-SGD over many steps); Steinke, Nasr and "
-                       "Jagielski's bound, which assumes nothing, is in audit.json beside it."))
 
 
 def _audit_mia(B: list[Block], mia: list[dict]) -> None:
-    """Section 9: every membership-inference result, with TPR at each false-positive rate measured."""
+    """Every membership-inference result, with TPR at each false-positive rate measured (appendix A)."""
     fprs = sorted({k for m in mia for k in m["tpr_at_fpr"]}, key=float)
     B.append(Block("table", (["hospital", "target", "task", "attack", "AUC", "AUC 95% CI", "status"]
                              + [f"TPR@{k}" for k in fprs] + ["members / non-members"],
@@ -456,43 +461,86 @@ def _audit_mia(B: list[Block], mia: list[dict]) -> None:
 
 
 def _section_audit(B: list[Block], report: dict, run_dir: Path) -> None:
-    """Empirical audits: consistency with the claimed epsilon, membership inference, DP audit, reconstruction,
-    ROC curves; or why no audit ran."""
+    """Empirical audits in the main body: consistency with the claimed epsilon, the membership-inference rows that
+    are not 'no signal shown' and the count of each status, the bounds plot; every row and ROC curve in appendix A."""
     au = report["audit"]
     if not au["run"]:
         B.append(Block("p", au["note"] or "audit not run"))
-    else:
-        if au.get("consistency"):
-            _audit_consistency(B, au["consistency"])
-        B.append(Block("h3", "Membership inference, every result"))
-        if au["mia"]:
-            _audit_mia(B, au["mia"])
-        if au["dp_audit"]:
-            B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound",
-                                      "claim checked (federation's spend)", "status"],
-                                     [[_v(a.get("hospital")), _v(a.get("task")), _v(a.get("canaries")), _v(a.get("eps_lb")),
-                                       _v(a.get("eps_lb_one_run")), _v(a.get("eps_accountant")),
-                                       a["status"] + (" (underpowered)" if a.get("underpowered") else "")]
-                                      for a in au["dp_audit"]]), None))
-        if au["reconstruction"]:
-            B.append(Block("table", (["hospital", "task", "update", "visible to server", "relative MSE", "cosine", "note"],
-                                     [[_v(r.get("hospital")), _v(r.get("task")), _v(r.get("update")), _v(r.get("visible")),
-                                       _v(r.get("relative_mse")), _v(r.get("cosine")), _v(r.get("note"))]
-                                      for r in au["reconstruction"]]), None))
-        if au.get("other_hospitals"):
-            o = au["other_hospitals"]
-            B.append(Block("p", f"Other hospitals' audits (aggregate, {o['hospitals']} hospitals): {o['mia_results']} "
-                                "membership-inference results (" + _v(o["mia_statuses"]) + "); DP-consistency audits: "
-                                + _v(o["consistency_statuses"]) + "."))
-        img = plot_audit_bounds(report)
-        if img:
-            B.append(Block("img", img, "Empirical epsilon lower bound vs accountant epsilon"))
-        shown = [r for r in au["roc_images"] if (run_dir / r["path"]).is_file()][:MAX_ROC_IMAGES]
-        for roc in shown:
-            B.append(Block("img", (run_dir / roc["path"]).read_bytes(), f"ROC curve (log-log): {roc['path']}"))
-        if len(au["roc_images"]) > len(shown):
-            B.append(Block("p", f"{len(au['roc_images']) - len(shown)} more ROC curves are in the run's audit/ directory "
-                                f"(listed with their hashes in section 12)."))
+        return
+    if au.get("consistency"):
+        _audit_consistency_counts(B, au["consistency"])
+    B.append(Block("h3", "Membership inference"))
+    counts: dict[str, int] = {}
+    for m in au["mia"]:
+        counts[m["status"]] = counts.get(m["status"], 0) + 1
+    B.append(Block("p", f"{len(au['mia'])} results: " + (", ".join(f"{n} {st}" for st, n in counts.items()) or "none")
+                   + (f". Worst measured leakage: {report['summary']['first_page']['worst_leakage_text']}." if au["mia"] else ".")
+                   + " Every row is in appendix A."))
+    flagged = [m for m in au["mia"] if m["status"] != "no signal shown"]
+    flagged.sort(key=lambda m: -((m.get("auc_ci") or m["auc_ci95"] or [m["auc"]])[0]))
+    if flagged:
+        _audit_mia(B, flagged[:MAX_MIA_BODY])
+        if len(flagged) > MAX_MIA_BODY:
+            B.append(Block("p", f"{len(flagged) - MAX_MIA_BODY} more rows that are not 'no signal shown' are in appendix B."))
+    if au["reconstruction"]:
+        B.append(Block("table", (["hospital", "task", "update", "visible to server", "relative MSE", "cosine", "note"],
+                                 [[_v(r.get("hospital")), _v(r.get("task")), _v(r.get("update")), _v(r.get("visible")),
+                                   _v(r.get("relative_mse")), _v(r.get("cosine")), _v(r.get("note"))]
+                                  for r in au["reconstruction"]]), None))
+    if au.get("other_hospitals"):
+        o = au["other_hospitals"]
+        B.append(Block("p", f"Other hospitals' audits (aggregate, {o['hospitals']} hospitals): {o['mia_results']} "
+                            "membership-inference results (" + _v(o["mia_statuses"]) + "); DP-consistency audits: "
+                            + _v(o["consistency_statuses"]) + "."))
+    img = plot_audit_bounds(report)
+    if img:
+        B.append(Block("img", img, "Empirical epsilon lower bound vs accountant epsilon"))
+
+
+def _audit_consistency_counts(B: list[Block], consistency: list[dict]) -> None:
+    """The main body's view of the DP-consistency audits: each kind's rows counted by status (every row in appendix
+    B), the rows that are not consistent named."""
+    B.append(Block("h3", "Is the training consistent with its claimed epsilon?"))
+    kinds = list(dict.fromkeys(c["kind"] for c in consistency))
+    statuses = ("consistent", "inconclusive", "inconsistent")
+    B.append(Block("table", (["audit", "what its claim is"] + list(statuses) + ["of which underpowered"],
+                             [[k.replace("_", " "), next(c.get("claim_checked_of") or "-" for c in consistency if c["kind"] == k)]
+                              + [str(sum(c["kind"] == k and c["status"] == st for c in consistency)) for st in statuses]
+                              + [str(sum(c["kind"] == k and c.get("underpowered") for c in consistency))]
+                              for k in kinds]), None))
+    bad = [c for c in consistency if c["status"] == "inconsistent"]
+    if bad:
+        B.append(Block("ul", [f"{_v(c['hospital'])} {_v(c['task'])} ({c['kind'].replace('_', ' ')}): inconsistent: "
+                              + "; ".join(c["reasons"]) for c in bad][:8]))
+    B.append(Block("p", "Underpowered: the claim is above the largest epsilon the audit could certify, so it could not "
+                        "have decided; it holds no decision where a white-box audit of the same training decided. "
+                        "Every row, with its reasons, is in appendix B."))
+
+
+def _section_audit_appendix(B: list[Block], report: dict, run_dir: Path) -> None:
+    """Appendix B: every DP-consistency row, every membership-inference row, every black-box canary row, the ROC
+    curves."""
+    au = report["audit"]
+    if not au["run"]:
+        B.append(Block("p", au["note"] or "audit not run"))
+        return
+    if au.get("consistency"):
+        _audit_consistency(B, au["consistency"])
+    if au["mia"]:
+        _audit_mia(B, au["mia"])
+    if au["dp_audit"]:
+        B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound",
+                                  "claim checked (federation's spend)", "status"],
+                                 [[_v(a.get("hospital")), _v(a.get("task")), _v(a.get("canaries")), _v(a.get("eps_lb")),
+                                   _v(a.get("eps_lb_one_run")), _v(a.get("eps_accountant")),
+                                   a["status"] + (" (underpowered)" if a.get("underpowered") else "")]
+                                  for a in au["dp_audit"]]), None))
+    shown = [r for r in au["roc_images"] if (run_dir / r["path"]).is_file()][:MAX_ROC_IMAGES]
+    for roc in shown:
+        B.append(Block("img", (run_dir / roc["path"]).read_bytes(), f"ROC curve (log-log): {roc['path']}"))
+    if len(au["roc_images"]) > len(shown):
+        B.append(Block("p", f"{len(au['roc_images']) - len(shown)} more ROC curves are in the run's audit/ directory "
+                            f"(listed with their hashes in appendix J)."))
 
 
 def _section_utility(B: list[Block], report: dict, run_dir: Path) -> None:
@@ -594,21 +642,24 @@ class Section(NamedTuple):
 
 # The report's sections, in order. Adding a section: write one builder above and add one line here.
 SECTIONS: list[Section] = [
+    # the main body: what a privacy officer reads (issue #30: at most about 6 pages)
     Section("summary", "1. Summary and decision", _section_summary),
-    Section("checks", "2. Checks", _section_checks),
-    Section("guarantee", "3. Guarantee statement", _section_guarantee),
-    Section("scope", "4. Intended use, roles and data flow", _section_scope),
-    Section("privacy", "5. Privacy definition and accounting", _section_privacy),
-    Section("budget", "6. Budget ledger and enforcement", _section_budget),
-    Section("aggregation", "7. Aggregation confidentiality", _section_aggregation),
-    Section("threats", "8. Threat model", _section_threats),
-    Section("audit", "9. Empirical audits", _section_audit),
-    Section("utility", "10. Utility", _section_utility),
-    Section("inventory", "11. Data inventory (counts only)", _section_inventory),
-    Section("provenance", "12. Provenance and integrity", _section_provenance),
-    Section("regulatory", "13. Regulatory mapping", _section_regulatory),
-    Section("hazards", "14. Hazards and limitations", _section_hazards),
-    Section("glossary", "15. Glossary and sign-off", _section_glossary),
+    Section("guarantee", "2. Guarantee statement and DP disclosure card", _section_guarantee),
+    Section("privacy", "3. Privacy definition and accounting", _section_privacy),
+    Section("audit", "4. Empirical audits", _section_audit),
+    # appendices: the evidence in full
+    Section("checks", "Appendix A. Every check with its reason", _section_checks),
+    Section("appendix_audit", "Appendix B. Every audit row and ROC curve", _section_audit_appendix),
+    Section("budget", "Appendix C. Budget ledger and enforcement", _section_budget),
+    Section("aggregation", "Appendix D. Aggregation confidentiality", _section_aggregation),
+    Section("threats", "Appendix E. Threat model", _section_threats),
+    Section("scope", "Appendix F. Intended use, roles and data flow", _section_scope),
+    Section("utility", "Appendix G. Utility", _section_utility),
+    Section("inventory", "Appendix H. Data inventory (counts only)", _section_inventory),
+    Section("hazards", "Appendix I. Hazards and limitations", _section_hazards),
+    Section("provenance", "Appendix J. Provenance and integrity", _section_provenance),
+    Section("regulatory", "Appendix K. Regulatory mapping", _section_regulatory),
+    Section("glossary", "Appendix L. Glossary and sign-off", _section_glossary),
 ]
 
 

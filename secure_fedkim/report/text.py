@@ -569,11 +569,11 @@ ACTIONS = {
     ("audit_consistent_with_accountant", "inconclusive"): "Run an audit that can decide at this budget (the white-box "
                                                           "gradient-canary audit, or enough canaries) before release",
     ("measured_leakage", "fail"): "Do not release: an attack detects membership well above chance",
-    ("measured_leakage", "attention"): "Review the membership leakage the audit measured before release (section 9)",
-    ("mia_low_fpr", "attention"): "Review the attack that finds members at a 0.1% false-positive rate (section 9)",
+    ("measured_leakage", "attention"): "Review the membership leakage the audit measured before release (section 4)",
+    ("mia_low_fpr", "attention"): "Review the attack that finds members at a 0.1% false-positive rate (section 4)",
     ("mia_below_chance", "attention"): "Have the auditor fix the attacks that score below chance and rerun the audit: "
                                        "they under-report leakage",
-    ("dp_lower_bound", "attention"): "Review the measured epsilon lower bound against the claim (section 9)",
+    ("dp_lower_bound", "attention"): "Review the measured epsilon lower bound against the claim (section 4)",
     ("epsilon_tier", "attention"): "Accept in writing an epsilon above 10 (a weak guarantee), or rerun with a smaller budget",
     ("sampling_assumption", "attention"): "Have the sampling checked: the accountant assumes Poisson sampling",
     ("privacy_unit", "attention"): "Do not present the guarantee as patient-level: patients have several records "
