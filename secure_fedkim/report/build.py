@@ -16,8 +16,11 @@ fail
   * ``audit_consistent_with_accountant``: an audit's empirical epsilon lower bound exceeds the accountant's
     epsilon, or an audit entry has status ``inconsistent`` (named with its reasons), or says so in a row that does
     not follow audit.json's schema (a malformed row cannot clear the DP bug it reports).
-  * ``measured_leakage``: a significant MIA (Holm-adjusted p < 0.05; in an old audit.json, an AUC interval
-    above 0.5) whose AUC lower bound reaches the config's ``report.mia_auc_fail`` (default 0.65).
+  * ``measured_leakage``: an MIA with a signal above chance (Holm-adjusted p < 0.05 with AUC above 0.5, or an AUC
+    interval wholly above 0.5: ``mia_status``) whose AUC lower bound reaches ``report.mia_auc_fail`` (default 0.65).
+  * ``noise_randomness``: a DP session (federation or baseline) whose dp_round entry records randomness other than
+    "secure" (a reproducible generator is not fit for release).
+  * ``noise_fresh``: two DP sessions of the run share a noise_fingerprint or a non-null sampling_fingerprint.
   * ``server_secret_key``: the run shows the aggregating server held the CKKS secret key, or an aggregate was
     used without a key-holder decryption on record, or fewer than min_clients contributions were decrypted.
   * ``dp_label_has_accountant``: a hospital is labelled DP (config or ledger) without a dp_plan naming an
@@ -31,7 +34,11 @@ attention
   * ``epsilon_tier``: epsilon spent (composed) or budget > 10.
   * ``sampling_assumption``: the accountant assumes Poisson sampling and the ledger does not record it as used.
   * ``privacy_unit``: record-level unit while a patient has several records, or records per patient unknown.
-  * ``mia_low_fpr``: an MIA's TPR at FPR 1e-3 exceeds 2 x 1e-3.
+  * ``mia_low_fpr``: the 95% Clopper-Pearson lower bound of an MIA's TPR at FPR 1e-3 exceeds 2 x 1e-3 (an attack
+    below chance is not counted).
+  * ``mia_below_chance``: an MIA whose AUC interval lies wholly below 0.5: an audit fault, not a membership signal.
+  * ``noise_randomness`` / ``noise_fresh``: a DP session records no randomness source / no noise fingerprint (a run
+    written before they were recorded).
   * ``secagg_dropout_margin``: a SecAgg+ round lost at least as many hospitals as it tolerates.
   * ``audit_run``: no audit/audit.json; or a part of it does not follow its schema (``secure_fedkim.audit_schema``:
     an unknown schema id, a row lacking a required field or with a field of the wrong type), each named by part,
@@ -42,7 +49,12 @@ attention
   * ``server_secret_key`` (attention only): he mode without a key-holder ledger to show the key's custody.
 inconclusive
   * ``audit_consistent_with_accountant``: an audit entry with status ``inconclusive`` (with the largest epsilon
-    it can certify) and no failing one.
+    it can certify) and no failing one; an underpowered black-box canary audit (its claim above what it can certify)
+    does not hold the decision when the white-box audit of the same hospital and task decided consistent.
+
+Every derived figure comes from one place (``collect.derive``: remaining budget and patient level from the composed
+spend; ``settle_audit``: one status per audit row; ``worst_leakage``), and ``verify`` recomputes each by its own code
+path (``recompute``).
 
 Partner reports show the other hospitals only as a count and coarse bands (ranges widened to whole steps), and
 nothing when there are fewer than ``report.min_other_hospitals`` (default 3): a min, median or max over a few
