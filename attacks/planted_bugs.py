@@ -12,6 +12,18 @@ on exit, so the default code path is never changed. They cover both per-step pat
 * ``ledger_half_steps``: (e) the ledger records half the steps taken;
 * ``accountant_half_rate``: (f) the accountant is told half the Poisson loader's sample rate.
 
+and the plumbing around them, where a run draws its randomness (``secure_fedkim.local_training.dp_randomness``,
+the one place a session's :class:`privacy.randomness.DPRandomness` is made) or records its rounds; the run-level
+audit (``attacks/runlevel.py``) and the ledger's fingerprints exist to catch these:
+
+* ``rounds_reseeded``: every session's randomness from the run seed alone, as shipped before ea4bf7b (every
+  round, task and hospital draws the same noise and batches);
+* ``hospitals_alike``: every hospital seeded alike (rounds and tasks differ);
+* ``baseline_replays_federation``: the single-hospital baseline draws the federation's randomness;
+* ``resume_repeats_round``: the last round (as after a restart) draws the previous round's randomness;
+* ``batches_repeated``: the Poisson samples repeat every round while the noise is fresh;
+* ``round_not_recorded``: round 2 of the federation trains but is not written to the ledger.
+
 ``plant(name)`` returns the context manager for a name in :data:`BUGS`; ``plant("honest")`` patches nothing.
 """
 
@@ -26,9 +38,9 @@ from opacus.optimizers.optimizer import DPOptimizer, _mark_as_processed
 
 from privacy.dp import HospitalDP
 from privacy.fast_dp import FusedDPOptimizer
-from privacy.randomness import SourcedNoise
+from privacy.randomness import DPRandomness, SourcedNoise
 
-__all__ = ["BUGS", "plant"]
+__all__ = ["BUGS", "PLUMBING_BUGS", "plant"]
 
 
 def _patch_noise(make: Callable[[Callable], Callable]):
@@ -105,6 +117,78 @@ def accountant_half_rate():
     return _misreport(rate_factor=0.5)
 
 
+def _session_key(make_key: Callable):
+    """Patch ``local_training.dp_randomness``: each session's randomness reproducible from ``make_key(dp, cfg,
+    client, round, task)`` (a tuple after the run seed), its label still the true session."""
+    import secure_fedkim.local_training as local_training
+
+    def dp_randomness(dp, cfg, client, server_round, task):
+        return DPRandomness.reproducible(cfg.run.seed, *make_key(dp, cfg, client, server_round, task),
+                                         label=(dp.run_id, client, server_round, task))
+
+    return mock.patch.object(local_training, "dp_randomness", dp_randomness)
+
+
+def rounds_reseeded():
+    """Plumbing (a): every round, task and hospital reseeded to the run seed (the bug fixed in ea4bf7b)."""
+    return _session_key(lambda dp, cfg, client, rnd, task: ())
+
+
+def hospitals_alike():
+    """Plumbing (b): every hospital seeded alike (the round and task still enter the seed)."""
+    return _session_key(lambda dp, cfg, client, rnd, task: (dp.run_id.removeprefix("baseline-" + client), rnd, task))
+
+
+def baseline_replays_federation():
+    """Plumbing (c): the single-hospital baseline replays the federation's randomness."""
+    return _session_key(lambda dp, cfg, client, rnd, task: (client, rnd, task))
+
+
+def resume_repeats_round():
+    """Plumbing (d): the last round, as after a restart, draws the previous round's randomness."""
+    return _session_key(lambda dp, cfg, client, rnd, task: (
+        dp.run_id, client, rnd - 1 if rnd == cfg.run.rounds and rnd > 1 else rnd, task))
+
+
+def batches_repeated():
+    """Plumbing (e): the Poisson samples of a hospital's task repeat every round; the noise stays fresh."""
+    original = DPRandomness.poisson
+    drawn: dict = {}
+
+    def poisson(self, n, sample_rate):
+        key = (tuple(self.label[:2]) + tuple(self.label[3:]), n, sample_rate, self.samples)  # no round
+        if key not in drawn:
+            drawn[key] = original(self, n, sample_rate)
+            return drawn[key].clone()
+        self.record_sample(n, sample_rate, drawn[key])
+        return drawn[key].clone()
+
+    return mock.patch.object(DPRandomness, "poisson", poisson)
+
+
+def round_not_recorded():
+    """Plumbing (f): round 2 of the federation trains and is released, but is not written to the ledger."""
+    original = HospitalDP.record_round
+
+    def record_round(self, round, task, steps, sample_rate):
+        if round == 2 and not self.run_id.startswith("baseline-"):
+            self._pending = None
+            return self.spent_epsilon()
+        return original(self, round, task, steps, sample_rate)
+
+    return mock.patch.object(HospitalDP, "record_round", record_round)
+
+
+#: bugs in how a run draws its randomness or records its rounds (the run-level audit's)
+PLUMBING_BUGS: dict[str, Callable] = {
+    "rounds_reseeded": rounds_reseeded,
+    "hospitals_alike": hospitals_alike,
+    "baseline_replays_federation": baseline_replays_federation,
+    "resume_repeats_round": resume_repeats_round,
+    "batches_repeated": batches_repeated,
+    "round_not_recorded": round_not_recorded,
+}
+
 BUGS: dict[str, Callable] = {
     "no_noise": no_noise,
     "half_noise": half_noise,
@@ -116,9 +200,11 @@ BUGS: dict[str, Callable] = {
 
 
 def plant(name: str):
-    """The context manager planting bug ``name`` (one of :data:`BUGS`), or a no-op for ``"honest"``."""
+    """The context manager planting bug ``name`` (one of :data:`BUGS` or :data:`PLUMBING_BUGS`), or a no-op for
+    ``"honest"``."""
     if name == "honest":
         return contextlib.nullcontext()
-    if name not in BUGS:
-        raise ValueError(f"unknown planted bug {name!r}; expected 'honest' or one of {sorted(BUGS)}")
-    return BUGS[name]()
+    known = {**BUGS, **PLUMBING_BUGS}
+    if name not in known:
+        raise ValueError(f"unknown planted bug {name!r}; expected 'honest' or one of {sorted(known)}")
+    return known[name]()

@@ -188,7 +188,7 @@ def session_randomness(profile: PrivacyProfile, seed: int, *stream: object) -> D
     """The DPRandomness for one training session: secure (keyed from the OS) unless the profile turned
     ``secure_mode`` off, then reproducible from ``seed`` and ``stream`` (name the session: run, hospital,
     round, task), which the ledger records as not fit for a release."""
-    return DPRandomness.secure() if profile.secure_mode else DPRandomness.reproducible(seed, *stream)
+    return DPRandomness.secure(label=stream) if profile.secure_mode else DPRandomness.reproducible(seed, *stream)
 
 
 class HospitalDP:

@@ -54,6 +54,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from .patient import PatientDPOptimizer, PatientPoissonLoader, group_per_sample_grads
+from . import randomness as randomness_module
 from .randomness import DPRandomness, PoissonLoader, SourcedNoise
 
 __all__ = [
@@ -372,6 +373,8 @@ class FusedDPOptimizer(SourcedNoise, DPOptimizer):
             grad = summed + self._draw_noise(std, summed)
         else:
             grad = summed.clone()
+        if randomness_module.OBSERVER is not None:  # an audit watching the run (attacks/runlevel.py)
+            randomness_module.OBSERVER.noise(self.randomness, grad - summed, std)
         if self.loss_reduction == "mean":
             grad /= self.expected_batch_size  # accumulated_iterations is 1 (a single backward pass)
         sizes = [p.numel() for p in params]

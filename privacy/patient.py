@@ -32,6 +32,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch.utils.data._utils.collate import default_collate
 
+from . import randomness as randomness_module
 from .randomness import DPRandomness, SourcedNoise, fetch
 
 __all__ = ["PatientPoissonLoader", "PatientDPOptimizer", "group_per_sample_grads"]
@@ -103,6 +104,8 @@ class PatientPoissonLoader:
     def sample(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One step's draw: (record indices, patient slot per row, number of sampled patients)."""
         chosen = self.randomness.poisson(self.n_patients, self.sample_rate)
+        if randomness_module.OBSERVER is not None:  # an audit watching the run (attacks/runlevel.py)
+            randomness_module.OBSERVER.sample(self.randomness, self.n_patients, self.sample_rate, chosen)
         counts = self._counts[chosen]
         m = len(chosen)
         slot = torch.repeat_interleave(torch.arange(m), counts)

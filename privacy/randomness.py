@@ -38,6 +38,7 @@ This module imports nothing from ``secure_fedkim`` or ``attacks``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -49,7 +50,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch.utils.data import TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["DPRandomness", "PoissonLoader", "SourcedNoise", "fetch", "SECURE", "REPRODUCIBLE", "RANDOMNESS_KINDS", "GENERATOR", "GAUSSIAN"]
+__all__ = ["DPRandomness", "PoissonLoader", "SourcedNoise", "fetch", "observed", "SECURE", "REPRODUCIBLE", "RANDOMNESS_KINDS", "GENERATOR", "GAUSSIAN"]
 
 #: The kinds of generator a DP round can record in its ledger entry.
 SECURE = "secure"
@@ -64,6 +65,23 @@ _TWO_PI = 2.0 * math.pi
 _MASK53 = (1 << 53) - 1
 
 
+#: AUDITING ONLY (``attacks/runlevel.py``): while set by :func:`observed`, an object whose ``noise(randomness,
+#: noise, std)`` sees each DP step's noise as applied (the released sum minus the clipped sum, every coordinate)
+#: and whose ``sample(randomness, n, sample_rate, chosen)`` sees each Poisson sample. None in production: inert.
+OBSERVER = None
+
+
+@contextlib.contextmanager
+def observed(observer):
+    """AUDITING ONLY: let ``observer`` see every DP step's applied noise and Poisson sample in this process."""
+    global OBSERVER
+    previous, OBSERVER = OBSERVER, observer
+    try:
+        yield observer
+    finally:
+        OBSERVER = previous
+
+
 class DPRandomness:
     """One training session's random source for DP-SGD (noise, Poisson samples, records per patient).
 
@@ -76,53 +94,60 @@ class DPRandomness:
             this source has drawn.
     """
 
-    def __init__(self, key: bytes, kind: str):
+    def __init__(self, key: bytes, kind: str, label: tuple = ()):
         if kind not in RANDOMNESS_KINDS:
             raise ValueError(f"kind must be one of {RANDOMNESS_KINDS}, got {kind!r}")
         if not isinstance(key, bytes) or len(key) != _KEY_BYTES:
             raise ValueError(f"key must be {_KEY_BYTES} bytes")
         self.kind = kind
-        # nonce 0 (the key is never reused): 16 bytes = 32-bit block counter + 96-bit nonce
-        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        self.label = tuple(label)  # what the session is (run, hospital, round, task): for audits, never key material
+        # two streams of one key (cryptography's 16-byte nonce: 32-bit block counter, then a 96-bit nonce): the
+        # noise's, and the samples'; so the noise of step i sits at the same place of its stream whatever was sampled
+        self._noise_stream = Cipher(algorithms.ChaCha20(key, bytes(15) + b"\x01"), mode=None).encryptor()
+        self._sample_stream = Cipher(algorithms.ChaCha20(key, bytes(15) + b"\x02"), mode=None).encryptor()
         self._noise_hash = hashlib.sha256(b"secure-fedkim noise v1")
         self._sample_hash = hashlib.sha256(b"secure-fedkim sampling v1")
         self.noise_draws = self.noise_values = self.samples = 0
         self._random_samples = 0
 
     @classmethod
-    def secure(cls) -> "DPRandomness":
-        """A source keyed with 256 bits from the operating system: the only kind fit for a release."""
-        return cls(os.urandom(_KEY_BYTES), SECURE)
+    def secure(cls, label: tuple = ()) -> "DPRandomness":
+        """A source keyed with 256 bits from the operating system: the only kind fit for a release. ``label``
+        names the session for audits (it does not enter the key)."""
+        return cls(os.urandom(_KEY_BYTES), SECURE, label)
 
     @classmethod
-    def reproducible(cls, seed: int, *stream: object) -> "DPRandomness":
+    def reproducible(cls, seed: int, *stream: object, label: tuple | None = None) -> "DPRandomness":
         """A source keyed from ``seed`` and a stream name (e.g. hospital, round, task): the same arguments
-        give the same draws. NOT fit for a release: anyone who knows the seed knows the noise."""
+        give the same draws. NOT fit for a release: anyone who knows the seed knows the noise. ``label``
+        (default: ``stream``) names the session for audits."""
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         name = "\x1f".join(str(s) for s in (int(seed), *stream))
-        return cls(hashlib.sha256(b"secure-fedkim reproducible v1\x00" + name.encode()).digest(), REPRODUCIBLE)
+        key = hashlib.sha256(b"secure-fedkim reproducible v1\x00" + name.encode()).digest()
+        return cls(key, REPRODUCIBLE, stream if label is None else label)
 
     # ------------------------------------------------------------------ raw draws
-    def _uniform53(self, count: int) -> torch.Tensor:
-        """``count`` uniforms in [0, 1): float64 multiples of 2**-53, from the top 53 bits of keystream words."""
+    @staticmethod
+    def _uniform53(stream, count: int) -> torch.Tensor:
+        """``count`` uniforms in [0, 1): float64 multiples of 2**-53, from the top 53 bits of ``stream``'s words."""
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if count == 0:
             return torch.zeros(0, dtype=torch.float64)
         buf = bytearray(8 * count + 64)  # update_into wants room for a block beyond the data
-        written = self._stream.update_into(bytes(8 * count), buf)
+        written = stream.update_into(bytes(8 * count), buf)
         words = torch.frombuffer(buf, dtype=torch.int64, count=written // 8)
         return ((words >> 11) & _MASK53).to(torch.float64).mul_(2.0**-53)
 
     def uniform(self, count: int) -> torch.Tensor:
-        """``count`` uniforms in [0, 1) (float64 multiples of 2**-53)."""
-        return self._uniform53(count)
+        """``count`` uniforms in [0, 1) (float64 multiples of 2**-53), from the sampling stream."""
+        return self._uniform53(self._sample_stream, count)
 
     def _sum_of_four_normals(self, count: int) -> torch.Tensor:
         """``count`` draws of N(0,1)+N(0,1)+N(0,1)+N(0,1) (float64), four independent Box-Muller values each:
         a pair (r cos t, r sin t) of independent normals from two uniforms, two pairs per coordinate."""
-        u = self._uniform53(4 * count)
+        u = self._uniform53(self._noise_stream, 4 * count)
         radius, angle = u[: 2 * count], u[2 * count :]
         radius.neg_().log1p_().mul_(-2.0).sqrt_()  # sqrt(-2 log(1 - u)), 1 - u in (0, 1]: finite
         angle.mul_(_TWO_PI)
@@ -146,10 +171,14 @@ class DPRandomness:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         chosen = (self.uniform(n) < sample_rate).nonzero().squeeze(1)
+        self.record_sample(n, sample_rate, chosen)
+        return chosen
+
+    def record_sample(self, n: int, sample_rate: float, chosen: torch.Tensor) -> None:
+        """Count a Poisson sample of ``n`` units and add it to the sampling fingerprint."""
         self._sample_hash.update(np.int64(n).tobytes() + chosen.numpy().astype(np.int64).tobytes() + b"|")
         self.samples += 1
         self._random_samples += sample_rate < 1
-        return chosen
 
     # ------------------------------------------------------------------ evidence
     def noise_fingerprint(self) -> Optional[str]:
@@ -194,7 +223,10 @@ class PoissonLoader:
 
     def __iter__(self):
         for _ in range(self._steps):
-            yield fetch(self.dataset, self.randomness.poisson(len(self.dataset), self.sample_rate), self.collate_fn)
+            chosen = self.randomness.poisson(len(self.dataset), self.sample_rate)
+            if OBSERVER is not None:
+                OBSERVER.sample(self.randomness, len(self.dataset), self.sample_rate, chosen)
+            yield fetch(self.dataset, chosen, self.collate_fn)
 
 
 def fetch(dataset, records: torch.Tensor, collate_fn: Callable):
@@ -229,3 +261,5 @@ class SourcedNoise:
             noise = self._draw_noise(std, p.summed_grad) if std > 0 else torch.zeros_like(p.summed_grad)
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+        if OBSERVER is not None:
+            OBSERVER.noise(self.randomness, torch.cat([(p.grad - p.summed_grad.view_as(p)).flatten() for p in self.params]), std)

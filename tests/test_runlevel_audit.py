@@ -1,0 +1,118 @@
+"""The run-level audit (attacks/runlevel.py): the run re-executed through the hospitals' own code, its randomness
+examined as executed. Each plumbing bug of attacks.planted_bugs is caught; the honest run never is."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from attacks.planted_bugs import PLUMBING_BUGS, plant
+from attacks.runlevel import RunTap, Session, batch_overlaps, noise_correlations, noise_scale, run_level_audit
+from privacy.ledger import DP_ROUND, PrivacyLedger
+from secure_fedkim.config import parse_config
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+
+CFG = {
+    "run": {"rounds": 3, "seed": 2, "name": "rl"},
+    "federation": {"clients": ["cleveland", "hungary", "va_long_beach"], "min_clients": 2},
+    "tasks": {"train": [{"name": "heart_disease", "partition": "iid"}], "max_test_records": 50},
+    "client": {"token_dim": 16, "num_tokens": 2, "batch_size": 32, "local_epochs": 1},
+    "privacy": {"dp": True, "profile": {"target_epsilon": 4.0}},
+    "baseline": {"single_hospital": True},
+}
+
+
+def audit(tmp_path, bug="honest", seed=0, **overrides):
+    cfg = parse_config({**CFG, **overrides})
+    run = tmp_path / bug / "rl"
+    run.mkdir(parents=True)
+    (run / "resolved_config.json").write_text(cfg.model_dump_json())
+    with warnings.catch_warnings(), plant(bug):
+        warnings.simplefilter("ignore")
+        return run_level_audit(run, tmp_path / bug / "work", seed=seed), tmp_path / bug / "work" / "rl"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_honest_run_is_never_flagged(tmp_path, seed):
+    rows, rerun = audit(tmp_path, seed=seed)
+    assert [r["status"] for r in rows] == ["consistent"] * 3
+    for r in rows:
+        assert r["steps_tapped"] > 0 and r["sessions"] == 6  # 3 rounds + 3 baseline rounds, one task
+        lo, hi = r["noise_scale_interval"]
+        assert lo <= 1 <= hi
+    # the re-execution is a run directory of its own: every DP round in its ledgers, drawn by the secure source
+    entries = PrivacyLedger(rerun / "clients" / "cleveland" / "ledger.jsonl").events(DP_ROUND)
+    assert [e["round"] for e in entries] == [1, 2, 3] and {e["randomness"] for e in entries} == {"secure"}
+
+
+@pytest.mark.parametrize("bug,expect", [
+    ("rounds_reseeded", "repeats"),
+    ("hospitals_alike", "correlated"),
+    ("baseline_replays_federation", "baseline) repeats"),
+    ("resume_repeats_round", "round 3"),
+    ("batches_repeated", "Poisson batches"),
+    ("round_not_recorded", "its ledger records 0"),
+])
+def test_each_plumbing_bug_is_caught_and_named(tmp_path, bug, expect):
+    rows, _ = audit(tmp_path, bug)
+    assert all(r["status"] == "inconsistent" for r in rows), [r["reasons"] for r in rows]
+    assert any(expect in reason for r in rows for reason in r["reasons"]), rows[0]["reasons"]
+
+
+def test_every_plumbing_bug_has_a_test():
+    assert set(PLUMBING_BUGS) == {"rounds_reseeded", "hospitals_alike", "baseline_replays_federation",
+                                  "resume_repeats_round", "batches_repeated", "round_not_recorded"}
+
+
+# ---------------------------------------------------------------- the statistics, against direct computations
+def _session(label, noise, std=2.0, samples=()):
+    s = Session(label, dimension=noise.shape[1], std=std, noise=list(noise))
+    s.samples = list(samples)
+    return s
+
+
+def test_noise_correlation_z_is_the_normalised_aligned_inner_product():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 2, (5, 64)), rng.normal(0, 2, (7, 64))
+    ((z, _, _),) = noise_correlations([_session(("r", "h", 1, "t"), a), _session(("r", "h", 2, "t"), b)])
+    assert z == pytest.approx(sum(a[i] @ b[i] for i in range(5)) / 4 / math.sqrt(5 * 64))
+    ((z_same, _, _),) = noise_correlations([_session(("r", "h", 1, "t"), a), _session(("r", "h", 2, "t"), a)])
+    assert z_same > 15  # the same noise twice: z = sum ||a_i||^2 / 4 / sqrt(320) ~ sqrt(320)
+
+
+def test_noise_correlation_is_standard_normal_under_independence():
+    rng = np.random.default_rng(1)
+    zs = [noise_correlations([_session(("r", "h", 1, "t"), rng.normal(0, 2, (4, 64))),
+                              _session(("r", "h", 2, "t"), rng.normal(0, 2, (4, 64)))])[0][0] for _ in range(400)]
+    assert stats.kstest(zs, "norm").pvalue > 1e-3
+
+
+def test_noise_scale_interval_is_the_chi_square_one():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1.5, (10, 64))  # claimed std 2: the noise is 0.75 of it
+    ratio, lo, hi, n = noise_scale([_session(("r", "h", 1, "t"), x)], 0.95)
+    ss = float(((x / 2) ** 2).sum())
+    assert n == 640 and ratio == pytest.approx(math.sqrt(ss / 640))
+    assert (lo, hi) == pytest.approx((math.sqrt(ss / stats.chi2.ppf(0.975, 640)), math.sqrt(ss / stats.chi2.ppf(0.025, 640))))
+    assert hi < 1
+
+
+def test_batch_overlap_against_the_binomial():
+    rng = np.random.default_rng(3)
+    n, q, steps = 200, 0.25, 6
+    draw = lambda: [(n, q, np.flatnonzero(rng.random(n) < q)) for _ in range(steps)]  # noqa: E731
+    a, b = draw(), draw()
+    noise = np.zeros((steps, 4))
+    ((z, _, _),) = batch_overlaps([_session(("r", "h", 1, "t"), noise, samples=a), _session(("r", "h", 2, "t"), noise, samples=b)])
+    overlap = sum(len(np.intersect1d(a[i][2], b[i][2])) for i in range(steps))
+    assert z == pytest.approx((overlap - steps * n * q * q) / math.sqrt(steps * n * q * q * (1 - q * q)))
+    ((z_same, _, _),) = batch_overlaps([_session(("r", "h", 1, "t"), noise, samples=a), _session(("r", "h", 2, "t"), noise, samples=a)])
+    assert z_same > 10
+
+
+def test_the_tap_keeps_the_same_coordinates_for_a_model_size():
+    tap = RunTap(8, seed=4)
+    assert np.array_equal(tap.coordinates(100), tap.coordinates(100)) and len(tap.coordinates(5)) == 5
