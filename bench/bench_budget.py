@@ -129,9 +129,18 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=4.0)
     ap.add_argument("--skip-before", action="store_true", help="skip today's path (about 3 minutes on a quiet machine)")
     ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.before:
         return before(args.config, args.epsilon)
+    if args.load_only:  # what budget --config costs before any accounting: its imports, the config, the data
+        import privacy.accounting  # noqa: F401
+        import secure_fedkim.cli  # noqa: F401
+        from secure_fedkim.cli import _config_plans
+        from secure_fedkim.config import load_config
+
+        _config_plans(load_config(args.config)[0], args.config)
+        return None
 
     import logging
 
@@ -141,13 +150,14 @@ def main() -> None:
     cli = [sys.executable, "-m", "secure_fedkim.cli", "budget", "--config", args.config, "--epsilon", f"{args.epsilon:g}"]
     after = timed_subprocess(cli)
     print(after["stdout"], end="")
+    floor = timed_subprocess([sys.executable, str(Path(__file__).resolve()), "--load-only", "--config", args.config])
     old = None
     if not args.skip_before:
         old = timed_subprocess([sys.executable, str(Path(__file__).resolve()), "--before", "--config", args.config,
                                 "--epsilon", f"{args.epsilon:g}"])
         print("before (today's path):\n" + "\n".join(x for x in old["stdout"].splitlines() if not x.startswith("JSON")))
     print(f"\n1. budget --config {args.config} --epsilon {args.epsilon:g}            wall s   CPU s  maxrss GB  tree peak GB")
-    for name, r in (("before", old), ("after", after)):
+    for name, r in (("before", old), ("after", after), ("of which imports + config + data (no accounting)", floor)):
         if r is not None:
             print(f"   {name:<50}{r['wall']:>7.1f} {r['cpu']:>7.1f} {r['maxrss_gb']:>10.2f} {r['tree_peak_gb']:>13.2f}")
     if old is not None:

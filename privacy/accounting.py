@@ -559,9 +559,14 @@ def calibrate(
         # the measured gap between the strictest report accountant and the search accountant at this sigma
         gap = max(0.0, worst - at_search) + 1e-4 * target_epsilon if math.isfinite(worst) else 2 * gap + 0.01
     if not verified:  # the search's gaps did not close: step up from the last sigma until it verifies
+        if accountant == "prv" and target_epsilon <= PRV_EPS_ERROR:
+            raise ValueError(f"target epsilon {target_epsilon} is unreachable with the 'prv' accountant: its upper "
+                             f"bound is never below its eps_error {PRV_EPS_ERROR:g}; use 'rdp' or a larger target")
         sigma = sigma if sigma is not None else _clt_noise(target_epsilon, delta, pairs)
+        step = 0.02
         while True:
-            sigma *= 1.02
+            sigma *= 1 + step
+            step *= 2
             if sigma > MAX_NOISE_MULTIPLIER:
                 raise _unreachable(target_epsilon, delta, pairs, accountant)
             values = _verify(checks, sigma)

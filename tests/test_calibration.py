@@ -161,3 +161,10 @@ def test_several_targets_without_a_config_print_one_plan_each(capsys):
     assert out.count("budget printed to standard output") == 1
     assert main(["budget", "--epsilon", "2", "2", "--records", "1000", "--rounds", "2"]) == 2
     assert "--epsilon lists a target twice" in capsys.readouterr().err
+
+
+def test_a_target_below_prvs_resolution_is_unreachable_at_once():
+    with pytest.raises(ValueError, match="eps_error"):
+        calibrate(0.005, DELTA, [(0.1, 10)])
+    with pytest.raises(ValueError, match="unreachable"):
+        calibrate_noise(1e-7, DELTA, [(1.0, 10**6)], accountant="rdp")
