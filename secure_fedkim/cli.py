@@ -139,11 +139,6 @@ def _calibrate_for(target: float, delta: float, schedule: list, accountant: str)
         raise UsageError(f"budget: {e}") from None
 
 
-def _noise_for(target: float, delta: float, schedule: list, accountant: str) -> float:
-    """:func:`_calibrate_for`'s noise multiplier."""
-    return _calibrate_for(target, delta, schedule, accountant).noise_multiplier
-
-
 def _config_plans(cfg, config_path):
     """The config's task plans, as `secure_fedkim.run.load_plans` builds them for a run, without importing the
     run's own module (Flower, scikit-learn: seconds of start-up that planning a budget does not need)."""
