@@ -79,6 +79,7 @@ from attacks.dp_audit import canary_audit, replay_batch_size
 from attacks.inversion import inversion_audit
 from attacks.metrics import fpr_key, holm_bonferroni, plot_roc
 from attacks.mechanism import mechanism_for_run
+from attacks.runlevel import THREAT_RUN, run_level_audit
 from attacks.mia import MIA_ATTACKS, Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference
 from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
@@ -86,12 +87,13 @@ from privacy.ledger import DP_ROUND, LedgerTampered, PrivacyLedger
 from privacy.plan import DPPlan
 from secure_fedkim.artifacts import Run, load_run
 from secure_fedkim.audit_schema import (
-    DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, SCHEMA, WHITEBOX_ROW, RowType, check_audit_json,
+    DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, RUNLEVEL_ROW, SCHEMA, WHITEBOX_ROW, RowType,
+    check_audit_json,
 )
 from secure_fedkim.local_training import patients_of, task_local_epochs
 from attacks.audit_config import (  # noqa: F401 (AuditConfigError, load/parse: the audit's import API)
     SIGNIFICANCE, AuditConfig, AuditConfigError, CanarySection, GameSection, InversionSection, MIASection,
-    load_audit_config, parse_audit_config,
+    RunLevelSection, load_audit_config, parse_audit_config,
 )
 from attacks.audit_table import format_audit_table, format_summary  # noqa: F401 (the CLI's import API)
 
@@ -116,7 +118,7 @@ THREAT_BLACK_BOX = "black-box final model"
 THREAT_EVERY_STEP = "white-box every step"
 THREAT_ONE_STEP = "white-box one step"
 THREAT_AGGREGATE = "aggregate the server sees"
-THREAT_MODELS = (THREAT_BLACK_BOX, THREAT_EVERY_STEP, THREAT_ONE_STEP, THREAT_AGGREGATE)
+THREAT_MODELS = (THREAT_BLACK_BOX, THREAT_EVERY_STEP, THREAT_ONE_STEP, THREAT_AGGREGATE, THREAT_RUN)
 
 AUDITOR_KNOWLEDGE = (
     "Black-box (logit) access to each released model; the candidate records (the target's training "
@@ -441,7 +443,11 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     }
     # the white-box job first: it is short, so the long task jobs then share the workers
     white_box = any(k.scope == "hospital" and k.enabled(config, run, None) for k in AUDIT_KINDS)
-    jobs = ([("hospital", -1, None)] if white_box else []) + [("task", ti, t) for ti, t in enumerate(tasks)]
+    whole_run = any(k.scope == "run" and k.enabled(config, run, None) for k in AUDIT_KINDS)
+    # the run-level job first (the longest: the whole run re-executed), then the white-box job (short), so the long
+    # task jobs then share the workers
+    jobs = (([("run", -2, None)] if whole_run else []) + ([("hospital", -1, None)] if white_box else [])
+            + [("task", ti, t) for ti, t in enumerate(tasks)])
     workers = min(len(jobs), config.workers or _default_workers())
     args = [(run.run_dir, config, tasks, clients, accountant, kind, ti, task) for kind, ti, task in jobs]
     cpu: dict[str, dict[str, float]] = {}
@@ -501,7 +507,30 @@ def _audit_job(run_dir: Path, config: AuditConfig, tasks: list[str], clients: li
     out: dict[str, Any] = {part: [] for part in _PARTS}
     if kind == "hospital":
         return _hospital_job(run, config, tasks, clients, accountant, out, progress)
+    if kind == "run":
+        return _run_job(run, config, clients, accountant, out, progress)
     return _task_job(run, config, clients, accountant, out, ti, task, progress)
+
+
+def _run_job(run: Run, config: AuditConfig, clients: list[str], accountant: dict, out: dict,
+             progress: bool) -> tuple[dict, dict]:
+    """The run-level job: each run-scope kind once, over the whole run."""
+    from tqdm.auto import tqdm
+
+    ctx = _Context(run, config, out, accountant, progress, tqdm(disable=True))
+    for k in [k for k in AUDIT_KINDS if k.scope == "run" and k.enabled(config, run, None)]:
+        with ctx.timed(k.part, "all"):
+            k.run(ctx, clients)
+    return out, ctx.cpu_seconds
+
+
+def _runlevel(ctx, clients: list[str]) -> None:
+    """The run re-executed through the hospitals' own code, its randomness tapped (attacks.runlevel): a row per
+    audited DP hospital."""
+    section = ctx.config.runlevel
+    rows = run_level_audit(ctx.run.run_dir, coordinates=section.coordinates, seed=ctx.config.seed,
+                           false_alarm=section.false_alarm, progress=ctx.progress)
+    ctx.audit["runlevel"].extend(r for r in rows if r["hospital"] in clients)
 
 
 def _hospital_job(run: Run, config: AuditConfig, tasks: list[str], clients: list[str], accountant: dict, out: dict,
@@ -824,7 +853,7 @@ class AuditKind:
     section: type[BaseModel]
     config_key: str
     threat_model: str | tuple[str, ...]
-    scope: Literal["task", "hospital"]
+    scope: Literal["task", "hospital", "run"]
     enabled: Callable[[AuditConfig, Run, str | None], bool]
     run: Callable[..., None]
     units: Callable[[AuditConfig, Run, list[str]], list] = lambda config, run, clients: []
@@ -871,4 +900,7 @@ AUDIT_KINDS: tuple[AuditKind, ...] = (  # task-scope kinds run in this order in 
               enabled=lambda c, run, task: c.whitebox.enabled, run=_whitebox),
     AuditKind("mechanism", "mechanism", MECHANISM_ROW, WhiteboxSection, "whitebox", THREAT_ONE_STEP, "hospital",
               enabled=lambda c, run, task: c.whitebox.enabled and c.whitebox.mechanism, run=_mechanism),
+    AuditKind("runlevel", "runlevel", RUNLEVEL_ROW, RunLevelSection, "runlevel", THREAT_RUN, "run",
+              enabled=lambda c, run, task: c.runlevel.enabled and any(run.cfg.dp_profile(h) is not None for h in run.clients),
+              run=_runlevel),
 )

@@ -108,6 +108,14 @@ class InversionSection(_Strict):
     max_grad_norm: float = Field(1.0, gt=0.0)
 
 
+class RunLevelSection(_Strict):
+    """The run-level audit (attacks/runlevel.py): the run's hospitals re-executed, every DP step's randomness tapped."""
+
+    enabled: bool = True  # on by default for every run with DP (it does nothing without)
+    coordinates: int = Field(64, ge=8)  # tapped per step: the noise correlation test sees 3.6-5 / sqrt(64 x steps)
+    false_alarm: float = Field(1e-4, gt=0.0, lt=0.1)  # per family of tests: a flag fails the report
+
+
 class AuditConfig(_Strict):
     """What `secure-fedkim audit` runs; defaults are configs/audit.yaml's."""
 
@@ -123,6 +131,7 @@ class AuditConfig(_Strict):
     game: GameSection = GameSection()
     inversion: InversionSection = InversionSection()
     whitebox: WhiteboxSection = WhiteboxSection()
+    runlevel: RunLevelSection = RunLevelSection()
 
     @model_validator(mode="after")
     def _check(self):

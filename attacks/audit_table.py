@@ -86,7 +86,7 @@ def format_audit_table(audit: dict) -> str:
     95% interval, TPR@1%, TPR@0.1%, eps lower bound, accountant eps). Reads old audit.json files too."""
     rows = _mia_table_rows(audit) + _canary_table_rows(audit)
     out = [f"Leakage audit of {audit.get('run_dir', '?')}", *format_summary(audit), *_table_lines(rows),
-           *_inversion_lines(audit)]
+           *_inversion_lines(audit), *_runlevel_lines(audit)]
     return "\n".join(out + [""] + _table_notes(audit, rows))
 
 
@@ -132,6 +132,27 @@ def _table_lines(rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in rows + [_TABLE_HEADER]) for i in range(len(_TABLE_HEADER))]
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     return [line(_TABLE_HEADER), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _runlevel_lines(audit: dict) -> list[str]:
+    """The run-level audit: one line per DP hospital, its first findings when it flags."""
+    rows = audit.get("runlevel", [])
+    if not rows:
+        return []
+    out = ["", "Run-level audit (the run re-executed; every DP step's noise and Poisson sample tapped)"]
+    for r in rows:
+        scale = r.get("noise_scale_ratio")
+        out.append(f"  {r['hospital']:<16} {r['status']:<13} {r.get('sessions', 0)} sessions, {r.get('steps_tapped', 0)} "
+                   f"steps; noise {'-' if scale is None else format(scale, '.3f')} x sigma*C; max |z| noise "
+                   f"{_z(r.get('max_abs_noise_z'))} (threshold {_z(r.get('noise_z_threshold'))}), batches "
+                   f"{_z(r.get('max_batch_overlap_z'))} (threshold {_z(r.get('batch_z_threshold'))})")
+        if r["status"] != "consistent":
+            out += [f"    {reason}" for reason in r["reasons"][:3]]
+    return out
+
+
+def _z(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _inversion_lines(audit: dict) -> list[str]:

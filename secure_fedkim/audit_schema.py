@@ -169,6 +169,15 @@ RECONSTRUCTION_ROW = RowType(
     record_ids=("shard_index",),
 )
 
+RUNLEVEL_ROW = RowType(
+    "runlevel", "the run-level audit of one DP hospital: the run re-executed, its randomness examined as executed (#25)",
+    required={"hospital": "str", "threat_model": "str", "status": "str", "reasons": "list"},
+    optional={"could_detect": "str", "sessions": "int", "steps_tapped": "int", "coordinates": "int",
+              "noise_scale_ratio": "number", "noise_scale_interval": "list", "max_abs_noise_z": "number",
+              "noise_z_threshold": "number", "max_batch_overlap_z": "number", "batch_z_threshold": "number",
+              "false_alarm": "number"},
+)
+
 SKIPPED_ROW = RowType(
     "skipped", "an audit that was not run, and why",
     required={"what": "str", "why": "str"},
@@ -177,7 +186,7 @@ SKIPPED_ROW = RowType(
 
 #: every part of audit.json, in the order the audit writes them
 ROW_TYPES: dict[str, RowType] = {t.part: t for t in (MIA_ROW, DP_AUDIT_ROW, WHITEBOX_ROW, MECHANISM_ROW,
-                                                     RECONSTRUCTION_ROW, SKIPPED_ROW)}
+                                                     RUNLEVEL_ROW, RECONSTRUCTION_ROW, SKIPPED_ROW)}
 PARTS = tuple(ROW_TYPES)
 #: per-record fields of any part: never copied into a report
 RECORD_ID_FIELDS = ("top_exposed", "scores", "labels", "member_ids", "ids", "shard_index")

@@ -185,7 +185,10 @@ def test_the_audit_is_the_same_in_one_process_and_in_two(audited):
     run_dir, _ = audited
     small = {**SMALL, "tasks": ["heart_disease", "mortality"], "game": {"enabled": False},
              "inversion": {"enabled": False}, "mia": {**SMALL["mia"], "attacks": ["loss", "lira_online"]},
-             "whitebox": {"canaries": 200, "mechanism_trials": 2000}}
+             "whitebox": {"canaries": 200, "mechanism_trials": 2000},
+             # the run-level audit re-executes the run with the production randomness: its statistics differ from one
+             # audit to the next by design (nothing seeds the noise); its rows are tested in test_runlevel_audit.py
+             "runlevel": {"enabled": False}}
     one = audit_run(run_dir, parse_audit_config({**small, "workers": 1}), progress=False)
     two = audit_run(run_dir, parse_audit_config({**small, "workers": 2}), progress=False)
     assert (one["workers"], two["workers"]) == (1, 2)
@@ -348,7 +351,7 @@ def test_every_audit_kind_has_its_part_row_type_section_and_a_reader_in_the_repo
         assert AuditConfig.model_fields[kind.config_key].annotation is kind.section, kind.name
         threats = (kind.threat_model,) if isinstance(kind.threat_model, str) else kind.threat_model
         assert threats and set(threats) <= set(THREAT_MODELS), kind.name
-        assert kind.scope in ("task", "hospital") and callable(kind.run) and callable(kind.enabled), kind.name
+        assert kind.scope in ("task", "hospital", "run") and callable(kind.run) and callable(kind.enabled), kind.name
     assert len({k.name for k in AUDIT_KINDS}) == len(AUDIT_KINDS)
     assert set(ROW_TYPES) == set(PART_READERS) == {k.part for k in AUDIT_KINDS} | {"skipped"}
     assert audit_mod._PARTS == PARTS
@@ -374,3 +377,20 @@ def test_the_writer_refuses_a_row_its_row_type_refuses(tmp_path, monkeypatch):
     with pytest.raises(AuditSchemaError, match=r"audit\.json: dp_audit\[0\] lacks field 'eps_lb'"):
         audit_run(run_dir, parse_audit_config({"tasks": ["heart_disease"], "workers": 1}), progress=False)
     assert not (run_dir / "audit" / "audit.json").exists()
+
+
+# ------------------------------------------------------------------------------- issue 25: the run as executed
+
+
+def test_the_run_level_audit_re_executes_the_real_run_and_finds_it_honest(audited):
+    """The Flower simulation's run, re-executed through the hospitals' own code: every DP hospital has a row, the
+    rerun's ledgers hold the same rounds, tasks and steps as the run's own (else a reason says they differ), and
+    nothing repeats or correlates."""
+    run_dir, audit = audited
+    run = load_run(run_dir)
+    dp = [h for h in run.clients if run.cfg.dp_profile(h) is not None]
+    assert dp and [r["hospital"] for r in audit["runlevel"]] == dp
+    for r in audit["runlevel"]:
+        assert r["status"] == "consistent", r["reasons"]
+        assert r["steps_tapped"] > 0 and r["threat_model"].startswith("the run as executed")
+    assert "Run-level audit" in format_audit_table(audit)

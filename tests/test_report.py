@@ -1335,3 +1335,25 @@ def test_a_record_level_unit_with_an_infinite_spend_is_worded_not_crashed():
     h = Hospital()
     _unit_wording(Facts(), h, {"privacy_unit": "record"}, 3, {"epsilon": 12.5})
     assert "patient-level epsilon 12.5 by group privacy" in h.found[0][2]
+
+
+def test_a_run_level_finding_fails_the_report_naming_what_repeated(copy_run):
+    """The run-level audit's row (attacks/runlevel.py) is a DP-consistency verdict: inconsistent fails the report with
+    the repetition named; a partner report carries its own row only; verify recomputes the same status."""
+    run = copy_run()
+    (run / "audit").mkdir()
+    repeat = "the noise of step 1 of round 2 at hungary (heart_disease) repeats step 1 of round 1 at hungary (heart_disease)"
+    rows = [{"hospital": h, "threat_model": "the run as executed", "status": "consistent",
+             "reasons": ["consistent: 6 sessions"], "sessions": 6, "steps_tapped": 30} for h in CLIENTS]
+    rows[CLIENTS.index("hungary")].update(status="inconsistent", reasons=[repeat])
+    audit = {"schema": "secure-fedkim-audit/1", "accountant": {}, "mia": [], "dp_audit": [], "whitebox": [],
+             "mechanism": [], "runlevel": rows, "reconstruction": [], "skipped": []}
+    (run / "audit" / "audit.json").write_text(json.dumps(audit))
+    report = build_report(run)
+    check = status_of(report, "audit_consistent_with_accountant")
+    assert check["status"] == "fail" and "run-level audit" in check["reason"] and repeat in check["reason"]
+    part = build_report(run, partner="cleveland")
+    assert repeat not in all_text(part) and [e["hospital"] for e in part["audit"]["consistency"]] == ["cleveland"]
+    assert status_of(part, "audit_consistent_with_accountant")["status"] == "fail"  # still flagged, unnamed
+    paths = write_report(run)
+    assert verify(paths.json) == []

@@ -244,7 +244,10 @@ def _read_skipped(out: dict, node: dict, where: list[str], ctx: dict) -> None:
 #: how the report reads each part of audit.json (secure_fedkim.audit_schema.ROW_TYPES): (section, row, [part,
 #: index], row context); a row reaches its reader only when it follows its row type
 PART_READERS = {"mia": _read_mia, "dp_audit": _read_dp_consistency, "whitebox": _read_dp_consistency,
-                "mechanism": _read_dp_consistency, "reconstruction": _read_reconstruction, "skipped": _read_skipped}
+                "mechanism": _read_dp_consistency, "runlevel": _read_dp_consistency,
+                "reconstruction": _read_reconstruction, "skipped": _read_skipped}
+#: the audit.json parts whose rows are DP-consistency verdicts
+CONSISTENCY_PARTS = ("dp_audit", "whitebox", "mechanism", "runlevel")
 
 
 def _mia_entry(node: dict, label: str, where: list[str], ctx: dict) -> dict:
@@ -305,7 +308,7 @@ def _schema_findings(parsed: AuditJson, data, clients: list[str], status: str) -
     for p in parsed.problems:
         row = data[p.part][p.index] if p.index is not None else None
         row = row if isinstance(row, dict) else {}
-        claims_bug = p.refused and p.part in ("dp_audit", "whitebox", "mechanism") and (
+        claims_bug = p.refused and p.part in CONSISTENCY_PARTS and (
             row.get("status") == "inconsistent" or row.get("consistent_with_accountant") is False)
         if claims_bug != (status == "fail"):
             continue
@@ -368,7 +371,7 @@ def _mia_significance(node: dict, ci) -> dict:
 
 def _consistency_entry(node: dict, label: str, where: list[str], ctx: dict) -> dict:
     """A DP-consistency audit (canary replay, white-box gradient canaries, per-step mechanism) with its verdict."""
-    kind = where[0] if where and where[0] in ("dp_audit", "whitebox", "mechanism") else "dp_audit"
+    kind = where[0] if where and where[0] in CONSISTENCY_PARTS else "dp_audit"
     lbs = [_num_or_none(node.get(k)) for k in ("eps_lb", "eps_lb_one_run")]
     return {
         "path": label, "kind": kind, "hospital": ctx.get("hospital"), "task": ctx.get("task"),
@@ -391,13 +394,15 @@ def _consistency_entry(node: dict, label: str, where: list[str], ctx: dict) -> d
 
 
 KIND_WORDS = {"dp_audit": "black-box canary audit", "whitebox": "white-box gradient-canary audit",
-              "mechanism": "per-step mechanism audit"}
+              "mechanism": "per-step mechanism audit", "runlevel": "run-level audit (the run re-executed)"}
 #: what each kind of DP-consistency audit checks its lower bound against (``claim_checked``)
 CLAIM_CHECKED_OF = {
     "dp_audit": "the federation's own whole-run epsilon from the hospital's ledger (the replay retrains the federation's "
                 "training only; the single-hospital baseline's spend is not part of this claim)",
     "whitebox": "the epsilon of the DP-SGD steps the audit replayed",
     "mechanism": "the configured Gaussian-DP mu of one DP-SGD step",
+    "runlevel": "the accountant's assumptions over the whole run: fresh, independent noise of scale sigma x C at every "
+                "step, independent Poisson samples, every step in the ledger",
 }
 #: a membership-inference row's one status (``mia[].status``), read by every section
 MIA_SIGNAL, MIA_NO_SIGNAL, MIA_BELOW_CHANCE = "signal above chance", "no signal shown", "below chance (audit fault)"

@@ -28,7 +28,7 @@ from privacy.accounting import Step, epsilon as accountant_epsilon, gdp_mu as ac
 from privacy.ledger import LedgerTampered, PrivacyLedger
 
 RTOL = 1e-6
-_CONSISTENCY_PARTS = ("dp_audit", "whitebox", "mechanism")
+_CONSISTENCY_PARTS = ("dp_audit", "whitebox", "mechanism", "runlevel")
 
 
 def part_of(row: dict) -> str | None:
