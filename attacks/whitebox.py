@@ -178,6 +178,7 @@ def replay_with_canaries(
     task: str | None = None,
     record: bool = True,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> CanaryObservation:
     """Train ``make_model(seed)`` on (x, y) through ``dp.make_private`` as ``secure_fedkim.training.train_task``
     does (Adam, BCE, Poisson batches), with gradient canaries, and observe every step's noisy sum.
@@ -186,11 +187,14 @@ def replay_with_canaries(
     ``seed``: the model, the canary coordinates and draw, the Poisson batches and the noise (``randomness=`` of
     ``make_private``: :func:`replay_randomness`, reproducible and so never a release's) and torch's global RNG
     inside the replay (forked, so the caller's is untouched): the same seed gives the same observation.
+    ``groups`` (one patient id per record; ``dp``'s unit ``"patient"``): patient-level DP-SGD as the hospital ran it
+    (patients sampled, each patient's summed gradient clipped); each canary is then a patient of one record.
     """
     with torch.random.fork_rng(devices=[]):  # nothing below draws from (or disturbs) torch's global RNG state
         torch.manual_seed(seed)
         return _replay(make_model, x, y, dp, epochs=epochs, batch_size=batch_size, lr=lr, canaries=canaries,
-                       canary_norm=canary_norm, grad_sample_mode=grad_sample_mode, task=task, record=record, seed=seed)
+                       canary_norm=canary_norm, grad_sample_mode=grad_sample_mode, task=task, record=record, seed=seed,
+                       groups=groups)
 
 
 def replay_randomness(seed: int, stream: int) -> DPRandomness:
@@ -200,7 +204,7 @@ def replay_randomness(seed: int, stream: int) -> DPRandomness:
 
 
 def _replay(make_model, x, y, dp, *, epochs, batch_size, lr, canaries, canary_norm, grad_sample_mode, task, record,
-            seed) -> CanaryObservation:
+            seed, groups=None) -> CanaryObservation:
     rng = np.random.default_rng(seed)
     model = make_model(seed)
     coords = pick_coordinates(model, x, y, canaries, batch_size=min(batch_size, len(x)), seed=seed)
@@ -210,8 +214,9 @@ def _replay(make_model, x, y, dp, *, epochs, batch_size, lr, canaries, canary_no
     loader = DataLoader(as_tensors(x, y), batch_size=min(batch_size, len(x)), shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     loss_fn = nn.BCEWithLogitsLoss()
+    patients = {} if groups is None else {"groups": groups}
     module, optimizer, loader = dp.make_private(model, optimizer, loader, criterion=loss_fn, grad_sample_mode=grad_sample_mode,
-                                                randomness=replay_randomness(seed, 1))
+                                                randomness=replay_randomness(seed, 1), **patients)
     q = float(loader.sample_rate)
     index = torch.from_numpy(coords)
     value = canary_norm * dp.max_grad_norm
@@ -701,7 +706,7 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
     is the accountant's epsilon of the ledger's entries for this task; ``accountant_epsilon`` is the ledger's
     whole-run epsilon.
     """
-    from secure_fedkim.local_training import task_local_epochs
+    from secure_fedkim.local_training import patients_of, task_local_epochs
 
     t0 = time.perf_counter()
     section = section or WhiteboxSection()
@@ -714,17 +719,26 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
     if not rounds or len(x) < 2:
         return None
     c = run.cfg.client
-    batches = math.ceil(len(x) / min(c.batch_size, len(x)))
+    # the run's own unit: a patient-level run is replayed patient-level (patients sampled at the ledger's rate, each
+    # patient's summed gradient clipped), else its steps and sample rate cannot match the ledger's
+    patient = plan.privacy_unit == "patient"
+    groups = patients_of(run.plans[task].shard(hospital)) if patient else None
+    units = len(np.unique(groups)) if patient else len(x)
+    batches = math.ceil(units / min(c.batch_size, units))
+    unit_args = ({"unit": "patient", "max_records_per_patient_step": plan.max_records_per_patient_step}
+                 if patient and plan.max_records_per_patient_step else {"unit": "patient"} if patient else {})
     with tempfile.TemporaryDirectory(prefix="whitebox-ledger-") as tmp:
         dp = HospitalDP(
-            PrivacyProfile(target_epsilon=1e6, delta=plan.delta, max_grad_norm=plan.max_grad_norm, accountant=plan.accountant),
+            PrivacyProfile(target_epsilon=1e6, delta=plan.delta, max_grad_norm=plan.max_grad_norm, accountant=plan.accountant,
+                           **unit_args),
             PrivacyLedger(Path(tmp) / "replay.jsonl"), "whitebox-replay", [(1.0 / batches, batches)], 1,
-            n_records=len(x), noise_multiplier=plan.noise_multiplier,
+            n_records=len(x), n_patients=units if patient else None, noise_multiplier=plan.noise_multiplier,
         )
         obs = replay_with_canaries(
             task_model_factory(run, task), x, y, dp, epochs=len(rounds) * task_local_epochs(run.cfg, task),
             batch_size=c.batch_size, lr=c.lr, canaries=min(section.canaries, _trainable(run, task)),
             canary_norm=section.canary_norm, grad_sample_mode=section.grad_sample_mode, record=False, seed=seed,
+            groups=groups,
         )
     history = [Step(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in rounds]
     return whitebox_entry(
