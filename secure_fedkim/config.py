@@ -44,7 +44,7 @@ class HESection(_Strict):
 class SecAggSection(_Strict):
     """Flower SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow); see secure_fedkim.federation.transports.secagg for the error."""
 
-    num_shares: int = Field(3, ge=2)
+    num_shares: int = Field(3, ge=3)  # Flower: an integer count must be > 2; odd unless every client
     reconstruction_threshold: int = Field(2, ge=2)
     clipping_range: float = Field(8.0, gt=0.0)  # model weights are clipped to [-range, range] before masking
     quantization_range: int = Field(4194304, ge=2)
@@ -77,6 +77,12 @@ class FederationSection(_Strict):
             raise ValueError("min_clients: he mode needs at least 2 (decrypting a sum of one update releases it)")
         if self.aggregation == "secagg" and self.secagg.num_shares > len(self.clients):
             raise ValueError(f"secagg.num_shares: {self.secagg.num_shares} is more than the {len(self.clients)} clients")
+        shares = self.secagg.num_shares
+        if self.aggregation == "secagg" and shares % 2 == 0 and shares != len(self.clients):
+            # Flower 1.42 sends an even share count smaller than the sample to the clients, then makes it odd for
+            # itself: every round dies inside secaggplus_mod._share_keys with an IndexError. Refuse it here.
+            raise ValueError(f"secagg.num_shares: {shares} is even and fewer than the {len(self.clients)} clients; "
+                             f"Flower's SecAgg+ needs an odd count (use {shares - 1} or {shares + 1}) or every client")
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError("proximal_mu: fedprox needs proximal_mu > 0 (the paper uses 1e-6)")
         return self

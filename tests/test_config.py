@@ -150,5 +150,19 @@ def test_aggregation_mode_errors():
     assert "he mode needs at least 2" in _error(d)
     d = demo()
     d["federation"]["aggregation"] = "secagg"
-    d["federation"]["secagg"] = {"num_shares": 2, "reconstruction_threshold": 3}
+    d["federation"]["secagg"] = {"num_shares": 3, "reconstruction_threshold": 4}
     assert "reconstruction_threshold: cannot exceed num_shares" in _error(d)
+
+
+def test_an_even_secagg_share_count_below_the_clients_is_refused_before_flower_crashes_on_it():
+    """Flower 1.42 sends an even num_shares to the clients, then makes it odd for itself; every round then dies in
+    secaggplus_mod with an IndexError (16 hospitals, num_shares 8). One line instead; every client is fine."""
+    d = demo()
+    d["federation"].update(clients=[f"h{i}" for i in range(16)], aggregation="secagg", min_clients=3,
+                           secagg={"num_shares": 8, "reconstruction_threshold": 4})
+    d["tasks"]["train"] = [{"name": "mortality", "partition": "iid"}]
+    d["tasks"]["unseen"] = []
+    d["privacy"] = {"dp": False}
+    assert _error(d).startswith("bad.yaml: federation: secagg.num_shares: 8 is even and fewer than the 16 clients")
+    d["federation"]["secagg"]["num_shares"] = 9
+    assert parse_config(d).federation.secagg.num_shares == 9
