@@ -40,7 +40,8 @@ from .accounting import Step
 from .plan import DPPlan, this_run_id
 
 __all__ = ["PrivacyLedger", "LedgerTampered", "GENESIS_HASH", "canonical_json", "entry_hash", "DPPlan", "this_run_id",
-           "DP_PLAN", "DP_ROUND", "SKIPPED_BUDGET", "REFUSED", "RESUME", "DATASET_COMMITMENT", "HE_DECRYPT"]
+           "DP_PLAN", "DP_ROUND", "SKIPPED_BUDGET", "REFUSED", "RESUME", "DATASET_COMMITMENT", "HE_DECRYPT",
+           "LIFETIME_CHECK"]
 
 # The events of a hospital's ledger (``entry["event"]``), and of the CKKS key holder's (HE_DECRYPT).
 DP_PLAN = "dp_plan"  #: the run's DP plan, written once (privacy.plan.DPPlan)
@@ -50,6 +51,8 @@ REFUSED = "refused"  #: a request the hospital refused (its policy, or a plan th
 RESUME = "resume"  #: a restart that restored the spend from this ledger
 DATASET_COMMITMENT = "dataset_commitment"  #: sha256 of each training shard, committed before training
 HE_DECRYPT = "he_decrypt"  #: one aggregate the key holder decrypted and released (its own ledger)
+#: a node's lifetime-budget check that accepted a run: the earlier runs it counted (privacy.lifetime)
+LIFETIME_CHECK = "lifetime_check"
 
 #: ``prev_hash`` of the first entry and :meth:`PrivacyLedger.head` of an empty ledger.
 GENESIS_HASH = "0" * 64

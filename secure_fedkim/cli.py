@@ -50,6 +50,8 @@ def _cmd_budget(args) -> int:
     logging.getLogger("opacus").setLevel(logging.ERROR)
 
     _check_budget_args(args)
+    if args.home is not None:
+        return _budget_for_home(args)
     if args.config is not None:
         return _budget_for_config(args)
     missing = [f"--{k}" for k in ("records", "rounds") if getattr(args, k) is None]
@@ -72,6 +74,69 @@ def _cmd_budget(args) -> int:
             _print_noise_budget(args, b)
     except ValueError as e:  # an unreachable target, a delta >= 1/records: the accountant's own reason
         raise UsageError(f"budget: {e}") from None
+    print("budget printed to standard output (nothing written)")
+    return 0
+
+
+def _budget_for_home(args) -> int:
+    """`budget --home STATE_DIR`: a hospital's lifetime spend, per run of its ledger, and what its policy leaves."""
+    from privacy.ledger import REFUSED, LedgerTampered, PrivacyLedger
+    from privacy.lifetime import LifetimeIntegrityError, fmt_eps
+    from secure_fedkim.deploy.policy import PolicyError, lifetime_of, load_policy
+    from secure_fedkim.run_dir import HospitalDir
+
+    if args.config is not None or args.epsilon is not None or args.noise is not None:
+        raise UsageError("budget: --home reads a hospital's ledger; give it alone (with --delta, --policy, --public-key)")
+    home = HospitalDir(args.home)
+    if not home.ledger.is_file():
+        raise UsageError(f"budget: {home.ledger} not found: --home is a hospital's state directory (its ledger.jsonl)")
+    policy_path = args.policy or home.policy
+    policy = None
+    if Path(policy_path).is_file():
+        try:
+            if args.public_key is not None:
+                key = args.public_key
+            else:
+                from secure_fedkim.deploy.identity import load_signing_key
+
+                key = load_signing_key(home.path).public_key()
+            policy = load_policy(policy_path, key)
+        except (PolicyError, OSError, ValueError) as e:
+            raise UsageError(f"budget: {e}") from None
+    elif args.policy is not None:
+        raise UsageError(f"budget: --policy {args.policy} not found")
+    caps = policy.privacy if policy is not None else None
+    delta = args.delta if args.delta is not None else (caps.resolved_lifetime_delta() if caps else 1e-5)
+    cap = caps.max_lifetime_epsilon if caps else None
+    try:
+        lt = lifetime_of(home.path, delta, cap=cap, scope=caps.lifetime_scope if caps else "data", cumulative=True)
+    except (LedgerTampered, LifetimeIntegrityError) as e:
+        print(f"secure-fedkim: error: budget: {home.ledger}: the lifetime spend cannot be known: {e}", file=sys.stderr)
+        return 1
+    refused = PrivacyLedger(home.ledger).events(REFUSED)
+    print(f"lifetime privacy loss at {home.path} ({len(lt.runs)} run(s) in {home.ledger.name}, chain verified): "
+          f"epsilon per {lt.unit} at delta {delta:g}, Opacus {lt.accountant}, runs composed step by step")
+    rows = [("run", "DP rounds", "baseline", "data", "run alone", "lifetime after")]
+    after = iter(lt.cumulative)
+    for r in lt.runs:
+        data = {"same": "same", "other": "other (not counted)", "none": "no commitment (counted)"}[r.data]
+        rows.append((r.run_id, str(r.rounds), r.baseline, data, fmt_eps(r.epsilon),
+                     fmt_eps(next(after)) if r.counted else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    names = ", ".join(r.run_id for r in lt.counted) or "none"
+    if cap is not None:
+        print(f"lifetime budget {cap:g} (policy {policy.file_sha256[:12]}, scope {caps.lifetime_scope}): "
+              f"{fmt_eps(lt.spent)} spent in runs {names}; {fmt_eps(max(lt.remaining, 0.0))} left"
+              + (" (OVER the cap)" if lt.exceeds else ""))
+        print("  (a next run is accepted when its whole plan, composed with these runs step by step, stays within the "
+              "cap; composition is not a sum, so what is left is a guide, not the test)")
+    else:
+        print(f"lifetime spend {fmt_eps(lt.spent)} in runs {names}; no lifetime budget "
+              f"({'the policy sets no max_lifetime_epsilon' if policy else 'no policy found'})")
+    for e in refused:
+        print(f"refused: run {e.get('run_id')} round {e.get('round')}: {e.get('reason')}")
     print("budget printed to standard output (nothing written)")
     return 0
 
@@ -321,6 +386,8 @@ _BUDGET_EXAMPLES = """examples:
       every hospital of a federation from its real shards, and a copy of the config with that budget
   secure-fedkim budget --config configs/demo.yaml --epsilon 1 2 4 8
       what-if: each hospital's noise, epsilon after each round and signal-to-noise of a step, per target
+  secure-fedkim budget --home /srv/fedkim/north
+      a hospital's lifetime spend: every run of its ledger on the same data, composed, and what its policy leaves
 """
 
 
@@ -355,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the accountant that calibrates and enforces the budget (default: %(default)s)")
     b.add_argument("--config", type=Path, help="plan every hospital of this federation from its real shards")
     b.add_argument("--write", type=Path, help="with --config: write a copy of the config with this budget")
+    b.add_argument("--home", type=Path, help="a hospital's state directory: its lifetime spend per run (every run of "
+                   "its ledger on the same data, composed) and what its policy's max_lifetime_epsilon leaves")
+    b.add_argument("--policy", type=Path, help="with --home: the signed policy (default: STATE_DIR/policy.yaml)")
+    b.add_argument("--public-key", type=Path, help="with --home: the policy's verification key (default: the "
+                   "hospital's own signing key in STATE_DIR)")
     b.set_defaults(func=_cmd_budget)
 
     a = sub.add_parser("audit", help="leakage audits of a finished run: membership inference, DP canaries, inversion")

@@ -78,6 +78,23 @@ def hospital_dp(
     )
 
 
+def planned_dp_steps(cfg: RunConfig, plans, client: str, home: Path, run_id: str):
+    """This run's whole planned DP schedule at `client`, reserved steps included, and its privacy unit: the plan
+    its ledger already holds, else the plan `hospital_dp` will make (the same calibration, run in a scratch
+    ledger, so the lifetime check sees exactly the noise the run will use; nothing is written to `home`)."""
+    import tempfile
+
+    from privacy.plan import DPPlan
+
+    recorded = PrivacyLedger(HospitalDir(home).ledger).plan(run_id)
+    if recorded is not None:
+        return recorded.with_reserved(), recorded.privacy_unit
+    with tempfile.TemporaryDirectory(prefix="lifetime-probe-") as scratch:
+        dp = hospital_dp(cfg, plans, client, Path(scratch), run_id)
+        plan = DPPlan.from_entry(dp.plan)
+    return plan.with_reserved(), plan.privacy_unit
+
+
 def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> RoundResult:
     """One round at one hospital: budget check, (DP-)training, spend recorded, local model kept."""
     torch.set_num_threads(1)
@@ -88,7 +105,10 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
     metrics = {"client-index": cfg.federation.clients.index(client)}
     # A deployed hospital's own signed policy, before anything is planned or trained: a refusal is in its
     # ledger and the node answers with an error (PolicyRefusal), never with an update.
-    check_node(cfg, context.node_config, config, client, home, plans)
+    # Its lifetime budget too: this run's whole plan composed with every earlier run on the same data.
+    run_id = str(config["run-id"])
+    check_node(cfg, context.node_config, config, client, home, plans,
+               planned=lambda: planned_dp_steps(cfg, plans, client, home, run_id))
     dp = hospital_dp(cfg, plans, client, home, str(config["run-id"]))
     if dp is not None and not dp.can_train():
         dp.record_skip(round=server_round)

@@ -10,6 +10,9 @@ whose config asks for more than the hospital allowed:
       require_dp: true            # a run without DP-SGD is refused
       max_target_epsilon: 8.0     # per-record epsilon for the whole run, at most
       max_delta: 1.0e-5           # delta at most (the run's default delta min(1e-5, 1/(10 n)) counts)
+      max_lifetime_epsilon: 16.0  # every run on the same data, composed with this run's plan, at most
+      lifetime_delta: 1.0e-5      # the delta that lifetime is composed at (default: max_delta)
+      lifetime_scope: data        # data: runs whose dataset commitment shares a hash; all: every run
     aggregation:
       allowed_modes: [he, secagg] # plain sends weights in the clear: leave it out
       min_clients: 2              # the aggregate must combine at least this many hospitals
@@ -20,7 +23,12 @@ whose config asks for more than the hospital allowed:
 What the node checks (`enforce_policy`): the run's mode is allowed; its min_clients and rounds are within
 bounds; this hospital's effective DP profile (its override, or the default profile) does not ask for a
 larger epsilon or delta than the policy caps; the code installed on this node and the code the server
-says it runs both hash to an approved value. A refusal is appended to the hospital's own ledger with its
+says it runs both hash to an approved value. With `max_lifetime_epsilon`, the node also composes (same
+accountant as a run) every earlier run its ledger records on the same data with this run's whole planned
+schedule (`check_lifetime`), and refuses the run if the total would pass the cap; when it accepts, a
+`lifetime_check` ledger entry names the runs it counted, so a later deletion of one of them is caught. A ledger
+that does not verify, or an earlier run that is referenced but missing, is refused, never forgotten.
+A refusal is appended to the hospital's own ledger with its
 reason (`refused` event), and the node answers the round with an error, never with an update. A policy
 file whose signature does not verify stops the node (`PolicySignatureError`).
 
@@ -53,10 +61,12 @@ __all__ = [
     "PolicyError",
     "PolicyRefusal",
     "PolicySignatureError",
+    "check_lifetime",
     "check_node",
     "code_sha256",
     "commit_dataset",
     "enforce_policy",
+    "lifetime_of",
     "load_policy",
     "sign_policy",
     "write_policy",
@@ -95,6 +105,16 @@ class PrivacyCaps(_Strict):
     require_dp: bool = True
     max_target_epsilon: float | None = Field(None, gt=0.0)
     max_delta: float | None = Field(None, gt=0.0, lt=1.0)
+    # The patients' total loss over every run this node's ledger records on the same data (privacy.lifetime):
+    # a run whose plan, composed with them, would pass it is refused before anything is planned or trained.
+    max_lifetime_epsilon: float | None = Field(None, gt=0.0)
+    lifetime_delta: float | None = Field(None, gt=0.0, lt=1.0)  # default: max_delta, else 1e-5
+    lifetime_scope: Literal["data", "all"] = "data"  # "all": every run of the ledger counts, whatever its data
+
+    def resolved_lifetime_delta(self) -> float:
+        if self.lifetime_delta is not None:
+            return float(self.lifetime_delta)
+        return float(self.max_delta) if self.max_delta is not None else 1e-5
 
 
 class AggregationCaps(_Strict):
@@ -343,12 +363,18 @@ def dataset_commitment(cfg, plans, client: str) -> dict:
     return tasks
 
 
-def commit_dataset(home: Path, run_id: str, cfg, plans, client: str) -> dict | None:
-    """Append one `dataset_commitment` event per run to the hospital's ledger (None if already there)."""
+def commit_dataset(home: Path, run_id: str, cfg, plans, client: str, *, tasks: dict | None = None,
+                   dp: bool | None = None) -> dict | None:
+    """Append one `dataset_commitment` event per run to the hospital's ledger (None if already there).
+
+    `tasks`: the commitment already computed (dataset_commitment); `dp`: whether the run trains this hospital with
+    DP (recorded, so a DP run whose plan and rounds later vanish from the ledger is caught by privacy.lifetime)."""
     ledger = PrivacyLedger(HospitalDir(home).ledger)
     if ledger.events(DATASET_COMMITMENT, run_id):
         return None
-    return ledger.append(DATASET_COMMITMENT, run_id=run_id, client=client, tasks=dataset_commitment(cfg, plans, client))
+    extra = {} if dp is None else {"dp": bool(dp)}
+    return ledger.append(DATASET_COMMITMENT, run_id=run_id, client=client,
+                         tasks=tasks if tasks is not None else dataset_commitment(cfg, plans, client), **extra)
 
 
 # ------------------------------------------------------------------------------------- the node's check
@@ -363,15 +389,70 @@ def _verification_key(node_config, home: Path):
     return load_signing_key(home).public_key()
 
 
-def check_node(cfg, node_config, config, client: str, home: Path, plans) -> None:
+def _lifetime_ledgers(home: Path) -> list[Path]:
+    """The baseline ledgers a hospital's state directory holds next to its own (a simulated run's clients/<h>)."""
+    home = Path(home)
+    if home.parent.name == "clients":
+        base = HospitalDir(home.parent.parent / "baseline" / home.name).ledger
+        if base.is_file():
+            return [base]
+    return []
+
+
+def lifetime_of(home: Path, delta: float, *, cap: float | None = None, current: str | None = None, planned=None,
+                planned_unit: str = "record", tasks: dict | None = None, scope: str = "data", cumulative: bool = False):
+    """The lifetime spend of the hospital whose state directory is `home` (privacy.lifetime.lifetime on its ledger
+    and the baseline ledgers beside it). Raises LedgerTampered or LifetimeIntegrityError."""
+    from privacy.lifetime import data_fingerprints, lifetime
+
+    entries = PrivacyLedger(HospitalDir(home).ledger).entries()
+    baselines = [PrivacyLedger(p).entries() for p in _lifetime_ledgers(home)]
+    return lifetime(entries, delta, cap=cap, current=current, planned=planned, planned_unit=planned_unit,
+                    fingerprints=data_fingerprints(tasks) if tasks is not None else None,
+                    baseline_entries=baselines, scope=scope, cumulative=cumulative)
+
+
+def check_lifetime(policy: HospitalPolicy, home: Path, run_id: str, client: str, tasks: dict, planned) -> None:
+    """Refuse (PolicyRefusal) a run whose whole plan, composed with every earlier run on the same data, passes the
+    policy's `max_lifetime_epsilon`; on acceptance append one `lifetime_check` entry per run.
+
+    `planned`: a callable returning (this run's whole planned steps with what it reserves, its privacy unit), called
+    only once the ledger verified (it may calibrate the noise). A ledger that does not verify, or an earlier run
+    it refers to that is missing, is a refusal too: the lifetime cannot be known, so the run is not accepted.
+    """
+    from privacy.ledger import LIFETIME_CHECK, LedgerTampered
+    from privacy.lifetime import LifetimeIntegrityError, check_entry
+
+    caps = policy.privacy
+    delta = caps.resolved_lifetime_delta()
+    ledger = PrivacyLedger(HospitalDir(home).ledger)
+    try:
+        ledger.entries()
+        steps, unit = planned()
+        lt = lifetime_of(home, delta, cap=caps.max_lifetime_epsilon, current=run_id, planned=steps, planned_unit=unit,
+                         tasks=tasks, scope=caps.lifetime_scope)
+    except LedgerTampered as e:
+        raise PolicyRefusal(client, f"lifetime budget {caps.max_lifetime_epsilon:g}: the ledger does not verify, so the "
+                                    f"earlier runs' spend is unknown: {e}") from None
+    except LifetimeIntegrityError as e:
+        raise PolicyRefusal(client, f"lifetime budget {caps.max_lifetime_epsilon:g}: {e}") from None
+    if lt.exceeds:
+        raise PolicyRefusal(client, lt.refusal())
+    if not ledger.events(LIFETIME_CHECK, run_id):
+        ledger.append(LIFETIME_CHECK, client=client, policy_sha256=policy.file_sha256, **check_entry(lt))
+
+
+def check_node(cfg, node_config, config, client: str, home: Path, plans, *, planned=None) -> None:
     """What a deployed hospital's node does before training in a round (called by hospital_round).
 
     With node config `policy=<path>`: verify the signed policy (a bad signature raises
     PolicySignatureError, recorded in the ledger) and enforce it (a refusal is recorded in the ledger and
-    raised as PolicyRefusal: the node answers with an error, not an update). Every deployed node (node
+    raised as PolicyRefusal: the node answers with an error, not an update), its lifetime budget included
+    (`check_lifetime`; `planned` is the callable that says what this run plans). Every deployed node (node
     config `hospital=...`) also commits to its dataset once per run.
     """
     run_id, server_round = str(config["run-id"]), int(config["server-round"])
+    tasks = None
     if "policy" in node_config:
         try:
             policy = load_policy(Path(str(node_config["policy"])), _verification_key(node_config, home))
@@ -386,6 +467,20 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans) -> None
         except PolicyRefusal as e:
             record_refusal(home, run_id, server_round, client, e.reason, policy.file_sha256)
             raise
+        if policy.privacy.max_lifetime_epsilon is not None and cfg.dp_profile(client) is not None:
+            if planned is None:
+                raise PolicyError("the policy has a lifetime budget but the node was not told what this run plans")
+            tasks = dataset_commitment(cfg, plans, client)
+            try:
+                check_lifetime(policy, home, run_id, client, tasks, planned)
+            except PolicyRefusal as e:
+                from privacy.ledger import LedgerTampered
+
+                try:
+                    record_refusal(home, run_id, server_round, client, e.reason, policy.file_sha256)
+                except LedgerTampered:
+                    pass  # a ledger that does not verify refuses every append: the node still refuses the run
+                raise
     if "hospital" in node_config or "policy" in node_config:
-        commit_dataset(home, run_id, cfg, plans, client)
+        commit_dataset(home, run_id, cfg, plans, client, tasks=tasks, dp=cfg.dp_profile(client) is not None)
 
