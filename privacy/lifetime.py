@@ -196,8 +196,8 @@ def lifetime(
     ``entries``: the hospital's verified ledger entries (``PrivacyLedger.entries()``); ``baseline_entries``:
     those of its baseline ledgers, if it has any. ``current``: the run being checked (left out of the earlier
     runs; its ``planned`` steps are composed on top). ``fingerprints``: this run's data
-    (:func:`data_fingerprints` of its commitment); None counts every run with a commitment as the same data
-    as the latest committed run's. ``cumulative``: also compose the lifetime after each counted run.
+    (:func:`data_fingerprints` of its commitment); None: the latest committed run's data; empty (this run
+    committed nothing): every run counts. ``cumulative``: also compose the lifetime after each counted run.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -229,7 +229,7 @@ def lifetime(
             how = "reserved"
         if rid not in commitments:
             data = "none"
-        elif scope == "all" or fingerprints is None or commitments[rid] & fingerprints:
+        elif scope == "all" or not fingerprints or commitments[rid] & fingerprints:
             data = "same"
         else:
             data = "other"

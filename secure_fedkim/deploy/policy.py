@@ -439,7 +439,8 @@ def check_lifetime(policy: HospitalPolicy, home: Path, run_id: str, client: str,
     if lt.exceeds:
         raise PolicyRefusal(client, lt.refusal())
     if not ledger.events(LIFETIME_CHECK, run_id):
-        ledger.append(LIFETIME_CHECK, client=client, policy_sha256=policy.file_sha256, **check_entry(lt))
+        ledger.append(LIFETIME_CHECK, client=client, policy_sha256=policy.file_sha256, scope=caps.lifetime_scope,
+                      **check_entry(lt))
 
 
 def check_node(cfg, node_config, config, client: str, home: Path, plans, *, planned=None) -> None:

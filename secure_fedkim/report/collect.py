@@ -204,9 +204,62 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
     _dp_facts(run, h, of_run, config_dp)
     _baseline_facts(run, h)
     derive(h)
+    _lifetime_facts(h, entries)
     if h.accounting is not None:
         _unit_wording(run, h, h.plan or {}, h.patient_bound, h.accounting["patient_level"])
     return h
+
+
+def _lifetime_facts(h: HospitalFacts, entries: list[dict]) -> None:
+    """A hospital's lifetime spend when its ledger holds runs before this one (issue #29): every earlier run on the
+    same data composed with this run's own steps (federation and baseline) by the run's accountant
+    (privacy.lifetime), at the delta and against the cap the node's lifetime_check recorded (else the run's delta and
+    no cap). A run that took the hospital past its lifetime cap fails ``budget_respected``."""
+    from privacy.ledger import LIFETIME_CHECK
+    from privacy.lifetime import LifetimeIntegrityError, data_fingerprints, lifetime
+
+    a = h.accounting
+    if a is None or h.run_id is None:
+        return
+    first = next((i for i, e in enumerate(entries) if e.get("run_id") == h.run_id), None)
+    if first is None:
+        return
+    earlier = entries[:first]
+    if not any(e.get("run_id") and e.get("event") in (DP_PLAN, DP_ROUND, DATASET_COMMITMENT) for e in earlier):
+        return
+    check = next((e for e in entries if e.get("event") == LIFETIME_CHECK and e.get("run_id") == h.run_id), None)
+    cap = float(check["cap"]) if check and check.get("cap") is not None else None
+    delta = float(check["delta"]) if check and check.get("delta") is not None else float(a["delta"])
+    commit = next((e for e in entries if e.get("event") == DATASET_COMMITMENT and e.get("run_id") == h.run_id), None)
+    try:
+        mine = history_of(h.dp_rounds) + history_of(h.baseline_rounds)
+        lt = lifetime(earlier, delta, accountant=a["accountant"], cap=cap, current=h.run_id, planned=mine,
+                      planned_unit=a.get("privacy_unit", "record"),
+                      fingerprints=data_fingerprints(commit.get("tasks")) if commit else frozenset(),
+                      scope=str((check or {}).get("scope") or "data"))
+    except (LifetimeIntegrityError, KeyError, TypeError, ValueError) as e:
+        h.add("budget_respected", "fail", f"{h.name}: its lifetime spend cannot be known from {h.ledger_rel}: {e}",
+              "a hospital's lifetime spend cannot be known")
+        return
+    a["lifetime"] = {
+        "runs": [{"run_id": r.run_id, "epsilon": finite(r.epsilon), "data": r.data, "baseline": r.baseline,
+                  "counted": r.counted} for r in lt.runs],
+        "epsilon_earlier": finite(lt.spent),
+        "epsilon_run": finite(lt.planned),
+        "epsilon": finite(lt.total),
+        "delta": delta,
+        "accountant": lt.accountant,
+        "unit": lt.unit,
+        "cap": cap,
+        "cap_source": f"{h.ledger_rel} lifetime_check seq {check.get('seq')} (the node's signed policy)" if check else None,
+        "composition": ("every earlier run of the ledger on the same data (dataset commitments; runs without one "
+                        "count) composed step by step with this run's federation and baseline steps"),
+    }
+    if lt.exceeds:
+        names = ", ".join(r.run_id for r in lt.counted)
+        h.add("budget_respected", "fail",
+              f"{h.name}: with this run its records carry lifetime epsilon {lt.total:.4g} (runs {names} and this one, "
+              f"composed), over its lifetime budget {cap:g}", "a hospital's lifetime spend exceeds its lifetime budget")
 
 
 # ------------------------------------------------------------------------------------------ randomness

@@ -12,7 +12,9 @@ with the accountants of :mod:`privacy.accounting` and nothing from the builder:
   the headline and the disclosure card repeat them;
 * every audit row's one status (DP-consistency and membership inference), the worst measured leakage, and the
   partner view's counts of the other hospitals' statuses;
-* the randomness checks ``noise_randomness`` and ``noise_fresh`` from every DP session's ledger entry.
+* the randomness checks ``noise_randomness`` and ``noise_fresh`` from every DP session's ledger entry;
+* a hospital's lifetime spend (every earlier run of its ledger on the same data composed with this run) and that a
+  lifetime over the node's recorded cap fails ``budget_respected``.
 
 Each mismatch is one message naming the report field and what the evidence gives.
 """
@@ -65,6 +67,8 @@ class _Ledgers:
 
     def __init__(self, run_dir: Path, hospital: str, ledger_rel: str, run_id: str):
         entries = _read(run_dir / ledger_rel) or []
+        self.entries = entries
+        self.run_id = run_id
         of_run = [e for e in entries if e.get("run_id") in (run_id, None)]
         self.plan = next((e for e in of_run if e.get("event") == "dp_plan"), None)
         self.rounds = [e for e in of_run if e.get("event") == "dp_round"]
@@ -117,6 +121,7 @@ def _hospital(report: dict, h: dict, L: _Ledgers) -> list[str]:
     source = f"{h['ledger']['path']}" + (f" and baseline/{name}/ledger.jsonl" if L.base_rounds else "")
     msgs = [f"{where}.{k}: the report says {a.get(k)!r}, recomputed from {source}: {v!r}"
             for k, v in want.items() if not _same(a.get(k), v)]
+    msgs += _lifetime(report, name, a, L, both, source)
     k = (report["privacy_definition"].get("max_records_per_patient") or {}).get(name)
     p = a.get("patient_level")
     if a.get("privacy_unit", "record") == "record" and isinstance(k, int) and eps_total is not None:
@@ -152,6 +157,60 @@ def _hospital(report: dict, h: dict, L: _Ledgers) -> list[str]:
         for key, v in (("epsilon", eps_total), ("gdp_mu", mu_total), ("epsilon_remaining", want["epsilon_remaining"])):
             if key in hl and not _same(hl[key], v):
                 msgs.append(f"summary.headline.{key}: the report says {hl[key]!r}, recomputed from {source}: {v!r}")
+    return msgs
+
+
+def _fingerprints(entry: dict | None) -> set[str]:
+    out: set[str] = set()
+    for t in ((entry or {}).get("tasks") or {}).values():
+        if isinstance(t, dict):
+            out |= {str(t["x_sha256"])} if t.get("x_sha256") else set()
+            out |= {str(v) for v in (t.get("files_sha256") or {}).values()}
+    return out
+
+
+def _lifetime(report: dict, name: str, a: dict, L: _Ledgers, mine: list[Step], source: str) -> list[str]:
+    """The lifetime figures (issue #29) from the ledger's entries before this run, by this module's own reading: which
+    earlier runs share this run's data, their rounds (and a trained run's reserved baseline steps), composed with this
+    run's steps by the Opacus accountant; and a lifetime over the node's recorded cap must fail budget_respected."""
+    where = f"hospitals[{name}].accounting.lifetime"
+    entries = L.entries
+    first = next((i for i, e in enumerate(entries) if e.get("run_id") == L.run_id), None)
+    earlier = entries[:first] if first is not None else []
+    ids = list(dict.fromkeys(str(e["run_id"]) for e in earlier if e.get("run_id")
+                             and e.get("event") in ("dp_plan", "dp_round", "dataset_commitment")))
+    lt = a.get("lifetime")
+    if not ids:
+        return [f"{where}: the report gives a lifetime, but {source} holds no run before {L.run_id!r}"] if lt else []
+    if not lt:
+        return [f"{where}: missing; {source} holds runs before this one ({', '.join(ids)}) on the hospital's records"]
+    check = next((e for e in entries if e.get("event") == "lifetime_check" and e.get("run_id") == L.run_id), None)
+    cap = None if check is None or check.get("cap") is None else float(check["cap"])
+    delta = float(check["delta"]) if check is not None and check.get("delta") is not None else float(L.plan["delta"])
+    scope = str((check or {}).get("scope") or "data")
+    mine_fp = _fingerprints(next((e for e in entries if e.get("event") == "dataset_commitment"
+                                  and e.get("run_id") == L.run_id), None))
+    acc = L.plan["accountant"]
+    counted: list[Step] = []
+    for rid in ids:
+        commit = next((e for e in earlier if e.get("event") == "dataset_commitment" and e.get("run_id") == rid), None)
+        if commit is not None and scope != "all" and mine_fp and not (_fingerprints(commit) & mine_fp):
+            continue
+        rounds = _history([e for e in earlier if e.get("event") == "dp_round" and e.get("run_id") == rid])
+        plan = next((e for e in earlier if e.get("event") == "dp_plan" and e.get("run_id") == rid), None)
+        if rounds and plan is not None and plan.get("reserved_schedule"):
+            rounds += [Step(float(plan["noise_multiplier"]), float(q), int(n)) for q, n in plan["reserved_schedule"]]
+        counted += rounds
+    want = {"epsilon_earlier": _fin(accountant_epsilon(counted, delta, acc)),
+            "epsilon_run": _fin(accountant_epsilon(mine, delta, acc)),
+            "epsilon": _fin(accountant_epsilon(counted + mine, delta, acc)), "cap": cap, "delta": delta}
+    msgs = [f"{where}.{k}: the report says {lt.get(k)!r}, recomputed from {source}: {v!r}"
+            for k, v in want.items() if not _same(lt.get(k), v)]
+    over = cap is not None and want["epsilon"] is not None and want["epsilon"] > cap * (1 + 1e-9)
+    status = next((c["status"] for c in report["checks"] if c["name"] == "budget_respected"), None)
+    if over and status != "fail":
+        msgs.append(f"checks[budget_respected].status: the report says {status}, but {name}'s lifetime epsilon "
+                    f"{want['epsilon']!r} recomputed from {source} is over its lifetime cap {cap!r}")
     return msgs
 
 

@@ -332,6 +332,16 @@ def _privacy_per_hospital(B: list[Block], dp_h: list[dict]) -> None:
                                f"k={a['patient_level']['max_records_per_patient']}: eps {g(a['patient_level']['epsilon'])}, "
                                f"delta {g(a['patient_level']['delta'])}"]
                               for h in dp_h for a in [h["accounting"]]]), None))
+    lifetime = [(h["hospital"], a["lifetime"]) for h in dp_h for a in [h["accounting"]] if a.get("lifetime")]
+    if lifetime:
+        B.append(Block("h3", "Lifetime spend per hospital (every run of its ledger on the same data, composed)"))
+        B.append(Block("table", (["hospital", "earlier runs (epsilon alone; data)", "earlier runs composed", "this run",
+                                  "lifetime with this run", "lifetime cap", "delta"],
+                                 [[name, "; ".join(f"{r['run_id']}: {_v(r['epsilon'])} ({r['data']}"
+                                                   f"{'' if r['counted'] else ', not counted'})" for r in lt["runs"]),
+                                   _v(lt["epsilon_earlier"]), _v(lt["epsilon_run"]), _v(lt["epsilon"]),
+                                   "none" if lt["cap"] is None else _v(lt["cap"]), _v(lt["delta"])]
+                                  for name, lt in lifetime]), None))
     rounds = sorted({x["round"] for h in dp_h for x in h["accounting"]["epsilon_by_round"]})
     B.append(Block("table", (["hospital"] + [f"round {r}" for r in rounds],
                              [[h["hospital"]] + [_v(next((x["epsilon"] for x in h["accounting"]["epsilon_by_round"]

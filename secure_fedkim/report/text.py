@@ -358,6 +358,14 @@ def _hospital_statement(h: dict, t) -> str:
         text += (f" Its records were also used by a released single-hospital baseline trained with DP (epsilon "
                  f"{g(a['released_spends'][1]['epsilon'])}); composed, this hospital's records carry (epsilon = "
                  f"{g(a['epsilon_total'])}, delta = {g(a['delta'])}): this is the hospital's reported epsilon.")
+    lt = a.get("lifetime")
+    if lt:
+        counted = [r["run_id"] for r in lt["runs"] if r["counted"]]
+        text += (f" Over its lifetime, the same records were used by {len(counted)} earlier run(s) ("
+                 f"{', '.join(counted) or 'none on the same data'}; epsilon {g(lt['epsilon_earlier'])} composed); with "
+                 f"this run they carry (epsilon = {g(lt['epsilon'])}, delta = {g(lt['delta'])})"
+                 + (f", against a lifetime cap of {g(lt['cap'])} set by the hospital's policy." if lt["cap"] is not None
+                    else " (the hospital's policy sets no lifetime cap)."))
     if ind.get("epsilon") is not None:
         text += (f" An independent recomputation ({ind['library']}, {ind['method'].upper()}) gives "
                  f"{g(ind['epsilon'])} ({ind['relative_difference']:+.2%}).")
