@@ -10,6 +10,7 @@ checkpoint without any hospital paying twice for a completed round.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -291,3 +292,86 @@ def test_server_restart_resumes_from_the_checkpoint_without_paying_twice(fed):
         spent = epsilon(ledger.dp_history("dep-resume"), plan["delta"], "prv")
         assert final["clients"][name]["epsilon-spent"] == pytest.approx(spent, rel=1e-9)
         assert spent <= 4.0 * (1 + 1e-9)
+
+
+def test_lifetime_budget_refuses_a_second_run_and_survives_a_node_restart(fed, tmp_path):
+    """#29: south's signed policy caps its patients' lifetime loss at 6. A first run at epsilon 5 is accepted; a second
+    at 5 on the same records would bring them to 6.55 (PRV, the two runs composed; 5 and 5 compose to under 8,
+    so the issue's cap of 8 would accept it and refuse only a third) and is refused by south's own node, after a
+    restart of that node, while the federation goes on with the others. The ledger holds both runs and the
+    refusals; the reports of both runs verify and show south's lifetime beside the run's."""
+    import yaml
+
+    from secure_fedkim.cli import main
+    from secure_fedkim.deploy.identity import load_signing_key
+    from secure_fedkim.deploy.policy import write_policy
+    from secure_fedkim.report import verify_report, write_report
+    from secure_fedkim.report.sign import KEY_ENV, new_issuer_key, public_key_path
+
+    d = fed.d
+    south = d.nodes["south"]
+    home, path = fed.home("south"), south.policy
+    sig = path.with_name(path.name + ".sig")
+    original = (path.read_bytes(), sig.read_bytes())
+    policy = yaml.safe_load(original[0])
+    policy["privacy"] = {**policy["privacy"], "max_lifetime_epsilon": 6.0}
+    write_policy(path, policy, load_signing_key(home))
+    # another seed: other shards than the module's earlier DP runs, which therefore count as other data
+    text = config_text("lt-1", "he", rounds=2, dp=True).replace("seed: 1", "seed: 7").replace("target_epsilon: 4.0", "target_epsilon: 5.0")
+    issuer = new_issuer_key(tmp_path / "issuer" / "key.pem", "Ada Example", "Office")
+    old_key = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(issuer)
+    try:
+        run1, status = fed.run("lt-1", text)
+        assert status == "finished:completed", d.superlink.log_tail()
+        assert set(round_record(run1, 2)["clients"]) == set(CLIENTS)
+        ledger = fed.ledger("south")
+        [check] = ledger.events("lifetime_check", "lt-1")
+        assert check["runs"] == [] and 4.9 < check["total"] <= 5.0 and check["cap"] == 6.0
+        # south's machine restarts between the runs: nothing but its ledger remembers the first run
+        d.stop_supernode("south", signal.SIGTERM)
+        d.start_supernode(south)
+        d.wait_connected(len(CLIENTS), timeout=180, names=CLIENTS)
+        run2, status = fed.run("lt-2", text.replace("name: lt-1", "name: lt-2"))
+        assert status == "finished:completed", d.superlink.log_tail()
+        r1 = round_record(run2, 1)
+        assert "south" not in r1["clients"] and set(r1["clients"]) == {"north", "east"}
+        refused = ledger.events("refused", "lt-2")
+        assert refused and all(e["reason"].startswith("lifetime budget 6 (delta 1e-05, per record): ") for e in refused)
+        assert "spent in runs lt-1; this run plans 5.00" in refused[0]["reason"]
+        print("south refused:", refused[0]["reason"])
+        assert ledger.events("dp_plan", "lt-2") == [] and ledger.events("dp_round", "lt-2") == []
+        assert [e["round"] for e in ledger.events("dp_round", "lt-1")] == [1, 2]
+        ledger.verify()
+        assert main(["budget", "--home", str(home)]) == 0
+        # each hospital hands its ledger to the report's issuer; both reports verify
+        for run_dir in (run1, run2):
+            for name in CLIENTS:
+                dest = run_dir / "clients" / name / "ledger.jsonl"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes((fed.home(name) / "ledger.jsonl").read_bytes())
+            write_report(run_dir)
+            msgs = verify_report(run_dir / "report.json", public_key=public_key_path(issuer))
+            assert msgs == [], msgs
+        rep = json.loads((run1 / "report.json").read_text())
+        south_acc = next(h for h in rep["hospitals"] if h["hospital"] == "south")["accounting"]
+        lt = south_acc.get("lifetime")  # present when the module's earlier DP runs (other shards) are in the ledger
+        if lt is not None:
+            assert lt["cap"] == 6.0 and lt["epsilon"] == pytest.approx(south_acc["epsilon_total"], rel=1e-9)
+            assert all(not r["counted"] for r in lt["runs"] if r["run_id"].startswith("dep-"))
+        assert next(c for c in rep["checks"] if c["name"] == "budget_respected")["status"] == "pass"
+        # the second run's report: south took no part (refused by its own policy), not the first run read again
+        rep2 = json.loads((run2 / "report.json").read_text())
+        south2 = next(h for h in rep2["hospitals"] if h["hospital"] == "south")
+        assert south2["accounting"] is None and not south2["dp"]
+        assert any(e["event"] == "refused" and e["reason"].startswith("lifetime budget 6") for e in south2["events"])
+    finally:
+        path.write_bytes(original[0])
+        sig.write_bytes(original[1])
+        if old_key is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = old_key
+        if south.proc is None:
+            d.start_supernode(south)
+        d.wait_connected(len(CLIENTS), timeout=180, names=CLIENTS)

@@ -195,6 +195,12 @@ def collect_hospital(run: "RunFacts", name: str) -> HospitalFacts:
               "a privacy ledger is missing")
     plans = [e for e in entries if e.get("event") == DP_PLAN]
     h.run_id = pick_run_id(plans, run_dir, run.summary)
+    # a node's ledger holds every run (#29): a run this hospital refused has entries (refusal, commitment) but no plan,
+    # and must not be read as the latest run it did train in
+    mentioned = {e.get("run_id") for e in entries if e.get("run_id")}
+    named = [n for n in (run_dir.name, Path(str(run.summary.get("run_dir", ""))).name) if n]
+    if h.run_id not in named and any(n in mentioned for n in named):
+        h.run_id = next(n for n in named if n in mentioned)
     of_run = [e for e in entries if h.run_id is None or e.get("run_id") in (h.run_id, None)]
     # the run's first plan (PrivacyLedger.plan's rule), kept raw: a malformed plan is a finding here, not an error
     h.plan = next((e for e in of_run if e.get("event") == DP_PLAN), None)
@@ -524,6 +530,13 @@ def _dp_accountable(run: "RunFacts", h: HospitalFacts, of_run: list[dict], confi
         h.dp = False
         if h.ledger_verified or not h.ledger_exists:
             _non_dp_events(run, h, of_run)
+        return False
+    if h.ledger_verified and plan is None and not h.dp_rounds and any(e.get("event") == REFUSED for e in of_run):
+        h.dp = False  # the hospital refused the run (its policy) before planning or training: nothing to account
+        _non_dp_events(run, h, of_run)
+        h.events = sorted([{"round": e.get("round"), "event": "refused", "reason": str(e.get("reason", ""))}
+                           for e in of_run if e.get("event") == REFUSED] + h.events,
+                          key=lambda ev: (ev["round"] is None, ev["round"] or 0))
         return False
     if not h.ledger_verified:
         h.dp = True  # labelled DP, but there is no trustworthy source for any figure
