@@ -32,6 +32,9 @@ CHECK_TITLES = {
     "dp_lower_bound": "Measured epsilon lower bound below threshold",
     "baseline_spend_composed": "Every released privacy spend counted",
     "config_hash": "Configuration unchanged since the run",
+    "mia_below_chance": "No membership attack scores below chance (audit fault)",
+    "noise_randomness": "DP noise drawn by the secure generator",
+    "noise_fresh": "No DP noise or batch repeated across rounds, tasks or hospitals",
 }
 DECISIONS = {"fail": "do not release", "attention": "release with conditions", "inconclusive": "release with conditions",
              "pass": "release", "not_applicable": "do not release"}
