@@ -17,6 +17,9 @@ Which runs count:
   * a run's baseline: its ``dp_round`` entries in the baseline ledger given, else, when the run trained and
     its plan reserved baseline steps, the reserved steps (the node cannot show they were not spent).
 
+A run whose commitment says it trained without DP (``"dp": false``) on the same data has no finite epsilon: the
+lifetime is then infinite (its patients' records were released without a DP guarantee).
+
 Units: a patient-level step also protects each record of the patient, so the composition of all steps is a
 per-record figure; it is per patient only when every counted run was patient-level (``unit``).
 
@@ -203,9 +206,12 @@ def lifetime(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     check_integrity(entries, current)
     commitments: dict[str, frozenset[str]] = {}
+    no_dp_runs: set[str] = set()
     for e in entries:
         if e.get("event") == DATASET_COMMITMENT and e.get("run_id"):
             commitments.setdefault(str(e["run_id"]), data_fingerprints(e.get("tasks")))
+            if e.get("dp") is False:
+                no_dp_runs.add(str(e["run_id"]))
     if fingerprints is None and commitments:
         fingerprints = list(commitments.values())[-1]
     plans: dict[str, DPPlan] = {}
@@ -233,9 +239,12 @@ def lifetime(
             data = "same"
         else:
             data = "other"
+        n_rounds = len(fed)
+        if not fed and rid in no_dp_runs:  # trained on these records without DP (its commitment says so): no finite epsilon
+            fed, how = [Step(0.0, 1.0, 1)], "none"
         steps = tuple(fed + base)
         unit = plan.privacy_unit if plan is not None else "record"
-        runs.append(RunSpend(rid, steps, compose([steps], delta, accountant), len(fed), how, data, unit,
+        runs.append(RunSpend(rid, steps, compose([steps], delta, accountant), n_rounds, how, data, unit,
                              counted=data != "other", last_hash=last))
     counted = [r for r in runs if r.counted]
     spent = compose([r.steps for r in counted], delta, accountant)

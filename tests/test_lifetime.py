@@ -175,3 +175,31 @@ def test_node_refuses_when_its_ledger_does_not_verify(flower_identity, capped):
     with pytest.raises(PolicyRefusal, match="the ledger does not verify"):
         hospital_round(cfg, node_context(home, path), round_config(cfg, "new", 1), state)
     assert not (home / "local_model.safetensors").exists()
+
+
+def test_a_run_without_dp_on_the_same_data_has_no_finite_lifetime(tmp_path):
+    import math
+
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.append("dataset_commitment", run_id="plain", client="south", tasks=SHARD, dp=False)
+    ledger.append("dataset_commitment", run_id="plain-elsewhere", client="south", tasks=OTHER, dp=False)
+    lt = lifetime(ledger.entries(), DELTA, cap=8.0, current="next", planned=[Step(1.0, 0.05, 40)],
+                  fingerprints=frozenset({"a" * 64}))
+    assert [(r.run_id, r.counted, r.rounds) for r in lt.runs] == [("plain", True, 0), ("plain-elsewhere", False, 0)]
+    assert math.isinf(lt.spent) and math.isinf(lt.total) and lt.exceeds
+    assert "inf spent in runs plain;" in lt.refusal()
+
+
+def test_node_with_a_lifetime_budget_refuses_a_run_without_dp(flower_identity, tmp_path):
+    from secure_fedkim.client_app import hospital_round
+
+    home = tmp_path / "south"
+    ensure_signing_key(home)
+    policy = policy_dict(privacy={"require_dp": False, "max_lifetime_epsilon": 8.0})
+    path = write_policy(home / "policy.yaml", policy, load_signing_key(home))
+    cfg = cfg_with(**{"federation.aggregation": "he", "privacy": {"dp": False}})
+    state = new_client_model(cfg, build_plan(cfg)).state_dict()
+    with pytest.raises(PolicyRefusal, match="without differential privacy, which has no finite epsilon"):
+        hospital_round(cfg, node_context(home, path), round_config(cfg, "plain", 1), state)
+    [refused] = PrivacyLedger(home / "ledger.jsonl").events("refused", "plain")
+    assert refused["reason"].startswith("lifetime budget 8: ")

@@ -468,6 +468,11 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans, *, plan
         except PolicyRefusal as e:
             record_refusal(home, run_id, server_round, client, e.reason, policy.file_sha256)
             raise
+        if policy.privacy.max_lifetime_epsilon is not None and cfg.dp_profile(client) is None:
+            reason = (f"lifetime budget {policy.privacy.max_lifetime_epsilon:g}: the run trains this hospital without "
+                      f"differential privacy, which has no finite epsilon")
+            record_refusal(home, run_id, server_round, client, reason, policy.file_sha256)
+            raise PolicyRefusal(client, reason)
         if policy.privacy.max_lifetime_epsilon is not None and cfg.dp_profile(client) is not None:
             if planned is None:
                 raise PolicyError("the policy has a lifetime budget but the node was not told what this run plans")

@@ -197,6 +197,8 @@ def _lifetime(report: dict, name: str, a: dict, L: _Ledgers, mine: list[Step], s
         if commit is not None and scope != "all" and mine_fp and not (_fingerprints(commit) & mine_fp):
             continue
         rounds = _history([e for e in earlier if e.get("event") == "dp_round" and e.get("run_id") == rid])
+        if not rounds and commit is not None and commit.get("dp") is False:
+            rounds = [Step(0.0, 1.0, 1)]  # trained without DP on these records: no finite epsilon
         plan = next((e for e in earlier if e.get("event") == "dp_plan" and e.get("run_id") == rid), None)
         if rounds and plan is not None and plan.get("reserved_schedule"):
             rounds += [Step(float(plan["noise_multiplier"]), float(q), int(n)) for q, n in plan["reserved_schedule"]]
