@@ -78,7 +78,14 @@ def hospital_dp(
     )
 
 
-def planned_dp_steps(cfg: RunConfig, plans, client: str, home: Path, run_id: str):
+def with_target(cfg: RunConfig, client: str, target: float) -> RunConfig:
+    """`cfg` with `client`'s DP target epsilon set to `target` (a run its policy calibrated to the lifetime remainder)."""
+    p = cfg.privacy
+    budget = p.hospitals.get(client, p.profile).model_copy(update={"target_epsilon": float(target)})
+    return cfg.model_copy(update={"privacy": p.model_copy(update={"hospitals": {**p.hospitals, client: budget}})})
+
+
+def planned_dp_steps(cfg: RunConfig, plans, client: str, home: Path, run_id: str, target: float | None = None):
     """This run's whole planned DP schedule at `client`, reserved steps included, and its privacy unit: the plan
     its ledger already holds, else the plan `hospital_dp` will make (the same calibration, run in a scratch
     ledger, so the lifetime check sees exactly the noise the run will use; nothing is written to `home`)."""
@@ -89,6 +96,8 @@ def planned_dp_steps(cfg: RunConfig, plans, client: str, home: Path, run_id: str
     recorded = PrivacyLedger(HospitalDir(home).ledger).plan(run_id)
     if recorded is not None:
         return recorded.with_reserved(), recorded.privacy_unit
+    if target is not None:
+        cfg = with_target(cfg, client, target)
     with tempfile.TemporaryDirectory(prefix="lifetime-probe-") as scratch:
         dp = hospital_dp(cfg, plans, client, Path(scratch), run_id)
         plan = DPPlan.from_entry(dp.plan)
@@ -107,8 +116,10 @@ def hospital_round(cfg: RunConfig, context: Context, config, state: dict) -> Rou
     # ledger and the node answers with an error (PolicyRefusal), never with an update.
     # Its lifetime budget too: this run's whole plan composed with every earlier run on the same data.
     run_id = str(config["run-id"])
-    check_node(cfg, context.node_config, config, client, home, plans,
-               planned=lambda: planned_dp_steps(cfg, plans, client, home, run_id))
+    target = check_node(cfg, context.node_config, config, client, home, plans,
+                        planned=lambda t=None: planned_dp_steps(cfg, plans, client, home, run_id, t))
+    if target is not None:  # its policy calibrated this run to what its lifetime budget leaves
+        cfg = with_target(cfg, client, target)
     dp = hospital_dp(cfg, plans, client, home, str(config["run-id"]))
     if dp is not None and not dp.can_train():
         dp.record_skip(round=server_round)

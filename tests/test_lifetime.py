@@ -203,3 +203,31 @@ def test_node_with_a_lifetime_budget_refuses_a_run_without_dp(flower_identity, t
         hospital_round(cfg, node_context(home, path), round_config(cfg, "plain", 1), state)
     [refused] = PrivacyLedger(home / "ledger.jsonl").events("refused", "plain")
     assert refused["reason"].startswith("lifetime budget 8: ")
+
+
+def test_policy_can_calibrate_a_run_to_the_lifetime_remainder(flower_identity, tmp_path, capsys):
+    from secure_fedkim.client_app import hospital_round
+
+    home = tmp_path / "south"
+    ensure_signing_key(home)
+    policy = policy_dict(privacy={"require_dp": True, "max_target_epsilon": 4.0, "max_delta": 1e-5,
+                                  "max_lifetime_epsilon": 5.0, "on_lifetime_exceeded": "calibrate"})
+    path = write_policy(home / "policy.yaml", policy, load_signing_key(home))
+    cfg = cfg_with(**{"federation.aggregation": "he", "run.rounds": 2})
+    state = new_client_model(cfg, build_plan(cfg)).state_dict()
+    assert hospital_round(cfg, node_context(home, path), round_config(cfg, "study-1", 1), state).model is not None
+    for r in (1, 2):  # the second run trains, at a lower target, in both its rounds
+        result = hospital_round(cfg, node_context(home, path), round_config(cfg, "study-2", r), state)
+        assert result.model is not None
+    ledger = PrivacyLedger(home / "ledger.jsonl")
+    [check] = ledger.events("lifetime_check", "study-2")
+    [plan] = ledger.events("dp_plan", "study-2")
+    target = check["calibrated_target_epsilon"]
+    assert check["asked_target_epsilon"] == 4.0 and 0.05 < target < 4.0 and plan["target_epsilon"] == target
+    assert check["total"] <= 5.0 and ledger.events("refused") == []
+    # the run's whole plan, composed with study-1 as it was recorded, is within the cap (and close to it)
+    lt = lifetime(ledger.entries(), 1e-5, current="study-2", planned=[
+        Step(plan["noise_multiplier"], q, n) for q, n in plan["round_schedule"]] * plan["rounds"]
+        + [Step(plan["noise_multiplier"], q, n) for q, n in plan.get("reserved_schedule") or []])
+    assert 4.7 < lt.total <= 5.0, lt.total
+    print(f"calibrated to target {target:.3f}: lifetime {lt.total:.3f} of 5")

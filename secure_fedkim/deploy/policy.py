@@ -13,6 +13,7 @@ whose config asks for more than the hospital allowed:
       max_lifetime_epsilon: 16.0  # every run on the same data, composed with this run's plan, at most
       lifetime_delta: 1.0e-5      # the delta that lifetime is composed at (default: max_delta)
       lifetime_scope: data        # data: runs whose dataset commitment shares a hash; all: every run
+      on_lifetime_exceeded: refuse  # or calibrate: run at the largest target epsilon that still fits
     aggregation:
       allowed_modes: [he, secagg] # plain sends weights in the clear: leave it out
       min_clients: 2              # the aggregate must combine at least this many hospitals
@@ -110,6 +111,9 @@ class PrivacyCaps(_Strict):
     max_lifetime_epsilon: float | None = Field(None, gt=0.0)
     lifetime_delta: float | None = Field(None, gt=0.0, lt=1.0)  # default: max_delta, else 1e-5
     lifetime_scope: Literal["data", "all"] = "data"  # "all": every run of the ledger counts, whatever its data
+    # refuse: a run that would pass the lifetime cap is refused; calibrate: it runs at the largest target epsilon
+    # (at most the one asked) whose plan, composed with the earlier runs, stays within the cap (more noise)
+    on_lifetime_exceeded: Literal["refuse", "calibrate"] = "refuse"
 
     def resolved_lifetime_delta(self) -> float:
         if self.lifetime_delta is not None:
@@ -412,13 +416,25 @@ def lifetime_of(home: Path, delta: float, *, cap: float | None = None, current: 
                     baseline_entries=baselines, scope=scope, cumulative=cumulative)
 
 
-def check_lifetime(policy: HospitalPolicy, home: Path, run_id: str, client: str, tasks: dict, planned) -> None:
+#: calibrating a run to the lifetime remainder: targets below this are refused, and the search stops within this
+#: relative width (each probe is one noise calibration)
+LIFETIME_MIN_TARGET = 0.05
+LIFETIME_SEARCH_RTOL = 0.02
+
+
+def check_lifetime(policy: HospitalPolicy, home: Path, run_id: str, client: str, tasks: dict, planned,
+                   asked: float | None = None) -> float | None:
     """Refuse (PolicyRefusal) a run whose whole plan, composed with every earlier run on the same data, passes the
     policy's `max_lifetime_epsilon`; on acceptance append one `lifetime_check` entry per run.
 
-    `planned`: a callable returning (this run's whole planned steps with what it reserves, its privacy unit), called
-    only once the ledger verified (it may calibrate the noise). A ledger that does not verify, or an earlier run
-    it refers to that is missing, is a refusal too: the lifetime cannot be known, so the run is not accepted.
+    `planned(target=None)`: a callable returning (this run's whole planned steps with what it reserves, its privacy
+    unit), at the run's own target or at `target`; called only once the ledger verified (it may calibrate the
+    noise). A ledger that does not verify, or an earlier run it refers to that is missing, is a refusal too: the
+    lifetime cannot be known, so the run is not accepted. With `on_lifetime_exceeded: calibrate`, a run that would
+    pass the cap is instead given the largest target epsilon (at most `asked`) that fits, found by bisection.
+
+    Returns the target epsilon this run must train at when it was calibrated to the remainder (now or when it was
+    accepted), else None.
     """
     from privacy.ledger import LIFETIME_CHECK, LedgerTampered
     from privacy.lifetime import LifetimeIntegrityError, check_entry
@@ -426,11 +442,19 @@ def check_lifetime(policy: HospitalPolicy, home: Path, run_id: str, client: str,
     caps = policy.privacy
     delta = caps.resolved_lifetime_delta()
     ledger = PrivacyLedger(HospitalDir(home).ledger)
+
+    def at(target: float | None):
+        steps, unit = planned() if target is None else planned(target)
+        return lifetime_of(home, delta, cap=caps.max_lifetime_epsilon, current=run_id, planned=steps,
+                           planned_unit=unit, tasks=tasks, scope=caps.lifetime_scope)
+
     try:
         ledger.entries()
-        steps, unit = planned()
-        lt = lifetime_of(home, delta, cap=caps.max_lifetime_epsilon, current=run_id, planned=steps, planned_unit=unit,
-                         tasks=tasks, scope=caps.lifetime_scope)
+        accepted = ledger.events(LIFETIME_CHECK, run_id)
+        target = accepted[0].get("calibrated_target_epsilon") if accepted else None
+        lt = at(target)
+        if lt.exceeds and target is None and caps.on_lifetime_exceeded == "calibrate" and asked:
+            target, lt = _calibrate_to_remainder(at, lt, float(asked), float(caps.max_lifetime_epsilon))
     except LedgerTampered as e:
         raise PolicyRefusal(client, f"lifetime budget {caps.max_lifetime_epsilon:g}: the ledger does not verify, so the "
                                     f"earlier runs' spend is unknown: {e}") from None
@@ -438,12 +462,43 @@ def check_lifetime(policy: HospitalPolicy, home: Path, run_id: str, client: str,
         raise PolicyRefusal(client, f"lifetime budget {caps.max_lifetime_epsilon:g}: {e}") from None
     if lt.exceeds:
         raise PolicyRefusal(client, lt.refusal())
-    if not ledger.events(LIFETIME_CHECK, run_id):
+    if not accepted:
+        extra = {} if target is None else {"calibrated_target_epsilon": target, "asked_target_epsilon": asked}
         ledger.append(LIFETIME_CHECK, client=client, policy_sha256=policy.file_sha256, scope=caps.lifetime_scope,
-                      **check_entry(lt))
+                      **check_entry(lt), **extra)
+    return None if target is None else float(target)
 
 
-def check_node(cfg, node_config, config, client: str, home: Path, plans, *, planned=None) -> None:
+def _calibrate_to_remainder(at, refused, asked: float, cap: float):
+    """The largest target in [LIFETIME_MIN_TARGET, min(asked, cap)] whose lifetime fits the cap (bisection, to
+    LIFETIME_SEARCH_RTOL), with its lifetime; (None, the refused lifetime) when not even the smallest fits."""
+    best = None
+    lo, hi = LIFETIME_MIN_TARGET, min(asked, cap)
+
+    def fits(t: float):
+        try:
+            lt = at(t)
+        except ValueError:  # a target the calibration cannot reach (below the accountant's resolution)
+            return None
+        return None if lt.exceeds else lt
+
+    if lo < hi < asked and (lt := fits(hi)) is not None:
+        return hi, lt
+    first = fits(lo)
+    if first is None:
+        return None, refused
+    best = (lo, first)
+    while hi - lo > LIFETIME_SEARCH_RTOL * hi:
+        mid = (lo + hi) / 2
+        lt = fits(mid)
+        if lt is None:
+            hi = mid
+        else:
+            lo, best = mid, (mid, lt)
+    return best
+
+
+def check_node(cfg, node_config, config, client: str, home: Path, plans, *, planned=None) -> float | None:
     """What a deployed hospital's node does before training in a round (called by hospital_round).
 
     With node config `policy=<path>`: verify the signed policy (a bad signature raises
@@ -451,9 +506,13 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans, *, plan
     raised as PolicyRefusal: the node answers with an error, not an update), its lifetime budget included
     (`check_lifetime`; `planned` is the callable that says what this run plans). Every deployed node (node
     config `hospital=...`) also commits to its dataset once per run.
+
+    Returns the target epsilon the run must train at at this hospital when its policy calibrated it to the lifetime
+    remainder (`on_lifetime_exceeded: calibrate`), else None.
     """
     run_id, server_round = str(config["run-id"]), int(config["server-round"])
     tasks = None
+    target = None
     if "policy" in node_config:
         try:
             policy = load_policy(Path(str(node_config["policy"])), _verification_key(node_config, home))
@@ -478,7 +537,8 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans, *, plan
                 raise PolicyError("the policy has a lifetime budget but the node was not told what this run plans")
             tasks = dataset_commitment(cfg, plans, client)
             try:
-                check_lifetime(policy, home, run_id, client, tasks, planned)
+                target = check_lifetime(policy, home, run_id, client, tasks, planned,
+                                        asked=cfg.dp_profile(client).target_epsilon)
             except PolicyRefusal as e:
                 from privacy.ledger import LedgerTampered
 
@@ -489,4 +549,5 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans, *, plan
                 raise
     if "hospital" in node_config or "policy" in node_config:
         commit_dataset(home, run_id, cfg, plans, client, tasks=tasks, dp=cfg.dp_profile(client) is not None)
+    return target
 
