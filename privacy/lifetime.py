@@ -176,7 +176,8 @@ def check_integrity(entries: Sequence[dict], current: str | None = None) -> None
                 and rid not in planned and rid not in refused):
             raise LifetimeIntegrityError(
                 f"run {rid!r} committed its data for DP training (seq {e.get('seq')}) but the ledger holds no plan "
-                f"and no refusal of it: its entries were deleted"
+                f"and no refusal of it: its entries were deleted (or the node stopped between the commitment and the "
+                f"plan; an operator must inspect the ledger before this node runs again)"
             )
 
 
