@@ -50,7 +50,7 @@ def _cmd_budget(args) -> int:
     logging.getLogger("opacus").setLevel(logging.ERROR)
 
     _check_budget_args(args)
-    if args.home is not None:
+    if args.home is not None and args.config is None:
         return _budget_for_home(args)
     if args.config is not None:
         return _budget_for_config(args)
@@ -78,33 +78,74 @@ def _cmd_budget(args) -> int:
     return 0
 
 
-def _budget_for_home(args) -> int:
-    """`budget --home STATE_DIR`: a hospital's lifetime spend, per run of its ledger, and what its policy leaves."""
-    from privacy.ledger import REFUSED, LedgerTampered, PrivacyLedger
-    from privacy.lifetime import LifetimeIntegrityError, fmt_eps
-    from secure_fedkim.deploy.policy import PolicyError, lifetime_of, load_policy
+def _home_policy(args):
+    """`--home`'s state directory and its signed policy (None when it has none), verified."""
+    from secure_fedkim.deploy.policy import PolicyError, load_policy
     from secure_fedkim.run_dir import HospitalDir
 
-    if args.config is not None or args.epsilon is not None or args.noise is not None:
-        raise UsageError("budget: --home reads a hospital's ledger; give it alone (with --delta, --policy, --public-key)")
     home = HospitalDir(args.home)
     if not home.ledger.is_file():
         raise UsageError(f"budget: {home.ledger} not found: --home is a hospital's state directory (its ledger.jsonl)")
     policy_path = args.policy or home.policy
-    policy = None
-    if Path(policy_path).is_file():
-        try:
-            if args.public_key is not None:
-                key = args.public_key
-            else:
-                from secure_fedkim.deploy.identity import load_signing_key
+    if not Path(policy_path).is_file():
+        if args.policy is not None:
+            raise UsageError(f"budget: --policy {args.policy} not found")
+        return home, None
+    try:
+        if args.public_key is not None:
+            key = args.public_key
+        else:
+            from secure_fedkim.deploy.identity import load_signing_key
 
-                key = load_signing_key(home.path).public_key()
-            policy = load_policy(policy_path, key)
-        except (PolicyError, OSError, ValueError) as e:
-            raise UsageError(f"budget: {e}") from None
-    elif args.policy is not None:
-        raise UsageError(f"budget: --policy {args.policy} not found")
+            key = load_signing_key(home.path).public_key()
+        return home, load_policy(policy_path, key)
+    except (PolicyError, OSError, ValueError) as e:
+        raise UsageError(f"budget: {e}") from None
+
+
+def _plan_against_lifetime(args, cfg, plans, planned: dict) -> None:
+    """`budget --config C --epsilon E --home STATE_DIR`: each planned target of that hospital composed with the
+    earlier runs its ledger holds on the same data, against its policy's lifetime cap (what its node will check)."""
+    from privacy.accounting import Step
+    from privacy.ledger import LedgerTampered
+    from privacy.lifetime import LifetimeIntegrityError, fmt_eps
+    from secure_fedkim.deploy.policy import dataset_commitment, lifetime_of
+
+    home, policy = _home_policy(args)
+    name = policy.hospital if policy is not None else home.path.name
+    if name not in planned:
+        raise UsageError(f"budget: --home is hospital {name!r}'s state, not a hospital of {args.config} "
+                         f"({', '.join(cfg.federation.clients)})")
+    caps = policy.privacy if policy is not None else None
+    delta = caps.resolved_lifetime_delta() if caps else 1e-5  # the lifetime's delta (--delta is the run's)
+    cap = caps.max_lifetime_epsilon if caps else None
+    tasks = dataset_commitment(cfg, plans, name)
+    print(f"lifetime at {name} ({home.path}), epsilon at delta {delta:g}, cap "
+          f"{'none' if cap is None else f'{cap:g}'}:")
+    for target, sigma, schedule in planned[name]:
+        try:
+            lt = lifetime_of(home.path, delta, cap=cap, current="(planned run)", tasks=tasks,
+                             planned=[Step(sigma, q, n) for q, n in schedule],
+                             scope=caps.lifetime_scope if caps else "data")
+        except (LedgerTampered, LifetimeIntegrityError) as e:
+            raise UsageError(f"budget: {home.ledger}: the lifetime spend cannot be known: {e}") from None
+        names = ", ".join(r.run_id for r in lt.counted) or "no earlier run"
+        action = "calibrates it to what is left" if caps.on_lifetime_exceeded == "calibrate" else "refuses this run"
+        verdict = "" if cap is None else (f" -> over the cap: the node {action}" if lt.exceeds else " -> within the cap")
+        print(f"  epsilon {target:g}: {fmt_eps(lt.spent)} spent in {names}; this run {fmt_eps(lt.planned)}; "
+              f"composed {fmt_eps(lt.total)}{verdict}")
+
+
+def _budget_for_home(args) -> int:
+    """`budget --home STATE_DIR`: a hospital's lifetime spend, per run of its ledger, and what its policy leaves."""
+    from privacy.ledger import REFUSED, LedgerTampered, PrivacyLedger
+    from privacy.lifetime import LifetimeIntegrityError, fmt_eps
+    from secure_fedkim.deploy.policy import lifetime_of
+
+    if args.epsilon is not None or args.noise is not None:
+        raise UsageError("budget: --home alone reads a hospital's ledger (with --delta, --policy, --public-key); "
+                         "with --config CONFIG --epsilon E it also plans a run against what is left")
+    home, policy = _home_policy(args)
     caps = policy.privacy if policy is not None else None
     delta = args.delta if args.delta is not None else (caps.resolved_lifetime_delta() if caps else 1e-5)
     cap = caps.max_lifetime_epsilon if caps else None
@@ -270,6 +311,7 @@ def _budget_for_config(args) -> int:
         print(f"{'hospital':<16}{units:>9}{'delta':>10}{'noise':>9}  epsilon per {unit} after each of {rounds} rounds "
               f"({by_round_acc}, composed round by round; the whole run and its verification by {args.accountant})")
     reserved = False
+    planned: dict[str, list] = {}  # per hospital: (target, noise, the whole run's schedule with what it reserves)
     for client in cfg.federation.clients:
         inputs = dp_plan_inputs(cfg, plans, client)  # what the run's own plan is calibrated on
         n = inputs["n_patients"] or inputs["n_records"]
@@ -285,6 +327,7 @@ def _budget_for_config(args) -> int:
             sigma = cal.noise_multiplier
             eps = epsilon_by_round_schedule(sigma, schedule, rounds, delta, args.accountant, listed)
             rows.append((target, cal, eps, signal_to_noise(sigma, batch)))
+            planned.setdefault(client, []).append((target, sigma, schedule * rounds + inputs["reserved"]))
         if not several:
             target, cal, eps, _ = rows[0]
             line = f"{client:<16}{n:>9}{delta:>10.3g}{cal.noise_multiplier:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps)
@@ -312,6 +355,8 @@ def _budget_for_config(args) -> int:
               f"federation and the baseline together, so both compose within each epsilon)" if several else
               f"(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
               f"federation and the baseline together, so both compose within epsilon {args.epsilon[0]:g})")
+    if args.home is not None:
+        _plan_against_lifetime(args, cfg, plans, planned)
     if args.write is not None:
         data = yaml.safe_load(text)
         profile = {"target_epsilon": args.epsilon[0], "accountant": args.accountant}
@@ -388,6 +433,8 @@ _BUDGET_EXAMPLES = """examples:
       what-if: each hospital's noise, epsilon after each round and signal-to-noise of a step, per target
   secure-fedkim budget --home /srv/fedkim/north
       a hospital's lifetime spend: every run of its ledger on the same data, composed, and what its policy leaves
+  secure-fedkim budget --config configs/deploy/federation.yaml --epsilon 2 4 --home /srv/fedkim/north
+      the same plans, each composed with north's earlier runs against its lifetime budget
 """
 
 

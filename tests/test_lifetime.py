@@ -160,6 +160,20 @@ def test_node_refuses_a_run_that_would_pass_its_lifetime_budget(flower_identity,
     assert "study-1" in out and "lifetime budget 5" in out and "spent in runs study-1" in out
     assert "refused: run study-2 round 1: lifetime budget 5" in out
     assert out.strip().endswith("budget printed to standard output (nothing written)")
+    # budget --config --home plans a run against what is left: 4 would pass the cap, 1 fits
+    import yaml
+
+    from test_policy import CFG
+
+    data = json.loads(json.dumps(CFG))
+    data["federation"]["aggregation"], data["run"]["rounds"] = "he", 1
+    (home.parent / "next.yaml").write_text(yaml.safe_dump(data))
+    assert main(["budget", "--config", str(home.parent / "next.yaml"), "--epsilon", "4", "1", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "lifetime at south" in out and "cap 5:" in out
+    assert "epsilon 4: 4.00 spent in study-1; this run 4.00; composed 5.26 -> over the cap: the node refuses this run" in out
+    assert "epsilon 1: 4.00 spent in study-1; this run 1.00; composed" in out and out.count("-> within the cap") == 1
 
 
 def test_node_refuses_when_its_ledger_does_not_verify(flower_identity, capped):
