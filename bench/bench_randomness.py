@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--hospital", default="cleveland")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(1)  # as in the simulation's ClientApps
     cfg, _ = load_config(args.config)
@@ -78,7 +78,7 @@ def main() -> None:
                 if plan.task.role != "train":
                     continue
                 shard = plan.shard(args.hospital)
-                for kind in ("secure", "torch"):
+                for kind in (("secure", "torch") if rep % 2 else ("torch", "secure")):  # alternate who goes first
                     randomness = DPRandomness.secure() if kind == "secure" else TorchGeneratorRandomness(rep)
                     model = new_client_model(cfg, plans)
                     start = time.perf_counter()

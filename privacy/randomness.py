@@ -15,17 +15,21 @@ from what was released (a Mersenne Twister's state can be recovered from 624 out
 replays and benches only. Every ledger entry of a DP round says which kind drew its noise, and the
 compliance report fails a release whose noise came from a reproducible one.
 
-Uniforms: 53-bit dyadic rationals ``k / 2**53`` from 64-bit keystream words, so a Poisson inclusion
-``u < q`` has probability ``q`` to within ``2**-53``.
+Uniforms: 53-bit dyadic rationals ``k / 2**53`` from 64-bit keystream words for sampling, so a Poisson
+inclusion ``u < q`` has probability ``q`` to within ``2**-53``.
 
-Gaussian sampler: Box-Muller in float64 on those uniforms, and each returned coordinate is the sum of four
-independent N(0, std^2) draws divided by 2 (the defence of Holohan and Braghin 2021, section 5.1, which
-Opacus's ``secure_mode`` also uses): the floating-point attacks on Gaussian samplers (Jin et al. 2022)
-recover the noise by inverting one sampler output, which becomes a search over 2^159 candidates for a sum
-of four. A discrete Gaussian (Canonne, Kamath and Steinke 2020) would remove floating point from the
-noise altogether, but costs a rejection loop per coordinate in Python; the sum of four keeps one step of
-DP-SGD within 1.1x of a plain PRNG's (``bench/bench_dp.py`` prints the ratio). The result is cast to the
-gradient's dtype only at the end.
+Gaussian sampler: Box-Muller at the gradient's precision (float32 uniforms ``k / 2**24`` from 32-bit words for
+float32 gradients, as the demo's models have; float64 on 53-bit uniforms for float64 ones), and each returned
+coordinate is the sum of four independent N(0, std^2) draws divided by 2: the defence of Holohan and
+Braghin 2021 (section 5.1) that Opacus's ``secure_mode`` uses, also on float32 draws. The floating-point
+attacks on Gaussian samplers (Jin et al. 2022) recover the noise by inverting one sampler output; for a sum
+of four the search grows to 2^(3p) candidates (p = 24 bits: 2^72; float64: 2^159). A discrete Gaussian
+(Canonne, Kamath and Steinke 2020) would remove floating point from the noise altogether, but costs a
+rejection loop per coordinate in Python. Drawing float64 values for float32 gradients cost 2.5x the float32
+draws here, which put a DP step of the demo's 38k-parameter model at 1.75x a Mersenne Twister step
+(``bench/bench_randomness.py`` prints the ratios). The noise of the largest draws is bounded by the
+uniforms' resolution (|r| <= 5.8 for 24 bits, 8.6 for 53): the sum of four cannot pass ~11.5 sigma, a tail of
+probability below 1e-28 per coordinate.
 
 Evidence for auditors: each session keeps a SHA-256 of every noise vector it drew (``noise_fingerprint``)
 and of every Poisson sample (``sampling_fingerprint``); the hospital writes both to its ledger with the
@@ -39,6 +43,7 @@ This module imports nothing from ``secure_fedkim`` or ``attacks``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -63,6 +68,7 @@ GAUSSIAN = "Box-Muller in float64 on 53-bit uniforms, sum of 4 draws / 2 (Holoha
 _KEY_BYTES = 32
 _TWO_PI = 2.0 * math.pi
 _MASK53 = (1 << 53) - 1
+_MASK24 = (1 << 24) - 1
 
 
 #: AUDITING ONLY (``attacks/runlevel.py``): while set by :func:`observed`, an object whose ``noise(randomness,
@@ -80,6 +86,12 @@ def observed(observer):
         yield observer
     finally:
         OBSERVER = previous
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> bytes:
+    """``n`` zero bytes (the plaintext whose ChaCha20 encryption is the keystream), kept for the sizes in use."""
+    return bytes(n)
 
 
 class DPRandomness:
@@ -129,25 +141,31 @@ class DPRandomness:
 
     # ------------------------------------------------------------------ raw draws
     @staticmethod
-    def _uniform53(stream, count: int) -> torch.Tensor:
-        """``count`` uniforms in [0, 1): float64 multiples of 2**-53, from the top 53 bits of ``stream``'s words."""
+    def _uniforms(stream, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``count`` uniforms in [0, 1) from ``stream``: float64 multiples of 2**-53 (the top 53 bits of 64-bit
+        words), or float32 multiples of 2**-24 (the top 24 bits of 32-bit words) for ``dtype=torch.float32``."""
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if count == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        buf = bytearray(8 * count + 64)  # update_into wants room for a block beyond the data
-        written = stream.update_into(bytes(8 * count), buf)
-        words = torch.frombuffer(buf, dtype=torch.int64, count=written // 8)
-        return ((words >> 11) & _MASK53).to(torch.float64).mul_(2.0**-53)
+            return torch.zeros(0, dtype=dtype)
+        wide = dtype == torch.float64
+        size = 8 if wide else 4
+        buf = bytearray(size * count + 64)  # update_into wants room for a block beyond the data
+        written = stream.update_into(_zeros(size * count), buf)
+        if wide:
+            words = torch.frombuffer(buf, dtype=torch.int64, count=written // 8)
+            return ((words >> 11) & _MASK53).to(torch.float64).mul_(2.0**-53)
+        words = torch.frombuffer(buf, dtype=torch.int32, count=written // 4)
+        return ((words >> 8) & _MASK24).to(torch.float32).mul_(2.0**-24)
 
     def uniform(self, count: int) -> torch.Tensor:
         """``count`` uniforms in [0, 1) (float64 multiples of 2**-53), from the sampling stream."""
-        return self._uniform53(self._sample_stream, count)
+        return self._uniforms(self._sample_stream, count)
 
-    def _sum_of_four_normals(self, count: int) -> torch.Tensor:
-        """``count`` draws of N(0,1)+N(0,1)+N(0,1)+N(0,1) (float64), four independent Box-Muller values each:
+    def _sum_of_four_normals(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """``count`` draws of N(0,1)+N(0,1)+N(0,1)+N(0,1) at ``dtype``, four independent Box-Muller values each:
         a pair (r cos t, r sin t) of independent normals from two uniforms, two pairs per coordinate."""
-        u = self._uniform53(self._noise_stream, 4 * count)
+        u = self._uniforms(self._noise_stream, 4 * count, dtype)
         radius, angle = u[: 2 * count], u[2 * count :]
         radius.neg_().log1p_().mul_(-2.0).sqrt_()  # sqrt(-2 log(1 - u)), 1 - u in (0, 1]: finite
         angle.mul_(_TWO_PI)
@@ -159,7 +177,8 @@ class DPRandomness:
         """``N(0, std^2)`` noise of ``like``'s shape, dtype and device: the sum of four draws, halved."""
         if not math.isfinite(std) or std < 0:
             raise ValueError(f"std must be a finite number >= 0, got {std!r}")
-        noise = self._sum_of_four_normals(like.numel()).mul_(0.5 * std).to(dtype=like.dtype)
+        precision = torch.float32 if like.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
+        noise = self._sum_of_four_normals(like.numel(), precision).mul_(0.5 * std).to(dtype=like.dtype)
         self._noise_hash.update(noise.numpy().tobytes())
         self.noise_draws += 1
         self.noise_values += like.numel()

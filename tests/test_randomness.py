@@ -25,10 +25,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 
 
 # ---------------------------------------------------------------- the Gaussian sampler
-@pytest.fixture(scope="module")
-def draws():
-    r = DPRandomness.reproducible(11, "distribution")
-    return torch.cat([r.gaussian(1.0, torch.zeros(100_000, dtype=torch.float64)) for _ in range(4)]).numpy()
+@pytest.fixture(scope="module", params=[torch.float64, torch.float32])
+def draws(request):
+    """400,000 draws at each precision the sampler has (float32 gradients get float32 Box-Muller draws)."""
+    r = DPRandomness.reproducible(11, "distribution", str(request.param))
+    noise = torch.cat([r.gaussian(1.0, torch.zeros(100_000, dtype=request.param)) for _ in range(4)])
+    assert noise.dtype == request.param
+    return noise.double().numpy()
 
 
 def test_gaussian_moments(draws):
