@@ -165,3 +165,10 @@ def test_an_honest_patient_level_run_is_audited_without_a_false_flag_and_its_plu
         with plant(bug):
             rows = run_level_audit(run, tmp_path / f"work-{bug}")
         assert all(r["status"] == "inconsistent" for r in rows), (bug, [r["reasons"] for r in rows])
+    # the same federation with secure_mode off: its noise came from a generator reproducible from the run seed,
+    # which the ledger records and the report fails (#24)
+    cfg.write_text(VISITS.replace("profile: {target_epsilon: 3.0}", "profile: {target_epsilon: 3.0, secure_mode: false}"))
+    seeded = tmp_path / "seeded"
+    assert main(["run", str(cfg), "--out", str(seeded), "--quiet"]) == 0
+    check = status_of(build_report(seeded), "noise_randomness")
+    assert check["status"] == "fail" and "reproducible" in check["reason"] and "not fit for release" in check["reason"]
