@@ -12,6 +12,7 @@ from attacks.planted_bugs import PLUMBING_BUGS, plant
 from attacks.runlevel import RunTap, Session, batch_overlaps, noise_correlations, noise_scale, run_level_audit
 from privacy.ledger import DP_ROUND, PrivacyLedger
 from secure_fedkim.config import parse_config
+from test_patient_federation import VISITS as PATIENT_VISITS
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -119,22 +120,8 @@ def test_the_tap_keeps_the_same_coordinates_for_a_model_size():
 
 
 # ---------------------------------------------------------------- a patient-level run, end to end (slow)
-VISITS = """
-run: {name: visits, seed: 2, rounds: 2}
-federation: {clients: [north, south], min_clients: 2}
-tasks:
-  max_test_records: 150
-  train:
-    - {name: mortality_visits, partition: iid, max_records: 1500}
-client: {local_epochs: 1, batch_size: 8, token_dim: 16, num_tokens: 2}
-privacy:
-  dp: true
-  unit: patient
-  max_records_per_patient_step: 3
-  profile: {target_epsilon: 3.0}
-baseline: {single_hospital: true}
-injection: {enabled: false}
-"""
+# the patient-level federation of test_patient_federation.py, without the foundation model
+VISITS = PATIENT_VISITS + "injection: {enabled: false}\n"
 
 
 @pytest.mark.slow
