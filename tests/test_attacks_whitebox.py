@@ -280,14 +280,16 @@ def test_whitebox_section_rejects_bad_options():
 
 @pytest.mark.parametrize("mode,trials,seeds", [("lean", 20_000, 3), ("hooks", 8000, 1)])
 def test_per_step_mu_matches_the_configured_noise(data, sigma, mode, trials, seeds):
-    # a 95% interval misses 1 time in 20 (seed 2 on the lean path does, just: [0.7985, ...] vs 0.7950), so
-    # containment is asserted at 99.9% (a test over 4 audits at 95% would fail ~19% of correct implementations)
+    # a 95% interval misses 1 time in 20 (seed 2 on the lean path did, just: [0.7985, ...] vs 0.7950; with the
+    # session randomness of #24, seed 0 on hooks: [0.7999, 0.8914] vs 0.7984, while 12 seeds average 0.991 x the
+    # configured mu), so containment is asserted at 99.9% and the 95% interval only for its precision (half-width
+    # within 10% of mu): asserting both ends within 10% failed about one correct seed in 15
     x, y = data
     for seed in range(seeds):
         m = mechanism(data, sigma, mode=mode, trials=trials, seed=seed)
         lo, hi = m["mu_interval"]
         assert m["status"] == "consistent" and m["threat_model"] == "white-box one step"
-        assert 0.9 * m["mu_configured"] <= lo and hi <= 1.1 * m["mu_configured"]
+        assert lo <= m["mu_estimate"] <= hi and (hi - lo) / 2 <= 0.1 * m["mu_configured"]
         wide = mechanism_audit(make_model(seed), x, y, noise_multiplier=sigma, grad_sample_mode=mode, trials=trials,
                                batch_size=BATCH, seed=seed, confidence=0.999)
         assert wide["mu_estimate"] == m["mu_estimate"]  # same seed, same noise
