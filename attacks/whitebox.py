@@ -725,8 +725,9 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
     groups = patients_of(run.plans[task].shard(hospital)) if patient else None
     units = len(np.unique(groups)) if patient else len(x)
     batches = math.ceil(units / min(c.batch_size, units))
-    unit_args = ({"unit": "patient", "max_records_per_patient_step": plan.max_records_per_patient_step}
-                 if patient and plan.max_records_per_patient_step else {"unit": "patient"} if patient else {})
+    unit_args = {"unit": "patient"} if patient else {}
+    if patient and plan.max_records_per_patient_step:
+        unit_args["max_records_per_patient_step"] = plan.max_records_per_patient_step
     with tempfile.TemporaryDirectory(prefix="whitebox-ledger-") as tmp:
         dp = HospitalDP(
             PrivacyProfile(target_epsilon=1e6, delta=plan.delta, max_grad_norm=plan.max_grad_norm, accountant=plan.accountant,

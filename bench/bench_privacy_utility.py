@@ -56,7 +56,7 @@ def main() -> None:
         for hospital, eps in r["spent"].items():
             print(f"{name:<12} {hospital:<15} epsilon after each round: " + " ".join(f"{x:.3f}" for x in eps))
     cols = list(results)
-    print(f"\ntest AUROC (client model | injected FM); * = unseen task, FM only")
+    print("\ntest AUROC (client model | injected FM); * = unseen task, FM only")
     print(f"{'task':<24}" + "".join(f"{c:>22}" for c in cols))
     tasks = list(results["non-private"]["fm"] or results["non-private"]["client"])
     for t in tasks:

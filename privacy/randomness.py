@@ -229,7 +229,6 @@ class PoissonLoader:
         self.dataset, self.sample_rate, self._steps = dataset, float(sample_rate), steps
         self.randomness = randomness
         self.collate_fn = collate_fn or default_collate
-        self.batch_size = max(1, int(len(dataset) * self.sample_rate))  # the expected batch
 
     @classmethod
     def like(cls, data_loader, randomness: DPRandomness) -> "PoissonLoader":

@@ -351,8 +351,8 @@ def _budget_for_config(args) -> int:
               f"over the noise multiplier, assuming a typical clipped gradient of norm C (clip norm); below 1 a step is "
               f"mostly noise and a model typically stays near its untrained AUROC)")
     if reserved:
-        print(f"(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
-              f"federation and the baseline together, so both compose within each epsilon)" if several else
+        print("(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
+              "federation and the baseline together, so both compose within each epsilon)" if several else
               f"(the config trains a single-hospital baseline on the same records: the noise is calibrated for the "
               f"federation and the baseline together, so both compose within epsilon {args.epsilon[0]:g})")
     if args.home is not None:

@@ -26,3 +26,19 @@ def flower_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 7)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="module")
+def issuer_key(tmp_path_factory):
+    """The report issuer's signing key, in a key store outside every run directory (as `secure-fedkim report-key`),
+    set in $SECURE_FEDKIM_REPORT_KEY for the module's tests and restored after them."""
+    from secure_fedkim.report.sign import KEY_ENV, new_issuer_key
+
+    key = new_issuer_key(tmp_path_factory.mktemp("issuer") / "report_signing_key.pem", "Ada Example", "Test Federation Office")
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(key)
+    yield key
+    if old is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = old

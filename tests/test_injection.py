@@ -1,7 +1,6 @@
 """Knowledge injection wired into the federation's server: every baseline is one switch, and injection
 trains the FM on the public split (never on a test split or an unseen task)."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -12,7 +12,7 @@ from privacy.accounting import Step, epsilon
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.cli import main
 from secure_fedkim.report import verify_report, write_report
-from secure_fedkim.report.sign import KEY_ENV, new_issuer_key, public_key_path
+from secure_fedkim.report.sign import KEY_ENV, public_key_path
 
 CFG = """
 run: {name: lifetimefix, seed: 3, rounds: 2}
@@ -28,16 +28,7 @@ privacy: {dp: true, profile: {target_epsilon: 8.0}}
 EARLIER = [Step(1.2, 0.1, 30), Step(1.2, 0.1, 30)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def issuer_key(tmp_path_factory):
-    key = new_issuer_key(tmp_path_factory.mktemp("issuer") / "report_signing_key.pem", "Ada Example", "Office")
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = str(key)
-    yield key
-    if old is None:
-        os.environ.pop(KEY_ENV, None)
-    else:
-        os.environ[KEY_ENV] = old
+pytestmark = pytest.mark.usefixtures("issuer_key")  # tests/conftest.py: the issuer's key, set for this module
 
 
 @pytest.fixture(scope="module")

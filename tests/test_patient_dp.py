@@ -6,7 +6,6 @@ the sampled patients. With noise off the DP optimizer's clipped sum must equal i
 to the optimizer must be that sum / the expected number of sampled patients.
 """
 
-import copy
 import math
 
 import numpy as np

@@ -41,17 +41,7 @@ privacy: {dp: true, profile: {target_epsilon: 8.0}}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def issuer_key(tmp_path_factory):
-    """The report issuer's signing key, in a key store outside every run directory (as `secure-fedkim report-key`)."""
-    key = new_issuer_key(tmp_path_factory.mktemp("issuer") / "report_signing_key.pem", "Ada Example", "Test Federation Office")
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = str(key)
-    yield key
-    if old is None:
-        os.environ.pop(KEY_ENV, None)
-    else:
-        os.environ[KEY_ENV] = old
+pytestmark = pytest.mark.usefixtures("issuer_key")  # tests/conftest.py: the issuer's key, set for this module
 
 
 def verify(path, **kw):

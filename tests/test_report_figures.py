@@ -20,7 +20,7 @@ from privacy.accounting import Step, epsilon, gdp_mu
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.cli import main
 from secure_fedkim.report import build_report, status_of, validate_report, verify_report, write_report
-from secure_fedkim.report.sign import KEY_ENV, manifest, new_issuer_key, public_key_path
+from secure_fedkim.report.sign import KEY_ENV, manifest, public_key_path
 
 CLIENTS = ["cleveland", "hungary", "switzerland", "va_long_beach"]
 CFG = """
@@ -36,16 +36,7 @@ privacy: {dp: true, profile: {target_epsilon: 8.0}}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def issuer_key(tmp_path_factory):
-    key = new_issuer_key(tmp_path_factory.mktemp("issuer") / "report_signing_key.pem", "Ada Example", "Test Office")
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = str(key)
-    yield key
-    if old is None:
-        os.environ.pop(KEY_ENV, None)
-    else:
-        os.environ[KEY_ENV] = old
+pytestmark = pytest.mark.usefixtures("issuer_key")  # tests/conftest.py: the issuer's key, set for this module
 
 
 def verify(path, **kw):
