@@ -69,6 +69,7 @@ from torch import nn
 
 from attacks._training import train_model
 from attacks.mia import Records, signed_logit, target_logits
+from attacks.stats import clopper_pearson  # re-exported: attacks.dp_audit.clopper_pearson
 from privacy.accounting import Step, epsilon, resolve_delta
 from privacy.plan import DPPlan
 
@@ -87,25 +88,6 @@ THREAT_MODEL = "black-box final model"
 
 
 # ----------------------------------------------------------------------------------- statistics
-
-
-def clopper_pearson(k, n, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Exact two-sided Clopper-Pearson interval for k successes in n trials (vectorised).
-
-    lower = B^-1((1 - c)/2; k, n - k + 1) (0 when k = 0), upper = B^-1((1 + c)/2; k + 1, n - k)
-    (1 when k = n), where B^-1 is the inverse regularised incomplete beta function.
-    """
-    from scipy.special import betaincinv
-
-    k = np.asarray(k, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    if np.any(k < 0) or np.any(k > n):
-        raise ValueError("need 0 <= k <= n")
-    a = (1.0 - confidence) / 2.0
-    with np.errstate(all="ignore"):
-        lo = np.where(k > 0, betaincinv(np.maximum(k, 1e-300), n - k + 1, a), 0.0)
-        hi = np.where(k < n, betaincinv(k + 1, np.maximum(n - k, 1e-300), 1.0 - a), 1.0)
-    return lo, hi
 
 
 def empirical_epsilon(scores, included, delta: float, confidence: float = 0.95) -> dict:

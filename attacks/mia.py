@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from attacks._training import train_model
+from attacks.stats import clopper_pearson
 from privacy.plan import DPPlan
 from secure_fedkim.training import as_tensors
 
@@ -511,7 +512,6 @@ def auditor_game(
     (:func:`attacks.metrics.attack_metrics`) plus ``tpr_ci``: a Clopper-Pearson interval of the TPR at
     each measurable FPR (the threshold is taken as fixed).
     """
-    from attacks.dp_audit import clopper_pearson
     from attacks.metrics import attack_metrics, fpr_key
 
     if k < 4 or k % 2:
