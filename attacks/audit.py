@@ -529,7 +529,8 @@ def _runlevel(ctx, clients: list[str]) -> None:
     audited DP hospital."""
     section = ctx.config.runlevel
     rows = run_level_audit(ctx.run.run_dir, coordinates=section.coordinates, seed=ctx.config.seed,
-                           false_alarm=section.false_alarm, progress=ctx.progress)
+                           false_alarm=section.false_alarm, canaries=section.canaries,
+                           confidence=ctx.config.confidence, progress=ctx.progress)
     ctx.audit["runlevel"].extend(r for r in rows if r["hospital"] in clients)
 
 

@@ -114,6 +114,7 @@ class RunLevelSection(_Strict):
     enabled: bool = True  # on by default for every run with DP (it does nothing without)
     coordinates: int = Field(64, ge=8)  # tapped per step: the noise correlation test sees 3.6-5 / sqrt(64 x steps)
     false_alarm: float = Field(1e-4, gt=0.0, lt=0.1)  # per family of tests: a flag fails the report
+    canaries: int = Field(5000, ge=0)  # gradient canaries per hospital for the whole-run lower bound (0: none)
 
 
 class AuditConfig(_Strict):

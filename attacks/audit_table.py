@@ -146,6 +146,10 @@ def _runlevel_lines(audit: dict) -> list[str]:
                    f"steps; noise {'-' if scale is None else format(scale, '.3f')} x sigma*C; max |z| noise "
                    f"{_z(r.get('max_abs_noise_z'))} (threshold {_z(r.get('noise_z_threshold'))}), batches "
                    f"{_z(r.get('max_batch_overlap_z'))} (threshold {_z(r.get('batch_z_threshold'))})")
+        if r.get("eps_lb_one_run") is not None:
+            out.append(f"    whole-run lower bound on epsilon {r['eps_lb_one_run']:.2f} (Steinke {r['eps_lb_one_run_steinke']:.2f}) "
+                       f"from {r['canaries']} canaries over {r['canary_steps']} steps; the ledger's {r['accountant_epsilon']:.2f}; "
+                       f"at most {r['max_certifiable_epsilon']:.2f} certifiable")
         if r["status"] != "consistent":
             out += [f"    {reason}" for reason in r["reasons"][:3]]
     return out

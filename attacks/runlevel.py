@@ -28,8 +28,14 @@ Poisson sample. Statistics over the whole run, each with what it can detect:
 * steps: every tapped session against the rerun's ledger (a round trained and not recorded), and the
   rerun's ledger against the run's own (rounds, tasks and steps).
 
-Not done here: a one-run lower bound on epsilon over all steps with canaries (the per-step white-box audit
-gives one for the step).
+* whole-run lower bound: gradient canaries (:class:`RunTap`) join every DP step of every round, task and the
+  baseline at each hospital as records (or patients) of it would; their scores over the whole run give the
+  f-DP one-run lower bound (Mahloujifar, Melis and Chaudhuri 2025; Steinke, Nasr and Jagielski's beside it) on
+  the hospital's whole-run epsilon, against the ledger's. It shows a mechanism much weaker than claimed; at the
+  budgets hospitals use it cannot reach the claim (``max_certifiable_epsilon`` says how far it can), and the
+  randomness faults above (repeats, correlations) are the independence tests' business, not this score's.
+  Canaries are added by the fused step (``grad_sample_mode`` lean, the hospitals' default); a session on
+  Opacus's own optimizers is tapped for its noise but carries none.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ import torch
 from scipy.stats import chi2, norm
 
 from attacks._runs import run_id_of
+from attacks.whitebox import ONE_RUN_METHOD, one_run_audit, step_llr
+from privacy.accounting import epsilon
 from privacy.ledger import DP_PLAN, DP_ROUND, PrivacyLedger
 from privacy.randomness import observed
 from secure_fedkim.artifacts import Run, load_run
@@ -68,6 +76,8 @@ class Session:
     std: float = 0.0
     noise: list = field(default_factory=list)  # per step: the noise at the tapped coordinates
     samples: list = field(default_factory=list)  # per step: (units, sample rate, chosen indices)
+    canary: list = field(default_factory=list)  # per step with canaries: (release at their coordinates, C, sigma, q)
+    pending: tuple | None = None  # the canaries of the step being taken: (coordinates, C, sigma, q)
 
     @property
     def role(self) -> str:
@@ -85,12 +95,23 @@ class Session:
 
 class RunTap:
     """The observer of ``privacy.randomness.observed``: keeps each session's noise at ``coordinates`` coordinates
-    (chosen per model size from ``seed``, the same for every session of that size) and its Poisson samples."""
+    (chosen per model size from ``seed``, the same for every session of that size) and its Poisson samples.
 
-    def __init__(self, coordinates: int, seed: int):
-        self.k, self.seed = coordinates, seed
+    With ``canaries`` > 0 it also supplies the fused DP step with gradient canaries (``canary_rows``, called by
+    ``privacy.fast_dp.FusedDPOptimizer`` only while observed): canary j of a hospital is one record (at patient
+    level, one patient) that is in that hospital's data with probability 1/2 (drawn once per hospital from
+    ``seed``) and, when in, joins each DP step with the step's own sample rate (drawn from the audit's generator,
+    never the run's): its per-sample gradient is ``canary_norm x C`` at the j-th canary coordinate of the model
+    (coordinates other than the tapped ones), clipped, summed and noised by the optimizer's own code. The tap
+    keeps each step's release minus the records' clipped sum at those coordinates: the canaries plus the noise."""
+
+    def __init__(self, coordinates: int, seed: int, canaries: int = 0, canary_norm: float = 2.0):
+        self.k, self.seed, self.m, self.canary_norm = coordinates, seed, canaries, canary_norm
         self.sessions: dict[int, Session] = {}
         self._coords: dict[int, np.ndarray] = {}
+        self._canary_coords: dict[int, np.ndarray] = {}
+        self._included: dict[str, np.ndarray] = {}
+        self._draws: dict[str, np.random.Generator] = {}
         self._held: list = []
 
     def _session(self, randomness) -> Session:
@@ -107,11 +128,46 @@ class RunTap:
             self._coords[dimension] = np.sort(rng.choice(dimension, min(self.k, dimension), replace=False))
         return self._coords[dimension]
 
+    def canary_coordinates(self, dimension: int) -> np.ndarray:
+        """The canaries' coordinates in a model of ``dimension`` parameters (none of the tapped ones), canary j at [j]."""
+        if dimension not in self._canary_coords:
+            free = np.setdiff1d(np.arange(dimension), self.coordinates(dimension))
+            rng = np.random.default_rng([self.seed, dimension, 1])
+            self._canary_coords[dimension] = rng.choice(free, min(self.m, len(free)), replace=False)
+        return self._canary_coords[dimension]
+
+    def included(self, hospital: str) -> np.ndarray:
+        """Which of the ``canaries`` canaries are in ``hospital``'s data (each with probability 1/2)."""
+        if hospital not in self._included:
+            seq = np.random.SeedSequence([self.seed, 25, *hospital.encode()])
+            self._included[hospital] = np.random.default_rng(seq).random(self.m) < 0.5
+            self._draws[hospital] = np.random.default_rng(seq.spawn(1)[0])
+        return self._included[hospital]
+
+    def canary_rows(self, optimizer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The canary rows of this DP step (``privacy.fast_dp.add_canary_rows``'s layout), or None: no canaries,
+        no noise, or no Poisson sample seen yet for this session (its rate is the canaries' rate)."""
+        s = self._session(optimizer.randomness)
+        if not self.m or not s.samples or optimizer.noise_multiplier <= 0:
+            return None
+        rate = s.samples[-1][1]
+        coords = self.canary_coordinates(sum(p.numel() for p in optimizer.params))
+        inside = self.included(s.hospital)[:len(coords)]
+        sampled = np.flatnonzero(inside & (self._draws[s.hospital].random(len(coords)) < rate))
+        c = float(optimizer.max_grad_norm)
+        s.pending = (coords, c, float(optimizer.noise_multiplier), float(rate))
+        dtype = optimizer.params[0].dtype
+        return torch.from_numpy(coords[sampled]), torch.full((len(sampled),), self.canary_norm * c, dtype=dtype)
+
     def noise(self, randomness, noise: torch.Tensor, std: float) -> None:
         s = self._session(randomness)
         flat = noise.detach().reshape(-1)
         s.dimension, s.std = flat.numel(), float(std)
         s.noise.append(flat[torch.from_numpy(self.coordinates(flat.numel()))].double().numpy().copy())
+        if s.pending is not None:
+            coords, c, sigma, rate = s.pending
+            s.canary.append((flat[torch.from_numpy(coords)].double().numpy().copy(), c, sigma, rate))
+            s.pending = None
 
     def sample(self, randomness, n: int, sample_rate: float, chosen: torch.Tensor) -> None:
         self._session(randomness).samples.append((int(n), float(sample_rate), chosen.numpy().copy()))
@@ -224,6 +280,47 @@ def noise_scale(sessions: list[Session], confidence: float) -> tuple[float, floa
     return math.sqrt(ss / n), math.sqrt(ss / chi2.isf(alpha / 2, n)), math.sqrt(ss / chi2.ppf(alpha / 2, n)), n
 
 
+def run_history(run_dir: Path, hospital: str, run_id: str) -> tuple[list, float, str] | None:
+    """The hospital's whole-run claim from the run's own ledgers: (the federation's then the baseline's accountant
+    steps, delta, accountant), or None without a DP plan."""
+    files = RunDir(run_dir)
+    if not files.ledger(hospital).exists():
+        return None
+    ledger = PrivacyLedger(files.ledger(hospital))
+    plan = ledger.plan(run_id)
+    if plan is None:
+        return None
+    history = ledger.dp_history(run_id)
+    if files.baseline_ledger(hospital).exists():
+        history += PrivacyLedger(files.baseline_ledger(hospital)).dp_history(f"baseline-{hospital}")
+    return history, float(plan.delta), str(plan.accountant)
+
+
+def canary_bound(tap: RunTap, hospital: str, claim: tuple[list, float, str] | None, confidence: float,
+                 seed: int) -> dict | None:
+    """The one-run lower bound on the hospital's whole-run epsilon from its canaries (f-DP, Steinke's beside it;
+    ``attacks.whitebox.one_run_audit``) against the ledger's epsilon for the same steps, or None without canaries.
+    Canary j's score is the log-likelihood ratio, summed over every step it could join (every round, task and the
+    baseline), of its coordinate's release under the claimed Poisson-subsampled Gaussian of that step."""
+    mine = [s for s in tap.sessions.values() if s.hospital == hospital and s.canary]
+    if not tap.m or not mine or not claim or not claim[0]:
+        return None
+    history, delta, accountant = claim
+    included = tap.included(hospital)
+    scores = np.zeros(len(included))
+    steps = 0
+    for s in mine:
+        for y, c, sigma, rate in s.canary:
+            scores[:len(y)] += step_llr(y, c, sigma, rate)
+            steps += 1
+    one = one_run_audit(scores, included, history, delta, confidence, seed=seed)
+    return {"canaries": len(included), "canary_steps": steps, "accountant_epsilon": epsilon(history, delta, accountant),
+            "ledger_steps": sum(b.num_steps for b in history), "eps_lb_one_run": one["eps_lb"],
+            "eps_lb_one_run_steinke": one["eps_lb_steinke"], "max_certifiable_epsilon": one["max_certifiable"],
+            "eps_lb_one_run_method": ONE_RUN_METHOD,
+            "one_run_guesses": one["guesses"], "one_run_correct": one["correct"], "confidence": confidence}
+
+
 def ledger_steps(rundir: Path, client: str, run_id: str, baseline: bool) -> dict[tuple, int]:
     """{(round, task): steps} recorded in a hospital's federation (or baseline) ledger for ``run_id``."""
     files = RunDir(rundir)
@@ -238,11 +335,14 @@ def ledger_steps(rundir: Path, client: str, run_id: str, baseline: bool) -> dict
 
 
 def run_level_audit(run_dir: str | Path, workdir: str | Path | None = None, *, coordinates: int = 64, seed: int = 0,
-                    false_alarm: float = 1e-4, progress: bool = False, tap: RunTap | None = None) -> list[dict]:
+                    false_alarm: float = 1e-4, canaries: int = 5000, confidence: float = 0.95, progress: bool = False,
+                    tap: RunTap | None = None) -> list[dict]:
     """Re-execute the run and return one audit.json ``runlevel`` row per DP hospital (see the module docstring).
 
     ``false_alarm``: the probability that an honest run is flagged by each family of tests (correlations, batch
     overlaps, noise scales; Bonferroni within each), so about 3x it in all: a flag is a failure, not a hint.
+    ``canaries``: gradient canaries per hospital (:class:`RunTap`) for the whole-run lower bound, which holds with
+    probability ``confidence`` (the audit's confidence, as the white-box bounds; 0: no canaries).
 
     ``tap``: an already-filled tap (tests); otherwise the run is re-executed under a new one in ``workdir``
     (default: the run's ``audit/runlevel``)."""
@@ -253,7 +353,7 @@ def run_level_audit(run_dir: str | Path, workdir: str | Path | None = None, *, c
         return []
     workdir = Path(workdir) if workdir is not None else RunDir(run.run_dir).audit_dir / "runlevel"
     if tap is None:
-        tap = RunTap(coordinates, seed)
+        tap = RunTap(coordinates, seed, canaries)
         rerun = reexecute(run, workdir, tap, progress=progress)
     else:
         rerun = workdir / run_id
@@ -290,12 +390,23 @@ def run_level_audit(run_dir: str | Path, workdir: str | Path | None = None, *, c
             reasons.append(f"the noise applied is {scale[0]:.3f} x sigma*C (interval {scale[1]:.3f}-{scale[2]:.3f}): less than planned")
         steps_problems = _step_problems(mine, rerun, run.run_dir, h, run_id)
         reasons += steps_problems
+        claim = run_history(run.run_dir, h, run_id) or run_history(rerun, h, run_id)  # the rerun's: same plan, same steps
+        bound = canary_bound(tap, h, claim, confidence, seed)
+        if bound is not None and bound["eps_lb_one_run"] > bound["accountant_epsilon"]:
+            reasons.append(f"the whole-run canary lower bound on epsilon {bound['eps_lb_one_run']:.2f} ({bound['canaries']} "
+                           f"canaries over {bound['canary_steps']} steps, f-DP one run at {confidence:.0%}) exceeds the "
+                           f"ledger's epsilon {bound['accountant_epsilon']:.2f} for the whole run")
         tapped = sum(len(s.noise) for s in mine)
         status = "inconsistent" if reasons else ("consistent" if tapped else "inconclusive")
         detect = (f"{len(mine)} sessions, {tapped} steps tapped at {coordinates} coordinates: an exact repeat of any step's "
                   f"noise; a correlation of two sessions' noise above {t_corr / math.sqrt(max(coordinates, 1)):.2f} per "
                   f"aligned step (one step, {len(corr)} pairs); a batch overlap above independence; a noise scale off "
                   f"by more than the interval; a step count that differs from the ledgers")
+        if bound is not None:
+            detect += (f"; a whole-run epsilon above the ledger's {bound['accountant_epsilon']:.2f} by its canaries' lower "
+                       f"bound, which {bound['canaries']} canaries can take to at most {bound['max_certifiable_epsilon']:.2f}"
+                       + (" (below the claim: the bound can show a gross excess only)"
+                          if bound["max_certifiable_epsilon"] < bound["accountant_epsilon"] else ""))
         if not tapped:
             reasons.append("no DP step was tapped: the re-execution trained nothing at this hospital")
         rows.append({
@@ -307,7 +418,7 @@ def run_level_audit(run_dir: str | Path, workdir: str | Path | None = None, *, c
             "max_abs_noise_z": max((abs(z) for z, a, b in corr if h in (a.hospital, b.hospital)), default=None),
             "noise_z_threshold": t_corr,
             "max_batch_overlap_z": max((z for z, a, b in over if h in (a.hospital, b.hospital)), default=None),
-            "batch_z_threshold": t_over, "false_alarm": false_alarm,
+            "batch_z_threshold": t_over, "false_alarm": false_alarm, **(bound or {}),
         })
     return rows
 

@@ -89,6 +89,7 @@ __all__ = [
     "replay_with_canaries",
     "replay_randomness",
     "canary_scores",
+    "step_llr",
     "plan_one_run",
     "one_run_audit",
     "fdp_one_run_bound",
@@ -247,7 +248,7 @@ def _replay(make_model, x, y, dp, *, epochs, batch_size, lr, canaries, canary_no
     )
 
 
-def _llr(updates: np.ndarray, c: float, noise_multiplier: float, sample_rate: float) -> np.ndarray:
+def step_llr(updates: np.ndarray, c: float, noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Per-step log-likelihood ratios of ``updates`` ([T, m] or [m]) under the Poisson-subsampled Gaussian."""
     z = (updates * c - c * c / 2) / (noise_multiplier * c) ** 2
     q = min(sample_rate, 1.0)
@@ -259,7 +260,7 @@ def canary_scores(obs: CanaryObservation, noise_multiplier: float, sample_rate: 
     Poisson-subsampled Gaussian (module docstring, step 3). Without noise: the plain sum of updates."""
     if noise_multiplier <= 0:
         return obs.updates.sum(axis=0)
-    return _llr(obs.updates, obs.max_grad_norm, noise_multiplier, sample_rate).sum(axis=0)
+    return step_llr(obs.updates, obs.max_grad_norm, noise_multiplier, sample_rate).sum(axis=0)
 
 
 def _one_run_bound(m: int, r: int, v: int, delta: float, alpha: float, tol: float = 1e-9) -> float:
@@ -384,7 +385,7 @@ def plan_one_run(history: list[Step], m: int, delta: float, confidence: float = 
         for b in history:
             for _ in range(b.num_steps):
                 y = b.noise_multiplier * rng.standard_normal(m) + (inc & (rng.random(m) < b.sample_rate))
-                score += _llr(y, 1.0, b.noise_multiplier, b.sample_rate)
+                score += step_llr(y, 1.0, b.noise_multiplier, b.sample_rate)
         for side, k in mus:
             r, v = _guesses(score, inc, side, k, seed)
             mus[(side, k)].append(fdp_one_run_mu(m, r, v, delta, alpha, tol=1e-3))

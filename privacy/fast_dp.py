@@ -347,6 +347,9 @@ class FusedDPOptimizer(SourcedNoise, DPOptimizer):
             else:
                 sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum(dim=(1, 2))
         canary, self._canary_rows = self._canary_rows, None
+        audit = randomness_module.OBSERVER
+        if canary is None and audit is not None and hasattr(audit, "canary_rows"):
+            canary = audit.canary_rows(self)  # the run-level audit's canaries (attacks/runlevel.py), or None
         if canary is not None:  # one-coordinate records: their squared norm is their value squared
             sq = torch.cat([sq, canary[1].square()])
         clip_factor = self._clip_factor(sq)
@@ -362,6 +365,7 @@ class FusedDPOptimizer(SourcedNoise, DPOptimizer):
                 a, b = p._lean_factors
                 sums[p] = ((b * clip_factor[:, None, None]).reshape(-1, b.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).reshape(-1)
             summed = torch.cat([sums[p] for p in params])
+        records = summed  # the records' clipped sum alone: what an audit's tap subtracts from the release
         if canary is not None:
             summed = summed.index_add(0, canary[0], canary_clip * canary[1])
         for p in small + big:
@@ -373,8 +377,8 @@ class FusedDPOptimizer(SourcedNoise, DPOptimizer):
             grad = summed + self._draw_noise(std, summed)
         else:
             grad = summed.clone()
-        if randomness_module.OBSERVER is not None:  # an audit watching the run (attacks/runlevel.py)
-            randomness_module.OBSERVER.noise(self.randomness, grad - summed, std)
+        if audit is not None:  # an audit watching the run (attacks/runlevel.py): the noise plus any canary rows
+            audit.noise(self.randomness, grad - records, std)
         if self.loss_reduction == "mean":
             grad /= self.expected_batch_size  # accumulated_iterations is 1 (a single backward pass)
         sizes = [p.numel() for p in params]
@@ -398,7 +402,9 @@ def add_canary_rows(optimizer: DPOptimizer, index: torch.Tensor, values: torch.T
     Call after ``loss.backward()`` and before ``optimizer.step()``. The rows are clipped, summed and noised
     with the batch's own records by the optimizer's own code: :class:`FusedDPOptimizer` takes them into its
     fused clip (never building them), Opacus's ``DPOptimizer`` gets them appended to every ``p.grad_sample``.
-    Nothing is added unless this is called (``attacks/whitebox.py`` and ``attacks/mechanism.py`` do).
+    Nothing is added unless this is called (``attacks/whitebox.py`` and ``attacks/mechanism.py`` do) or, in the
+    fused step, an audit observing the run (``privacy.randomness.observed``) has a ``canary_rows(optimizer)``
+    that returns them (``attacks/runlevel.py``: canaries in every step of a re-executed run).
     """
     index = torch.as_tensor(index, dtype=torch.long)
     values = torch.as_tensor(values, dtype=optimizer.params[0].dtype)

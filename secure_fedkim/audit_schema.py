@@ -132,7 +132,7 @@ DP_AUDIT_ROW = RowType(
               "confidence": "number"},
     optional={"eps_lb_one_run": "number", "consistent_with_accountant": "bool", "note": "str", "delta": "number",
               "noise_multiplier": "number", "max_grad_norm": "number", "accountant": "str",
-              "accountant_noise_multiplier": "number", "ledger_epsilon": "number", "training_records": "int",
+              "accountant_noise_multiplier": "number", "accountant_epsilon": "number", "training_records": "int",
               # added after 5ecdfde
               "threat_model": "str", "status": "str", "reasons": "list", "max_certifiable_epsilon": "number",
               "accountant_epsilon": "number", "ratio": "number", "privacy_unit": "str", "epsilon_unit": "str",
@@ -175,7 +175,10 @@ RUNLEVEL_ROW = RowType(
     optional={"could_detect": "str", "sessions": "int", "steps_tapped": "int", "coordinates": "int",
               "noise_scale_ratio": "number", "noise_scale_interval": "list", "max_abs_noise_z": "number",
               "noise_z_threshold": "number", "max_batch_overlap_z": "number", "batch_z_threshold": "number",
-              "false_alarm": "number"},
+              "false_alarm": "number", "canaries": "int", "canary_steps": "int", "accountant_epsilon": "number",
+              "ledger_steps": "int", "eps_lb_one_run": "number", "eps_lb_one_run_steinke": "number",
+              "max_certifiable_epsilon": "number", "eps_lb_one_run_method": "str", "one_run_guesses": "int", "one_run_correct": "int",
+              "confidence": "number"},
 )
 
 SKIPPED_ROW = RowType(

@@ -44,6 +44,11 @@ def test_the_honest_run_is_never_flagged(tmp_path, seed):
         assert r["steps_tapped"] > 0 and r["sessions"] == 6  # 3 rounds + 3 baseline rounds, one task
         lo, hi = r["noise_scale_interval"]
         assert lo <= 1 <= hi
+        # canaries in every DP step of the run; their whole-run lower bound below the ledger's epsilon (4, composed
+        # with the baseline's spend) and above 0: the bound sees the canaries
+        assert r["canary_steps"] == r["steps_tapped"] == r["ledger_steps"]
+        assert 0.5 < r["eps_lb_one_run"] <= r["accountant_epsilon"] <= 4.0 + 1e-6, r
+        assert r["eps_lb_one_run_steinke"] <= r["eps_lb_one_run"] and r["max_certifiable_epsilon"] > r["accountant_epsilon"]
     # the re-execution is a run directory of its own: every DP round in its ledgers, drawn by the secure source
     entries = PrivacyLedger(rerun / "clients" / "cleveland" / "ledger.jsonl").events(DP_ROUND)
     assert [e["round"] for e in entries] == [1, 2, 3] and {e["randomness"] for e in entries} == {"secure"}
@@ -61,6 +66,49 @@ def test_each_plumbing_bug_is_caught_and_named(tmp_path, bug, expect):
     rows, _ = audit(tmp_path, bug)
     assert all(r["status"] == "inconsistent" for r in rows), [r["reasons"] for r in rows]
     assert any(expect in reason for r in rows for reason in r["reasons"]), rows[0]["reasons"]
+
+
+@pytest.mark.parametrize("bug", ["half_noise", "no_clipping"])
+def test_a_mechanism_weaker_than_its_ledger_says_is_caught_by_the_whole_run_canary_bound(tmp_path, bug):
+    """The noise-scale check sees half the noise, not clipping that is skipped; the canaries' bound sees both (it
+    would lose this power if the canaries stopped reaching the fused step or the tap stopped subtracting only the
+    records' own sum)."""
+    rows, _ = audit(tmp_path, bug)
+    for r in rows:
+        assert r["status"] == "inconsistent" and r["eps_lb_one_run"] > r["accountant_epsilon"], r
+        assert any("whole-run canary lower bound" in reason for reason in r["reasons"]), r["reasons"]
+
+
+def test_the_canaries_are_released_as_records_of_the_run(tmp_path):
+    """Each canary's release, over every step it could join, against its claimed law: an included canary adds the
+    clipped C with the step's sample rate q, an excluded one nothing, both under N(0, (sigma C)^2) noise."""
+    from attacks.runlevel import reexecute
+    from secure_fedkim.artifacts import load_run
+
+    cfg = parse_config(CFG)
+    run = tmp_path / "rl"
+    run.mkdir()
+    (run / "resolved_config.json").write_text(cfg.model_dump_json())
+    tap = RunTap(16, seed=3, canaries=3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reexecute(load_run(run), tmp_path / "work", tap)
+    for hospital in cfg.federation.clients:
+        inside = tap.included(hospital)
+        steps = [(y, c, sigma, q) for s in tap.sessions.values() if s.hospital == hospital for y, c, sigma, q in s.canary]
+        assert steps and 0.4 < inside.mean() < 0.6
+        z_in = sum((y[inside] / c - q).sum() for y, c, sigma, q in steps)
+        z_out = sum((y[~inside] / c).sum() for y, c, sigma, q in steps)
+        var_in = sum(inside.sum() * (sigma**2 + q * (1 - q)) for y, c, sigma, q in steps)
+        var_out = sum((~inside).sum() * sigma**2 for y, c, sigma, q in steps)
+        assert abs(z_in) / math.sqrt(var_in) < 5 and abs(z_out) / math.sqrt(var_out) < 5
+        # the noise alone (excluded canaries) has the claimed scale
+        ratio = math.sqrt(sum((y[~inside] ** 2).sum() / (sigma * c) ** 2 for y, c, sigma, q in steps)
+                          / sum((~inside).sum() for _ in steps))
+        assert 0.97 < ratio < 1.03
+        # included canaries carry a signal far above the test's own spread: the check above could see them missing
+        signal = sum(inside.sum() * q for y, c, sigma, q in steps) / math.sqrt(var_in)
+        assert signal > 20
 
 
 def test_every_plumbing_bug_has_a_test():
@@ -145,6 +193,8 @@ def test_an_honest_patient_level_run_is_audited_without_a_false_flag_and_its_plu
         assert audit[part] and all(r["status"] == "consistent" for r in audit[part]), audit[part]
     for r in audit["whitebox"]:
         assert r["steps_observed"] == r["steps_ledger"]
+    for r in audit["runlevel"]:  # canary patients in every patient-level step, their bound below the whole-run claim
+        assert r["canary_steps"] == r["steps_tapped"] and r["eps_lb_one_run"] <= r["accountant_epsilon"], r
     report = build_report(run)
     assert status_of(report, "audit_consistent_with_accountant")["status"] == "pass"
     assert status_of(report, "noise_randomness")["status"] == "pass" and status_of(report, "noise_fresh")["status"] == "pass"

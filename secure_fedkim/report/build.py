@@ -401,8 +401,9 @@ CLAIM_CHECKED_OF = {
                 "training only; the single-hospital baseline's spend is not part of this claim)",
     "whitebox": "the epsilon of the DP-SGD steps the audit replayed",
     "mechanism": "the configured Gaussian-DP mu of one DP-SGD step",
-    "runlevel": "the accountant's assumptions over the whole run: fresh, independent noise of scale sigma x C at every "
-                "step, independent Poisson samples, every step in the ledger",
+    "runlevel": "the accountant's assumptions over the whole run (fresh, independent noise of scale sigma x C at every "
+                "step, independent Poisson samples, every step in the ledger) and, for its canaries' lower bound, the "
+                "hospital's whole-run epsilon from its ledgers (federation and baseline composed)",
 }
 #: a membership-inference row's one status (``mia[].status``), read by every section
 MIA_SIGNAL, MIA_NO_SIGNAL, MIA_BELOW_CHANCE = "signal above chance", "no signal shown", "below chance (audit fault)"
