@@ -22,6 +22,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from secure_fedkim.federation.aggregation import unflatten_state
+from secure_fedkim.federation.errors import BudgetExhausted, RoundFailed  # re-exported: strategy.RoundFailed
+from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.local_training import new_client_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan
@@ -29,14 +31,6 @@ from secure_fedkim.run_dir import RunDir
 from secure_fedkim.training import evaluate_task
 
 log = logging.getLogger(__name__)
-
-
-class RoundFailed(RuntimeError):
-    """Too few clients answered a round; the run stops with what it has recorded so far."""
-
-
-class BudgetExhausted(RuntimeError):
-    """A hospital's privacy budget cannot pay for another round and the config says to stop the run."""
 
 
 def wait_for_nodes(count: Callable[[], int], n: int, min_clients: int, deadline: float, poll: float = 0.5) -> int:
@@ -54,8 +48,6 @@ class FedKIM(FedAvg):
         injector=None, *, offset: int = 0, join_timeout: float = 0.0,
         after_round: Callable[[int, ArrayRecord], None] | None = None,
     ):
-        from secure_fedkim.federation.transports import transport_for
-
         n = len(cfg.federation.clients)
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
         self.cfg, self.plans, self.run_dir = cfg, plans, Path(run_dir)

@@ -58,10 +58,11 @@ class Transport:
 
     # --- the hospital's side ---------------------------------------------------------------------------
     def client_app(self) -> ClientApp:
-        """The ClientApp hospitals run in this transport (Flower's Message API by default)."""
-        from secure_fedkim.client_app import app
+        """The ClientApp hospitals run in this transport: by default Flower's Message API, which trains one round
+        and replies with `reply`'s records (`secure_fedkim.federation.node.message_app`)."""
+        from secure_fedkim.federation.node import message_app  # torch and the training stack, only when used
 
-        return app
+        return message_app(type(self))
 
     def reply(self, model_state: dict, num_examples: float, config, home: Path, client: str) -> dict[str, Any]:
         """The records a hospital adds to its reply for this round's update (Message API transports)."""

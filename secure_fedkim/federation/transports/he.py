@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord
 
+from secure_fedkim.federation.errors import RoundFailed
 from secure_fedkim.federation.transports.base import Transport
 from secure_fedkim.run_dir import RunDir, public_key_file
 
@@ -81,7 +82,6 @@ class CKKSTransport(Transport):
     def aggregate(self, strategy, server_round, contributions):
         """Sum the ciphertexts here (public context only); the key holder decrypts the mean, once."""
         from privacy.he import Aggregator, HEPayloadError, InsufficientContributionsError
-        from secure_fedkim.federation.strategy import RoundFailed
 
         aggregator = Aggregator(
             self.keyholder.public_context, self.verify_keys, strategy.run_dir.name, server_round,

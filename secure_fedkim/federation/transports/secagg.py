@@ -23,6 +23,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+from secure_fedkim.federation.errors import RoundFailed
 from secure_fedkim.federation.transports.base import Transport
 
 
@@ -43,9 +44,9 @@ class SecAggHospital(NumPyClient):
     def fit(self, parameters, config):
         import torch
 
-        from secure_fedkim.local_training import new_client_model
-        from secure_fedkim.client_app import hospital_round
         from secure_fedkim.config import RunConfig
+        from secure_fedkim.federation.node import hospital_round
+        from secure_fedkim.local_training import new_client_model
         from secure_fedkim.plan import build_plan
 
         cfg = RunConfig.model_validate_json(str(config["run-config"]))
@@ -124,8 +125,6 @@ class SecAggTransport(Transport):
         return secagg_app
 
     def run_rounds(self, strategy, grid, context, initial, train_config, num_rounds, round_timeout):
-        from secure_fedkim.federation.strategy import RoundFailed
-
         s = self.cfg.federation.secagg
         rounds = SecAggRounds(strategy, initial, train_config)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds), strategy=rounds)
