@@ -31,6 +31,16 @@ draws here, which put a DP step of the demo's 38k-parameter model at 1.75x a Mer
 uniforms' resolution (|r| <= 5.8 for 24 bits, 8.6 for 53): the sum of four cannot pass ~11.5 sigma, a tail of
 probability below 1e-28 per coordinate.
 
+Implementation: a draw is computed in chunks of 16,384 coordinates. Each chunk's keystream (16 bytes a
+coordinate in float32, 32 in float64) comes from one ``update_into`` into a buffer the session keeps, and the
+arithmetic runs in place on that buffer, words turned into floats of the same size, with NumPy's ufuncs:
+their SIMD float32 ``log1p``, ``cos`` and ``sin`` are within 1.5 ulp of the exact values over all 2^24 inputs
+the sampler gives them (measured against float64; ``sqrt`` is correctly rounded), and ran about 2.5x faster
+here than torch's CPU kernels. Both
+Box-Muller outputs of a pair are used (r cos t + r sin t), so a coordinate costs four uniforms, two
+logarithms, two square roots, two cosines and two sines. The reproducible generator repeats its draws on one
+machine; NumPy picks its SIMD kernels by CPU, so another CPU may differ in the last bit.
+
 Evidence for auditors: each session keeps a SHA-256 of every noise vector it drew (``noise_fingerprint``)
 and of every Poisson sample (``sampling_fingerprint``); the hospital writes both to its ledger with the
 round. Two sessions that share a fingerprint drew the same randomness, which an honest run does with
@@ -43,7 +53,6 @@ This module imports nothing from ``secure_fedkim`` or ``attacks``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -67,8 +76,6 @@ GAUSSIAN = "Box-Muller in float64 on 53-bit uniforms, sum of 4 draws / 2 (Holoha
 
 _KEY_BYTES = 32
 _TWO_PI = 2.0 * math.pi
-_MASK53 = (1 << 53) - 1
-_MASK24 = (1 << 24) - 1
 
 
 #: AUDITING ONLY (``attacks/runlevel.py``): while set by :func:`observed`, an object whose ``noise(randomness,
@@ -88,10 +95,39 @@ def observed(observer):
         OBSERVER = previous
 
 
-@functools.lru_cache(maxsize=8)
-def _zeros(n: int) -> bytes:
-    """``n`` zero bytes (the plaintext whose ChaCha20 encryption is the keystream), kept for the sizes in use."""
-    return bytes(n)
+_ZERO_BYTES = b""
+
+
+def _zeros(n: int) -> memoryview:
+    """A view of ``n`` zero bytes (the plaintext whose ChaCha20 encryption is the keystream); one buffer, grown to
+    the largest size asked."""
+    global _ZERO_BYTES
+    if len(_ZERO_BYTES) < n:
+        _ZERO_BYTES = bytes(max(n, 2 * len(_ZERO_BYTES)))
+    return memoryview(_ZERO_BYTES)[:n]
+
+
+#: Coordinates of noise computed per pass of the sampler: its scratch (the keystream, computed on in place, and
+#: the pairs' cosines: 24 bytes a float32 coordinate, 48 a float64 one) and the zero plaintext stay in the CPU's
+#: cache whatever the draw's size.
+_CHUNK = 1 << 14
+
+
+class _Precision:
+    """Box-Muller at one precision: the keystream word that makes one uniform, its bits, and the float type."""
+
+    def __init__(self, word: type, bits: int, real: type):
+        self.word, self.real = np.dtype(word), np.dtype(real)
+        self.bits = bits
+        self.shift = 8 * self.word.itemsize - bits  # keep the word's top ``bits`` bits
+        self.signed = np.dtype(f"i{self.word.itemsize}")  # the same bits, for a fast int -> float conversion
+        # k -> -u = -k / 2**bits (radii) and k -> t = 2 pi k / 2**bits (angles); both as (k / 2**bits) * c would be
+        self.scales = np.array([[-(2.0**-bits)], [_TWO_PI * 2.0**-bits]], dtype=real)
+        self.minus_two = self.real.type(-2.0)
+
+
+_FLOAT32 = _Precision(np.uint32, 24, np.float32)
+_FLOAT64 = _Precision(np.uint64, 53, np.float64)
 
 
 class DPRandomness:
@@ -120,6 +156,7 @@ class DPRandomness:
         self._noise_hash = hashlib.sha256(b"secure-fedkim noise v1")
         self._sample_hash = hashlib.sha256(b"secure-fedkim sampling v1")
         self.noise_draws = self.noise_values = self.samples = 0
+        self._work: dict = {}  # the sampler's scratch, per precision (_scratch)
         self._random_samples = 0
 
     @classmethod
@@ -141,55 +178,86 @@ class DPRandomness:
 
     # ------------------------------------------------------------------ raw draws
     @staticmethod
-    def _uniforms(stream, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``count`` uniforms in [0, 1) from ``stream``: float64 multiples of 2**-53 (the top 53 bits of 64-bit
-        words), or float32 multiples of 2**-24 (the top 24 bits of 32-bit words) for ``dtype=torch.float32``."""
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        if count == 0:
-            return torch.zeros(0, dtype=dtype)
-        wide = dtype == torch.float64
-        size = 8 if wide else 4
-        buf = bytearray(size * count + 64)  # update_into wants room for a block beyond the data
-        written = stream.update_into(_zeros(size * count), buf)
-        if wide:
-            words = torch.frombuffer(buf, dtype=torch.int64, count=written // 8)
-            return ((words >> 11) & _MASK53).to(torch.float64).mul_(2.0**-53)
-        words = torch.frombuffer(buf, dtype=torch.int32, count=written // 4)
-        return ((words >> 8) & _MASK24).to(torch.float32).mul_(2.0**-24)
+    def _keystream(stream, nbytes: int, buf: np.ndarray) -> np.ndarray:
+        """The next ``nbytes`` of ``stream``, written into ``buf`` (at least ``nbytes + 64`` bytes: update_into
+        wants room for a block beyond the data); returns ``buf[:nbytes]``."""
+        written = stream.update_into(_zeros(nbytes), buf)
+        if written != nbytes:
+            raise RuntimeError(f"the ChaCha20 stream gave {written} bytes, {nbytes} asked")
+        return buf[:nbytes]
 
     def uniform(self, count: int) -> torch.Tensor:
-        """``count`` uniforms in [0, 1) (float64 multiples of 2**-53), from the sampling stream."""
-        return self._uniforms(self._sample_stream, count)
+        """``count`` uniforms in [0, 1) (float64 multiples of 2**-53: the top 53 bits of 64-bit keystream words),
+        from the sampling stream."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        words = self._keystream(self._sample_stream, 8 * count, np.empty(8 * count + 64, np.uint8)).view(np.uint64)
+        np.right_shift(words, 11, out=words)
+        u = words.view(np.int64).astype(np.float64)
+        np.multiply(u, 2.0**-53, out=u)
+        return torch.from_numpy(u)
 
-    def _sum_of_four_normals(self, count: int, dtype: torch.dtype) -> torch.Tensor:
-        """``count`` draws of N(0,1)+N(0,1)+N(0,1)+N(0,1) at ``dtype``, four independent Box-Muller values each:
-        a pair (r cos t, r sin t) of independent normals from two uniforms, two pairs per coordinate."""
-        u = self._uniforms(self._noise_stream, 4 * count, dtype)
-        radius, angle = u[: 2 * count], u[2 * count :]
-        radius.neg_().log1p_().mul_(-2.0).sqrt_()  # sqrt(-2 log(1 - u)), 1 - u in (0, 1]: finite
-        angle.mul_(_TWO_PI)
-        pair_sums = torch.cos(angle).add_(torch.sin(angle)).mul_(radius)  # r cos t + r sin t, per pair
-        return pair_sums[:count].add_(pair_sums[count:])
+    def _scratch(self, p: _Precision, chunk: int) -> tuple:
+        """This source's scratch for ``chunk`` coordinates at precision ``p`` (made once, grown if needed): the
+        keystream's buffer (update_into wants room for a block beyond the data) and the pairs' cosines."""
+        have = self._work.get(p.bits)
+        if have is None or len(have[1]) < 2 * chunk:
+            have = self._work[p.bits] = (np.empty(4 * chunk * p.word.itemsize + 64, np.uint8), np.empty(2 * chunk, p.real))
+        return have
+
+    def _sum_of_four_normals(self, count: int, p: _Precision, out: np.ndarray) -> np.ndarray:
+        """Write into ``out`` ``count`` draws of N(0,1)+N(0,1)+N(0,1)+N(0,1) at precision ``p``, four independent
+        Box-Muller values each: a pair (r cos t, r sin t) of independent normals from two uniforms, two pairs per
+        coordinate. Per chunk of c coordinates, 4c keystream words: the first 2c give the radii, the last 2c the
+        angles; pair j is (radius j, angle j), and coordinate i sums pairs i and c + i. The arithmetic runs in
+        place in the keystream's buffer (a word and its float have the same size)."""
+        chunk = max(1, min(count, _CHUNK))
+        buf, cosines = self._scratch(p, chunk)
+        for start in range(0, count, chunk):
+            c = min(chunk, count - start)
+            m = 2 * c
+            words = self._keystream(self._noise_stream, 2 * m * p.word.itemsize, buf).view(p.word)
+            np.right_shift(words, p.shift, out=words)  # k: the top p.bits bits, uniform on [0, 2**bits)
+            real = words.view(p.real)
+            np.copyto(real, words.view(p.signed), casting="unsafe")  # exact (k < 2**bits), element by element
+            halves = real.reshape(2, m)
+            np.multiply(halves, p.scales, out=halves)  # radii: -u in (-1, 0]; angles: t = 2 pi u
+            radius, angle, cos = halves[0], halves[1], cosines[:m]
+            np.log1p(radius, out=radius)  # log(1 - u), finite
+            np.multiply(radius, p.minus_two, out=radius)
+            np.sqrt(radius, out=radius)  # r = sqrt(-2 log(1 - u))
+            np.cos(angle, out=cos)
+            np.sin(angle, out=angle)
+            np.add(cos, angle, out=cos)
+            np.multiply(cos, radius, out=cos)  # r cos t + r sin t, per pair
+            np.add(cos[:c], cos[c:], out=out[start : start + c])
+        return out
 
     # ------------------------------------------------------------------ what DP-SGD uses
     def gaussian(self, std: float, like: torch.Tensor) -> torch.Tensor:
         """``N(0, std^2)`` noise of ``like``'s shape, dtype and device: the sum of four draws, halved."""
         if not math.isfinite(std) or std < 0:
             raise ValueError(f"std must be a finite number >= 0, got {std!r}")
-        precision = torch.float32 if like.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
-        noise = self._sum_of_four_normals(like.numel(), precision).mul_(0.5 * std).to(dtype=like.dtype)
-        self._noise_hash.update(noise.numpy().tobytes())
+        p = _FLOAT32 if like.dtype in (torch.float32, torch.float16, torch.bfloat16) else _FLOAT64
+        noise = self._sum_of_four_normals(like.numel(), p, np.empty(like.numel(), p.real))
+        np.multiply(noise, p.real.type(0.5 * std), out=noise)
+        drawn = torch.from_numpy(noise)
+        if drawn.dtype != like.dtype:  # float16 / bfloat16 gradients
+            drawn = drawn.to(dtype=like.dtype)
+            noise = drawn.view(torch.uint8).numpy() if len(noise) else noise[:0]
+        self._noise_hash.update(noise)  # the bytes of the noise as returned
         self.noise_draws += 1
         self.noise_values += like.numel()
-        return noise.to(device=like.device).view(like.shape)
+        if drawn.device != like.device:
+            drawn = drawn.to(device=like.device)
+        return drawn if like.dim() == 1 else drawn.view(like.shape)
 
     def poisson(self, n: int, sample_rate: float) -> torch.Tensor:
         """Indices (ascending) of the units included in one Poisson sample: each of ``n`` independently with
         probability ``sample_rate``."""
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        chosen = (self.uniform(n) < sample_rate).nonzero().squeeze(1)
+        chosen = torch.from_numpy(np.flatnonzero(self.uniform(n).numpy() < sample_rate))
         self.record_sample(n, sample_rate, chosen)
         return chosen
 

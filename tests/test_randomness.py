@@ -6,16 +6,18 @@ Opacus hooks and patient-level paths) against torch's and NumPy's global RNG: th
 and a draw without a generator raises inside the round.
 """
 
+import hashlib
 import math
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy import stats
 
 from privacy.dp import session_randomness
 from privacy.ledger import DP_ROUND, PrivacyLedger
-from privacy.randomness import REPRODUCIBLE, SECURE, DPRandomness, PoissonLoader
+from privacy.randomness import _CHUNK, REPRODUCIBLE, SECURE, DPRandomness, PoissonLoader
 from secure_fedkim.client_app import hospital_dp
 from secure_fedkim.config import parse_config
 from secure_fedkim.local_training import local_round, new_client_model
@@ -64,6 +66,65 @@ def test_gaussian_scale_dtype_and_shape():
     assert big.std().item() == pytest.approx(2.5, rel=0.01)
     with pytest.raises(ValueError, match="std must be a finite number"):
         DPRandomness.secure().gaussian(float("nan"), like)
+
+
+def _reference_noise(key: bytes, sizes: tuple, std: float, bits: int) -> list:
+    """The sampler's construction written out independently, in float64 from the raw ChaCha20 keystream of the
+    noise stream, for draws of ``sizes`` coordinates one after the other. Per chunk of c coordinates of a draw,
+    4c words (32-bit for 24-bit uniforms, 64-bit for 53-bit ones), the top ``bits`` bits of each a uniform
+    u = k / 2**bits; pair j = r (cos t + sin t) with r = sqrt(-2 log(1 - u_j)) and t = 2 pi u_(2c + j);
+    coordinate i = std (pair i + pair c + i) / 2."""
+    word = np.uint32 if bits == 24 else np.uint64
+    size = np.dtype(word).itemsize
+    stream = Cipher(algorithms.ChaCha20(key, bytes(15) + b"\x01"), mode=None).encryptor()
+    draws = []
+    for count in sizes:
+        out = []
+        for start in range(0, count, _CHUNK):
+            c = min(_CHUNK, count - start)
+            k = np.frombuffer(stream.update(bytes(4 * c * size)), dtype=word) >> np.uint64(8 * size - bits)
+            u = k.astype(np.float64) / 2.0**bits
+            r, t = np.sqrt(-2 * np.log1p(-u[: 2 * c])), 2 * np.pi * u[2 * c :]
+            pair = r * np.cos(t) + r * np.sin(t)
+            out.append(std * (pair[:c] + pair[c:]) / 2)
+        draws.append(np.concatenate(out))
+    return draws
+
+
+@pytest.mark.parametrize("dtype,bits,tol", [(torch.float32, 24, 1e-5), (torch.float64, 53, 1e-13)])
+def test_gaussian_is_the_sum_of_four_box_muller_draws_at_the_gradients_precision(dtype, bits, tol):
+    """Each coordinate is std/2 times two Box-Muller pairs (r cos t + r sin t), on 24-bit uniforms computed in
+    float32 for float32 gradients and 53-bit ones in float64 for float64 gradients, from the noise stream in order:
+    the sampler against an independent float64 implementation, over several chunks and three draws."""
+    key = bytes(range(32))
+    r = DPRandomness(key, REPRODUCIBLE)
+    sizes = (2 * _CHUNK + 77, 5, 1)
+    drawn = [r.gaussian(1.5, torch.zeros(n, dtype=dtype)) for n in sizes]
+    for got, expected in zip(drawn, _reference_noise(key, sizes, 1.5, bits)):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=tol * 1.5)
+
+
+def test_gaussian_coordinates_chunks_and_draws_are_uncorrelated():
+    r = DPRandomness.reproducible(5, "independence")
+    n = 4 * _CHUNK + 123
+    a = r.gaussian(1.0, torch.zeros(n)).double().numpy()
+    b = r.gaussian(1.0, torch.zeros(n)).double().numpy()
+    for lag in (1, 2, _CHUNK // 2, _CHUNK, _CHUNK + 1, 2 * _CHUNK):  # within and across the sampler's chunks
+        assert abs(np.corrcoef(a[:-lag], a[lag:])[0, 1]) < 5 / math.sqrt(n - lag)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / math.sqrt(n)  # two draws: no reused keystream or scratch
+    assert abs(np.corrcoef(a[:_CHUNK], a[_CHUNK : 2 * _CHUNK])[0, 1]) < 5 / math.sqrt(_CHUNK)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_noise_fingerprint_hashes_the_noise_as_returned(dtype):
+    r = DPRandomness.secure()
+    drawn = [r.gaussian(0.7, torch.zeros(shape, dtype=dtype)) for shape in ((3, 4), (_CHUNK + 9,), (0,))]
+    h = hashlib.sha256(b"secure-fedkim noise v1")
+    for d in drawn:
+        h.update(d.contiguous().view(torch.uint8).numpy().tobytes() if d.numel() else b"")
+    assert r.noise_fingerprint() == h.hexdigest() and r.noise_draws == 3
+    assert [tuple(d.shape) for d in drawn] == [(3, 4), (_CHUNK + 9,), (0,)] and all(d.dtype == dtype for d in drawn)
 
 
 # ---------------------------------------------------------------- sampling
