@@ -257,7 +257,12 @@ class DPRandomness:
         probability ``sample_rate``."""
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        chosen = torch.from_numpy(np.flatnonzero(self.uniform(n).numpy() < sample_rate))
+        words = self._keystream(self._sample_stream, 8 * n, np.empty(8 * n + 64, np.uint8)).view(np.uint64)
+        if sample_rate < 1:  # u = (w >> 11) / 2**53 < q  <=>  w >> 11 < ceil(q 2**53)  <=>  w < ceil(q 2**53) 2**11
+            chosen = np.flatnonzero(words < np.uint64(math.ceil(sample_rate * 2.0**53) << 11))
+        else:
+            chosen = np.arange(n)
+        chosen = torch.from_numpy(chosen)
         self.record_sample(n, sample_rate, chosen)
         return chosen
 

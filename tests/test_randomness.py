@@ -142,6 +142,18 @@ def test_poisson_inclusion_rate_and_uniforms():
     assert len(r.poisson(n, 1.0)) == n
 
 
+@pytest.mark.parametrize("q", [1e-9, 0.03, 1 / 3, 0.5, 1 - 2**-53, 1.0])
+def test_poisson_includes_exactly_the_units_whose_uniform_is_below_the_rate(q):
+    """poisson compares the keystream words with an integer threshold: the same units as uniform(n) < q."""
+    a, b = DPRandomness.reproducible(9, "threshold"), DPRandomness.reproducible(9, "threshold")
+    for n in (1, 1000, 4097):
+        assert a.poisson(n, q).equal((b.uniform(n) < q).nonzero().squeeze(1))
+    edge = DPRandomness(bytes(32), REPRODUCIBLE)  # a uniform exactly at the rate is out, one ulp below is in
+    u = edge.uniform(64)
+    again = DPRandomness(bytes(32), REPRODUCIBLE)
+    assert again.poisson(64, float(u[7])).equal((u < u[7]).nonzero().squeeze(1))
+
+
 def test_poisson_loader_yields_its_steps_from_the_source():
     ds = torch.utils.data.TensorDataset(torch.arange(40.0).view(-1, 1), torch.zeros(40))
     loader = PoissonLoader(ds, 0.25, 4, DPRandomness.reproducible(1, "loader"))
