@@ -17,6 +17,7 @@ from privacy.dp import PrivacyProfile
 from secure_fedkim.config_errors import validate_mapping
 from secure_fedkim.data.formats import USER_FORMATS
 from secure_fedkim.data.tasks import MODALITIES, TASKS
+from secure_fedkim.federation.transport_specs import HESection, SecAggSection, check_federation, unknown_transport
 from secure_fedkim.variants import METHODS, VARIANTS
 
 
@@ -35,37 +36,22 @@ class RunSection(_Strict):
     out_dir: str = "runs"
 
 
-class HESection(_Strict):
-    """CKKS mode: the key holder's noise flooding of each released aggregate (privacy.he)."""
-
-    flooding_sigma: float = Field(1e-5, gt=0.0)
-
-
-class SecAggSection(_Strict):
-    """Flower SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow); see secure_fedkim.federation.transports.secagg for the error."""
-
-    num_shares: int = Field(3, ge=3)  # Flower: an integer count must be > 2; odd unless every client
-    reconstruction_threshold: int = Field(2, ge=2)
-    clipping_range: float = Field(8.0, gt=0.0)  # model weights are clipped to [-range, range] before masking
-    quantization_range: int = Field(4194304, ge=2)
-    max_weight: float = Field(5000.0, gt=0.0)  # an upper bound on any hospital's num_examples
-    timeout: float | None = Field(None, gt=0.0)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.reconstruction_threshold > self.num_shares:
-            raise ValueError("reconstruction_threshold: cannot exceed num_shares")
-        return self
-
-
 class FederationSection(_Strict):
     clients: list[str] = Field(min_length=1)
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0.0)
     min_clients: int = Field(2, ge=1)
-    aggregation: Literal["plain", "he", "secagg"] = "plain"
-    he: HESection = HESection()
+    aggregation: str = "plain"  # a registered transport (secure_fedkim.federation.transport_specs.SPECS)
+    he: HESection = HESection()  # the transports' own sections (transport_specs)
     secagg: SecAggSection = SecAggSection()
+
+    @field_validator("aggregation")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        problem = unknown_transport(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -73,16 +59,7 @@ class FederationSection(_Strict):
             raise ValueError("clients: names must be unique")
         if self.min_clients > len(self.clients):
             raise ValueError(f"min_clients: {self.min_clients} is more than the {len(self.clients)} clients")
-        if self.aggregation == "he" and self.min_clients < 2:
-            raise ValueError("min_clients: he mode needs at least 2 (decrypting a sum of one update releases it)")
-        if self.aggregation == "secagg" and self.secagg.num_shares > len(self.clients):
-            raise ValueError(f"secagg.num_shares: {self.secagg.num_shares} is more than the {len(self.clients)} clients")
-        shares = self.secagg.num_shares
-        if self.aggregation == "secagg" and shares % 2 == 0 and shares != len(self.clients):
-            # Flower 1.42 sends an even share count smaller than the sample to the clients, then makes it odd for
-            # itself: every round dies inside secaggplus_mod._share_keys with an IndexError. Refuse it here.
-            raise ValueError(f"secagg.num_shares: {shares} is even and fewer than the {len(self.clients)} clients; "
-                             f"Flower's SecAgg+ needs an odd count (use {shares - 1} or {shares + 1}) or every client")
+        check_federation(self)  # the transport's own checks (transport_specs)
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError("proximal_mu: fedprox needs proximal_mu > 0 (the paper uses 1e-6)")
         return self

@@ -9,8 +9,9 @@
   directory, it resumes after the last checkpointed round: the run id (the run directory's name) is
   the same, so every hospital's `HospitalDP` rebuilds its spend from its own ledger and completed rounds
   are never trained (nor paid for) twice.
-* `client`: one ClientApp for every mode: SecAgg+ protocol messages go to
-  `federation.transports.secagg.secagg_app` (Flower's `secaggplus_mod`), all others to `client_app.app`.
+* `client`: one ClientApp for every mode: a message of a transport's own protocol goes to that transport's
+  ClientApp (SecAgg+'s to `federation.transports.secagg.secagg_app`, Flower's `secaggplus_mod`), all others to
+  `client_app.app`.
 
 Checkpoints: `secure_fedkim.federation.checkpoint`.
 """
@@ -120,13 +121,16 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class HospitalClientApp(ClientApp):
-    """Routes SecAgg+ (legacy workflow) messages to the SecAgg+ app and Message-API ones to `client_app.app`."""
+    """Routes a message of a transport's own protocol (SecAgg+'s legacy workflow) to that transport's ClientApp
+    (`Transport.protocol_app`) and Message-API ones to `client_app.app`."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        from secure_fedkim.federation.transports.secagg import is_secagg_message, secagg_app
+        from secure_fedkim.federation.transports import TRANSPORTS
 
-        if is_secagg_message(message):
-            return secagg_app(message, context)
+        for transport in TRANSPORTS.values():
+            own = transport.protocol_app(message)
+            if own is not None:
+                return own(message, context)
         from secure_fedkim.client_app import app
 
         return app(message, context)

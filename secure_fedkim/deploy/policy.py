@@ -48,12 +48,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from privacy.accounting import resolve_delta
 from privacy.keys import canonical_message, load_signing_public_key, public_key_bytes, sign, verify
 from privacy.ledger import DATASET_COMMITMENT, REFUSED, PrivacyLedger
 from secure_fedkim.config_errors import validate_mapping
+from secure_fedkim.federation.transport_specs import unknown_transport
 from secure_fedkim.run_dir import HospitalDir
 
 __all__ = [
@@ -122,8 +123,17 @@ class PrivacyCaps(_Strict):
 
 
 class AggregationCaps(_Strict):
-    allowed_modes: list[Literal["plain", "he", "secagg"]] = ["he", "secagg"]
+    allowed_modes: list[str] = ["he", "secagg"]  # registered transports (secure_fedkim.federation.transport_specs)
     min_clients: int = Field(2, ge=1)
+
+    @field_validator("allowed_modes")
+    @classmethod
+    def _registered(cls, modes: list[str]) -> list[str]:
+        for mode in modes:
+            problem = unknown_transport(mode)
+            if problem:
+                raise ValueError(problem)
+        return modes
 
 
 class ApprovedCode(_Strict):

@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from secure_fedkim.federation.errors import RoundFailed
+from secure_fedkim.federation.transport_specs import CKKSSpec
 from secure_fedkim.federation.transports.base import Transport
 from secure_fedkim.run_dir import RunDir, public_key_file
 
@@ -30,7 +31,7 @@ def registered_keys(run_dir: Path, clients: list[str], direct: bool = False) -> 
 
 
 class CKKSTransport(Transport):
-    name = "he"
+    spec = CKKSSpec
     server_sees = "ciphertexts only; the key holder sees only the noise-flooded sum"
     signs_updates = True
     update_held_as = "CKKS ciphertexts it cannot decrypt"
@@ -38,6 +39,7 @@ class CKKSTransport(Transport):
     title = "CKKS homomorphic encryption"
     update_form = "CKKS ciphertext, signed (Ed25519)"
     report_checks = ("he_parameters", "server_secret_key")
+    report_section = "ckks"
     protects_one_update = "CKKS encryption; the server holds a public-only context and never the secret key"
     exposes_one_update = ("a malicious server could submit one hospital's ciphertext as an 'aggregate' (SecAgg+ mode "
                           "answers that); collusion with the key holder reveals every update")
@@ -102,3 +104,9 @@ class CKKSTransport(Transport):
 
     def facts(self):
         return {"mode": self.name, **({"ckks": self.keyholder.parameters} if self.keyholder is not None else {})}
+
+    def report_evidence(self, run, out, findings):
+        """Key custody from the key holder's own ledger, and the CKKS parameters (`he_evidence`)."""
+        from secure_fedkim.federation.transports.he_evidence import ckks_evidence  # the report's types, only for a report
+
+        ckks_evidence(run, out, findings)

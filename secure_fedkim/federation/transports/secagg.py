@@ -24,6 +24,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from secure_fedkim.federation.errors import RoundFailed
+from secure_fedkim.federation.transport_specs import SecAggSpec
 from secure_fedkim.federation.transports.base import Transport
 
 
@@ -109,17 +110,22 @@ class SecAggRounds(LegacyFedAvg):
 
 
 class SecAggTransport(Transport):
-    name = "secagg"
+    spec = SecAggSpec
     server_sees = "only the sum of masked updates (SecAgg+)"
     update_held_as = "masked vectors whose masks cancel only in the sum"
     report_mode = "secagg+"
     title = "SecAgg+ secure aggregation"
     update_form = "SecAgg+-masked vector"
     report_checks = ("secagg_dropout_margin", "server_secret_key")
+    report_section = "secagg"
     protects_one_update = "SecAgg+ masks that cancel only in the sum"
     exposes_one_update = "a server that also controls enough hospitals (at least the reconstruction threshold) could unmask one"
     summary_sentence = "Updates reached the server SecAgg+-masked: it learned only their sum (masking, not differential privacy)."
     not_covered = "a server controlling enough hospitals to unmask one (masking is confidentiality, not DP)"
+
+    @classmethod
+    def protocol_app(cls, message):
+        return secagg_app if is_secagg_message(message) else None
 
     def client_app(self):
         return secagg_app
@@ -140,3 +146,33 @@ class SecAggTransport(Transport):
         if missing:  # Flower's workflow logs a failed SecAgg+ round and moves on; a run must not pretend
             raise RoundFailed(f"SecAgg+ round(s) {missing} did not complete (too few hospitals answered; see the log above)")
         return rounds.final
+
+    def report_evidence(self, run, out, findings):
+        """SecAgg+ tolerates num_shares - reconstruction_threshold dropouts: a round at that limit needs attention."""
+        from secure_fedkim.report.collect import Finding  # the report's types, only when a report is built
+
+        s = run.cfg.federation.secagg
+        n = len(run.clients)
+        tolerated = s.num_shares - s.reconstruction_threshold
+        dropouts = []
+        for r in range(1, run.rounds_run + 1):
+            rec = run.record(r) or {}
+            included = [c for c, st in (rec.get("clients") or {}).items() if not st.get("skipped-budget")]
+            dropouts.append({"round": r, "dropouts": n - len(included)})
+        worst_drop = max([d["dropouts"] for d in dropouts] or [0])
+        if worst_drop >= tolerated:
+            findings["secagg_dropout_margin"] = [Finding(
+                "attention", f"a SecAgg+ round lost {worst_drop} hospital(s); {tolerated} tolerated "
+                f"(num_shares {s.num_shares}, reconstruction_threshold {s.reconstruction_threshold})",
+                None, "SecAgg+ dropouts at the tolerated limit")]
+        out["secagg"] = {
+            "protocol": "Flower SecAgg+ (SecAggPlusWorkflow / secaggplus_mod)",
+            "num_shares": s.num_shares, "reconstruction_threshold": s.reconstruction_threshold,
+            "dropouts_tolerated": tolerated, "dropouts_observed": dropouts,
+            "clipping_range": s.clipping_range, "quantization_range": s.quantization_range,
+            "max_weight": s.max_weight, "modulus": "Flower default",
+        }
+        out["server_has_secret_key"] = False
+        out["authenticated_payloads"] = "SecAgg+ pairwise key agreement between hospitals (Flower)"
+        out["description"] = ("Hospitals sent SecAgg+-masked updates; the server learned only their sum. "
+                              "Masking is confidentiality, not differential privacy.")
