@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from privacy.dp import PrivacyProfile
+from privacy.profile import PrivacyProfile
 from secure_fedkim.config_errors import validate_mapping
 from secure_fedkim.data.formats import USER_FORMATS
 from secure_fedkim.data.tasks import MODALITIES, TASKS
@@ -159,7 +159,7 @@ class ClientSection(_Strict):
 
 class DPProfileSection(_Strict):
     """The YAML shape of a hospital's DP budget (``privacy.profile``, ``privacy.hospitals.NAME``). Parsing only:
-    the program uses the :class:`privacy.dp.PrivacyProfile` that :meth:`RunConfig.dp_profile` makes of it."""
+    the program uses the :class:`privacy.profile.PrivacyProfile` that :meth:`RunConfig.dp_profile` makes of it."""
 
     target_epsilon: float = Field(gt=0.0)
     delta: float | None = Field(None, gt=0.0, lt=1.0)  # None: min(1e-5, 1/(10 n)) for the hospital's n records
@@ -179,7 +179,7 @@ class PrivacySection(_Strict):
     # DP-SGD; each step samples patients (client.batch_size is then patients per step) and each sampled
     # patient contributes the clipped sum of at most max_records_per_patient_step of its records.
     unit: Literal["record", "patient"] = "record"
-    max_records_per_patient_step: int | None = Field(None, ge=1)  # None: privacy.dp.PrivacyProfile's 4
+    max_records_per_patient_step: int | None = Field(None, ge=1)  # None: privacy.profile.PrivacyProfile's 4
     # Record unit only: when a patient may have up to k records, say so; each hospital then also reports the
     # patient-level (k*eps, k*e^((k-1)eps)*delta) of group privacy (loose, but honest).
     max_records_per_patient: int | None = Field(None, ge=1)
