@@ -42,8 +42,8 @@ its draws on one machine; NumPy picks its SIMD kernels by CPU, so another CPU ma
 from ``bench/bench_randomness.py`` in CPU time on a shared 2-core machine: 79-89 M Gaussians a second
 (torch.normal with a Mersenne Twister: 272-292 M; this sampler before the chunked NumPy version: 45-52 M),
 about 11 ns a float32 coordinate, half of it the keystream (16 bytes, ~3 ns) and the SHA-256 fingerprint (~2.2
-ns); a DP local epoch of the demo's models 1.08-1.09x the Mersenne Twister's over 30 repeats (before: 1.14x),
-the 38k-parameter heart-disease step 1.18-1.22x (before: 1.42x).
+ns); a DP local epoch of the demo's models 1.08-1.10x the Mersenne Twister's over 30 repeats (before: 1.14x),
+the 38k-parameter heart-disease step 1.18-1.26x (before: 1.42x).
 
 Evidence for auditors: each session keeps a SHA-256 of every noise vector it drew (``noise_fingerprint``)
 and of every Poisson sample (``sampling_fingerprint``); the hospital writes both to its ledger with the
