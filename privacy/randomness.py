@@ -76,7 +76,9 @@ REPRODUCIBLE = "reproducible"
 RANDOMNESS_KINDS = (SECURE, REPRODUCIBLE)
 #: What the ledger and the report say about the generator and the sampler.
 GENERATOR = "ChaCha20 keystream (cryptography / OpenSSL)"
-GAUSSIAN = "Box-Muller in float64 on 53-bit uniforms, sum of 4 draws / 2 (Holohan and Braghin 2021)"
+GAUSSIAN = (
+    "Box-Muller at the gradient's precision (float32 on 24-bit uniforms, float64 on 53-bit), sum of 4 draws / 2 "
+    "(Holohan and Braghin 2021)")
 
 _KEY_BYTES = 32
 _TWO_PI = 2.0 * math.pi
