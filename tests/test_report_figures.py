@@ -432,3 +432,55 @@ def test_repeated_noise_or_samples_fail_noise_fresh(copy_run):
     next(c for c in report["checks"] if c["name"] == "noise_fresh")["status"] = "pass"
     resign(paths.json, report)
     assert any(m.startswith("checks[noise_fresh].status: the report says 'pass'") for m in verify(paths.json))
+
+
+# ------------------------------------------------------------------------------------------ 6. HE and the main body
+def _pdf_text(path: Path) -> str:
+    from pypdf import PdfReader
+
+    return " ".join(" ".join(p.extract_text().split()) for p in PdfReader(str(path)).pages)
+
+
+def _reconstruction_rows() -> list[dict]:
+    """The audit's update-inversion rows of an `he` run, as attacks.inversion writes them (its own note for the
+    aggregated row: "only the aggregate of at least 3 hospitals is ever in the clear")."""
+    from attacks.inversion import aggregated_only_row
+    from secure_fedkim.federation.transports import TRANSPORTS
+
+    rows = []
+    for c in CLIENTS:
+        where = {"hospital": c, "task": "heart_disease", "shard_index": 3, "model": "global model",
+                 "threat_model": "one record's single-record update"}
+        rows += [{"update": "plain", "visible": False, "relative_mse": 0.4, "cosine": 0.8, "steps": 50, **where},
+                 {"update": "dp", "visible": False, "relative_mse": 1.3, "cosine": 0.1, "steps": 50,
+                  "noise_multiplier": 1.0, "max_grad_norm": 1.0, **where},
+                 {**aggregated_only_row("he", TRANSPORTS["he"].update_held_as, 3), **where,
+                  "threat_model": "aggregate the server sees"}]
+    return rows
+
+
+def test_an_he_report_never_claims_both_a_malicious_aggregator_and_only_aggregates_in_the_clear(copy_run):
+    """The key holder decrypts an 'aggregate' that lists at least min_clients signed contributions; it cannot check that
+    the ciphertext is their sum (privacy.he.keyholder). So the threat model's "a malicious server can have one
+    hospital's update decrypted" holds, and the audit's note "only the aggregate of at least 3 hospitals is ever in the
+    clear" holds only for a server that follows the protocol: the report says the second in those terms, in the JSON,
+    the HTML, the PDF and the partner report."""
+    run = copy_run()
+    write_audit(run, {**AUDIT, "reconstruction": _reconstruction_rows()})
+    assert "is ever in the clear" in (run / "audit" / "audit.json").read_text()  # the audit's own note
+    paths, part = write_report(run), write_report(run, partner="cleveland")
+    for p in (paths, part):
+        report = json.loads(p.json.read_text())
+        threat = next(t for t in report["threat_model"] if t["asset"] == "one hospital's update"
+                      and t["adversary"] == "curious aggregation server")
+        assert "malicious server can have one hospital's update decrypted" in threat["not_protected"]
+        notes = [r["note"] for r in report["audit"]["reconstruction"] if r.get("update") == "he"]
+        assert notes and all("to a server that follows the protocol" in n and "not against a malicious server" in n
+                             for n in notes)
+        for text in (p.json.read_text(), p.html.read_text(), _pdf_text(p.pdf)):
+            flat = " ".join(text.split())
+            assert "ever in the clear" not in flat
+            assert "decrypted only the sum" not in flat and "decrypts only sums" not in flat
+            assert "malicious server can have one hospital" in flat
+    assert verify(paths.json) == []
+

@@ -672,6 +672,7 @@ def _facts(run_dir: Path) -> dict:
     hospitals = {c: collect_hospital(run, c) for c in run.clients}
     tasks = list((run.summary.get("tasks") or {}).keys()) or list(run.inventory.get("tasks", {}))
     audit, audit_f = read_audit(run_dir, run.clients, tasks)
+    text.qualify_reconstruction_notes(audit, run.cfg)  # in the threat model's terms, never contradicting it
     agg, agg_f = aggregation_facts(run)
     run_ids = [h.run_id for h in hospitals.values() if h.run_id]
     run.run_id = run_ids[0] if run_ids else (Path(str(run.summary.get("run_dir", ""))).name or run_dir.name)

@@ -218,6 +218,28 @@ def threat_model(cfg, dp: bool) -> list[dict]:
     return rows
 
 
+def aggregated_only_note(cfg, mode: str) -> str:
+    """The reconstruction note of a transport whose aggregator holds no per-client update, in the same terms as the
+    threat model's "one hospital's update" row (its own ``exposes_one_update``): what holds against a server that
+    follows the protocol, and what a malicious one can still do. The audit's own note ("only the aggregate of at
+    least N hospitals is ever in the clear") holds only for the first and would contradict the threat model."""
+    from secure_fedkim.federation.transports import TRANSPORTS
+
+    t = TRANSPORTS[mode] if mode in TRANSPORTS else _transport(cfg)
+    n = cfg.federation.min_clients
+    return (f"no per-client update visible to a server that follows the protocol: under {mode!r} it holds "
+            f"{t.update_held_as}, and only what is declared as the aggregate of at least {n} hospitals is released, so "
+            f"there is no single client's gradient to invert; not against a malicious server (threat model): "
+            f"{t.exposes_one_update}")
+
+
+def qualify_reconstruction_notes(audit: dict, cfg) -> None:
+    """Give each audit row of an aggregated-only transport (``visible`` false) :func:`aggregated_only_note`."""
+    for r in audit.get("reconstruction", []):
+        if r.get("visible") is False and isinstance(r.get("update"), str) and r["update"] not in ("plain", "dp"):
+            r["note"] = aggregated_only_note(cfg, r["update"])
+
+
 # ------------------------------------------------------------------------------------------ hazards
 HAZARD_CHECKS = [
     ("Heuristic filter labelled as DP (clipping without noise, filters)", ["dp_label_has_accountant"],

@@ -41,15 +41,18 @@ class CKKSTransport(Transport):
     report_checks = ("he_parameters", "server_secret_key")
     report_section = "ckks"
     protects_one_update = "CKKS encryption; the server holds a public-only context and never the secret key"
-    exposes_one_update = ("a malicious server could submit one hospital's ciphertext as an 'aggregate' (SecAgg+ mode "
-                          "answers that); collusion with the key holder reveals every update")
-    summary_sentence = ("Updates reached the server only as CKKS ciphertexts; a separate key holder decrypted only sums "
-                        "of several hospitals (encryption, not differential privacy).")
+    exposes_one_update = ("a malicious server can have one hospital's update decrypted: the key holder checks that an "
+                          "'aggregate' lists at least min_clients hospitals' signed contributions, not that its ciphertext "
+                          "is their sum, so one hospital's ciphertext handed in with the others' signatures is decrypted "
+                          "(SecAgg+ mode answers that); collusion with the key holder reveals every update")
+    summary_sentence = ("Updates reached the server only as CKKS ciphertexts; a separate key holder decrypted only "
+                        "aggregates that listed several hospitals' signed contributions, which a server that follows the "
+                        "protocol sends as their sum (encryption, not differential privacy).")
     not_covered = "a server colluding with the CKKS key holder (encryption is confidentiality, not DP)"
-    parties = (("CKKS key holder", "a separate process that alone holds the secret key and decrypts only sums of at "
-                "least min_clients hospitals, once per round"),)
-    threats = (("CKKS key holder", "one hospital's update", "it decrypts only sums of at least min_clients signed "
-                "contributions, once per round, with noise flooding", "collusion with the server (assumed absent)"),)
+    parties = (("CKKS key holder", "a separate process that alone holds the secret key and decrypts, once per round, "
+                "only an aggregate that lists at least min_clients hospitals' signed contributions"),)
+    threats = (("CKKS key holder", "one hospital's update", "it decrypts only aggregates that list at least min_clients "
+                "signed contributions, once per round, with noise flooding", "collusion with the server (assumed absent)"),)
 
     def __init__(self, cfg, keyholder=None, verify_keys: dict[str, bytes] | None = None):
         """`keyholder` / `verify_keys`: an already started key holder (tests); otherwise `open` starts one."""
