@@ -28,8 +28,8 @@ of four the search grows to 2^(3p) candidates (p = 24 bits: 2^72; float64: 2^159
 rejection loop per coordinate in Python. Drawing float64 values for float32 gradients cost 2.5x the float32
 draws here, which put a DP step of the demo's 38k-parameter model at 1.75x a Mersenne Twister step
 (``bench/bench_randomness.py`` prints the ratios). The noise of the largest draws is bounded by the
-uniforms' resolution (|r| <= 5.8 for 24 bits, 8.6 for 53): the sum of four cannot pass ~11.5 sigma, a tail of
-probability below 1e-28 per coordinate.
+uniforms' resolution (|r| <= 5.8 for 24 bits, 8.6 for 53): a pair's r cos t + r sin t is at most sqrt(2) r, so a
+coordinate cannot pass 8.2 sigma (12.1 in float64), a tail of probability below 1e-15 per coordinate.
 
 Implementation: a draw is computed in chunks of 16,384 coordinates. Each chunk's keystream (16 bytes a
 coordinate in float32, 32 in float64) comes from one ``update_into`` into a buffer the session keeps, and the
