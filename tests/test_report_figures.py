@@ -484,3 +484,45 @@ def test_an_he_report_never_claims_both_a_malicious_aggregator_and_only_aggregat
             assert "malicious server can have one hospital" in flat
     assert verify(paths.json) == []
 
+
+def _demo_sized_audit() -> dict:
+    """An audit.json the size of the demo's: 150 membership-inference rows (4 hospitals x 5 tasks x 5 attacks, the
+    global model, the FM, the auditor's game), 20 canary and 4 white-box rows, 12 update-inversion rows."""
+    tasks = ["heart_disease", "mortality", "ecg_irregular", "report_abnormal", "cross_sectional"]
+    attacks = ["loss", "lira_online", "lira_offline", "rmia", "rmia_offline"]
+    rng = __import__("random").Random(0)
+    rows = []
+    for t in tasks:
+        for target in CLIENTS + ["global"]:
+            for a in attacks:
+                auc = round(rng.uniform(0.42, 0.72), 3)
+                rows.append(mia(target, auc, [round(auc - 0.07, 3), round(auc + 0.07, 3)], attack=a, task=t, n=200,
+                                target_kind="global" if target == "global" else "local"))
+        rows.append(mia("fm", 0.5, [0.44, 0.56], attack="loss", task=t, n=200, target_kind="fm"))
+        for c in CLIENTS:
+            rows.append(mia(c, 0.5, [0.48, 0.52], attack="lira_online", task=t, target_kind="game"))
+    canaries = [{**canary(c), "task": t} for c in CLIENTS for t in tasks]
+    return {"mia": rows, "dp_audit": canaries, "whitebox": [whitebox(c) for c in CLIENTS],
+            "reconstruction": _reconstruction_rows()}
+
+
+def test_the_main_body_of_a_report_with_a_demo_sized_audit_is_at_most_6_pdf_pages(copy_run):
+    """Issue #30: the main body (summary and decision, guarantee and disclosure card, accounting, audits in counts) at
+    most 6 PDF pages; every row, the bounds plot, ROC curves and hashes in the appendices, which start on a new page.
+    Page 1 keeps the decision and its conditions. (The demo's report: 6 pages, appendix A on page 7; it was 7.)"""
+    from pypdf import PdfReader
+
+    run = copy_run()
+    write_audit(run, _demo_sized_audit())
+    paths = write_report(run)
+    reader = PdfReader(str(paths.pdf))
+    starts = {o.title: reader.get_destination_page_number(o) for o in reader.outline if not isinstance(o, list)}
+    first_appendix = min(p for t, p in starts.items() if t.startswith("Appendix"))
+    assert first_appendix <= 6, starts  # 0-based: appendix A on page 7 at the latest
+    body = " ".join(" ".join(reader.pages[i].extract_text().split()) for i in range(first_appendix))
+    assert "Every row is in appendix B" in body and "Update inversion: 12 rows" in body
+    assert "relative MSE" not in body and "TPR@" not in body  # no per-row audit table in the main body
+    page1 = " ".join(reader.pages[0].extract_text().split())
+    assert "Decision: RELEASE WITH CONDITIONS" in page1 and "Conditions, as actions" in page1
+    rest = " ".join(" ".join(reader.pages[i].extract_text().split()) for i in range(first_appendix, len(reader.pages)))
+    assert "relative MSE" in rest and "TPR@" in rest  # the rows are in appendix B

@@ -31,7 +31,6 @@ FILLS = {"pass": (214, 240, 220), "attention": (255, 236, 200), "fail": (248, 21
 DECISION_STATUS = {"do not release": "fail", "release with conditions": "attention", "release": "pass"}
 MIN_PDF_PT = 8  # no PDF text below this size
 MAX_ROC_IMAGES = 6
-MAX_MIA_BODY = 8  # membership-inference rows in the main body; all of them in appendix B
 
 
 class ReportPaths(NamedTuple):
@@ -301,6 +300,11 @@ def _section_scope(B: list[Block], report: dict, run_dir: Path) -> None:
     B.append(Block("table", (["artifact", "from", "to", "form", "privacy protection"],
                              [[r["artifact"], r["from"], r["to"], r["form"], r["privacy_protection"]]
                               for r in sc["release_scope"]]), None))
+    accesses = report["privacy_definition"]["covered_accesses"]
+    if accesses:
+        B.append(Block("h3", "Accesses covered by the DP guarantee"))
+        B.append(Block("table", (["access", "status", "reason"], [[a["access"], a["status"], a["reason"]] for a in accesses]),
+                       None))
 
 
 def _privacy_per_hospital(B: list[Block], dp_h: list[dict]) -> None:
@@ -342,6 +346,10 @@ def _privacy_per_hospital(B: list[Block], dp_h: list[dict]) -> None:
                                    _v(lt["epsilon_earlier"]), _v(lt["epsilon_run"]), _v(lt["epsilon"]),
                                    "none" if lt["cap"] is None else _v(lt["cap"]), _v(lt["delta"])]
                                   for name, lt in lifetime]), None))
+
+
+def _epsilon_by_round_table(B: list[Block], dp_h: list[dict]) -> None:
+    """Epsilon after each round per hospital (the plot of section 3, as numbers)."""
     rounds = sorted({x["round"] for h in dp_h for x in h["accounting"]["epsilon_by_round"]})
     B.append(Block("table", (["hospital"] + [f"round {r}" for r in rounds],
                              [[h["hospital"]] + [_v(next((x["epsilon"] for x in h["accounting"]["epsilon_by_round"]
@@ -372,8 +380,8 @@ def _section_privacy(B: list[Block], report: dict, run_dir: Path) -> None:
                            + (f" ({pdef['adjacency_source']})" if pdef.get("adjacency_source") else "")),
                           ("release scope", _v(pdef["release_scope"])),
                           ("not differential privacy", "; ".join(pdef["not_differential_privacy"]))]))
-    B.append(Block("table", (["access", "status", "reason"],
-                             [[a["access"], a["status"], a["reason"]] for a in pdef["covered_accesses"]]), None))
+    B.append(Block("p", "What each access the run makes is covered by (and why): appendix F. What the guarantee does "
+                        "not cover: section 2."))
     dp_h = [h for h in report["hospitals"] if h.get("accounting")]
     if dp_h:
         _privacy_per_hospital(B, dp_h)
@@ -402,6 +410,10 @@ def _section_budget(B: list[Block], report: dict, run_dir: Path) -> None:
     if b["resumes"]:
         B.append(Block("table", (["hospital", "event", "epsilon restored"],
                                  [[e["hospital"], e["reason"], _v(e.get("epsilon_spent"))] for e in b["resumes"]]), None))
+    dp_h = [h for h in report["hospitals"] if h.get("accounting")]
+    if dp_h:
+        B.append(Block("h3", "Epsilon after each round (composed over the rounds so far)"))
+        _epsilon_by_round_table(B, dp_h)
     if b.get("other_hospitals_events") is not None:
         B.append(Block("p", "Other hospitals' events (counts): " + (_v(b["other_hospitals_events"]) or "none") + "."))
     for maker, cap in ((plot_burndown, "Budget burn-down"), (plot_participation, "Participation by round")):
@@ -471,8 +483,10 @@ def _audit_mia(B: list[Block], mia: list[dict]) -> None:
 
 
 def _section_audit(B: list[Block], report: dict, run_dir: Path) -> None:
-    """Empirical audits in the main body: consistency with the claimed epsilon, the membership-inference rows that
-    are not 'no signal shown' and the count of each status, the bounds plot; every row and ROC curve in appendix A."""
+    """Empirical audits in the main body, in counts: consistency with the claimed epsilon per audit kind, the
+    membership-inference results per status (and, for the statuses other than 'no signal shown', per hospital) with
+    the worst measured leakage, and update inversion in one sentence. Every row, the bounds plot and the ROC curves
+    are in appendix B (issue #30: a main body of at most 6 PDF pages, no per-row table in it)."""
     au = report["audit"]
     if not au["run"]:
         B.append(Block("p", au["note"] or "audit not run"))
@@ -485,26 +499,39 @@ def _section_audit(B: list[Block], report: dict, run_dir: Path) -> None:
         counts[m["status"]] = counts.get(m["status"], 0) + 1
     B.append(Block("p", f"{len(au['mia'])} results: " + (", ".join(f"{n} {st}" for st, n in counts.items()) or "none")
                    + (f". Worst measured leakage: {report['summary']['first_page']['worst_leakage_text']}." if au["mia"] else ".")
-                   + " Every row is in appendix A."))
-    flagged = [m for m in au["mia"] if m["status"] != "no signal shown"]
-    flagged.sort(key=lambda m: -((m.get("auc_ci") or m["auc_ci95"] or [m["auc"]])[0]))
-    if flagged:
-        _audit_mia(B, flagged[:MAX_MIA_BODY])
-        if len(flagged) > MAX_MIA_BODY:
-            B.append(Block("p", f"{len(flagged) - MAX_MIA_BODY} more rows that are not 'no signal shown' are in appendix B."))
+                   + " Every row is in appendix B."))
+    if _audit_mia_where(au["mia"]):
+        B.append(Block("p", _audit_mia_where(au["mia"])))
     if au["reconstruction"]:
-        B.append(Block("table", (["hospital", "task", "update", "visible to server", "relative MSE", "cosine", "note"],
-                                 [[_v(r.get("hospital")), _v(r.get("task")), _v(r.get("update")), _v(r.get("visible")),
-                                   _v(r.get("relative_mse")), _v(r.get("cosine")), _v(r.get("note"))]
-                                  for r in au["reconstruction"]]), None))
+        B.append(Block("p", _reconstruction_sentence(au["reconstruction"])))
     if au.get("other_hospitals"):
         o = au["other_hospitals"]
         B.append(Block("p", f"Other hospitals' audits (aggregate, {o['hospitals']} hospitals): {o['mia_results']} "
                             "membership-inference results (" + _v(o["mia_statuses"]) + "); DP-consistency audits: "
                             + _v(o["consistency_statuses"]) + "."))
-    img = plot_audit_bounds(report)
-    if img:
-        B.append(Block("img", img, "Empirical epsilon lower bound vs accountant epsilon"))
+
+
+def _audit_mia_where(mia: list[dict]) -> str:
+    """Where the rows that are not 'no signal shown' are, in one sentence: per status, the count per hospital."""
+    parts = []
+    for st in dict.fromkeys(m["status"] for m in mia if m["status"] != "no signal shown"):
+        per: dict[str, int] = {}
+        for m in mia:
+            if m["status"] == st:
+                who = _v(m.get("hospital") or m.get("target"))
+                per[who] = per.get(who, 0) + 1
+        parts.append(f"{st}: " + ", ".join(f"{w} {n}" for w, n in per.items()))
+    return ("By hospital (or target): " + "; ".join(parts) + ".") if parts else ""
+
+
+def _reconstruction_sentence(rows: list[dict]) -> str:
+    """Update inversion in one sentence: how many rows, and in how many the server saw a per-client update (what the
+    others mean, for a server that follows the protocol and for a malicious one, is under the rows in appendix B)."""
+    visible = sum(r.get("visible") is True for r in rows)
+    hidden = [r.get("update") for r in rows if r.get("visible") is False and r.get("update") not in ("plain", "dp")]
+    return (f"Update inversion: {len(rows)} rows; a per-client update visible to the server in {visible} of them"
+            + (f" (under {', '.join(repr(m) for m in dict.fromkeys(hidden))}: none to a server that follows the "
+               f"protocol; what a malicious one can do is in appendix B and E)" if hidden else "") + ".")
 
 
 def _audit_consistency_counts(B: list[Block], consistency: list[dict]) -> None:
@@ -528,8 +555,8 @@ def _audit_consistency_counts(B: list[Block], consistency: list[dict]) -> None:
 
 
 def _section_audit_appendix(B: list[Block], report: dict, run_dir: Path) -> None:
-    """Appendix B: every DP-consistency row, every membership-inference row, every black-box canary row, the ROC
-    curves."""
+    """Appendix B: every DP-consistency row, every membership-inference row, every update-inversion row (a note several
+    rows share printed once), every black-box canary row, the bounds plot, the ROC curves."""
     au = report["audit"]
     if not au["run"]:
         B.append(Block("p", au["note"] or "audit not run"))
@@ -538,6 +565,15 @@ def _section_audit_appendix(B: list[Block], report: dict, run_dir: Path) -> None
         _audit_consistency(B, au["consistency"])
     if au["mia"]:
         _audit_mia(B, au["mia"])
+    if au["reconstruction"]:
+        B.append(Block("table", (["hospital", "task", "update", "visible to server", "relative MSE", "cosine"],
+                                 [[_v(r.get("hospital")), _v(r.get("task")), _v(r.get("update")), _v(r.get("visible")),
+                                   _v(r.get("relative_mse")), _v(r.get("cosine"))] for r in au["reconstruction"]]), None))
+        notes = list(dict.fromkeys(r["note"] for r in au["reconstruction"] if r.get("note")))
+        for n in notes:  # a note several rows share is printed once, not in every row
+            B.append(Block("p", f"{n[0].upper()}{n[1:]} ({sum(r.get('note') == n for r in au['reconstruction'])} rows: "
+                                + ", ".join(f"{_v(r.get('hospital'))} {_v(r.get('task'))} {_v(r.get('update'))}"
+                                            for r in au["reconstruction"] if r.get("note") == n) + ")."))
     if au["dp_audit"]:
         B.append(Block("table", (["hospital", "task", "canaries", "eps lower bound", "one-run bound",
                                   "claim checked (federation's spend)", "status"],
@@ -545,6 +581,9 @@ def _section_audit_appendix(B: list[Block], report: dict, run_dir: Path) -> None
                                    _v(a.get("eps_lb_one_run")), _v(a.get("eps_accountant")),
                                    a["status"] + (" (underpowered)" if a.get("underpowered") else "")]
                                   for a in au["dp_audit"]]), None))
+    img = plot_audit_bounds(report)
+    if img:
+        B.append(Block("img", img, "Empirical epsilon lower bound vs accountant epsilon"))
     shown = [r for r in au["roc_images"] if (run_dir / r["path"]).is_file()][:MAX_ROC_IMAGES]
     for roc in shown:
         B.append(Block("img", (run_dir / roc["path"]).read_bytes(), f"ROC curve (log-log): {roc['path']}"))
@@ -678,7 +717,10 @@ def blocks(report: dict, run_dir: Path) -> list[Block]:
     HTML and PDF both render."""
     B: list[Block] = []
     _title(B, report)
+    first_appendix = next((s.key for s in SECTIONS if s.title.startswith("Appendix")), None)
     for section in SECTIONS:
+        if section.key == first_appendix:
+            B.append(Block("break", None))  # the main body ends here: the appendices start on a new page
         B.append(Block("h2", section.title, section.key))
         section.build(B, report, run_dir)
     return B
