@@ -557,8 +557,10 @@ def leakage_findings(audit: dict, auc_fail: float) -> list[Finding]:
 
 
 def below_chance_findings(audit: dict) -> list[Finding]:
-    """An attack whose AUC interval lies wholly below 0.5 is an audit fault: its scores are reliably on the wrong side
-    of chance (leakage measured with the wrong sign), so the audit under-reports; never a membership signal."""
+    """An attack whose AUC interval lies wholly below 0.5 is an audit fault, never a membership signal: its scores are
+    on the wrong side of chance (leakage measured with the wrong sign: the audit under-reports), or its interval is
+    narrower than the attack's own variability (the auditor game's intervals were, before #30: they resampled the
+    game's (model, record) pairs as independent), or, about 1 time in 40, a 95% interval misses 0.5 by chance."""
     out = []
     for m in audit["mia"]:
         if m["status"] != MIA_BELOW_CHANCE:
@@ -567,7 +569,8 @@ def below_chance_findings(audit: dict) -> list[Finding]:
         who = f"{m['hospital']}: " if m["hospital"] else ""
         out.append(Finding("attention", f"{who}{m['attack']} attack on {m['target']}{' / ' + m['task'] if m['task'] else ''}: "
                            f"AUC {m['auc']:.3g} (95% interval {ci[0]:.3g} to {ci[1]:.3g}) lies below chance: an audit "
-                           "fault (the attack's scores are inverted), not a membership signal; this attack under-reports",
+                           "fault (inverted scores, or an interval too narrow for the attack's variability), not a "
+                           "membership signal; this attack may under-report",
                            m["hospital"], "an attack scored below chance (an audit fault)"))
     return out
 
