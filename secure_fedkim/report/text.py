@@ -712,7 +712,8 @@ def disclosure_card(report: dict, cfg, randomness: dict[str, dict]) -> dict | No
     if kinds == ["secure"]:
         source = ("secure: a ChaCha20 keystream keyed from the OS for every DP session (privacy.randomness), as every "
                   "dp_round entry of the run records")
-        fp = ("Gaussian noise as the sum of four Box-Muller draws in float64 halved (Holohan and Braghin 2021), against "
+        fp = ("Gaussian noise as the sum of four Box-Muller draws halved, at the gradient's precision (float32 on 24-bit "
+              "uniforms, float64 on 53-bit; Holohan and Braghin 2021), against "
               "floating-point attacks on the sampler (privacy.randomness)")
     elif kinds:
         source = "as recorded per DP session: " + ", ".join(kinds) + ("; a reproducible generator is not fit for release"
