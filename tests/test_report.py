@@ -1347,3 +1347,22 @@ def test_a_run_level_finding_fails_the_report_naming_what_repeated(copy_run):
     assert status_of(part, "audit_consistent_with_accountant")["status"] == "fail"  # still flagged, unnamed
     paths = write_report(run)
     assert verify(paths.json) == []
+
+
+def test_a_partner_sees_only_the_audit_parts_declared_shareable():
+    """Deny by default (#26): a part of the audit section that PARTNER_VIEW does not declare (a new audit kind's rows,
+    say) reaches the full report and never a partner's; declared row parts keep the partner's own rows only."""
+    from secure_fedkim.report.build import PARTNER_VIEW, _audit_view
+
+    audit = {"run": True, "source": "audit/audit.json", "note": None, "auditor_knowledge": None, "low_fpr_note": None,
+             "mia": [], "dp_audit": [], "reconstruction": [], "roc_images": [], "skipped": [],
+             "consistency": [{"hospital": "hungary", "path": "runlevel/0", "status": "consistent"},
+                             {"hospital": "cleveland", "path": "runlevel/1", "status": "inconsistent"}],
+             "toy_kind": [{"hospital": "cleveland", "score": 0.91}], "_clients": ["cleveland", "hungary"]}
+    assert "toy_kind" not in PARTNER_VIEW
+    full = _audit_view(audit, None)
+    assert full["toy_kind"] == audit["toy_kind"] and len(full["consistency"]) == 2
+    part = _audit_view(audit, "hungary")
+    assert "toy_kind" not in part and "_clients" not in part
+    assert [e["hospital"] for e in part["consistency"]] == ["hungary"]
+    assert part["other_hospitals"]["hospitals"] == 1 and part["other_hospitals"]["consistency_statuses"]["inconsistent"] == 1

@@ -1131,30 +1131,42 @@ def _per_patient(run: RunFacts) -> dict[str, int | None]:
     return {c: configured if configured is not None else run.records_per_patient.get(c) for c in run.clients}
 
 
+#: How each key of the audit section reaches a partner's report, declared key by key: ``"run"`` (about the whole run,
+#: naming no hospital: as is), ``"rows"`` (one row per hospital or none: the partner's own and the hospital-free ones;
+#: the others only as counts in ``other_hospitals``), ``"skipped"`` (notes: those naming no other hospital). A key
+#: not declared here never reaches a partner: a new part is private until someone decides how it may be shared.
+PARTNER_VIEW = {"run": "run", "source": "run", "note": "run", "auditor_knowledge": "run", "low_fpr_note": "run",
+                "mia": "rows", "dp_audit": "rows", "reconstruction": "rows", "consistency": "rows", "roc_images": "rows",
+                "skipped": "skipped"}
+
+
 def _audit_view(audit: dict, partner: str | None) -> dict:
     """The audit as one reader sees it: every row with its one status (``settle_audit``), the worst measured leakage
-    of the rows shown, and in a partner report the other hospitals' rows only as counts of those same statuses."""
-    out = {k: v for k, v in audit.items() if k != "_clients"}
+    of the rows shown, and in a partner report (deny by default, :data:`PARTNER_VIEW`) the partner's own rows, the
+    other hospitals' only as counts of those same statuses."""
     if partner is None:
+        out = {k: v for k, v in audit.items() if k != "_clients"}
         out["other_hospitals"] = None
         out["worst_leakage"] = worst_leakage(out["mia"])
         return out
     mine = lambda e: e.get("hospital") in (None, partner)
+    names = [c for c in audit.get("_clients", []) if c != partner]
+    out = {}
+    for key, value in audit.items():
+        how = PARTNER_VIEW.get(key)
+        if how == "run":
+            out[key] = value
+        elif how == "rows":
+            out[key] = [e for e in value if mine(e)]
+        elif how == "skipped":
+            out[key] = [x for x in value if not any(c in x["what"] + x["why"] for c in names)]
     others_mia = [e for e in audit["mia"] if not mine(e)]
     others_dp = [e for e in audit["dp_audit"] if not mine(e)]
     others_rows = [e for e in audit["consistency"] if not mine(e)]
     others_rows += [e for e in others_dp if e["path"] not in {c["path"] for c in others_rows}]
-    n_oh = len({e["hospital"] for e in others_mia + others_rows})
-    out["mia"] = [e for e in audit["mia"] if mine(e)]
-    out["dp_audit"] = [e for e in audit["dp_audit"] if mine(e)]
-    out["reconstruction"] = [e for e in audit["reconstruction"] if mine(e)]
-    out["consistency"] = [e for e in audit["consistency"] if mine(e)]
-    out["roc_images"] = [p for p in audit["roc_images"] if p["hospital"] in (None, partner)]
-    names = audit.get("_clients", [])
-    out["skipped"] = [x for x in audit.get("skipped", []) if not any(c in x["what"] + x["why"] for c in names if c != partner)]
     out["worst_leakage"] = worst_leakage(out["mia"])
     out["other_hospitals"] = {
-        "hospitals": n_oh,
+        "hospitals": len({e["hospital"] for e in others_mia + others_rows}),
         "mia_results": len(others_mia),
         "dp_audits": len(others_dp),
         # the same statuses as every row of this report (settle_audit): no second verdict
