@@ -311,6 +311,15 @@ def test_leakage_rules_say_what_they_test_and_below_chance_is_an_audit_fault(cop
     write_audit(run, {**AUDIT, "whitebox": [whitebox(c) for c in CLIENTS]})
     check = status_of(build_report(run), "audit_consistent_with_accountant")
     assert check["status"] == "pass" and "carries the decision" in check["reason"]
+    # so does the run-level audit of the hospital, over every task, when its canaries could have refuted its claim
+    def runlevel(c, cert):
+        return {"hospital": c, "threat_model": "the run as executed", "status": "consistent", "reasons": ["consistent"],
+                "eps_lb_one_run": 2.0, "accountant_epsilon": 8.0, "max_certifiable_epsilon": cert}
+    write_audit(run, {**AUDIT, "runlevel": [runlevel(c, 12.1) for c in CLIENTS]})
+    check = status_of(build_report(run), "audit_consistent_with_accountant")
+    assert check["status"] == "pass" and "run-level audit of the whole run" in check["reason"], check["reason"]
+    write_audit(run, {**AUDIT, "runlevel": [runlevel(c, 6.0) for c in CLIENTS]})  # could not have refuted 8
+    assert status_of(build_report(run), "audit_consistent_with_accountant")["status"] == "inconclusive"
     write_audit(run, {**AUDIT, "whitebox": [whitebox(c, "inconsistent") for c in CLIENTS]})
     assert status_of(build_report(run), "audit_consistent_with_accountant")["status"] == "fail"
 

@@ -50,7 +50,8 @@ attention
 inconclusive
   * ``audit_consistent_with_accountant``: an audit entry with status ``inconclusive`` (with the largest epsilon
     it can certify) and no failing one; an underpowered black-box canary audit (its claim above what it can certify)
-    does not hold the decision when the white-box audit of the same hospital and task decided consistent.
+    does not hold the decision when the white-box audit of the same hospital and task, or the hospital's run-level
+    audit (whose canaries could certify more than its whole-run claim), decided consistent.
 
 Every derived figure comes from one place (``collect.derive``: remaining budget and patient level from the composed
 spend; ``settle_audit``: one status per audit row; ``worst_leakage``), and ``verify`` recomputes each by its own code
@@ -486,17 +487,26 @@ def settle_audit(audit: dict, hospitals: dict[str, HospitalFacts]) -> None:
         m["tpr_lower_at_low_fpr"] = tpr_lower_bound(m)
 
 
-def _decided_by_whitebox(audit: dict, e: dict) -> dict | None:
-    """A white-box audit of the same hospital and task that decided (consistent): it carries the decision an
-    underpowered black-box canary audit cannot."""
-    return next((w for w in audit["consistency"] if w["kind"] == "whitebox" and w["status"] == "consistent"
-                 and w["hospital"] == e["hospital"] and w["task"] == e["task"]), None)
+def _decided_by(audit: dict, e: dict) -> dict | None:
+    """An audit that decided (consistent) what an underpowered black-box canary audit cannot, and so carries the
+    decision: the white-box audit of the same hospital and task, or the hospital's run-level audit, whose canaries
+    join every step of every task and the baseline and could certify more than its whole-run claim."""
+    def decides(w: dict) -> bool:
+        if w["status"] != "consistent" or w["hospital"] != e["hospital"]:
+            return False
+        if w["kind"] == "whitebox":
+            return w["task"] == e["task"]
+        cert, claim = w["max_certifiable_epsilon"], w["claim_checked"]
+        return w["kind"] == "runlevel" and cert is not None and claim is not None and cert >= claim
+
+    return next((w for w in audit["consistency"] if w["kind"] == "whitebox" and decides(w)),
+                next((w for w in audit["consistency"] if decides(w)), None))
 
 
 def consistency_findings(audit: dict, hospitals: dict[str, HospitalFacts] | None = None) -> list[Finding]:
     """From each row's settled status: ``inconsistent`` is evidence of a DP bug (fail, naming the case);
-    ``inconclusive`` cannot decide, and holds the decision unless it is underpowered and a white-box audit of the same
-    training decided (then it is said, as such, under a pass). Rows of an older audit.json without a verdict are
+    ``inconclusive`` cannot decide, and holds the decision unless it is underpowered and an audit of the same
+    training that could decide did (``_decided_by``) (then it is said, as such, under a pass). Rows of an older audit.json without a verdict are
     judged by their lower bound against the accountant (``settle_audit``)."""
     out = []
     hospitals = hospitals or {}
@@ -524,12 +534,15 @@ def consistency_findings(audit: dict, hospitals: dict[str, HospitalFacts] | None
                      + (f"; the hospital's composed epsilon is {total:.4g}" if total is not None and e["kind"] == "dp_audit"
                         and claim is not None and abs(total - claim) > 1e-9 else "") + ")") if claim is not None else ""
             cap = f" (the largest epsilon it can certify is {cert:.3g})" if cert is not None else ""
-            decided = _decided_by_whitebox(audit, e) if e["underpowered"] else None
+            decided = _decided_by(audit, e) if e["underpowered"] else None
             if decided is not None:
+                by = (f"white-box audit of the same training ({decided['path']})" if decided["kind"] == "whitebox" else
+                      f"run-level audit of the whole run, this task included ({decided['path']}; its canaries can "
+                      f"certify up to {decided['max_certifiable_epsilon']:.3g}, above its claim "
+                      f"{decided['claim_checked']:.3g})")
                 out.append(Finding("pass", f"{case} is underpowered: it cannot decide at this budget{cap}{named}; the "
-                                   f"white-box audit of the same training ({decided['path']}) decided consistent and "
-                                   "carries the decision", e["hospital"],
-                                   "an underpowered audit could not decide; a white-box audit of the same training did"))
+                                   f"{by} decided consistent and carries the decision", e["hospital"],
+                                   "an underpowered audit could not decide; an audit of the same training that could, did"))
             else:
                 out.append(Finding("inconclusive", f"{case} is inconclusive"
                                    + (" (underpowered: it cannot decide at this budget)" if e["underpowered"] else "")

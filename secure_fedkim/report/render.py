@@ -467,7 +467,8 @@ def _audit_consistency(B: list[Block], consistency: list[dict]) -> None:
     B.append(Block("p", "Claim checked: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in
                                                      {c["kind"]: c.get("claim_checked_of") for c in consistency}.items() if v)
                    + ". Underpowered: the claim is above the largest epsilon the audit could certify, so it could not "
-                   "have decided; it holds no decision where a white-box audit of the same training decided."))
+                   "have decided; it holds no decision where the white-box audit of the same training or the "
+                   "run-level audit of the whole run decided."))
 
 
 def _audit_mia(B: list[Block], mia: list[dict]) -> None:
@@ -550,7 +551,8 @@ def _audit_consistency_counts(B: list[Block], consistency: list[dict]) -> None:
         B.append(Block("ul", [f"{_v(c['hospital'])} {_v(c['task'])} ({c['kind'].replace('_', ' ')}): inconsistent: "
                               + "; ".join(c["reasons"]) for c in bad][:8]))
     B.append(Block("p", "Underpowered: the claim is above the largest epsilon the audit could certify, so it could not "
-                        "have decided; it holds no decision where a white-box audit of the same training decided. "
+                        "have decided; it holds no decision where the white-box audit of the same training or the "
+                        "run-level audit of the whole run decided. "
                         "Every row, with its reasons, is in appendix B."))
 
 
