@@ -27,8 +27,9 @@ task is partitioned by its real sites (``natural``), so that an attack measures 
 difference between one hospital's patients and the pooled test split.
 
 Each kind of audit is a registered unit (:data:`AUDIT_KINDS`, :class:`AuditKind`): its audit.json part and row
-type, its config section, its threat model and its run function; :func:`audit_run` runs the registry. audit.json's
-schema (id, one row type per part, the strict reader the report uses) is :mod:`secure_fedkim.audit_schema`;
+type, its config section, its threat model and its run function, and (a kind added with
+:func:`register_audit_kind`) its report reader, partner view and terminal lines; :func:`audit_run` runs the registry.
+audit.json's schema (id, one row type per part, the strict reader the report uses) is :mod:`secure_fedkim.audit_schema`;
 :func:`audit_run` checks every row against it and refuses to write a row it refuses.
 
 Outputs go to ``RUN_DIR/audit/``: ``audit.json`` and one log-log ROC PNG per (target, task). Every entry
@@ -88,14 +89,14 @@ from privacy.plan import DPPlan
 from secure_fedkim.artifacts import Run, load_run
 from secure_fedkim.audit_schema import (
     DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, RUNLEVEL_ROW, SCHEMA, WHITEBOX_ROW, RowType,
-    check_audit_json,
+    check_audit_json, parts, register_part, unregister_part,
 )
 from secure_fedkim.local_training import patients_of, task_local_epochs
 from attacks.audit_config import (  # noqa: F401 (AuditConfigError, load/parse: the audit's import API)
     SIGNIFICANCE, AuditConfig, AuditConfigError, CanarySection, GameSection, InversionSection, MIASection,
-    RunLevelSection, load_audit_config, parse_audit_config,
+    RunLevelSection, config_model, load_audit_config, parse_audit_config, register_section, unregister_section,
 )
-from attacks.audit_table import format_audit_table, format_summary  # noqa: F401 (the CLI's import API)
+from attacks.audit_table import TABLE_LINES, format_audit_table, format_summary  # noqa: F401 (the CLI's import API)
 
 __all__ = [
     "AuditConfig",
@@ -111,6 +112,8 @@ __all__ = [
     "THREAT_MODELS",
     "AUDIT_KINDS",
     "AuditKind",
+    "register_audit_kind",
+    "unregister_audit_kind",
 ]
 
 # What the adversary of each figure sees (every entry of audit.json names one)
@@ -417,7 +420,9 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     the same whichever process runs a job and in whatever order.
     """
     t_start = time.perf_counter()
-    config = config or AuditConfig()
+    config = config or parse_audit_config({})
+    if not isinstance(config, config_model()):  # an AuditConfig made before a kind was registered: its defaults
+        config = parse_audit_config(config.model_dump())
     run = load_run(run_dir)
     train_tasks = [n for n, p in run.plans.items() if p.task.role == "train"]
     tasks = _known(config.tasks, train_tasks, train_tasks, "tasks", "training tasks")
@@ -439,7 +444,7 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
         "config": config.model_dump(),
         "auditor_knowledge": AUDITOR_KNOWLEDGE,
         "accountant": accountant,
-        **{part: [] for part in _PARTS},
+        **{part: [] for part in parts()},
     }
     # the white-box job first: it is short, so the long task jobs then share the workers
     white_box = any(k.scope == "hospital" and k.enabled(config, run, None) for k in AUDIT_KINDS)
@@ -449,6 +454,8 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     jobs = (([("run", -2, None)] if whole_run else []) + ([("hospital", -1, None)] if white_box else [])
             + [("task", ti, t) for ti, t in enumerate(tasks)])
     workers = min(len(jobs), config.workers or _default_workers())
+    if any(k.name not in _BUILT_IN_KINDS for k in AUDIT_KINDS):
+        workers = 1  # a registered kind lives in this process only (the pool's processes start without it)
     args = [(run.run_dir, config, tasks, clients, accountant, kind, ti, task) for kind, ti, task in jobs]
     cpu: dict[str, dict[str, float]] = {}
     if workers <= 1:
@@ -467,7 +474,7 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
             for f in tqdm(futures, desc=f"audit ({workers} processes, one job per task)", disable=not progress):
                 results.append(f.result())
     for part_lists, part_cpu in results:  # job order, whatever process ran each job
-        for part in _PARTS:
+        for part in parts():
             audit[part].extend(part_lists[part])
         for part, by_task in part_cpu.items():
             merged = cpu.setdefault(part, {})
@@ -484,7 +491,7 @@ def audit_run(run_dir: str | Path, config: AuditConfig | None = None, *, progres
     return audit
 
 
-_PARTS = PARTS  # secure_fedkim.audit_schema: every part of audit.json, in its order
+_PARTS = PARTS  # secure_fedkim.audit_schema: the built-in parts of audit.json, in their order (all: parts())
 
 
 def _default_workers() -> int:
@@ -504,7 +511,7 @@ def _audit_job(run_dir: Path, config: AuditConfig, tasks: list[str], clients: li
     torch.manual_seed(config.seed * 1000 + ti + 1)
     np.random.seed((config.seed * 1000 + ti + 1) % 2**32)
     run = load_run(run_dir)
-    out: dict[str, Any] = {part: [] for part in _PARTS}
+    out: dict[str, Any] = {part: [] for part in parts()}
     if kind == "hospital":
         return _hospital_job(run, config, tasks, clients, accountant, out, progress)
     if kind == "run":
@@ -845,8 +852,15 @@ class AuditKind:
     tasks)`` once per audited hospital (``whitebox.hospitals``) with the white-box tasks (``whitebox.tasks``).
     ``enabled(config, run, task)``: whether it runs (``task`` is None in the white-box job).
 
-    A new kind is its run function and one line here (a new part also needs its row type in
-    ``secure_fedkim.audit_schema.ROW_TYPES`` and its reading in ``secure_fedkim.report.build``)."""
+    What a kind brings beyond the audit itself (a kind added with :func:`register_audit_kind`; the built-in kinds'
+    are declared in their modules: ``audit_schema.ROW_TYPES``, ``report.build.PART_READERS`` and ``PARTNER_VIEW``,
+    ``audit_table``): ``partner_view``, how its part reaches a partner's report (None, the default: never;
+    ``"rows"``: the partner's own rows and those naming no hospital, by each report row's ``hospital``; ``"run"``: as
+    is, for a part naming no hospital); ``report_reader(section, row, [part, index], row context)``, how the report
+    reads a row into the audit section (rows under a key named like the part, each naming its ``hospital``; None: the
+    row as written, less its record ids, under the part's own key of the report's audit section, with its
+    ``path`` and the ``hospital`` it names); ``table_lines(audit) -> list[str]``, its lines in the terminal's
+    audit table (None: none)."""
 
     name: str
     part: str
@@ -860,6 +874,9 @@ class AuditKind:
     units: Callable[[AuditConfig, Run, list[str]], list] = lambda config, run, clients: []
     cpu_part: Callable[[Any], str] = lambda unit: ""
     steps: Callable[[Any], int] = lambda unit: 1
+    partner_view: Literal["rows", "run"] | None = None
+    report_reader: Callable[[dict, dict, list[str], dict], None] | None = None
+    table_lines: Callable[[dict], list[str]] | None = None
 
 
 def _mia_targets(config: AuditConfig, run: Run, clients: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -882,7 +899,7 @@ def _chosen(tasks: list[str] | None, task: str | None) -> bool:
     return tasks is None or task in tasks  # None: every audited task
 
 
-AUDIT_KINDS: tuple[AuditKind, ...] = (  # task-scope kinds run in this order in each task's job
+AUDIT_KINDS: list[AuditKind] = [  # task-scope kinds run in this order in each task's job
     AuditKind("mia", "mia", MIA_ROW, MIASection, "mia", THREAT_BLACK_BOX, "task",
               enabled=lambda c, run, task: c.mia.enabled, units=_mia_targets, cpu_part=lambda target: f"mia {target[1]}",
               run=lambda ctx, j, target: _mia_target(ctx, j.ti, j.task, target, j.nonmembers, j.population)),
@@ -904,4 +921,75 @@ AUDIT_KINDS: tuple[AuditKind, ...] = (  # task-scope kinds run in this order in 
     AuditKind("runlevel", "runlevel", RUNLEVEL_ROW, RunLevelSection, "runlevel", THREAT_RUN, "run",
               enabled=lambda c, run, task: c.runlevel.enabled and any(run.cfg.dp_profile(h) is not None for h in run.clients),
               run=_runlevel),
-)
+]
+_BUILT_IN_KINDS = frozenset(k.name for k in AUDIT_KINDS)
+
+
+def register_audit_kind(kind: AuditKind) -> AuditKind:
+    """Add ``kind`` to :data:`AUDIT_KINDS` with everything it owns: its config section (accepted under
+    ``config_key`` by :func:`parse_audit_config`, its defaults when absent), its part and row type (written to
+    audit.json and checked there, read by the report: ``secure_fedkim.audit_schema.register_part``), its report
+    reader and partner view, and its terminal table lines. Refuses, naming what, a kind that is incomplete or
+    whose name, part or config key is taken (by a built-in kind or a registered one). A registered kind runs in
+    the auditing process itself (``workers`` 1). Returns ``kind``."""
+    if not isinstance(kind, AuditKind):
+        raise TypeError(f"register_audit_kind: {kind!r} is not an AuditKind")
+    name = kind.name
+    problems = []
+    if not (isinstance(name, str) and name.isidentifier()):
+        problems.append(f"name {name!r} is not an identifier")
+    if any(k.name == name for k in AUDIT_KINDS):
+        problems.append(f"an audit kind named {name!r} is already registered")
+    if not isinstance(kind.row, RowType) or kind.row.part != kind.part:
+        problems.append(f"row must be a RowType of part {kind.part!r}, not {kind.row!r}")
+    if kind.part in parts():
+        problems.append(f"audit.json part {kind.part!r} is already written by another kind")
+    if not (isinstance(kind.section, type) and issubclass(kind.section, BaseModel)):
+        problems.append(f"section must be a pydantic model class, not {kind.section!r}")
+    threats = (kind.threat_model,) if isinstance(kind.threat_model, str) else kind.threat_model
+    if not threats or not all(isinstance(t, str) and t for t in threats):
+        problems.append(f"threat_model must name what its adversary sees, not {kind.threat_model!r}")
+    if kind.scope not in ("task", "hospital", "run"):
+        problems.append(f"scope must be 'task', 'hospital' or 'run', not {kind.scope!r}")
+    for field in ("enabled", "run", "units", "cpu_part", "steps"):
+        if not callable(getattr(kind, field)):
+            problems.append(f"{field} is not callable")
+    if kind.scope == "task" and kind.units is AuditKind.__dataclass_fields__["units"].default:
+        problems.append("a task-scope kind needs units(config, run, clients): the units its run is called with")
+    if kind.partner_view not in (None, "rows", "run"):
+        problems.append(f"partner_view must be None (never), 'rows' or 'run', not {kind.partner_view!r}")
+    for field in ("report_reader", "table_lines"):
+        if getattr(kind, field) is not None and not callable(getattr(kind, field)):
+            problems.append(f"{field} must be callable or None")
+    if not problems:
+        try:
+            register_section(kind.config_key, kind.section)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError(f"audit kind {name!r}: " + "; ".join(problems))
+    try:
+        register_part(kind.row, kind.partner_view, kind.report_reader)
+    except (TypeError, ValueError) as e:
+        if not any(k.config_key == kind.config_key for k in AUDIT_KINDS):
+            unregister_section(kind.config_key)
+        raise ValueError(f"audit kind {name!r}: {e}") from None
+    if kind.table_lines is not None:
+        TABLE_LINES[name] = kind.table_lines
+    AUDIT_KINDS.append(kind)
+    return kind
+
+
+def unregister_audit_kind(name: str) -> None:
+    """Forget a kind added with :func:`register_audit_kind` (its part, section and table lines too); a built-in kind
+    stays."""
+    if name in _BUILT_IN_KINDS:
+        raise ValueError(f"audit kind {name!r} is built in")
+    kind = next((k for k in AUDIT_KINDS if k.name == name), None)
+    if kind is None:
+        return
+    AUDIT_KINDS.remove(kind)
+    TABLE_LINES.pop(name, None)
+    unregister_part(kind.part)
+    if not any(k.config_key == kind.config_key for k in AUDIT_KINDS):
+        unregister_section(kind.config_key)

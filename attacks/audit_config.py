@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from attacks.mia import ATTACKS, MIA_ATTACKS
 from attacks.whitebox import WhiteboxSection
@@ -18,7 +18,7 @@ from secure_fedkim.config_errors import validate_mapping
 SIGNIFICANCE = 0.05
 
 __all__ = ["SIGNIFICANCE", "AuditConfig", "AuditConfigError", "CanarySection", "GameSection", "InversionSection",
-           "MIASection", "load_audit_config", "parse_audit_config"]
+           "MIASection", "load_audit_config", "parse_audit_config", "register_section", "unregister_section"]
 
 
 class AuditConfigError(ConfigError):
@@ -142,15 +142,57 @@ class AuditConfig(_Strict):
         return self
 
 
+#: config sections of registered audit kinds (``attacks.audit.register_audit_kind``), by key: accepted in
+#: audit.yaml beside the built-in ones (:func:`parse_audit_config`), with their defaults when absent
+SECTIONS: dict[str, type[BaseModel]] = {}
+_models: dict[tuple, type[AuditConfig]] = {}
+
+
+def register_section(key: str, section: type[BaseModel]) -> None:
+    """Accept ``key`` in audit configs, validated as ``section`` (every field with a default: an absent section
+    reads as ``section()``). Refuses a key already taken by another section."""
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        raise TypeError(f"audit config section {key!r}: {section!r} is not a pydantic model")
+    if not key.isidentifier() or key.startswith("_"):
+        raise ValueError(f"audit config key {key!r} is not an identifier")
+    taken = AuditConfig.model_fields[key].annotation if key in AuditConfig.model_fields else SECTIONS.get(key)
+    if taken is not None and taken is not section:
+        raise ValueError(f"audit config key {key!r} is already the section {getattr(taken, '__name__', taken)}")
+    try:
+        section()
+    except Exception as e:  # noqa: BLE001 (pydantic's ValidationError and a validator's own)
+        raise ValueError(f"audit config section {key!r}: {section.__name__}() must validate (defaults for every "
+                         f"field): {e}") from None
+    if key not in AuditConfig.model_fields:
+        SECTIONS[key] = section
+
+
+def unregister_section(key: str) -> None:
+    SECTIONS.pop(key, None)
+
+
+def config_model() -> type[AuditConfig]:
+    """:class:`AuditConfig`, or with registered sections a subclass of it with one field per section (still
+    refusing unknown keys)."""
+    if not SECTIONS:
+        return AuditConfig
+    fields = tuple(SECTIONS.items())
+    if fields not in _models:
+        _models[fields] = create_model("AuditConfig", __base__=AuditConfig, __module__=__name__,
+                                       **{k: (sec, Field(default_factory=sec)) for k, sec in fields})
+    return _models[fields]
+
+
 def parse_audit_config(data: Any, source: str = "<audit config>") -> AuditConfig:
-    """Validate a mapping; one :class:`AuditConfigError` naming ``source`` and the key."""
-    return validate_mapping(AuditConfig, {} if data is None else data, source, AuditConfigError)
+    """Validate a mapping; one :class:`AuditConfigError` naming ``source`` and the key. The registered kinds'
+    sections (:data:`SECTIONS`) are accepted beside the built-in ones."""
+    return validate_mapping(config_model(), {} if data is None else data, source, AuditConfigError)
 
 
 def load_audit_config(path: str | Path | None) -> AuditConfig:
     """Read and validate an audit YAML (``None``: the defaults, as in configs/audit.yaml)."""
     if path is None:
-        return AuditConfig()
+        return parse_audit_config({})
     path = Path(path)
     if not path.is_file():
         raise AuditConfigError(f"{path}: audit config file not found")

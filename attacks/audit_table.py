@@ -4,11 +4,16 @@ MIA target and canary replay, with the notes a reader needs (reads audit.json fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from attacks.audit_config import SIGNIFICANCE
 from attacks.metrics import fpr_key
 
-__all__ = ["format_audit_table", "format_summary"]
+__all__ = ["TABLE_LINES", "format_audit_table", "format_summary"]
+
+#: registered audit kinds' terminal lines (``AuditKind.table_lines``; ``attacks.audit.register_audit_kind``), by
+#: kind name: ``table_lines(audit) -> list[str]``, printed after the built-in kinds' lines in registration order
+TABLE_LINES: dict[str, Callable[[dict], list[str]]] = {}
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
@@ -86,7 +91,8 @@ def format_audit_table(audit: dict) -> str:
     95% interval, TPR@1%, TPR@0.1%, eps lower bound, accountant eps). Reads old audit.json files too."""
     rows = _mia_table_rows(audit) + _canary_table_rows(audit)
     out = [f"Leakage audit of {audit.get('run_dir', '?')}", *format_summary(audit), *_table_lines(rows),
-           *_inversion_lines(audit), *_runlevel_lines(audit)]
+           *_inversion_lines(audit), *_runlevel_lines(audit),
+           *[line for lines in TABLE_LINES.values() for line in lines(audit)]]
     return "\n".join(out + [""] + _table_notes(audit, rows))
 
 

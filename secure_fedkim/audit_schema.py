@@ -190,7 +190,53 @@ SKIPPED_ROW = RowType(
 #: every part of audit.json, in the order the audit writes them
 ROW_TYPES: dict[str, RowType] = {t.part: t for t in (MIA_ROW, DP_AUDIT_ROW, WHITEBOX_ROW, MECHANISM_ROW,
                                                      RUNLEVEL_ROW, RECONSTRUCTION_ROW, SKIPPED_ROW)}
-PARTS = tuple(ROW_TYPES)
+PARTS = tuple(ROW_TYPES)  # the built-in parts; with registered ones: parts()
+#: what a registered part (:func:`register_part`; ``attacks.audit.register_audit_kind``) declares for the report,
+#: which reads it here so that ``secure_fedkim.report`` never imports ``attacks``: ``partner_view`` (None: never
+#: in a partner's report; ``"rows"``: the partner's own rows and the hospital-free ones; ``"run"``: as is) and
+#: ``report_reader`` (``(audit section, row, [part, index], row context)``; None: the report keeps the row, less
+#: its record ids, under the part's own key of its audit section)
+PARTNER_VIEWS: dict[str, str | None] = {}
+REPORT_READERS: dict[str, Any] = {}
+_BUILT_IN = frozenset(ROW_TYPES)
+#: keys audit.json and the report's audit section hold besides the parts' rows: no part may take one
+_REPORT_KEYS = frozenset({"run", "source", "note", "auditor_knowledge", "low_fpr_note", "consistency", "roc_images",
+                          "worst_leakage", "other_hospitals", "summary", "schema", "config", "accountant", "seconds",
+                          "workers", "cpu_seconds_by_part", "generated_at", "run_dir", "run_name", "aggregation"})
+
+
+def parts() -> tuple[str, ...]:
+    """Every part of audit.json, built-in and registered, in the order the audit writes them."""
+    return tuple(ROW_TYPES)
+
+
+def register_part(row: RowType, partner_view: str | None = None, report_reader: Any = None) -> None:
+    """A new part of audit.json: its row type (the writer checks its rows, :func:`read_audit_json` reads them) and
+    how the report reads it and shows it to a partner. Refuses a part already known."""
+    if not isinstance(row, RowType):
+        raise TypeError(f"register_part: {row!r} is not a RowType")
+    if row.part in ROW_TYPES:
+        raise ValueError(f"audit.json part {row.part!r} is already registered")
+    if row.part in _REPORT_KEYS or not row.part.isidentifier() or row.part.startswith("_"):
+        raise ValueError(f"audit.json part {row.part!r}: not a name a part may take (a key of the report's audit "
+                         f"section, or not an identifier)")
+    if partner_view not in (None, "rows", "run"):
+        raise ValueError(f"{row.part}: partner_view must be None (never), 'rows' or 'run', not {partner_view!r}")
+    if report_reader is not None and not callable(report_reader):
+        raise TypeError(f"{row.part}: report_reader must be callable or None")
+    ROW_TYPES[row.part] = row
+    PARTNER_VIEWS[row.part] = partner_view
+    if report_reader is not None:
+        REPORT_READERS[row.part] = report_reader
+
+
+def unregister_part(part: str) -> None:
+    """Forget a registered part (a built-in one stays)."""
+    if part in _BUILT_IN:
+        raise ValueError(f"audit.json part {part!r} is built in")
+    ROW_TYPES.pop(part, None)
+    PARTNER_VIEWS.pop(part, None)
+    REPORT_READERS.pop(part, None)
 #: per-record fields of any part: never copied into a report
 RECORD_ID_FIELDS = ("top_exposed", "scores", "labels", "member_ids", "ids", "shard_index")
 
@@ -247,6 +293,6 @@ def check_audit_json(data: Any, source: str = "audit.json") -> None:
     read = read_audit_json(data, source)
     problems = list(read.problems)
     if isinstance(data, dict):
-        problems += [Problem(f"{source}: lacks part {p!r}", p) for p in PARTS if p not in data]
+        problems += [Problem(f"{source}: lacks part {p!r}", p) for p in parts() if p not in data]
     if problems:
         raise AuditSchemaError(problems)

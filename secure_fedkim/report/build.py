@@ -72,7 +72,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from secure_fedkim.audit_schema import AuditJson, read_audit_json
+from secure_fedkim.audit_schema import (
+    PARTNER_VIEWS, RECORD_ID_FIELDS, REPORT_READERS, ROW_TYPES, AuditJson, read_audit_json,
+)
 from secure_fedkim.run_dir import RunDir
 
 from . import text
@@ -193,7 +195,9 @@ def read_audit(run_dir: Path, clients: list[str], tasks: list[str]) -> tuple[dic
     parsed = read_audit_json(data, rel)
     for part, rows in parsed.rows.items():  # in the file's order
         for i, row in rows:
-            PART_READERS[part](out, row, [part, str(i)], _row_context(row, clients))
+            _part_reader(part)(out, row, [part, str(i)], _row_context(row, clients))
+        if part not in PART_READERS and part not in REPORT_READERS:
+            out.setdefault(part, [])  # a registered part read by _read_registered: its key even without rows
     out["_clients"] = list(clients)
     by_png = {m["roc_png"]: m["hospital"] for m in out["mia"] if m.get("roc_png")}
     out["roc_images"] = [
@@ -247,6 +251,23 @@ def _read_skipped(out: dict, node: dict, where: list[str], ctx: dict) -> None:
 PART_READERS = {"mia": _read_mia, "dp_audit": _read_dp_consistency, "whitebox": _read_dp_consistency,
                 "mechanism": _read_dp_consistency, "runlevel": _read_dp_consistency,
                 "reconstruction": _read_reconstruction, "skipped": _read_skipped}
+
+
+def _part_reader(part: str):
+    """A built-in part's reader (:data:`PART_READERS`), else the one its registered audit kind declares
+    (``secure_fedkim.audit_schema.REPORT_READERS``), else :func:`_read_registered`."""
+    return PART_READERS.get(part) or REPORT_READERS.get(part) or _read_registered
+
+
+def _read_registered(out: dict, node: dict, where: list[str], ctx: dict) -> None:
+    """A registered part without a reader of its own: its rows as written, less their record ids, under the part's
+    own key, each with its ``path`` in audit.json and the ``hospital`` it names (None: about no one hospital)."""
+    drop = set(RECORD_ID_FIELDS) | set(ROW_TYPES[where[0]].record_ids)
+    entry = {k: v for k, v in node.items() if k not in drop}
+    entry.update(path="/".join(where), hospital=ctx.get("hospital"))
+    out.setdefault(where[0], []).append(entry)
+
+
 #: the audit.json parts whose rows are DP-consistency verdicts
 CONSISTENCY_PARTS = ("dp_audit", "whitebox", "mechanism", "runlevel")
 
@@ -1147,7 +1168,9 @@ def _per_patient(run: RunFacts) -> dict[str, int | None]:
 #: How each key of the audit section reaches a partner's report, declared key by key: ``"run"`` (about the whole run,
 #: naming no hospital: as is), ``"rows"`` (one row per hospital or none: the partner's own and the hospital-free ones;
 #: the others only as counts in ``other_hospitals``), ``"skipped"`` (notes: those naming no other hospital). A key
-#: not declared here never reaches a partner: a new part is private until someone decides how it may be shared.
+#: not declared here never reaches a partner: a new part is private until someone decides how it may be shared. A
+#: part added with ``attacks.audit.register_audit_kind`` declares its own (``audit_schema.PARTNER_VIEWS``: None, the
+#: default, never; ``"rows"``; ``"run"``).
 PARTNER_VIEW = {"run": "run", "source": "run", "note": "run", "auditor_knowledge": "run", "low_fpr_note": "run",
                 "mia": "rows", "dp_audit": "rows", "reconstruction": "rows", "consistency": "rows", "roc_images": "rows",
                 "skipped": "skipped"}
@@ -1166,7 +1189,7 @@ def _audit_view(audit: dict, partner: str | None) -> dict:
     names = [c for c in audit.get("_clients", []) if c != partner]
     out = {}
     for key, value in audit.items():
-        how = PARTNER_VIEW.get(key)
+        how = PARTNER_VIEW.get(key) or PARTNER_VIEWS.get(key)  # a registered part: what its kind declared
         if how == "run":
             out[key] = value
         elif how == "rows":
