@@ -14,17 +14,9 @@ from secure_fedkim.cli import main
 from secure_fedkim.report import verify_report, write_report
 from secure_fedkim.report.sign import KEY_ENV, public_key_path
 
-CFG = """
-run: {name: lifetimefix, seed: 3, rounds: 2}
-federation: {clients: [cleveland, hungary, switzerland, va_long_beach], min_clients: 3, aggregation: he}
-tasks:
-  max_test_records: 60
-  train:
-    - {name: heart_disease, partition: natural}
-client: {local_epochs: 1, batch_size: 32, token_dim: 16, num_tokens: 2}
-baseline: {single_hospital: false}
-privacy: {dp: true, profile: {target_epsilon: 8.0}}
-"""
+from test_report import CFG as REPORT_CFG  # noqa: E402 (tests/ is on the path: the report tests' DP + HE federation)
+
+CFG = REPORT_CFG.replace("name: reportfix", "name: lifetimefix")
 EARLIER = [Step(1.2, 0.1, 30), Step(1.2, 0.1, 30)]
 
 
