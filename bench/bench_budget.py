@@ -4,8 +4,9 @@
 
 Prints:
 1. ``secure-fedkim budget --config CONFIG --epsilon E`` as a subprocess: wall time, CPU time and peak resident
-   memory (``wait4``'s ru_maxrss of that process, and the largest sum of resident memory over it and its
-   children sampled every 0.05 s), after (the command as shipped) and before (today's path, replayed by this
+   memory (``wait4``'s ru_maxrss of that process; the largest sum of resident memory over it and its
+   children sampled every 0.05 s, which counts a page that forked workers share once per process; and the
+   largest sum of their proportional set sizes, which counts it once: the memory the command occupies), after (the command as shipped) and before (today's path, replayed by this
    file's ``--before`` mode: the same config and data loading as the old command (through
    ``secure_fedkim.run.load_plans``), then per hospital the old noise-floor check by PRV, the PRV bisection
    (``calibrate_noise(method="prv-bisect")``), PRV recomposed for every round prefix, and PRV of the whole
@@ -17,6 +18,11 @@ Prints:
    the demo profile's own target, the federation and the reserved baseline, no floor), timed in this process
    with every cache cleared first, as a fresh worker would: wall seconds, CPU seconds, searches and
    verifications (target <= 2 s).
+4. With ``--first-round``: the demo's first round (the federation's ``round_001.json`` finished_at less
+   ``round_000.json``'s: every hospital's DP plan is calibrated when its first fit message arrives) with the
+   run's calibration as shipped and with today's path (every process of the run calibrates with
+   ``method="prv-bisect"``, through a ``sitecustomize`` on its PYTHONPATH), the run stopped once round 1 is
+   written. Minutes each; the two runs are otherwise identical (same config, seeds and data cache).
 The machine's load average is printed beside the timings: on a shared machine wall time is inflated, CPU
 time much less so.
 """
@@ -47,7 +53,7 @@ def timed_subprocess(argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, text=True)
-    peak = [0]
+    peak = [0, 0]  # summed RSS, summed PSS
     done = threading.Event()
 
     def sample() -> None:
@@ -55,8 +61,9 @@ def timed_subprocess(argv: list[str]) -> dict:
             p = psutil.Process(proc.pid)
             while not done.is_set():
                 try:
-                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                    peak[0] = max(peak[0], rss)
+                    tree = [p, *p.children(recursive=True)]
+                    peak[0] = max(peak[0], sum(q.memory_info().rss for q in tree))
+                    peak[1] = max(peak[1], sum(q.memory_full_info().pss for q in tree))
                 except psutil.Error:
                     pass
                 time.sleep(0.05)
@@ -74,7 +81,7 @@ def timed_subprocess(argv: list[str]) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{out}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "maxrss_gb": usage.ru_maxrss / 1e6,
-            "tree_peak_gb": peak[0] / 1e9, "stdout": out}
+            "tree_peak_gb": peak[0] / 1e9, "tree_pss_gb": peak[1] / 1e9, "stdout": out}
 
 
 def hospital_inputs(config: str) -> tuple[object, dict]:
@@ -112,6 +119,45 @@ def before(config: str, target: float) -> None:
     print("JSON " + json.dumps(result))
 
 
+_OLD_CALIBRATION = """\
+import functools
+import privacy.accounting as accounting
+accounting.calibrate_noise = functools.partial(accounting.calibrate_noise, method="prv-bisect")
+"""
+
+
+def first_round_seconds(config: str, old_calibration: bool) -> tuple[float, dict]:
+    """Seconds from the end of round 0 to the end of round 1 of ``secure-fedkim run CONFIG`` (see 4.), and each
+    hospital's calibrated noise multiplier from its ledger (which calibration ran)."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if old_calibration:
+            (Path(tmp) / "sitecustomize.py").write_text(_OLD_CALIBRATION)
+            env["PYTHONPATH"] = os.pathsep.join([tmp, str(ROOT), env.get("PYTHONPATH", "")])
+        run = Path(tmp) / "run"
+        proc = subprocess.Popen([sys.executable, "-m", "secure_fedkim.cli", "run", config, "--out", str(run), "--quiet"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            while not (run / "metrics" / "round_001.json").exists():
+                if proc.poll() is not None:
+                    raise SystemExit(f"the run of {config} ended (exit {proc.returncode}) before its first round")
+                time.sleep(0.5)
+            time.sleep(0.5)  # written atomically or not, give the writer a moment
+            r0, r1 = (json.loads((run / "metrics" / f"round_00{i}.json").read_text())["finished_at"] for i in (0, 1))
+            noise = {}
+            for ledger in sorted((run / "clients").glob("*/ledger.jsonl")):
+                plan = json.loads(ledger.read_text().splitlines()[0])
+                noise[ledger.parent.name] = plan.get("noise_multiplier")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return r1 - r0, noise
+
+
 def clear_caches() -> None:
     from privacy import accounting
 
@@ -128,6 +174,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--epsilon", type=float, default=4.0)
     ap.add_argument("--skip-before", action="store_true", help="skip today's path (about 3 minutes on a quiet machine)")
+    ap.add_argument("--first-round", action="store_true",
+                    help="also time the demo's first round with both calibrations (4.; minutes)")
     ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -156,13 +204,13 @@ def main() -> None:
         old = timed_subprocess([sys.executable, str(Path(__file__).resolve()), "--before", "--config", args.config,
                                 "--epsilon", f"{args.epsilon:g}"])
         print("before (today's path):\n" + "\n".join(x for x in old["stdout"].splitlines() if not x.startswith("JSON")))
-    print(f"\n1. budget --config {args.config} --epsilon {args.epsilon:g}            wall s   CPU s  maxrss GB  tree peak GB")
+    print(f"\n1. budget --config {args.config} --epsilon {args.epsilon:g}            wall s   CPU s  maxrss GB  tree RSS GB  tree PSS GB")
     for name, r in (("before", old), ("after", after), ("of which imports + config + data (no accounting)", floor)):
         if r is not None:
-            print(f"   {name:<50}{r['wall']:>7.1f} {r['cpu']:>7.1f} {r['maxrss_gb']:>10.2f} {r['tree_peak_gb']:>13.2f}")
+            print(f"   {name:<50}{r['wall']:>7.1f} {r['cpu']:>7.1f} {r['maxrss_gb']:>10.2f} {r['tree_peak_gb']:>12.2f} {r['tree_pss_gb']:>12.2f}")
     if old is not None:
         print(f"   after / before: wall {after['wall'] / old['wall']:.3f}x, CPU {after['cpu'] / old['cpu']:.3f}x "
-              f"(targets: <= 10 s and <= 1 GB)")
+              f"(targets: <= 10 s and <= 1 GB, the tree's PSS)")
     print(f"   ({_load()})")
 
     from privacy.accounting import Step, calibrate, epsilon, independent_epsilon, resolve_delta
@@ -200,6 +248,12 @@ def main() -> None:
         print(f"   {client:<16}{cal.noise_multiplier:>9.4f}{wall:>8.2f}{cpu:>8.2f}{cal.searches:>10}{cal.verifications:>8}"
               f"{b if b is not None else float('nan'):>10.1f}")
     print(f"   ({_load()}; target <= 2 s per hospital)")
+    if args.first_round:
+        print(f"\n4. the first round of `secure-fedkim run {args.config}` (round 1's end less round 0's)")
+        for name, old_path in (("today's path (prv-bisect)", True), ("as shipped", False)):
+            seconds, noise = first_round_seconds(args.config, old_path)
+            sigmas = " ".join(f"{v:.4f}" for v in noise.values())
+            print(f"   {name:<28}{seconds:>7.1f} s wall  noise {sigmas}  ({_load()})", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def _cmd_run(args) -> int:
     import warnings
 
-    from secure_fedkim.config import load_config
     from secure_fedkim.baseline import format_spend
+    from secure_fedkim.config import load_config
     from secure_fedkim.run import format_comparison, format_injection, run_federation
 
     warnings.formatwarning = _one_line_warning  # a warning is one line, not a file name and a source line
@@ -284,15 +284,66 @@ def _expected_batches(cfg, plans, client: str) -> list[float]:
     return out
 
 
+def _plan_hospital(args, cfg, plans, listed: list[int], client: str) -> tuple:
+    """One hospital's plan for each target: (privacy units, delta, its dp_plan inputs, smallest expected batch,
+    [(target, calibration, epsilon after each listed round, signal/noise)])."""
+    from privacy.accounting import resolve_delta
+    from privacy.budget import epsilon_by_round_schedule, signal_to_noise
+    from secure_fedkim.local_training import dp_plan_inputs
+
+    inputs = dp_plan_inputs(cfg, plans, client)  # what the run's own plan is calibrated on
+    n = inputs["n_patients"] or inputs["n_records"]
+    try:
+        delta = resolve_delta(args.delta, n)
+    except ValueError as e:
+        raise UsageError(f"budget --config: {client}: {e}") from None
+    schedule, rounds = inputs["round_schedule"], cfg.run.rounds
+    batch = min(_expected_batches(cfg, plans, client))
+    rows = []
+    for target in args.epsilon:
+        cal = _calibrate_for(target, delta, schedule * rounds + inputs["reserved"], args.accountant)
+        eps = epsilon_by_round_schedule(cal.noise_multiplier, schedule, rounds, delta, args.accountant, listed)
+        rows.append((target, cal, eps, signal_to_noise(cal.noise_multiplier, batch)))
+    return n, delta, inputs, batch, rows
+
+
+_FORKED: tuple = ()  # what a forked planning worker inherits instead of receiving it pickled (the shards)
+
+
+def _plan_forked(client: str) -> tuple:
+    return _plan_hospital(*_FORKED, client)
+
+
+def _plan_hospitals(args, cfg, plans, listed: list[int]) -> list[tuple]:
+    """Every hospital's `_plan_hospital`, in config order. Hospitals are independent and each costs seconds of
+    accountant arithmetic (most of it pure Python), so they run in forked processes, one per core: forked
+    after the imports and the data loading, a worker starts at once and shares the parent's pages."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _FORKED
+    clients = list(cfg.federation.clients)
+    workers = min(len(clients), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_plan_hospital(args, cfg, plans, listed, c) for c in clients]
+    import opacus.accountants  # noqa: F401  (imported once here, not once per worker)
+
+    _FORKED = (args, cfg, plans, listed)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_plan_forked, clients))
+    finally:
+        _FORKED = ()
+
+
+
 def _budget_for_config(args) -> int:
     """Plan each hospital of a federation from its real shards (the schedule a run will use), for one target or
     several side by side."""
     import yaml
 
-    from privacy.accounting import resolve_delta
-    from privacy.budget import epsilon_by_round_schedule, round_accountant, signal_to_noise, table_rounds
+    from privacy.budget import round_accountant, table_rounds
     from secure_fedkim.config import load_config
-    from secure_fedkim.local_training import dp_plan_inputs
 
     if args.epsilon is None:
         raise UsageError("budget --config: give --epsilon, the budget to plan for every hospital")
@@ -312,22 +363,11 @@ def _budget_for_config(args) -> int:
               f"({by_round_acc}, composed round by round; the whole run and its verification by {args.accountant})")
     reserved = False
     planned: dict[str, list] = {}  # per hospital: (target, noise, the whole run's schedule with what it reserves)
-    for client in cfg.federation.clients:
-        inputs = dp_plan_inputs(cfg, plans, client)  # what the run's own plan is calibrated on
-        n = inputs["n_patients"] or inputs["n_records"]
-        try:
-            delta = resolve_delta(args.delta, n)
-        except ValueError as e:
-            raise UsageError(f"budget --config: {client}: {e}") from None
+    for client, (n, delta, inputs, batch, rows) in zip(cfg.federation.clients,
+                                                       _plan_hospitals(args, cfg, plans, listed)):
         schedule, reserved = inputs["round_schedule"], bool(inputs["reserved"])
-        batch = min(_expected_batches(cfg, plans, client))
-        rows = []
-        for target in args.epsilon:
-            cal = _calibrate_for(target, delta, schedule * rounds + inputs["reserved"], args.accountant)
-            sigma = cal.noise_multiplier
-            eps = epsilon_by_round_schedule(sigma, schedule, rounds, delta, args.accountant, listed)
-            rows.append((target, cal, eps, signal_to_noise(sigma, batch)))
-            planned.setdefault(client, []).append((target, sigma, schedule * rounds + inputs["reserved"]))
+        for target, cal, _, _ in rows:
+            planned.setdefault(client, []).append((target, cal.noise_multiplier, schedule * rounds + inputs["reserved"]))
         if not several:
             target, cal, eps, _ = rows[0]
             line = f"{client:<16}{n:>9}{delta:>10.3g}{cal.noise_multiplier:>9.4f}  " + " ".join(f"{e:.3f}" for e in eps)

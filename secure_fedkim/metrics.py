@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_score, recall_score, roc_auc_score
 
 
 def binary_metrics(y_true, y_pred, y_score=None) -> dict[str, float]:
+    # imported here: scikit-learn costs 2 s of start-up that `budget` (which imports training) never needs
+    from sklearn.metrics import (accuracy_score, f1_score, matthews_corrcoef, precision_score, recall_score,
+                                 roc_auc_score)
+
     y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
     out = {
         "accuracy": float(accuracy_score(y_true, y_pred)),

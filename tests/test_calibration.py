@@ -168,3 +168,25 @@ def test_a_target_below_prvs_resolution_is_unreachable_at_once():
         calibrate(0.005, DELTA, [(0.1, 10)])
     with pytest.raises(ValueError, match="unreachable"):
         calibrate_noise(1e-7, DELTA, [(1.0, 10**6)], accountant="rdp")
+
+
+def test_budget_config_plans_hospitals_in_forked_workers_in_config_order(tmp_path, capsys, monkeypatch):
+    """The hospitals are planned in parallel processes; the table keeps the config's order, the numbers equal the
+    one-process path, and a hospital's error in a worker is still one usage line naming it."""
+    from secure_fedkim import cli
+
+    path = tmp_path / "fed.yaml"
+    path.write_text(FED.replace("[cleveland, hungary, switzerland, va_long_beach]",
+                                "[va_long_beach, hungary, cleveland, switzerland]"))
+    assert main(["budget", "--config", str(path), "--epsilon", "3"]) == 0
+    forked = capsys.readouterr().out
+    rows = [x.split()[0] for x in forked.splitlines()[1:5]]
+    assert rows == ["va_long_beach", "hungary", "cleveland", "switzerland"]
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0}, raising=False)  # one core: no workers
+    assert main(["budget", "--config", str(path), "--epsilon", "3"]) == 0
+    assert capsys.readouterr().out == forked
+    monkeypatch.undo()
+    # every hospital has more than 100 records, so delta 0.01 is not below 1/n: the first in order is named
+    assert main(["budget", "--config", str(path), "--epsilon", "3", "--delta", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "budget --config: va_long_beach: " in err and "1/n" in err, err
