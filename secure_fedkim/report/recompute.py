@@ -1,7 +1,7 @@
 """``verify``'s own recomputation of every derived figure of a report, by a code path of its own (issue #30).
 
 The builder computes each derived figure once (:func:`secure_fedkim.report.collect.derive`,
-:func:`secure_fedkim.report.build.settle_audit`, :func:`~secure_fedkim.report.build.worst_leakage`,
+:func:`secure_fedkim.report.audit_section.settle_audit`, :func:`~secure_fedkim.report.audit_section.worst_leakage`,
 :func:`~secure_fedkim.report.collect.randomness_findings`); comparing a report with a second run of those
 functions would agree with any bug in them. This module reads the ledgers and audit.json itself and recomputes,
 with the accountants of :mod:`privacy.accounting` and nothing from the builder:

@@ -22,8 +22,9 @@ from typing import Any, Callable, NamedTuple
 from secure_fedkim.run_dir import RunDir
 
 from .build import build_report
+from .checks import title_of
 from .sign import load_issuer, manifest, sign_bytes
-from .text import CHECK_TITLES, g
+from .text import g
 
 COLORS = {"pass": "#1e7b34", "attention": "#b26a00", "fail": "#b3261e", "not_applicable": "#6b6b6b", "inconclusive": "#3b5b8c"}
 FILLS = {"pass": (214, 240, 220), "attention": (255, 236, 200), "fail": (248, 215, 212), "not_applicable": (230, 230, 230),
@@ -250,7 +251,7 @@ def _section_summary(B: list[Block], report: dict, run_dir: Path) -> None:
     reasons = [r if len(r) <= 300 else r[:290].rsplit(" ", 1)[0] + " ... (appendix A)" for r in fp["reasons"]]
     if fp.get("conditions"):
         B.append(Block("p", "Conditions, as actions (each from a check in appendix A):"))
-        B.append(Block("ul", [f"{c['action']} [{CHECK_TITLES.get(c['check'], c['check'])}: {_st(c['status'])}]"
+        B.append(Block("ul", [f"{c['action']} [{title_of(c['check'])}: {_st(c['status'])}]"
                               for c in fp["conditions"]]))
     else:
         B.append(Block("ul", reasons[:6] + ([f"... and {len(reasons) - 6} more (appendix A)"] if len(reasons) > 6 else [])))
@@ -271,7 +272,7 @@ def _section_summary(B: list[Block], report: dict, run_dir: Path) -> None:
 def _section_checks(B: list[Block], report: dict, run_dir: Path) -> None:
     """Every check with its status and reason."""
     B.append(Block("table", (["check", "status", "reason"],
-                             [[CHECK_TITLES.get(c["name"], c["name"]), c["status"], c["reason"]] for c in report["checks"]]), 1))
+                             [[title_of(c["name"]), c["status"], c["reason"]] for c in report["checks"]]), 1))
     B.append(Block("p", "Status rules: a check with nothing behind it is 'not applicable', never 'pass'; 'inconclusive' "
                         "means the evidence cannot decide. The machine names of the checks are in report.json."))
 

@@ -7,35 +7,10 @@ import math
 from statistics import NormalDist
 from typing import Any
 
+from .checks import action_for, title_of
+
 _RANK = {"not_applicable": -1, "pass": 0, "inconclusive": 1, "attention": 2, "fail": 3}
 
-#: the checks in words, for people (report.json keeps the machine names)
-CHECK_TITLES = {
-    "differential_privacy": "Differential privacy used by every hospital",
-    "dp_label_has_accountant": "Every DP claim backed by an accountant",
-    "ledger_verified": "Privacy ledgers intact",
-    "epsilon_recomputed": "Epsilon recomputed independently matches",
-    "budget_respected": "Privacy budget respected",
-    "delta_below_1_over_n": "Delta small enough for each hospital's size",
-    "epsilon_tier": "Epsilon at most 10",
-    "sampling_assumption": "Sampling as the accountant assumes",
-    "privacy_unit": "Guarantee covers whole patients",
-    "independent_accountant_agreement": "Second accounting library agrees",
-    "server_secret_key": "Server never held the decryption key",
-    "secure_aggregation": "Updates encrypted or masked at the server",
-    "he_parameters": "Encryption parameters at 128-bit security",
-    "secagg_dropout_margin": "Secure aggregation kept its dropout margin",
-    "audit_run": "Leakage audit run",
-    "audit_consistent_with_accountant": "Audit consistent with the claimed epsilon",
-    "mia_low_fpr": "Membership attack weak at 0.1% false positives",
-    "measured_leakage": "No measurable membership leakage",
-    "dp_lower_bound": "Measured epsilon lower bound below threshold",
-    "baseline_spend_composed": "Every released privacy spend counted",
-    "config_hash": "Configuration unchanged since the run",
-    "mia_below_chance": "No membership attack scores below chance (audit fault)",
-    "noise_randomness": "DP noise drawn by the secure generator",
-    "noise_fresh": "No DP noise or batch repeated across rounds, tasks or hospitals",
-}
 DECISIONS = {"fail": "do not release", "attention": "release with conditions", "inconclusive": "release with conditions",
              "pass": "release", "not_applicable": "do not release"}
 
@@ -451,7 +426,7 @@ def _lead(report: dict) -> str:
         return lead + (": this run used no differential privacy, so the released models carry no formal privacy "
                        "guarantee.")
     for status, words in (("fail", "failed"), ("attention", "need attention"), ("inconclusive", "are inconclusive")):
-        names = [CHECK_TITLES.get(c["name"], c["name"]) for c in report["checks"] if c["status"] == status]
+        names = [title_of(c["name"]) for c in report["checks"] if c["status"] == status]
         if names:
             return lead + f": {len(names)} check(s) {words}: " + "; ".join(names) + "."
     return lead + "."
@@ -538,9 +513,9 @@ def first_page(report: dict, cfg) -> dict:
         no_dp = [c for c in checks if c["status"] == "fail" and (c["name"] == "differential_privacy"
                                                                  or c["reason"].startswith("no differential privacy in this run"))]
         reasons.append("No differential privacy: the released models carry no formal privacy guarantee, so every check "
-                       "that needs one fails (" + ", ".join(CHECK_TITLES.get(c["name"], c["name"]) for c in no_dp) + ")")
+                       "that needs one fails (" + ", ".join(title_of(c["name"]) for c in no_dp) + ")")
         checks = [c for c in checks if c not in no_dp]
-    reasons += [f"{CHECK_TITLES.get(c['name'], c['name'])}: {c['reason']}" for status in ("fail", "attention", "inconclusive")
+    reasons += [f"{title_of(c['name'])}: {c['reason']}" for status in ("fail", "attention", "inconclusive")
                 for c in checks if c["status"] == status]
     hospitals = []
     for h in report["hospitals"]:
@@ -579,56 +554,9 @@ def first_page(report: dict, cfg) -> dict:
         "setting": setting(report),
         "patient_exposure": patient_exposure(report),
         "not_covered": report["guarantee_statement"]["does_not_cover"][:4],
-        "checks": [{"name": c["name"], "title": CHECK_TITLES.get(c["name"], c["name"]), "status": c["status"]}
+        "checks": [{"name": c["name"], "title": title_of(c["name"]), "status": c["status"]}
                    for c in report["checks"]],
     }
-
-
-#: what a privacy officer does about a check that did not pass: (check, status or "*") -> action
-ACTIONS = {
-    ("budget_respected", "fail"): "Do not release what was trained on the records of the hospitals over budget; rerun within "
-                                  "the budget, the single-hospital baseline's spend counted",
-    ("baseline_spend_composed", "fail"): "Do not release the single-hospital baseline's metrics until its privacy spend "
-                                         "is on record and composed",
-    ("ledger_verified", "fail"): "Do not release: a privacy ledger does not verify; find out who changed it",
-    ("epsilon_recomputed", "fail"): "Do not release: a recorded epsilon or step count differs from its recomputation; "
-                                    "have the accounting investigated",
-    ("delta_below_1_over_n", "fail"): "Rerun with a delta well below 1/n at the hospitals named",
-    ("dp_label_has_accountant", "fail"): "Do not call this run differentially private until every DP hospital has an "
-                                         "accountant record",
-    ("differential_privacy", "fail"): "Do not release models trained without differential privacy as privacy-protected",
-    ("audit_consistent_with_accountant", "fail"): "Do not release: an audit found the training leaks more than its "
-                                                  "accounting claims (a DP bug); have the implementation fixed and rerun",
-    ("audit_consistent_with_accountant", "inconclusive"): "Run an audit that can decide at this budget (the white-box "
-                                                          "gradient-canary audit, or enough canaries) before release",
-    ("measured_leakage", "fail"): "Do not release: an attack detects membership well above chance",
-    ("measured_leakage", "attention"): "Review the membership leakage the audit measured before release (section 4)",
-    ("mia_low_fpr", "attention"): "Review the attack that finds members at a 0.1% false-positive rate (section 4)",
-    ("mia_below_chance", "attention"): "Have the auditor fix the attacks that score below chance and rerun the audit: "
-                                       "they under-report leakage",
-    ("dp_lower_bound", "attention"): "Review the measured epsilon lower bound against the claim (section 4)",
-    ("epsilon_tier", "attention"): "Accept in writing an epsilon above 10 (a weak guarantee), or rerun with a smaller budget",
-    ("sampling_assumption", "attention"): "Have the sampling checked: the accountant assumes Poisson sampling",
-    ("privacy_unit", "attention"): "Do not present the guarantee as patient-level: patients have several records "
-                                   "(see the patient-level exposure below)",
-    ("independent_accountant_agreement", "attention"): "Have the accounting reviewed: the second library disagrees by "
-                                                       "more than 5%",
-    ("secure_aggregation", "attention"): "Use encrypted (he) or masked (secagg) aggregation before a deployment",
-    ("he_parameters", "attention"): "Use CKKS parameters that meet 128-bit security",
-    ("server_secret_key", "fail"): "Do not release: the aggregating server could decrypt single updates",
-    ("server_secret_key", "attention"): "Keep the key holder's ledger with the run to show the key's custody",
-    ("secagg_dropout_margin", "attention"): "Review the rounds that lost as many hospitals as SecAgg+ tolerates",
-    ("audit_run", "attention"): "Run the leakage audit (`secure-fedkim audit RUN_DIR`) and report again before release",
-    ("noise_randomness", "fail"): "Do not release: DP noise was drawn from a reproducible generator, not fit for release; "
-                                  "rerun with the secure generator",
-    ("noise_randomness", "attention"): "Rerun with a version that records where its DP noise comes from, or accept that "
-                                       "it cannot be shown",
-    ("noise_fresh", "fail"): "Do not release: two DP sessions drew the same randomness, so the accountant's epsilon does "
-                             "not hold; rerun",
-    ("noise_fresh", "attention"): "Rerun with a version that records noise fingerprints, or accept that fresh noise "
-                                  "cannot be shown",
-    ("config_hash", "fail"): "Do not release: the run's configuration changed after the run",
-}
 
 
 def conditions(report: dict) -> list[dict]:
@@ -638,7 +566,7 @@ def conditions(report: dict) -> list[dict]:
     for status in ("fail", "attention", "inconclusive"):
         for c in report["checks"]:
             if c["status"] == status:
-                action = ACTIONS.get((c["name"], status)) or f"Resolve: {CHECK_TITLES.get(c['name'], c['name'])}"
+                action = action_for(c["name"], status)
                 out.append({"action": action, "check": c["name"], "status": status})
     for t in (report.get("data_inventory") or {}).get("tasks", []):
         if t.get("persons") == "one" and t.get("role") == "train" and report["privacy_definition"]["dp"]:
