@@ -9,9 +9,9 @@
   directory, it resumes after the last checkpointed round: the run id (the run directory's name) is
   the same, so every hospital's `HospitalDP` rebuilds its spend from its own ledger and completed rounds
   are never trained (nor paid for) twice.
-* `client`: one ClientApp for every mode: a message of a transport's own protocol goes to that transport's
-  ClientApp (SecAgg+'s to `federation.transports.secagg.secagg_app`, Flower's `secaggplus_mod`), all others to
-  `client_app.app`.
+* `client`: the hospital's one ClientApp, the simulation's too (`secure_fedkim.client_app.app`): a message of a
+  transport's own protocol goes to that transport's ClientApp (SecAgg+'s to Flower's `secaggplus_mod`), all
+  others to the Message-API round.
 
 Checkpoints: `secure_fedkim.federation.checkpoint`.
 """
@@ -24,14 +24,16 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from secure_fedkim.client_app import app as client
 from secure_fedkim.run_dir import RunDir
 
 # Heavy modules (torch, the data stack) are imported where they are used: every SecAgg+ protocol stage
 # starts a fresh ClientApp process on each SuperNode, and only the training stage needs them.
+
+__all__ = ["client", "server"]
 
 # ------------------------------------------------------------------------------------- the ServerApp
 
@@ -48,12 +50,12 @@ def main(grid: Grid, context: Context) -> None:
     from flwr.supercore.logger import update_console_handler
 
     from secure_fedkim.artifacts import save_model
-    from secure_fedkim.local_training import new_client_model
-    from secure_fedkim.config import config_sha256, load_config
-    from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
-    from secure_fedkim.federation.engine import run_fedkim
-    from secure_fedkim.plan import build_plan
+    from secure_fedkim.config import load_config
     from secure_fedkim.deploy.policy import code_sha256
+    from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
+    from secure_fedkim.federation.engine import run_fedkim, write_run_summary
+    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.plan import build_plan
     from secure_fedkim.run import format_round_table
 
     update_console_handler(level=logging.WARNING)
@@ -107,33 +109,7 @@ def main(grid: Grid, context: Context) -> None:
     model = new_client_model(cfg, plans)
     model.load_state_dict(result.arrays.to_torch_state_dict())
     save_model(model, files.global_model)
-    summary = {
-        "run_dir": str(run_dir), "config_sha256": config_sha256(text), "engine": "flower deployment",
-        "flower_run_id": context.run_id, "resumed_from_round": started, "code_sha256": code,
-        "seconds": round(time.time() - t0, 1), "aggregation": result.aggregation,
-        "federated_test": result.history[-1]["client_model_test"] if result.history else None,
-    }
-    files.write_summary(summary)
+    engine = {"engine": "flower deployment", "flower_run_id": context.run_id, "resumed_from_round": started,
+              "code_sha256": code}
+    write_run_summary(run_dir, text, t0, result, engine=engine)
     _status(run_dir, status="completed", rounds_completed=cfg.run.rounds, resumed_from=started)
-
-
-# ------------------------------------------------------------------------------------- the ClientApp
-
-
-class HospitalClientApp(ClientApp):
-    """Routes a message of a transport's own protocol (SecAgg+'s legacy workflow) to that transport's ClientApp
-    (`Transport.protocol_app`) and Message-API ones to `client_app.app`."""
-
-    def __call__(self, message: Message, context: Context) -> Message:
-        from secure_fedkim.federation.transports import TRANSPORTS
-
-        for transport in TRANSPORTS.values():
-            own = transport.protocol_app(message)
-            if own is not None:
-                return own(message, context)
-        from secure_fedkim.client_app import app
-
-        return app(message, context)
-
-
-client = HospitalClientApp()

@@ -7,27 +7,34 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from privacy.budget import noise_dominates
 from secure_fedkim.artifacts import save_model
-from secure_fedkim.baseline import planned_noise, privacy_spend, single_hospital_baseline
-from secure_fedkim.local_training import new_client_model, train_plans
-from secure_fedkim.config import ConfigError, RunConfig, config_sha256
+from secure_fedkim.baseline import (
+    planned_noise,
+    privacy_spend,
+    single_hospital_baseline,
+)
+from secure_fedkim.config import ConfigError, RunConfig
 from secure_fedkim.data import DataError, load_task
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.deploy.identity import ensure_signing_key
+from secure_fedkim.local_training import new_client_model, train_plans
 from secure_fedkim.metrics import bootstrap_aurocs, interval, verdict
 from secure_fedkim.plan import TaskPlan, build_plan
 from secure_fedkim.run_dir import RunDir
 from secure_fedkim.training import predict_task
+
+if TYPE_CHECKING:
+    from secure_fedkim.federation.engine import FederationResult
 
 
 @dataclass
@@ -50,7 +57,7 @@ BOOTSTRAP_RESAMPLES = 1000
 
 def run_dir_path(cfg: RunConfig, out_dir: str | Path | None) -> Path:
     """The run directory a run will write (refused if it exists and is not empty); creates nothing."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     base = Path(out_dir) if out_dir is not None else Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
     if base.exists() and any(base.iterdir()):
         raise FileExistsError(f"run directory {base} already exists and is not empty; choose another --out")
@@ -149,21 +156,21 @@ def format_round_table(server_round: int, record: dict, prv_clients: set[str] = 
     return "\n".join(lines)
 
 
-def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], dict]:
+def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> FederationResult:
     from flwr.simulation import run_simulation
 
-    from secure_fedkim.federation.engine import make_server_app
+    from secure_fedkim.client_app import app as client_app
+    from secure_fedkim.federation.engine import make_server_app, public_only
     from secure_fedkim.federation.transports import transport_for
 
-    transport = transport_for(cfg)
-    if transport.signs_updates:
+    if transport_for(cfg).signs_updates and not public_only(cfg):  # FEDKIM_pub: no hospital sends an update
         register_hospitals(cfg, run_dir)
     server_app, outcome = make_server_app(cfg, run_dir, on_round=on_round)
     n = len(cfg.federation.clients)
     cpus = max(1, min(os.cpu_count() or 1, n))
     run_simulation(
         server_app=server_app,
-        client_app=transport.client_app(),
+        client_app=client_app,
         num_supernodes=n,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -174,8 +181,7 @@ def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict]
         raise outcome.error
     if outcome.result is None:
         raise RuntimeError("the Flower simulation ended without a result; see its log above")
-    result = outcome.result
-    return result.arrays.to_torch_state_dict(), result.history, result.aggregation
+    return outcome.result
 
 
 def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
@@ -185,20 +191,6 @@ def register_hospitals(cfg: RunConfig, run_dir: Path) -> None:
     files.keys_dir.mkdir(exist_ok=True)
     for client in cfg.federation.clients:
         files.public_key(client).write_bytes(ensure_signing_key(files.client(client).path))
-
-
-def _public_only(cfg: RunConfig, run_dir: Path, on_round) -> tuple[dict, list[dict], dict]:
-    """FEDKIM_pub: no hospital takes part; the server trains encoders and M3OE on its public split alone."""
-    from secure_fedkim.federation.strategy import FedKIM
-    from secure_fedkim.fm.injection import Injector
-
-    plans = build_plan(cfg)
-    strategy = FedKIM(cfg, plans, run_dir, on_round=on_round, injector=Injector(cfg, plans))
-    model = new_client_model(cfg, plans)
-    strategy.evaluate(0, ArrayRecord(model.state_dict()))
-    for r in range(1, cfg.run.rounds + 1):
-        strategy.public_only_round(r, model)
-    return model.state_dict(), strategy.history, strategy.transport.facts()
 
 
 def warn_about_noise(cfg: RunConfig, run_dir: Path) -> None:
@@ -239,6 +231,8 @@ def compare_aurocs(cfg: RunConfig, plans: dict[str, TaskPlan], federated: dict, 
 def run_federation(
     cfg: RunConfig, config_text: str, out_dir=None, progress: bool = True, config_path: str | Path | None = None
 ) -> RunResult:
+    from secure_fedkim.federation.engine import write_run_summary
+
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     # Everything that can be wrong with the config's data is found before anything is written.
     target = run_dir_path(cfg, out_dir)
@@ -261,37 +255,28 @@ def run_federation(
         if server_round:
             bar.update(1)
 
-    if cfg.injection.enabled and cfg.injection.method == "fedkim_pub":
-        state, history, aggregation = _public_only(cfg, run_dir, on_round)
-    else:
-        state, history, aggregation = _simulate(cfg, run_dir, on_round)
+    result = _simulate(cfg, run_dir, on_round)
     bar.close()
     model = new_client_model(cfg, plans)
-    model.load_state_dict(state)
+    model.load_state_dict(result.arrays.to_torch_state_dict())
     save_model(model, files.global_model)
 
-    final_test = history[-1]["client_model_test"]
     alone_scores: dict = {}
     single = single_hospital_baseline(cfg, run_dir, alone_scores, progress) if cfg.baseline.single_hospital else {}
     comparison = {}
     if single:
         federated = {name: predict_task(model.task_model(name), p.test().x) for name, p in train_plans(plans)}
         comparison = compare_aurocs(cfg, plans, federated, alone_scores)
-    summary = {
-        "run_dir": str(run_dir),
-        "config_sha256": config_sha256(config_text),
-        "seconds": round(time.time() - started, 1),
-        "tasks": {n: {"role": p.task.role, "modality": p.task.modality, "records": len(p.data)} for n, p in plans.items()},
-        "aggregation": aggregation,
-        "federated_test": final_test,
-        **({"fm_test": history[-1]["fm_test"], "fm_test_round0": history[0]["fm_test"]} if "fm_test" in history[-1] else {}),
+    history = result.history
+    evaluation = {
         "single_hospital_test": single,
         "auroc_comparison": comparison,
         "privacy_spend": privacy_spend(cfg, run_dir),
         "fm_comparison": compare_injection(cfg, plans, run_dir, len(history) - 1),
     }
-    files.write_summary(summary)
-    return RunResult(run_dir, history, final_test, single, comparison, summary["privacy_spend"], summary["fm_comparison"])
+    write_run_summary(run_dir, config_text, started, result, plans=plans, evaluation=evaluation)
+    return RunResult(run_dir, history, history[-1]["client_model_test"], single, comparison,
+                     evaluation["privacy_spend"], evaluation["fm_comparison"])
 
 
 def features_record(plans: dict[str, TaskPlan]) -> dict[str, dict]:
@@ -348,7 +333,7 @@ def compare_injection(cfg: RunConfig, plans: dict[str, TaskPlan], run_dir: Path,
                 continue  # no AUROC on a test set with one class
             before, after = scores[keys[0]], scores[keys[1]]
             boots = bootstrap_aurocs(y, [before, after], n_boot=BOOTSTRAP_RESAMPLES, seed=cfg.run.seed * 1013 + i)
-            cell = lambda s, b: {"auroc": float(roc_auc_score(y, s)), "ci95": list(interval(b))}  # noqa: E731
+            cell = lambda s, b, y=y: {"auroc": float(roc_auc_score(y, s)), "ci95": list(interval(b))}
             out[name] = {"role": p.task.role, "round_0": cell(before, boots[:, 0]), "injected": cell(after, boots[:, 1]),
                          "difference_ci95": list(interval(boots[:, 1] - boots[:, 0]))}
             out[name]["verdict"] = verdict(tuple(out[name]["difference_ci95"]))
@@ -365,7 +350,7 @@ def format_injection(result: RunResult) -> str:
     width = 22
     lines = [f"Foundation model: injected (round {last}) vs without injection (round 0), test AUROC [95% bootstrap interval]",
              f"{'task':<22}{'role':>8}{'round 0':>{width}}{f'round {last}':>{width}}  injected vs round 0"]
-    cell = lambda m: f"{m['auroc']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"  # noqa: E731
+    cell = lambda m: f"{m['auroc']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
     for task, c in result.fm_comparison.items():
         d = c["difference_ci95"]
         lines.append(f"{task:<22}{c['role']:>8}{cell(c['round_0']):>{width}}{cell(c['injected']):>{width}}  "

@@ -21,11 +21,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.aggregation import unflatten_state
-from secure_fedkim.federation.errors import BudgetExhausted, RoundFailed  # re-exported: strategy.RoundFailed
+from secure_fedkim.federation.errors import BudgetExhausted, RoundFailed  # re-exported
 from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.local_training import new_client_model
-from secure_fedkim.config import RunConfig
 from secure_fedkim.plan import TaskPlan
 from secure_fedkim.run_dir import RunDir
 from secure_fedkim.training import evaluate_task
@@ -128,10 +128,14 @@ class FedKIM(FedAvg):
         total = int(sum(w for _, w in contributions))
         return arrays, MetricRecord({"num-clients": len(contributions), "num-examples": total})
 
-    def public_only_round(self, server_round: int, model) -> None:
-        """FEDKIM_pub: no hospital takes part; the server injects from its public split alone, then evaluates."""
+    def public_round(self, server_round: int, model) -> ArrayRecord:
+        """A round without hospitals (FEDKIM_pub, `engine.PublicRounds`): the server injects from its public
+        split alone into the global model `model` (its encoders, in place, whatever `sync_back` says: there is
+        no hospital update to keep instead), evaluates it and returns its arrays."""
         self.round_stats = {"clients": {}, "injection": self.injector.inject(model)}
-        self.evaluate(server_round, ArrayRecord(model.state_dict()))
+        arrays = ArrayRecord(model.state_dict())
+        self.evaluate(server_round, arrays)
+        return arrays
 
     def _write_round(self, server_round: int, record: dict) -> None:
         path = RunDir(self.run_dir).round_metrics(server_round)
