@@ -105,7 +105,7 @@ def test_an_incomplete_transport_is_refused_when_it_is_made_or_registered():
             name = "wordless"
             server_sees, report_mode, title = "x", "plain", "x"
 
-    with pytest.raises(TypeError, match=r"reply and aggregate .* or client_app, protocol_app and run_rounds .*; it overrides only \['aggregate'\]"):
+    with pytest.raises(TypeError, match=r"reply and aggregate .* or protocol_app and run_rounds .*; it overrides only \['aggregate'\]"):
         class HalfProtocol(ToyTransport):
             reply = Transport.reply
 

@@ -1,6 +1,6 @@
 """What a transport is: how a hospital's update travels to the server and becomes one aggregate.
 
-A transport knows both sides of one wire format: the hospital's reply (`reply`, or its own ClientApp),
+A transport knows both sides of one wire format: the hospital's reply (`reply`, or its own protocol's ClientApp),
 what the server must set up first (`open` / `close`, e.g. a key holder), how a round's contributions become
 the weighted mean (`aggregate`), how the rounds are driven (`run_rounds`), what the run directory's
 summary says about it (`facts`) and what a compliance report reads there as its evidence (`report_evidence`).
@@ -11,7 +11,8 @@ the rest, the same for every transport.
 `Transport` is abstract: a subclass that is not itself marked `abstract=True` must give `spec` (or `name`, for a
 transport with no config checks), the report's words (`REQUIRED_WORDS`), `report_evidence`, and one of two
 protocols: Flower's Message API (`reply` and `aggregate`; the ClientApp is `node.message_app`) or its own
-(`client_app`, `protocol_app` and `run_rounds`, as SecAgg+). `register_transport` makes it available under its
+(`protocol_app` and `run_rounds`, as SecAgg+). Every hospital runs one ClientApp
+(`secure_fedkim.client_app.app`), which asks each transport's `protocol_app` whether a message is its own. `register_transport` makes it available under its
 name.
 """
 
@@ -62,7 +63,7 @@ class Transport(abc.ABC):
     summary_sentence: ClassVar[str]
     #: what this confidentiality does not cover (None: nothing to add)
     not_covered: ClassVar[str | None] = None
-    #: the compliance-report checks (secure_fedkim.report.text.CHECKS names) that only runs of a transport with
+    #: the compliance-report checks (names in secure_fedkim.report.checks.CHECKS) that only runs of a transport with
     #: this check have; on any other transport's run they are "not applicable"
     report_checks: ClassVar[tuple[str, ...]] = ()
     #: the key of the report's `aggregation` section that this transport's evidence fills in (null on the runs of
@@ -81,13 +82,6 @@ class Transport(abc.ABC):
         """The ClientApp for `message` when it belongs to this transport's own protocol (a deployed hospital's
         one ClientApp asks every transport; None: not one of its messages, e.g. a Message-API one)."""
         return None
-
-    def client_app(self) -> ClientApp:
-        """The ClientApp hospitals run in this transport: by default Flower's Message API, which trains one round
-        and replies with `reply`'s records (`secure_fedkim.federation.node.message_app`)."""
-        from secure_fedkim.federation.node import message_app  # torch and the training stack, only when used
-
-        return message_app(type(self))
 
     def reply(self, model_state: dict, num_examples: float, config, home: Path, client: str) -> dict[str, Any]:
         """The records a hospital adds to its reply for this round's update (Message API transports)."""
@@ -150,12 +144,12 @@ class Transport(abc.ABC):
         if missing:
             raise TypeError(f"{cls.__qualname__}: a transport must say {', '.join(missing)} (see Transport)")
         own = {m for m in _PROTOCOL_METHODS if _own(cls, m)}
-        if not ({"reply", "aggregate"} <= own or {"client_app", "protocol_app", "run_rounds"} <= own):
+        if not ({"reply", "aggregate"} <= own or {"protocol_app", "run_rounds"} <= own):
             raise TypeError(f"{cls.__qualname__}: a transport implements reply and aggregate (Flower's Message API) "
-                            f"or client_app, protocol_app and run_rounds (its own protocol); it overrides only {sorted(own)}")
+                            f"or protocol_app and run_rounds (its own protocol); it overrides only {sorted(own)}")
 
 
-_PROTOCOL_METHODS = ("reply", "aggregate", "client_app", "protocol_app", "run_rounds")
+_PROTOCOL_METHODS = ("reply", "aggregate", "protocol_app", "run_rounds")
 
 
 def _own(cls: type, method: str) -> bool:

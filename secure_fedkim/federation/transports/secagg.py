@@ -127,9 +127,6 @@ class SecAggTransport(Transport):
     def protocol_app(cls, message):
         return secagg_app if is_secagg_message(message) else None
 
-    def client_app(self):
-        return secagg_app
-
     def run_rounds(self, strategy, grid, context, initial, train_config, num_rounds, round_timeout):
         s = self.cfg.federation.secagg
         rounds = SecAggRounds(strategy, initial, train_config)
