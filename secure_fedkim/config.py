@@ -237,11 +237,37 @@ class InjectionSection(_Strict):
 STUDY_VARIANTS = {name: v.injection_settings() for name, v in VARIANTS.items()}  # variant -> injection keys it sets
 
 
+STUDY_PRIVACY = ("dp", "plain")  # dp: the config's privacy section as given; plain: the same runs without DP
+
+
 class StudySection(_Strict):
-    """Run the same federation once per variant and seed, and compare them in one table."""
+    """Run the same federation once per privacy mode, variant and seed, and compare the variants with paired
+    statistics over the seeds (secure_fedkim.study). ``seed_count: N`` is short for ``seeds: [0, ..., N-1]``."""
 
     variants: list[Literal[tuple(VARIANTS)]] = Field(min_length=1)  # secure_fedkim.variants.VARIANTS
     seeds: list[int] = Field([0, 1, 2], min_length=1)
+    privacy: list[Literal[STUDY_PRIVACY]] | None = Field(None, min_length=1)  # None: the config's own (dp or plain)
+    workers: int | None = Field(None, ge=1)  # parallel runs; None: one per CPU core
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_count(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed_count" in data:
+            data = dict(data)
+            count = data.pop("seed_count")
+            if "seeds" in data:
+                raise ValueError("seed_count: give seeds or seed_count, not both")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"seed_count: must be a whole number >= 1, not {count!r}")
+            data["seeds"] = list(range(count))
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key, values in (("variants", self.variants), ("seeds", self.seeds), ("privacy", self.privacy or [])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key}: listed twice: {sorted({v for v in values if values.count(v) > 1})}")
+        return self
 
 
 class BaselineSection(_Strict):
@@ -291,6 +317,9 @@ class RunConfig(_Strict):
             )
         if self.study is not None and not self.injection.enabled:
             raise ValueError("study: comparing injection variants needs an enabled injection section")
+        if self.study is not None and "dp" in (self.study.privacy or []) and not self.privacy.dp:
+            raise ValueError("study: privacy lists 'dp' but the config's privacy section has no DP (set privacy.dp: "
+                             "true and a profile; the study's 'dp' runs use it as given)")
         unknown = sorted(set(self.privacy.hospitals) - set(self.federation.clients))
         if unknown:
             raise ValueError(f"privacy.hospitals: {unknown} are not clients of this federation {self.federation.clients}")

@@ -31,8 +31,11 @@ Run directory layout:
     report.json, .html, .pdf, .sig, .sha256, .sha256.sig
                                           after `secure-fedkim report` (report_<partner>.* for a partner)
 
-A study directory (StudyDir): config.yaml, study.json and one run directory per variant and seed
-(<variant>-seed<seed>/).
+A study directory (StudyDir): config.yaml (the study's config as last run), federation.json (the validated
+config without its study section: a re-run resumes only the same federation), study.json (runs, paired
+statistics; rewritten after every finished run), auroc_<privacy>.png, one run directory per privacy mode,
+variant and seed (<privacy>/<variant>-seed<seed>/; <variant>-seed<seed>/ without a mode) and its log
+(logs/<privacy>-<variant>-seed<seed>.log). A run directory without summary.json is unfinished.
 """
 
 from __future__ import annotations
@@ -248,8 +251,19 @@ class StudyDir:
         return self.root / "config.yaml"
 
     @property
+    def federation_config(self) -> Path:
+        return self.root / "federation.json"
+
+    @property
     def results(self) -> Path:
         return self.root / "study.json"
 
-    def run(self, variant: str, seed: int) -> Path:
-        return self.root / f"{variant}-seed{seed}"
+    def run(self, variant: str, seed: int, privacy: str | None = None) -> Path:
+        name = f"{variant}-seed{seed}"
+        return self.root / name if privacy is None else self.root / privacy / name
+
+    def log(self, variant: str, seed: int, privacy: str) -> Path:
+        return self.root / "logs" / f"{privacy}-{variant}-seed{seed}.log"
+
+    def plot(self, privacy: str) -> Path:
+        return self.root / f"auroc_{privacy}.png"
