@@ -9,7 +9,7 @@
   ``secure-fedkim audit``).
 
 Importing this package imports nothing heavy; the names below load their module on first use.
-``attacks`` reads runs only through ``secure_fedkim.artifacts.load_run`` and is imported only by the CLI.
+``attacks`` reads runs only through ``secure_fedkim.rundir.artifacts.load_run`` and is imported only by the CLI.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from privacy.plan import DPPlan
 from privacy.randomness import DPRandomness
-from secure_fedkim.training import train_task
+from secure_fedkim.hospital.training import train_task
 
 
 class ShadowDP:

@@ -53,7 +53,7 @@ server's public split and the other part of the test split as population data; t
 (architecture, hyperparameters, DP plans in the ledgers). It never uses another hospital's shard to
 attack a hospital's local model.
 
-Reading runs goes only through ``secure_fedkim.artifacts.load_run`` (and the ledger files it names). The
+Reading runs goes only through ``secure_fedkim.rundir.artifacts.load_run`` (and the ledger files it names). The
 audit's config is :mod:`attacks.audit_config` and its terminal table :mod:`attacks.audit_table`; both are
 importable from here.
 """
@@ -86,12 +86,12 @@ from attacks.whitebox import WhiteboxSection, whitebox_for_run
 from privacy.accounting import epsilon
 from privacy.ledger import DP_ROUND, LedgerTampered, PrivacyLedger
 from privacy.plan import DPPlan
-from secure_fedkim.artifacts import Run, load_run
+from secure_fedkim.rundir.artifacts import Run, load_run
 from secure_fedkim.audit_schema import (
     DP_AUDIT_ROW, MECHANISM_ROW, MIA_ROW, PARTS, RECONSTRUCTION_ROW, RUNLEVEL_ROW, SCHEMA, WHITEBOX_ROW, RowType,
     check_audit_json, parts, register_part, unregister_part,
 )
-from secure_fedkim.local_training import patients_of, task_local_epochs
+from secure_fedkim.hospital.local_training import patients_of, task_local_epochs
 from attacks.audit_config import (  # noqa: F401 (AuditConfigError, load/parse: the audit's import API)
     SIGNIFICANCE, AuditConfig, AuditConfigError, CanarySection, GameSection, InversionSection, MIASection,
     RunLevelSection, config_model, load_audit_config, parse_audit_config, register_section, unregister_section,

@@ -46,7 +46,7 @@ from attacks.whitebox import replay_randomness
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import add_canary_rows
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.training import as_tensors
+from secure_fedkim.hospital.training import as_tensors
 
 __all__ = ["THREAT_MODEL", "TOLERANCE", "mechanism_audit", "mechanism_for_run"]
 

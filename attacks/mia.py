@@ -58,7 +58,7 @@ from torch import nn
 from attacks._training import train_model
 from attacks.stats import clopper_pearson
 from privacy.plan import DPPlan
-from secure_fedkim.training import as_tensors
+from secure_fedkim.hospital.training import as_tensors
 
 __all__ = [
     "ATTACKS",
@@ -144,7 +144,7 @@ class ReferenceTraining:
         make_model: ``make_model(seed)`` returns a fresh module x -> one logit (independently initialised
             from ``seed``; LiRA's reference models differ in initialisation as well as in data).
         train_size: records per reference training set (the target's training-set size).
-        epochs, batch_size, lr, max_grad_norm: passed to :func:`secure_fedkim.training.train_task`.
+        epochs, batch_size, lr, max_grad_norm: passed to :func:`secure_fedkim.hospital.training.train_task`.
         dp: train the references with DP-SGD like the target (None: plain training); Opacus with the
             same noise, clip and Poisson sampling, not accounted (they are the auditor's own models).
     """

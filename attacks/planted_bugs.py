@@ -12,7 +12,7 @@ on exit, so the default code path is never changed. They cover both per-step pat
 * ``ledger_half_steps``: (e) the ledger records half the steps taken;
 * ``accountant_half_rate``: (f) the accountant is told half the Poisson loader's sample rate.
 
-and the plumbing around them, where a run draws its randomness (``secure_fedkim.local_training.dp_randomness``,
+and the plumbing around them, where a run draws its randomness (``secure_fedkim.hospital.local_training.dp_randomness``,
 the one place a session's :class:`privacy.randomness.DPRandomness` is made) or records its rounds; the run-level
 audit (``attacks/runlevel.py``) and the ledger's fingerprints exist to catch these:
 
@@ -120,7 +120,7 @@ def accountant_half_rate():
 def _session_key(make_key: Callable):
     """Patch ``local_training.dp_randomness``: each session's randomness reproducible from ``make_key(dp, cfg,
     client, round, task)`` (a tuple after the run seed), its label still the true session."""
-    import secure_fedkim.local_training as local_training
+    import secure_fedkim.hospital.local_training as local_training
 
     def dp_randomness(dp, cfg, client, server_round, task):
         return DPRandomness.reproducible(cfg.run.seed, *make_key(dp, cfg, client, server_round, task),

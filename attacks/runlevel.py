@@ -57,8 +57,8 @@ from attacks.whitebox import ONE_RUN_METHOD, one_run_audit, step_llr
 from privacy.accounting import epsilon
 from privacy.ledger import DP_PLAN, DP_ROUND, PrivacyLedger
 from privacy.randomness import observed
-from secure_fedkim.artifacts import Run, load_run
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.artifacts import Run, load_run
+from secure_fedkim.rundir.layout import RunDir
 
 __all__ = ["RunTap", "reexecute", "run_level_audit", "THREAT_RUN"]
 
@@ -182,10 +182,10 @@ def reexecute(run: Run, workdir: Path, tap: RunTap, *, progress: bool = False) -
     from flwr.app import Context, RecordDict
     from tqdm.auto import tqdm
 
-    from secure_fedkim.baseline import train_alone
-    from secure_fedkim.client_app import hospital_round
+    from secure_fedkim.hospital.baseline import train_alone
+    from secure_fedkim.hospital.client_app import hospital_round
     from secure_fedkim.federation.aggregation import flatten_state, unflatten_state, weighted_mean
-    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.hospital.local_training import new_client_model
 
     cfg = run.cfg
     rerun = workdir / _run_id(run)

@@ -79,7 +79,7 @@ from privacy.fast_dp import add_canary_rows
 from privacy.ledger import DP_ROUND, PrivacyLedger
 from privacy.plan import DPPlan
 from privacy.randomness import DPRandomness
-from secure_fedkim.training import as_tensors
+from secure_fedkim.hospital.training import as_tensors
 
 __all__ = [
     "THREAT_MODEL",
@@ -181,7 +181,7 @@ def replay_with_canaries(
     seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> CanaryObservation:
-    """Train ``make_model(seed)`` on (x, y) through ``dp.make_private`` as ``secure_fedkim.training.train_task``
+    """Train ``make_model(seed)`` on (x, y) through ``dp.make_private`` as ``secure_fedkim.hospital.training.train_task``
     does (Adam, BCE, Poisson batches), with gradient canaries, and observe every step's noisy sum.
 
     ``record``: write the steps to ``dp``'s ledger afterwards (``record_round``), as a hospital does.
@@ -700,14 +700,14 @@ def whitebox_for_run(run, hospital: str, task: str, section: WhiteboxSection | N
     """Replay ``hospital``'s DP training on ``task`` of a finished run with gradient canaries; the
     ``whitebox`` entry, or None when the hospital trained without DP (nothing to check).
 
-    ``run`` is ``secure_fedkim.artifacts.load_run(run_dir)``. The replay uses the ledger's plan (noise
+    ``run`` is ``secure_fedkim.rundir.artifacts.load_run(run_dir)``. The replay uses the ledger's plan (noise
     multiplier, C, accountant, delta), the hospital's shard (so the Poisson loader's sample rate), and the
     config's steps: ``ceil(n / batch)`` x the task's ``local_epochs`` (``tasks.train[].local_epochs``, else
     ``client.local_epochs``) per round the ledger shows the hospital trained on the task. The claim checked
     is the accountant's epsilon of the ledger's entries for this task; ``accountant_epsilon`` is the ledger's
     whole-run epsilon.
     """
-    from secure_fedkim.local_training import patients_of, task_local_epochs
+    from secure_fedkim.hospital.local_training import patients_of, task_local_epochs
 
     t0 = time.perf_counter()
     section = section or WhiteboxSection()

@@ -26,7 +26,7 @@ import torch
 from attacks.metrics import roc_auc, tpr_at_fpr
 from attacks.mia import ATTACKS, Records, ReferenceTraining, membership_inference
 from secure_fedkim.data import load_task
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 

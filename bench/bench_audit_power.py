@@ -57,7 +57,7 @@ def heart_disease(hospital: str = "cleveland"):
     """(model factory, x, y, config) of the demo's heart-disease task at one hospital."""
     import yaml
 
-    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.hospital.local_training import new_client_model
     from secure_fedkim.config import parse_config
     from secure_fedkim.plan import build_plan
 

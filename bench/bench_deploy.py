@@ -111,7 +111,7 @@ def payload_bytes(mode: str, n_clients: int = 3) -> tuple[int, int]:
     from privacy.he import KeyHolder, encrypt_update
     from privacy.keys import generate_signing_key, public_key_bytes
     from secure_fedkim.federation.aggregation import flatten_state
-    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.hospital.local_training import new_client_model
     from secure_fedkim.config import parse_config
     from secure_fedkim.plan import build_plan
     import yaml

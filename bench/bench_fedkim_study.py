@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from secure_fedkim.config import ConfigError, parse_config
-from secure_fedkim.study import format_study, run_study, study_runs
+from secure_fedkim.drivers.study import format_study, run_study, study_runs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study.yaml"
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from bench_rounds import round_seconds
 from secure_fedkim.config import parse_config
-from secure_fedkim.run import run_federation
+from secure_fedkim.drivers.run import run_federation
 
 
 def run_mode(base: dict, mode: str, rounds: int):

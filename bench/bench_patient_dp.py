@@ -8,7 +8,7 @@ Task: ``mortality_visits`` (one record per NAFLD lab visit, label = the subject'
 several visits per subject). ``load_task(max_records=N, seed=0)`` keeps whole patients; each seed splits
 those patients 75/25 into train/test (a patient is on one side only) and seeds the models and the noise.
 Test AUROC is per visit of the test patients. The model is the client model's timeseries path for the task
-(``ClientModel(...).task_model("mortality_visits")``), trained by ``secure_fedkim.training.train_task``.
+(``ClientModel(...).task_model("mortality_visits")``), trained by ``secure_fedkim.hospital.training.train_task``.
 
 Arms, each at per-patient target ``(eps_p, delta_p)`` with ``delta_p = min(1e-5, 1/(10 * train patients))``
 (the patient-level default):
@@ -89,8 +89,8 @@ from privacy.accounting import calibrate_noise, group_privacy_epsilon, resolve_d
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.data.loaders import load_task
-from secure_fedkim.models import ClientModel
-from secure_fedkim.training import predict_task, train_task
+from secure_fedkim.hospital.models import ClientModel
+from secure_fedkim.hospital.training import predict_task, train_task
 
 TASK = "mortality_visits"
 warnings.filterwarnings("ignore", message="Secure RNG turned off")

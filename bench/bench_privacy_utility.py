@@ -19,7 +19,7 @@ import yaml
 from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.config import parse_config
-from secure_fedkim.run import run_federation
+from secure_fedkim.drivers.run import run_federation
 
 
 def run(base: dict, eps: float | None, out: Path) -> dict:

@@ -29,9 +29,9 @@ from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.ledger import PrivacyLedger
 from privacy.randomness import DPRandomness
 from secure_fedkim.config import load_config
-from secure_fedkim.local_training import dp_round_schedule, hospital_records, new_client_model
+from secure_fedkim.hospital.local_training import dp_round_schedule, hospital_records, new_client_model
 from secure_fedkim.plan import build_plan
-from secure_fedkim.training import train_task
+from secure_fedkim.hospital.training import train_task
 
 
 class TorchGeneratorRandomness(DPRandomness):

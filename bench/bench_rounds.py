@@ -20,7 +20,7 @@ import time
 import psutil
 
 from secure_fedkim.config import parse_config
-from secure_fedkim.run import run_federation
+from secure_fedkim.drivers.run import run_federation
 
 
 def config(n: int, rounds: int, seed: int = 0) -> dict:

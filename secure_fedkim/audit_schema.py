@@ -2,7 +2,7 @@
 
 One place for the contract between the writer (:mod:`attacks.audit`, which checks every row here before it writes
 the file) and the reader (:func:`secure_fedkim.report.build.read_audit`, which reads each part through its row
-type and names what it cannot read). It lives beside :mod:`secure_fedkim.run_dir` (the run directory's paths), not
+type and names what it cannot read). It lives beside :mod:`secure_fedkim.rundir.layout` (the run directory's paths), not
 under ``secure_fedkim.report``: ``attacks`` may import ``secure_fedkim`` but not the other way round, and the writer
 should not load the report package to write a file. Standard library only.
 

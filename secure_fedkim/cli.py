@@ -15,14 +15,18 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def _cmd_run(args) -> int:
     import warnings
 
-    from secure_fedkim.baseline import format_spend
     from secure_fedkim.config import load_config
-    from secure_fedkim.run import format_comparison, format_injection, run_federation
+    from secure_fedkim.drivers.run import (
+        format_comparison,
+        format_injection,
+        run_federation,
+    )
+    from secure_fedkim.hospital.baseline import format_spend
 
     warnings.formatwarning = _one_line_warning  # a warning is one line, not a file name and a source line
     cfg, text = load_config(args.config)
     if cfg.study is not None:
-        from secure_fedkim.study import format_study, run_study
+        from secure_fedkim.drivers.study import format_study, run_study
 
         study_dir, results = run_study(cfg, text, out_dir=args.out, progress=not args.quiet)
         print(format_study(results, "auroc"))
@@ -81,7 +85,7 @@ def _cmd_budget(args) -> int:
 def _home_policy(args):
     """`--home`'s state directory and its signed policy (None when it has none), verified."""
     from secure_fedkim.deploy.policy import PolicyError, load_policy
-    from secure_fedkim.run_dir import HospitalDir
+    from secure_fedkim.rundir.layout import HospitalDir
 
     home = HospitalDir(args.home)
     if not home.ledger.is_file():
@@ -246,16 +250,16 @@ def _calibrate_for(target: float, delta: float, schedule: list, accountant: str)
 
 
 def _config_plans(cfg, config_path):
-    """The config's task plans, as `secure_fedkim.run.load_plans` builds them for a run, without importing the
+    """The config's task plans, as `secure_fedkim.drivers.run.load_plans` builds them for a run, without importing the
     run's own module (Flower, scikit-learn: seconds of start-up that planning a budget does not need)."""
     from secure_fedkim.data import DataError
-    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.hospital.local_training import new_client_model
     from secure_fedkim.plan import build_plan
 
     try:
         plans = build_plan(cfg)
     except DataError as e:
-        from secure_fedkim.run import _task_key
+        from secure_fedkim.drivers.run import _task_key
 
         raise DataError(f"{config_path}: {_task_key(cfg, str(e))}: {e}") from None
     try:
@@ -272,7 +276,7 @@ def _expected_batches(cfg, plans, client: str) -> list[float]:
     import numpy as np
 
     from privacy.accounting import poisson_schedule
-    from secure_fedkim.local_training import patients_of, train_plans
+    from secure_fedkim.hospital.local_training import patients_of, train_plans
 
     out = []
     for _, plan in train_plans(plans):
@@ -289,7 +293,7 @@ def _plan_hospital(args, cfg, plans, listed: list[int], client: str) -> tuple:
     [(target, calibration, epsilon after each listed round, signal/noise)])."""
     from privacy.accounting import resolve_delta
     from privacy.budget import epsilon_by_round_schedule, signal_to_noise
-    from secure_fedkim.local_training import dp_plan_inputs
+    from secure_fedkim.hospital.local_training import dp_plan_inputs
 
     inputs = dp_plan_inputs(cfg, plans, client)  # what the run's own plan is calibrated on
     n = inputs["n_patients"] or inputs["n_records"]

@@ -242,7 +242,7 @@ STUDY_PRIVACY = ("dp", "plain")  # dp: the config's privacy section as given; pl
 
 class StudySection(_Strict):
     """Run the same federation once per privacy mode, variant and seed, and compare the variants with paired
-    statistics over the seeds (secure_fedkim.study). ``seed_count: N`` is short for ``seeds: [0, ..., N-1]``."""
+    statistics over the seeds (secure_fedkim.drivers.study). ``seed_count: N`` is short for ``seeds: [0, ..., N-1]``."""
 
     variants: list[Literal[tuple(VARIANTS)]] = Field(min_length=1)  # secure_fedkim.variants.VARIANTS
     seeds: list[int] = Field([0, 1, 2], min_length=1)

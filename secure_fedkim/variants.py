@@ -2,7 +2,7 @@
 
 ``METHODS``: what ``injection.method`` may be, and how many M3OE experts each trains. ``VARIANTS``: what
 ``study.variants`` may list, each the ``injection.method`` and ``injection.gate_inputs`` it runs with. The
-config's allowed names (``secure_fedkim.config``), the study (``secure_fedkim.study``) and the server's
+config's allowed names (``secure_fedkim.config``), the study (``secure_fedkim.drivers.study``) and the server's
 foundation model (``secure_fedkim.fm.injection``) all read these, so a new variant is one line here.
 
 No torch or transformers import: the config module imports this.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from secure_fedkim.federation.aggregation import flatten_state, unflatten_state, weighted_mean
-from secure_fedkim.training import train_task
+from secure_fedkim.hospital.training import train_task
 
 
 def test_weighted_mean_equals_hand_computation():

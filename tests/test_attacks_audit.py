@@ -20,7 +20,7 @@ from attacks.audit import (
 )
 from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.artifacts import load_run
+from secure_fedkim.rundir.artifacts import load_run
 from secure_fedkim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from attacks.mia import Records
 from privacy.plan import DPPlan
 from privacy.accounting import calibrate_noise
 from secure_fedkim.data import load_task
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 
 N_TRAIN, CANARIES, EPOCHS, BATCH = 200, 200, 100, 32
 

@@ -13,8 +13,8 @@ from attacks.inversion import (
     reconstruction_error,
 )
 from secure_fedkim.data import load_task
-from secure_fedkim.models import ClientModel
-from secure_fedkim.training import train_task
+from secure_fedkim.hospital.models import ClientModel
+from secure_fedkim.hospital.training import train_task
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

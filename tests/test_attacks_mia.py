@@ -22,7 +22,7 @@ from attacks.metrics import (
 from attacks.mia import Records, ReferenceTraining, auditor_game, game_models_needed, membership_inference, train_references
 from scipy.stats import beta, norm
 from secure_fedkim.data import load_task
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -499,7 +499,7 @@ def test_whitebox_and_mechanism_for_a_finished_run(tmp_path):
     from attacks.mechanism import mechanism_for_run
     from attacks.whitebox import whitebox_for_run
     from privacy.accounting import epsilon
-    from secure_fedkim.artifacts import load_run
+    from secure_fedkim.rundir.artifacts import load_run
     from secure_fedkim.cli import main
 
     cfg = tmp_path / "tiny.yaml"

@@ -109,7 +109,7 @@ FED = ("run: {rounds: 2}\n"
 
 
 def test_budget_config_prints_the_noise_a_runs_dp_plan_calibrates(tmp_path, capsys):
-    from secure_fedkim.client_app import hospital_dp
+    from secure_fedkim.hospital.client_app import hospital_dp
     from secure_fedkim.config import load_config
     from secure_fedkim.plan import build_plan
 

@@ -103,7 +103,7 @@ def test_flower_app_is_valid_and_names_our_apps(tmp_path):
     ok, errors, _ = validate_config(config, check_module=True, project_dir=app)
     assert ok, errors
     assert config["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "secure_fedkim.deploy_app:server", "clientapp": "secure_fedkim.deploy_app:client",
+        "serverapp": "secure_fedkim.drivers.deploy_app:server", "clientapp": "secure_fedkim.drivers.deploy_app:client",
     }
     assert {"config", "run-dir", "keys-dir", "fault-crash-after-round"} <= set(config["tool"]["flwr"]["app"]["config"])
 

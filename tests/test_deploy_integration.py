@@ -35,7 +35,7 @@ from secure_fedkim.deploy import (
     tagged_pids,
 )
 from secure_fedkim.deploy.policy import code_sha256
-from secure_fedkim.run import run_federation
+from secure_fedkim.drivers.run import run_federation
 
 pytestmark = pytest.mark.slow
 

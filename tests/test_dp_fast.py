@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privacy.dp import HospitalDP, PrivacyProfile
 from privacy.fast_dp import FusedDPOptimizer, LeanGradSampleModule, LeanPrivacyEngine, lean_supported
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.models import TaskHead, TaskModel, build_encoder
+from secure_fedkim.hospital.models import TaskHead, TaskModel, build_encoder
 
 torch.set_num_threads(1)
 pytestmark = [

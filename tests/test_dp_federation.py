@@ -5,8 +5,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from privacy.accounting import epsilon
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.local_training import new_client_model
-from secure_fedkim.client_app import app as client_app
+from secure_fedkim.hospital.local_training import new_client_model
+from secure_fedkim.hospital.client_app import app as client_app
 from secure_fedkim.config import parse_config
 from secure_fedkim.plan import build_plan
 

@@ -15,9 +15,9 @@ from secure_fedkim.federation.engine import (
 )
 from secure_fedkim.federation.strategy import FedKIM
 from secure_fedkim.fm.injection import Injector
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.plan import build_plan
-from secure_fedkim.run import run_federation
+from secure_fedkim.drivers.run import run_federation
 
 
 def config(**injection):
@@ -34,8 +34,8 @@ def config(**injection):
 def test_the_simulation_and_the_deployment_run_the_same_client_app(monkeypatch, tmp_path):
     import flwr.simulation
 
-    from secure_fedkim.client_app import HospitalClientApp, app
-    from secure_fedkim.deploy_app import client
+    from secure_fedkim.hospital.client_app import HospitalClientApp, app
+    from secure_fedkim.drivers.deploy_app import client
 
     assert client is app and isinstance(app, HospitalClientApp)
     handed = {}

@@ -8,9 +8,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from secure_fedkim.artifacts import load_run
+from secure_fedkim.rundir.artifacts import load_run
 from secure_fedkim.cli import main
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.config import load_config
 from secure_fedkim.plan import build_plan
 
@@ -87,7 +87,7 @@ def test_a_task_can_set_its_own_local_epochs(tmp_path):
 
     import yaml
 
-    from secure_fedkim.local_training import dp_round_schedule, local_round
+    from secure_fedkim.hospital.local_training import dp_round_schedule, local_round
     from secure_fedkim.config import RunConfig
 
     raw = yaml.safe_load(TINY)
@@ -111,9 +111,9 @@ def test_injection_table_compares_the_last_round_with_round_0_with_paired_interv
 
     from sklearn.metrics import roc_auc_score
 
-    from secure_fedkim.artifacts import FM_SCORES
+    from secure_fedkim.rundir.artifacts import FM_SCORES
     from secure_fedkim.config import RunConfig
-    from secure_fedkim.run import RunResult, compare_injection, format_injection
+    from secure_fedkim.drivers.run import RunResult, compare_injection, format_injection
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -147,7 +147,7 @@ def test_the_baseline_trains_hospitals_in_parallel_exactly_as_one_after_another(
     must give the same test probabilities (float rounding aside) as training the hospitals one after another in this process."""
     import yaml
 
-    from secure_fedkim.baseline import single_hospital_baseline
+    from secure_fedkim.hospital.baseline import single_hospital_baseline
     from secure_fedkim.config import RunConfig
 
     raw = yaml.safe_load(TINY)

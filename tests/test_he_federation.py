@@ -9,15 +9,15 @@ import tenseal as ts
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from secure_fedkim.federation.aggregation import flatten_state
-from secure_fedkim.artifacts import client_dir, load_run
-from secure_fedkim.local_training import new_client_model
-from secure_fedkim.client_app import app as client_app
+from secure_fedkim.rundir.artifacts import client_dir, load_run
+from secure_fedkim.hospital.local_training import new_client_model
+from secure_fedkim.hospital.client_app import app as client_app
 from secure_fedkim.config import parse_config
 from secure_fedkim.federation.keyholder import KeyHolderError, KeyHolderProcess
 from secure_fedkim.federation.strategy import FedKIM, RoundFailed
 from secure_fedkim.federation.transports.he import CKKSTransport, registered_keys
 from secure_fedkim.plan import build_plan
-from secure_fedkim.run import register_hospitals
+from secure_fedkim.drivers.run import register_hospitals
 
 CLIENTS = ["cleveland", "hungary", "switzerland", "va_long_beach"]
 CFG = {

@@ -161,7 +161,7 @@ def test_the_walk_sees_function_level_imports_and_the_whole_project():
     assert {"secure_fedkim", "privacy", "attacks"} <= set(project_packages())
     assert len(graph) > 80
     # imported only inside a function: the walk must still see it
-    assert "secure_fedkim.federation.engine" in graph["secure_fedkim.run"]
+    assert "secure_fedkim.federation.engine" in graph["secure_fedkim.drivers.run"]
     # relative imports resolve
     assert "secure_fedkim.report.collect" in graph["secure_fedkim.report.aggregation"]
 
@@ -179,3 +179,12 @@ def test_no_import_cycle_among_the_projects_modules():
     graph, modules = import_graph(), project_modules()
     found = knots(graph)
     assert not found, "\n".join(describe(k, graph, modules) for k in found)
+
+
+def test_secure_fedkim_keeps_at_most_8_flat_modules():
+    """The layout shows the architecture (issue #26): the hospital's side, the run directory and the drivers are
+    packages; what stays flat is what every side shares (config, plan, metrics, the CLI)."""
+    flat = sorted(p.name for p in (ROOT / "secure_fedkim").glob("*.py"))
+    assert len(flat) <= 8, flat
+    for package in ("hospital", "rundir", "drivers", "federation", "report", "data", "fm", "deploy"):
+        assert (ROOT / "secure_fedkim" / package / "__init__.py").is_file(), package

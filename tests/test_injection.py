@@ -4,7 +4,7 @@ trains the FM on the public split (never on a test split or an unseen task)."""
 import pytest
 import torch
 
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.config import parse_config
 from secure_fedkim.fm.injection import Injector
 from secure_fedkim.fm.m3oe import m3oe_layers
@@ -62,7 +62,7 @@ def test_injection_learns_from_the_public_split_only():
 
 
 def test_study_variants_and_table():
-    from secure_fedkim.study import format_study, variant_config
+    from secure_fedkim.drivers.study import format_study, variant_config
 
     cfg = config()
     wo_t = variant_config(cfg, "wo_t", 7)

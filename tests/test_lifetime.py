@@ -10,7 +10,7 @@ from privacy.lifetime import LifetimeIntegrityError, lifetime
 from secure_fedkim.cli import main
 from secure_fedkim.deploy.identity import ensure_signing_key, load_signing_key
 from secure_fedkim.deploy.policy import PolicyRefusal, write_policy
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.plan import build_plan
 
 from test_policy import cfg_with, node_context, policy_dict
@@ -131,7 +131,7 @@ def round_config(cfg, run_id, r):
 
 
 def test_node_refuses_a_run_that_would_pass_its_lifetime_budget(flower_identity, capped, capsys):
-    from secure_fedkim.client_app import hospital_round
+    from secure_fedkim.hospital.client_app import hospital_round
 
     home, path = capped
     cfg = cfg_with(**{"federation.aggregation": "he", "run.rounds": 1})
@@ -177,7 +177,7 @@ def test_node_refuses_a_run_that_would_pass_its_lifetime_budget(flower_identity,
 
 
 def test_node_refuses_when_its_ledger_does_not_verify(flower_identity, capped):
-    from secure_fedkim.client_app import hospital_round
+    from secure_fedkim.hospital.client_app import hospital_round
 
     home, path = capped
     ledger = PrivacyLedger(home / "ledger.jsonl")
@@ -205,7 +205,7 @@ def test_a_run_without_dp_on_the_same_data_has_no_finite_lifetime(tmp_path):
 
 
 def test_node_with_a_lifetime_budget_refuses_a_run_without_dp(flower_identity, tmp_path):
-    from secure_fedkim.client_app import hospital_round
+    from secure_fedkim.hospital.client_app import hospital_round
 
     home = tmp_path / "south"
     ensure_signing_key(home)
@@ -220,7 +220,7 @@ def test_node_with_a_lifetime_budget_refuses_a_run_without_dp(flower_identity, t
 
 
 def test_policy_can_calibrate_a_run_to_the_lifetime_remainder(flower_identity, tmp_path, capsys):
-    from secure_fedkim.client_app import hospital_round
+    from secure_fedkim.hospital.client_app import hospital_round
 
     home = tmp_path / "south"
     ensure_signing_key(home)

@@ -32,7 +32,7 @@ from attacks.mia import (
     train_references,
 )
 from secure_fedkim.data import load_task
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from secure_fedkim.models import ClientModel, TaskHead, TaskModel, build_encoder
+from secure_fedkim.hospital.models import ClientModel, TaskHead, TaskModel, build_encoder
 
 SHAPES = {"tabular": (30,), "timeseries": (8, 14), "signal": (1, 1080), "image": (1, 32, 32), "text": (128,)}
 

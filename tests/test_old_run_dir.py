@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.artifacts import load_run
+from secure_fedkim.rundir.artifacts import load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_5ecdfde"
 CLIENTS = ["cleveland", "hungary", "switzerland", "va_long_beach"]

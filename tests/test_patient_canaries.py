@@ -16,7 +16,7 @@ from privacy.accounting import calibrate_noise
 from privacy.plan import DPPlan
 from privacy.ledger import PrivacyLedger
 from secure_fedkim.data import load_task
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

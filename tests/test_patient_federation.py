@@ -11,10 +11,10 @@ import yaml
 from privacy.accounting import Step, calibrate_noise, epsilon, poisson_schedule, resolve_delta
 from privacy.budget import forecast as budget_forecast
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.artifacts import client_dir
+from secure_fedkim.rundir.artifacts import client_dir
 from secure_fedkim.cli import main
-from secure_fedkim.local_training import dp_plan_inputs, dp_round_schedule, n_patients, patients_of
-from secure_fedkim.client_app import hospital_dp
+from secure_fedkim.hospital.local_training import dp_plan_inputs, dp_round_schedule, n_patients, patients_of
+from secure_fedkim.hospital.client_app import hospital_dp
 from secure_fedkim.config import RunConfig, parse_config
 from secure_fedkim.plan import build_plan
 
@@ -112,7 +112,7 @@ def test_budget_plans_per_patient_from_the_command_line(capsys):
 def test_a_baseline_that_would_exceed_the_budget_is_not_trained(tmp_path):
     """A federation planned without the baseline's share (here: spent to its full budget) leaves nothing for
     the baseline: composed, it would overspend, so it is refused before anything is spent."""
-    from secure_fedkim.baseline import train_alone
+    from secure_fedkim.hospital.baseline import train_alone
 
     cfg = visits_cfg()
     plans = build_plan(cfg)

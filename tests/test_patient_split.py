@@ -14,7 +14,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from secure_fedkim.local_training import n_patients  # noqa: E402
+from secure_fedkim.hospital.local_training import n_patients  # noqa: E402
 from secure_fedkim.config import parse_config  # noqa: E402
 from secure_fedkim.data import TASKS, load_task, partition_task  # noqa: E402
 from secure_fedkim.data.tasks import PERSONS, USER_UNIT_PATIENT, USER_UNIT_RECORD, persons_kind  # noqa: E402

@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from privacy.keys import generate_signing_key
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.local_training import new_client_model
-from secure_fedkim.client_app import app as client_app
+from secure_fedkim.hospital.local_training import new_client_model
+from secure_fedkim.hospital.client_app import app as client_app
 from secure_fedkim.config import parse_config
 from secure_fedkim.deploy.identity import ensure_signing_key, load_signing_key
 from secure_fedkim.plan import build_plan
@@ -199,7 +199,7 @@ def test_tampered_policy_stops_the_node_with_a_clear_error(flower_identity, hosp
 def test_approved_run_trains_and_commits_to_the_dataset_once(flower_identity, hospital):
     home, path = hospital
     cfg = cfg_with(**{"federation.aggregation": "he"})  # plain weights would need `plain` in the policy
-    from secure_fedkim.client_app import hospital_round
+    from secure_fedkim.hospital.client_app import hospital_round
 
     state = new_client_model(cfg, build_plan(cfg)).state_dict()
     for r in (1, 2):

@@ -18,9 +18,9 @@ from scipy import stats
 from privacy.dp import session_randomness
 from privacy.ledger import DP_ROUND, PrivacyLedger
 from privacy.randomness import _CHUNK, REPRODUCIBLE, SECURE, DPRandomness, PoissonLoader
-from secure_fedkim.client_app import hospital_dp
+from secure_fedkim.hospital.client_app import hospital_dp
 from secure_fedkim.config import parse_config
-from secure_fedkim.local_training import local_round, new_client_model
+from secure_fedkim.hospital.local_training import local_round, new_client_model
 from secure_fedkim.plan import build_plan
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing")]

@@ -1,4 +1,4 @@
-"""The run directory's one description (#14): `secure_fedkim.run_dir.RunDir` names every file of the layout its
+"""The run directory's one description (#14): `secure_fedkim.rundir.layout.RunDir` names every file of the layout its
 docstring documents, summary.json has one writer, and a run directory written before the redesign resolves."""
 
 import json
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import secure_fedkim.run_dir as run_dir_module
-from secure_fedkim.run_dir import HospitalDir, RunDir, StudyDir, public_key_file
+import secure_fedkim.rundir.layout as run_dir_module
+from secure_fedkim.rundir.layout import HospitalDir, RunDir, StudyDir, public_key_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_5ecdfde"
-PACKAGE = Path(run_dir_module.__file__).parent
+PACKAGE = Path(run_dir_module.__file__).parents[1]  # secure_fedkim/
 
 # every accessor, and the path (relative to the run directory) it must give
 LAYOUT = {
@@ -99,7 +99,7 @@ def test_summary_has_one_writer_and_round_trips(tmp_path):
     # nobody else writes summary.json
     writers = [p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*.py")
                if re.search(r'summary\.json"\)?\.write_text|\.summary\.write_text', p.read_text())]
-    assert writers == ["secure_fedkim/run_dir.py"]
+    assert writers == ["secure_fedkim/rundir/layout.py"]
 
 
 def test_a_run_directory_from_before_the_redesign_resolves():

@@ -83,7 +83,7 @@ def test_the_canaries_are_released_as_records_of_the_run(tmp_path):
     """Each canary's release, over every step it could join, against its claimed law: an included canary adds the
     clipped C with the step's sample rate q, an excluded one nothing, both under N(0, (sigma C)^2) noise."""
     from attacks.runlevel import reexecute
-    from secure_fedkim.artifacts import load_run
+    from secure_fedkim.rundir.artifacts import load_run
 
     cfg = parse_config(CFG)
     run = tmp_path / "rl"

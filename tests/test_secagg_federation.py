@@ -12,8 +12,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.simulation import run_simulation
 
 from secure_fedkim.federation.aggregation import flatten_state
-from secure_fedkim.artifacts import load_run
-from secure_fedkim.client_app import client_name
+from secure_fedkim.rundir.artifacts import load_run
+from secure_fedkim.hospital.client_app import client_name
 from secure_fedkim.config import RunConfig, parse_config
 from secure_fedkim.federation.engine import make_server_app
 from secure_fedkim.federation.transports.secagg import SecAggHospital

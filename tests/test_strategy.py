@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from secure_fedkim.federation.aggregation import flatten_state
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.config import parse_config
 from secure_fedkim.plan import build_plan
 from secure_fedkim.federation.strategy import FedKIM, RoundFailed

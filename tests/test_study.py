@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from secure_fedkim.config import ConfigError, parse_config
-from secure_fedkim.run_dir import StudyDir
-from secure_fedkim.study import (
+from secure_fedkim.rundir.layout import StudyDir
+from secure_fedkim.drivers.study import (
     format_study,
     paired_interval,
     paired_rows,
@@ -158,7 +158,7 @@ def test_the_study_config_and_the_study_process_load_neither_torch_nor_flower():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    probe = ("import sys; import secure_fedkim.study; from secure_fedkim.config import load_config; "
+    probe = ("import sys; import secure_fedkim.drivers.study; from secure_fedkim.config import load_config; "
              "c, _ = load_config('configs/study.yaml'); print(len(c.study.seeds), c.study.privacy, "
              "sorted(m for m in ('torch', 'flwr', 'opacus') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root).stdout

@@ -22,8 +22,8 @@ dependencies = ["flwr>=1.42,<1.43"]
 publisher = "secure-fedkim"
 
 [tool.flwr.app.components]
-serverapp = "secure_fedkim.deploy_app:server"
-clientapp = "secure_fedkim.deploy_app:client"
+serverapp = "secure_fedkim.drivers.deploy_app:server"
+clientapp = "secure_fedkim.drivers.deploy_app:client"
 
 # Run config (override with `flwr run ... --run-config 'config="/abs/run.yaml" run-dir="/abs/runs/r1"'`).
 # Paths are on the SuperLink's machine, where the ServerApp runs.
@@ -36,7 +36,7 @@ round-timeout = 600.0 # seconds to wait for one round's replies
 fault-crash-after-round = 0 # fault injection for tests and drills: the ServerApp dies after this round's checkpoint
 """
 """The Flower App that `flwr run` builds into a FAB: a pyproject.toml naming
-`secure_fedkim.deploy_app:server` / `:client` and the run config keys. It holds no code: every machine
+`secure_fedkim.drivers.deploy_app:server` / `:client` and the run config keys. It holds no code: every machine
 runs its installed `secure_fedkim`. configs/deploy/app/pyproject.toml is a copy of it."""
 
 APP_DIR = Path(__file__).resolve().parents[2] / "configs" / "deploy" / "app"

@@ -53,7 +53,7 @@ def prepare_hospital(name: str, home: str | Path, server_keys: str | Path | None
     policy's path (None without a policy)."""
     from secure_fedkim.deploy.identity import ensure_signing_key, load_signing_key
     from secure_fedkim.deploy.policy import write_policy
-    from secure_fedkim.run_dir import HospitalDir, public_key_file
+    from secure_fedkim.rundir.layout import HospitalDir, public_key_file
 
     home = Path(home)
     public = ensure_signing_key(home)

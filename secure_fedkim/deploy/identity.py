@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from privacy.keys import generate_signing_key, public_key_bytes
-from secure_fedkim.run_dir import HospitalDir
+from secure_fedkim.rundir.layout import HospitalDir
 
 
 def ensure_signing_key(state_dir: Path) -> bytes:

@@ -9,7 +9,7 @@ from secure_fedkim.deploy.credentials import make_node_keys, make_tls
 from secure_fedkim.deploy.federation import Deployment
 from secure_fedkim.deploy.hospital import default_policy, prepare_hospital
 from secure_fedkim.deploy.processes import DeployError
-from secure_fedkim.run_dir import HospitalDir, RunDir
+from secure_fedkim.rundir.layout import HospitalDir, RunDir
 
 
 def commands(base: str | Path, hospitals: list[str], port: int = 9093, host: str = "127.0.0.1") -> str:

@@ -55,7 +55,7 @@ from privacy.keys import canonical_message, load_signing_public_key, public_key_
 from privacy.ledger import DATASET_COMMITMENT, REFUSED, PrivacyLedger
 from secure_fedkim.config_errors import validate_mapping
 from secure_fedkim.federation.transport_specs import unknown_transport
-from secure_fedkim.run_dir import HospitalDir
+from secure_fedkim.rundir.layout import HospitalDir
 
 __all__ = [
     "CODE_PACKAGES",
@@ -529,7 +529,7 @@ def check_node(cfg, node_config, config, client: str, home: Path, plans, *, plan
         except PolicyError as e:
             record_refusal(home, run_id, server_round, client, f"invalid policy: {e}", None)
             raise
-        from secure_fedkim.local_training import hospital_records
+        from secure_fedkim.hospital.local_training import hospital_records
 
         requested = str(config["code-sha256"]) if "code-sha256" in config else None
         try:

@@ -2,4 +2,4 @@
 transports behind a registry (`transports`: plain, he, secagg; their config half in `transport_specs`), the CKKS
 key holder's process (`keyholder`), round checkpoints (`checkpoint`) and why a run stops (`errors`). A hospital's
 round and the Message-API ClientApp are `node`; every hospital's entry point, in simulation and deployment, is
-`secure_fedkim.client_app.app`."""
+`secure_fedkim.hospital.client_app.app`."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 
 def _atomic_write(path: Path, write) -> None:

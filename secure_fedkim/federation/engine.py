@@ -4,7 +4,7 @@
 (set up and closed here), the strategy, and the rounds, resumable from a checkpoint (offset 0 in a
 simulation). The rounds are the transport's, or, for FEDKIM_pub (`public_only`), rounds in which no hospital
 takes part and the server trains on its public split alone (`PublicRounds`). `make_server_app` wraps it as
-the simulation's ServerApp; `secure_fedkim.deploy_app` calls it from the deployment's ServerApp with node
+the simulation's ServerApp; `secure_fedkim.drivers.deploy_app` calls it from the deployment's ServerApp with node
 waiting, a checkpoint per round and resume. Both drivers write the run's summary with `write_run_summary`.
 """
 
@@ -25,9 +25,9 @@ from secure_fedkim.federation.checkpoint import restore_injector
 from secure_fedkim.federation.strategy import FedKIM
 from secure_fedkim.federation.transports import transport_for
 from secure_fedkim.fm.injection import Injector
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.plan import TaskPlan, build_plan
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 
 @dataclass

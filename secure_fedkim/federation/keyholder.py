@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 
 def _serve(conn, min_clients: int, flooding_sigma: float, verify_keys: dict, run_id: str, ledger_path: str) -> None:

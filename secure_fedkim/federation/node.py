@@ -25,13 +25,13 @@ from flwr.clientapp import ClientApp
 from privacy.accounting import group_privacy_epsilon
 from privacy.dp import HospitalDP
 from privacy.ledger import PrivacyLedger
-from secure_fedkim.artifacts import save_model
+from secure_fedkim.rundir.artifacts import save_model
 from secure_fedkim.config import RunConfig
 from secure_fedkim.deploy.policy import check_node
-from secure_fedkim.local_training import dp_plan_inputs, local_round, new_client_model
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.local_training import dp_plan_inputs, local_round, new_client_model
+from secure_fedkim.hospital.models import ClientModel
 from secure_fedkim.plan import build_plan
-from secure_fedkim.run_dir import HospitalDir, RunDir
+from secure_fedkim.rundir.layout import HospitalDir, RunDir
 
 if TYPE_CHECKING:
     from secure_fedkim.federation.transports.base import Transport

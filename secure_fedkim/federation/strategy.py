@@ -25,10 +25,10 @@ from secure_fedkim.config import RunConfig
 from secure_fedkim.federation.aggregation import unflatten_state
 from secure_fedkim.federation.errors import BudgetExhausted, RoundFailed  # re-exported
 from secure_fedkim.federation.transports import transport_for
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from secure_fedkim.plan import TaskPlan
-from secure_fedkim.run_dir import RunDir
-from secure_fedkim.training import evaluate_task
+from secure_fedkim.rundir.layout import RunDir
+from secure_fedkim.hospital.training import evaluate_task
 
 log = logging.getLogger(__name__)
 

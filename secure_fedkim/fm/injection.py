@@ -15,9 +15,9 @@ from secure_fedkim.config import InjectionSection, RunConfig
 from secure_fedkim.fm.model import FMConfig, FoundationModel
 from secure_fedkim.fm.m3oe import M3OEConfig
 from secure_fedkim.metrics import binary_metrics
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 from secure_fedkim.plan import TaskPlan
-from secure_fedkim.training import as_tensors
+from secure_fedkim.hospital.training import as_tensors
 from secure_fedkim.variants import METHODS  # injection.method -> number of experts (secure_fedkim.variants)
 
 

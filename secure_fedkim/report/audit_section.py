@@ -15,7 +15,7 @@ from secure_fedkim.audit_schema import (
     AuditJson,
     read_audit_json,
 )
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 from .collect import Finding, HospitalFacts
 

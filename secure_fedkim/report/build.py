@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_fedkim.audit_schema import PARTNER_VIEWS
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 from . import text
 from .aggregation import aggregation_facts

@@ -22,8 +22,8 @@ from typing import Any
 from privacy.accounting import Step, epsilon, gdp_mu, group_privacy_epsilon, independent_epsilon, merge_history
 from privacy.ledger import (DATASET_COMMITMENT, DP_PLAN, DP_ROUND, GENESIS_HASH, REFUSED, RESUME, SKIPPED_BUDGET,
                             LedgerTampered, PrivacyLedger, this_run_id)
-from secure_fedkim.local_training import task_local_epochs
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.hospital.local_training import task_local_epochs
+from secure_fedkim.rundir.layout import RunDir
 
 #: relative tolerance when a recorded epsilon (ledger, metrics) is compared with the recomputation
 EPS_RTOL = 1e-6
@@ -942,7 +942,7 @@ def _data_facts(facts: RunFacts) -> None:
 
     inv: dict = {"source": f"data plan rebuilt from {facts.files.resolved_config.name}", "tasks": {}, "error": None}
     try:
-        from secure_fedkim.artifacts import load_run
+        from secure_fedkim.rundir.artifacts import load_run
 
         plans = load_run(facts.run_dir).plans
     except Exception as e:  # a report must not need the hospitals' data; say what is missing instead

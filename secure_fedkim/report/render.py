@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 from .build import build_report
 from .checks import title_of

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 
 from privacy.ledger import LedgerTampered, PrivacyLedger
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.rundir.layout import RunDir
 
 from . import text
 from .build import (_RANK, SCHEMA_VERSION, _check_rows, _facts, _hospital_entry, _others, artifact_paths, min_others,

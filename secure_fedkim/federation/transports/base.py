@@ -12,7 +12,7 @@ the rest, the same for every transport.
 transport with no config checks), the report's words (`REQUIRED_WORDS`), `report_evidence`, and one of two
 protocols: Flower's Message API (`reply` and `aggregate`; the ClientApp is `node.message_app`) or its own
 (`protocol_app` and `run_rounds`, as SecAgg+). Every hospital runs one ClientApp
-(`secure_fedkim.client_app.app`), which asks each transport's `protocol_app` whether a message is its own. `register_transport` makes it available under its
+(`secure_fedkim.hospital.client_app.app`), which asks each transport's `protocol_app` whether a message is its own. `register_transport` makes it available under its
 name.
 """
 

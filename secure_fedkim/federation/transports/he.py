@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord
 from secure_fedkim.federation.errors import RoundFailed
 from secure_fedkim.federation.transport_specs import CKKSSpec
 from secure_fedkim.federation.transports.base import Transport
-from secure_fedkim.run_dir import RunDir, public_key_file
+from secure_fedkim.rundir.layout import RunDir, public_key_file
 
 
 def registered_keys(run_dir: Path, clients: list[str], direct: bool = False) -> dict[str, bytes]:

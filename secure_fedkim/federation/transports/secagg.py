@@ -47,7 +47,7 @@ class SecAggHospital(NumPyClient):
 
         from secure_fedkim.config import RunConfig
         from secure_fedkim.federation.node import hospital_round
-        from secure_fedkim.local_training import new_client_model
+        from secure_fedkim.hospital.local_training import new_client_model
         from secure_fedkim.plan import build_plan
 
         cfg = RunConfig.model_validate_json(str(config["run-config"]))

@@ -12,9 +12,9 @@ from privacy.accounting import poisson_schedule
 from privacy.dp import HospitalDP, session_randomness
 from secure_fedkim.config import RunConfig
 from secure_fedkim.data import TaskData
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 from secure_fedkim.plan import TaskPlan, input_shapes
-from secure_fedkim.training import train_task
+from secure_fedkim.hospital.training import train_task
 
 
 def new_client_model(cfg: RunConfig, plans: dict[str, TaskPlan]) -> ClientModel:

@@ -35,7 +35,7 @@ from secure_fedkim.config import (
     RunConfig,
     config_sha256,
 )
-from secure_fedkim.run_dir import RunDir, StudyDir
+from secure_fedkim.rundir.layout import RunDir, StudyDir
 from secure_fedkim.variants import VARIANTS
 
 LEVEL = 0.95
@@ -91,7 +91,7 @@ def run_config_text(cfg: RunConfig) -> str:
 
 
 def federation_runner(cfg: RunConfig, config_text: str, run_dir: Path) -> None:
-    from secure_fedkim.run import run_federation  # torch: only in the worker
+    from secure_fedkim.drivers.run import run_federation  # torch: only in the worker
 
     run_federation(cfg, config_text, run_dir, progress=False)
 

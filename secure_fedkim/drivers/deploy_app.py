@@ -9,7 +9,7 @@
   directory, it resumes after the last checkpointed round: the run id (the run directory's name) is
   the same, so every hospital's `HospitalDP` rebuilds its spend from its own ledger and completed rounds
   are never trained (nor paid for) twice.
-* `client`: the hospital's one ClientApp, the simulation's too (`secure_fedkim.client_app.app`): a message of a
+* `client`: the hospital's one ClientApp, the simulation's too (`secure_fedkim.hospital.client_app.app`): a message of a
   transport's own protocol goes to that transport's ClientApp (SecAgg+'s to Flower's `secaggplus_mod`), all
   others to the Message-API round.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from secure_fedkim.client_app import app as client
-from secure_fedkim.run_dir import RunDir
+from secure_fedkim.hospital.client_app import app as client
+from secure_fedkim.rundir.layout import RunDir
 
 # Heavy modules (torch, the data stack) are imported where they are used: every SecAgg+ protocol stage
 # starts a fresh ClientApp process on each SuperNode, and only the training stage needs them.
@@ -49,14 +49,14 @@ def main(grid: Grid, context: Context) -> None:
     import torch
     from flwr.supercore.logger import update_console_handler
 
-    from secure_fedkim.artifacts import save_model
+    from secure_fedkim.rundir.artifacts import save_model
     from secure_fedkim.config import load_config
     from secure_fedkim.deploy.policy import code_sha256
     from secure_fedkim.federation.checkpoint import load_checkpoint, save_checkpoint
     from secure_fedkim.federation.engine import run_fedkim, write_run_summary
-    from secure_fedkim.local_training import new_client_model
+    from secure_fedkim.hospital.local_training import new_client_model
     from secure_fedkim.plan import build_plan
-    from secure_fedkim.run import format_round_table
+    from secure_fedkim.drivers.run import format_round_table
 
     update_console_handler(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError("run config needs config=<federation YAML> and run-dir=<run directory> (flwr run --run-config)")
     cfg, text = load_config(str(rc["config"]))
     # No process of a deployment holds every hospital's data, so there is no single-hospital baseline and no
-    # hospital reserves budget for one (secure_fedkim.client_app.hospital_dp).
+    # hospital reserves budget for one (secure_fedkim.hospital.client_app.hospital_dp).
     cfg = cfg.model_copy(update={"baseline": cfg.baseline.model_copy(update={"single_hospital": False})})
     run_dir = Path(str(rc["run-dir"])).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 hospital's own state (``clients/<hospital>/`` in a simulated run, the node's ``state-dir`` when deployed;
 the single-hospital baseline's ``baseline/<hospital>/`` has the same shape). No module spells these names
 itself. Pure paths: this module imports nothing of secure_fedkim (the key holder's process, the
-deployment's apps and the transports use it without loading torch); `secure_fedkim.artifacts` loads what
+deployment's apps and the transports use it without loading torch); `secure_fedkim.rundir.artifacts` loads what
 the files hold.
 
 Run directory layout:

@@ -1,7 +1,7 @@
 """Reading a finished run back: its config, data plan and released models.
 
 This is the public loading API that audits and reports use (attacks/ reads runs only through it). Where
-each file lies is `secure_fedkim.run_dir` (its docstring is the run directory's layout); `RunDir` is
+each file lies is `secure_fedkim.rundir.layout` (its docstring is the run directory's layout); `RunDir` is
 re-exported here.
 """
 
@@ -12,14 +12,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from secure_fedkim.local_training import new_client_model
+from secure_fedkim.hospital.local_training import new_client_model
 from pydantic import ValidationError
 
 from secure_fedkim.config import ConfigError, RunConfig
 from secure_fedkim.config_errors import describe_validation_error
-from secure_fedkim.models import ClientModel
+from secure_fedkim.hospital.models import ClientModel
 from secure_fedkim.plan import TaskPlan, build_plan
-from secure_fedkim.run_dir import FM_SCORES, HospitalDir, RunDir, StudyDir
+from secure_fedkim.rundir.layout import FM_SCORES, HospitalDir, RunDir, StudyDir
 
 __all__ = ["FM_SCORES", "HospitalDir", "Run", "RunDir", "StudyDir", "client_dir", "load_run", "save_model"]
 

@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from privacy.accounting import epsilon
 from privacy.ledger import DPPlan, PrivacyLedger
-from secure_fedkim.local_training import local_round, new_client_model, train_plans
+from secure_fedkim.hospital.local_training import local_round, new_client_model, train_plans
 from secure_fedkim.config import RunConfig
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.metrics import binary_metrics
 from secure_fedkim.plan import build_plan
-from secure_fedkim.run_dir import RunDir
-from secure_fedkim.training import predict_task
+from secure_fedkim.rundir.layout import RunDir
+from secure_fedkim.hospital.training import predict_task
 
 
 def federation_plan(run_dir: Path, client: str) -> DPPlan | None:
@@ -88,7 +88,7 @@ def format_spend(spend: dict[str, dict]) -> str:
 def train_alone(cfg_json: str, run_dir: str, client: str) -> tuple[dict[str, dict], dict[str, np.ndarray]] | None:
     """One hospital alone: its test metrics and test probabilities per training task; None when its budget,
     composed with the federation's spend, cannot cover the baseline (nothing is trained or spent)."""
-    from secure_fedkim.client_app import hospital_dp
+    from secure_fedkim.hospital.client_app import hospital_dp
 
     cfg = RunConfig.model_validate_json(cfg_json)
     if not fits_the_budget(Path(run_dir), client):

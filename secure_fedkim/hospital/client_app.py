@@ -1,5 +1,5 @@
-"""The hospital's one ClientApp, the same in Flower's simulation (`secure_fedkim.run`) and on a SuperNode
-(`secure_fedkim.deploy_app:client`).
+"""The hospital's one ClientApp, the same in Flower's simulation (`secure_fedkim.drivers.run`) and on a SuperNode
+(`secure_fedkim.drivers.deploy_app:client`).
 
 `app` hands a message of a transport's own protocol (SecAgg+'s legacy workflow) to that transport's ClientApp
 (`Transport.protocol_app`) and every Message-API message to `federation.node.message_app(transport_for)`, which

@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from privacy.budget import noise_dominates
-from secure_fedkim.artifacts import save_model
-from secure_fedkim.baseline import (
+from secure_fedkim.rundir.artifacts import save_model
+from secure_fedkim.hospital.baseline import (
     planned_noise,
     privacy_spend,
     single_hospital_baseline,
@@ -27,11 +27,11 @@ from secure_fedkim.config import ConfigError, RunConfig
 from secure_fedkim.data import DataError, load_task
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.deploy.identity import ensure_signing_key
-from secure_fedkim.local_training import new_client_model, train_plans
+from secure_fedkim.hospital.local_training import new_client_model, train_plans
 from secure_fedkim.metrics import bootstrap_aurocs, interval, verdict
 from secure_fedkim.plan import TaskPlan, build_plan
-from secure_fedkim.run_dir import RunDir
-from secure_fedkim.training import predict_task
+from secure_fedkim.rundir.layout import RunDir
+from secure_fedkim.hospital.training import predict_task
 
 if TYPE_CHECKING:
     from secure_fedkim.federation.engine import FederationResult
@@ -159,7 +159,7 @@ def format_round_table(server_round: int, record: dict, prv_clients: set[str] = 
 def _simulate(cfg: RunConfig, run_dir: Path, on_round) -> FederationResult:
     from flwr.simulation import run_simulation
 
-    from secure_fedkim.client_app import app as client_app
+    from secure_fedkim.hospital.client_app import app as client_app
     from secure_fedkim.federation.engine import make_server_app, public_only
     from secure_fedkim.federation.transports import transport_for
 
