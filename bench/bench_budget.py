@@ -8,7 +8,7 @@ Prints:
    children sampled every 0.05 s, which counts a page that forked workers share once per process; and the
    largest sum of their proportional set sizes, which counts it once: the memory the command occupies), after (the command as shipped) and before (today's path, replayed by this
    file's ``--before`` mode: the same config and data loading as the old command (through
-   ``secure_fedkim.drivers.run.load_plans``), then per hospital the old noise-floor check by PRV, the PRV bisection
+   ``secure_fedkim.hospital.local_training.load_plans``), then per hospital the old noise-floor check by PRV, the PRV bisection
    (``calibrate_noise(method="prv-bisect")``), PRV recomposed for every round prefix, and PRV of the whole
    run; Opacus's RDP terms not memoised, no result cache).
 2. Per hospital: the calibrated noise multiplier before and after, their relative difference (target <= 1%),
@@ -87,7 +87,7 @@ def timed_subprocess(argv: list[str]) -> dict:
 def hospital_inputs(config: str) -> tuple[object, dict]:
     from secure_fedkim.config import load_config
     from secure_fedkim.hospital.local_training import dp_plan_inputs
-    from secure_fedkim.drivers.run import load_plans
+    from secure_fedkim.hospital.local_training import load_plans
 
     cfg, _ = load_config(config)
     plans = load_plans(cfg, config)
@@ -184,10 +184,10 @@ def main() -> None:
     if args.load_only:  # what budget --config costs before any accounting: its imports, the config, the data
         import privacy.accounting  # noqa: F401
         import secure_fedkim.cli  # noqa: F401
-        from secure_fedkim.cli import _config_plans
+        from secure_fedkim.hospital.local_training import load_plans
         from secure_fedkim.config import load_config
 
-        _config_plans(load_config(args.config)[0], args.config)
+        load_plans(load_config(args.config)[0], args.config)
         return None
 
     import logging

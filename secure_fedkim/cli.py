@@ -249,28 +249,6 @@ def _calibrate_for(target: float, delta: float, schedule: list, accountant: str)
         raise UsageError(f"budget: {e}") from None
 
 
-def _config_plans(cfg, config_path):
-    """The config's task plans, as `secure_fedkim.drivers.run.load_plans` builds them for a run, without importing the
-    run's own module (Flower, scikit-learn: seconds of start-up that planning a budget does not need)."""
-    from secure_fedkim.data import DataError
-    from secure_fedkim.hospital.local_training import new_client_model
-    from secure_fedkim.plan import build_plan
-
-    try:
-        plans = build_plan(cfg)
-    except DataError as e:
-        from secure_fedkim.drivers.run import _task_key
-
-        raise DataError(f"{config_path}: {_task_key(cfg, str(e))}: {e}") from None
-    try:
-        new_client_model(cfg, plans)  # every task of a modality gives one sample shape; encoders can be built
-    except ValueError as e:
-        from secure_fedkim.config import ConfigError
-
-        raise ConfigError(f"{config_path}: {e}") from None
-    return plans
-
-
 def _expected_batches(cfg, plans, client: str) -> list[float]:
     """Expected Poisson batch (privacy units sampled per step, ``q * n``) of each task the hospital trains."""
     import numpy as np
@@ -348,6 +326,7 @@ def _budget_for_config(args) -> int:
 
     from privacy.budget import round_accountant, table_rounds
     from secure_fedkim.config import load_config
+    from secure_fedkim.hospital.local_training import load_plans
 
     if args.epsilon is None:
         raise UsageError("budget --config: give --epsilon, the budget to plan for every hospital")
@@ -356,7 +335,7 @@ def _budget_for_config(args) -> int:
     if args.write is not None and len(args.epsilon) > 1:
         raise UsageError(f"budget --config: --write writes one budget; give one --epsilon, got {len(args.epsilon)}")
     cfg, text = load_config(args.config)
-    plans = _config_plans(cfg, args.config)
+    plans = load_plans(cfg, args.config)
     rounds, unit = cfg.run.rounds, cfg.privacy.unit
     listed = table_rounds(rounds)
     units = "patients" if unit == "patient" else "records"

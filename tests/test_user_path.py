@@ -14,7 +14,8 @@ from secure_fedkim.config import ConfigError, load_config, parse_config
 from secure_fedkim.data import DataError, load_user_data
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.metrics import _weighted_auroc, bootstrap_aurocs, interval, verdict
-from secure_fedkim.drivers.run import RunResult, format_comparison, format_round_table, load_plans, warn_about_data
+from secure_fedkim.drivers.run import RunResult, format_comparison, format_round_table, warn_about_data
+from secure_fedkim.hospital.local_training import load_plans
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "configs" / "examples"

@@ -23,13 +23,12 @@ from secure_fedkim.hospital.baseline import (
     privacy_spend,
     single_hospital_baseline,
 )
-from secure_fedkim.config import ConfigError, RunConfig
-from secure_fedkim.data import DataError, load_task
+from secure_fedkim.config import RunConfig
 from secure_fedkim.data.formats import DataWarning
 from secure_fedkim.deploy.identity import ensure_signing_key
-from secure_fedkim.hospital.local_training import new_client_model, train_plans
+from secure_fedkim.hospital.local_training import load_plans, new_client_model, train_plans
 from secure_fedkim.metrics import bootstrap_aurocs, interval, verdict
-from secure_fedkim.plan import TaskPlan, build_plan
+from secure_fedkim.plan import TaskPlan
 from secure_fedkim.rundir.layout import RunDir
 from secure_fedkim.hospital.training import predict_task
 
@@ -68,37 +67,6 @@ def make_run_dir(cfg: RunConfig, out_dir: str | Path | None) -> Path:
     base = run_dir_path(cfg, out_dir)
     base.mkdir(parents=True, exist_ok=True)
     return base
-
-
-def load_plans(cfg: RunConfig, config_path: str | Path | None = None, progress: bool = False) -> dict[str, TaskPlan]:
-    """Every task's data and split; a data error also names the config file and the task's key in it."""
-    try:
-        registry = [t for t in cfg.tasks.train + cfg.tasks.unseen if t.source is None]
-        for t in tqdm(registry, desc="loading data", unit="task", disable=not progress or not registry):
-            load_task(t.name, max_records=t.max_records, seed=cfg.run.seed)  # cached: build_plan reuses it
-        plans = build_plan(cfg)
-    except DataError as e:
-        if config_path is None:
-            raise
-        raise DataError(f"{config_path}: {_task_key(cfg, str(e))}: {e}") from None
-    try:
-        new_client_model(cfg, plans)  # every task of a modality gives one sample shape; encoders can be built
-    except ValueError as e:
-        raise ConfigError(f"{config_path or '<config>'}: {e}") from None
-    return plans
-
-
-def _task_key(cfg: RunConfig, message: str) -> str:
-    """The config key of the task a data error is about (its source path, label file or name in the message)."""
-    for section, entries in (("train", cfg.tasks.train), ("unseen", cfg.tasks.unseen)):
-        for i, t in enumerate(entries):
-            if t.source is not None:
-                for key in ("path", "label"):
-                    if message.startswith(getattr(t.source, key)):
-                        return f"tasks.{section}[{i}].source.{key}"
-            if repr(t.name) in message:
-                return f"tasks.{section}[{i}]"
-    return "tasks"
 
 
 def warn_about_data(cfg: RunConfig, plans: dict[str, TaskPlan]) -> None:

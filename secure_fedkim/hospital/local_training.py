@@ -1,19 +1,23 @@
 """What one hospital does in a round: train each of its tasks for the configured local epochs.
 
-Shared by the Flower ClientApp and the single-hospital baseline, so both train exactly alike.
+Shared by the Flower ClientApp and the single-hospital baseline, so both train exactly alike; `load_plans` is the
+config's data checked against the client model, as every driver and `budget --config` load it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from privacy.accounting import poisson_schedule
 from privacy.dp import HospitalDP, session_randomness
-from secure_fedkim.config import RunConfig
-from secure_fedkim.data import TaskData
+from secure_fedkim.config import ConfigError, RunConfig
+from secure_fedkim.data import DataError, TaskData, load_task
 from secure_fedkim.hospital.models import ClientModel
-from secure_fedkim.plan import TaskPlan, input_shapes
+from secure_fedkim.plan import TaskPlan, build_plan, input_shapes
 from secure_fedkim.hospital.training import train_task
 
 
@@ -130,3 +134,34 @@ def local_round(
         if dp is not None and stats[name]["steps"]:
             stats[name]["epsilon"] = dp.record_round(server_round, name, stats[name]["steps"], stats[name]["sample_rate"])
     return stats
+
+
+def load_plans(cfg: RunConfig, config_path: str | Path | None = None, progress: bool = False) -> dict[str, TaskPlan]:
+    """Every task's data and split; a data error also names the config file and the task's key in it."""
+    try:
+        registry = [t for t in cfg.tasks.train + cfg.tasks.unseen if t.source is None]
+        for t in tqdm(registry, desc="loading data", unit="task", disable=not progress or not registry):
+            load_task(t.name, max_records=t.max_records, seed=cfg.run.seed)  # cached: build_plan reuses it
+        plans = build_plan(cfg)
+    except DataError as e:
+        if config_path is None:
+            raise
+        raise DataError(f"{config_path}: {task_key(cfg, str(e))}: {e}") from None
+    try:
+        new_client_model(cfg, plans)  # every task of a modality gives one sample shape; encoders can be built
+    except ValueError as e:
+        raise ConfigError(f"{config_path or '<config>'}: {e}") from None
+    return plans
+
+
+def task_key(cfg: RunConfig, message: str) -> str:
+    """The config key of the task a data error is about (its source path, label file or name in the message)."""
+    for section, entries in (("train", cfg.tasks.train), ("unseen", cfg.tasks.unseen)):
+        for i, t in enumerate(entries):
+            if t.source is not None:
+                for key in ("path", "label"):
+                    if message.startswith(getattr(t.source, key)):
+                        return f"tasks.{section}[{i}].source.{key}"
+            if repr(t.name) in message:
+                return f"tasks.{section}[{i}]"
+    return "tasks"
