@@ -201,7 +201,8 @@ def run_federation(
 ) -> RunResult:
     from secure_fedkim.federation.engine import write_run_summary
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # At most 2 threads, fewer where the caller set fewer (a study's worker: its share of the cores).
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     # Everything that can be wrong with the config's data is found before anything is written.
     target = run_dir_path(cfg, out_dir)
     plans = load_plans(cfg, config_path, progress)

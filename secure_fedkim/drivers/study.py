@@ -96,8 +96,13 @@ def federation_runner(cfg: RunConfig, config_text: str, run_dir: Path) -> None:
     run_federation(cfg, config_text, run_dir, progress=False)
 
 
-def _run_in_worker(runner: Callable, cfg: RunConfig, run_dir: str, log: str) -> float:
-    """One run in this fresh worker process, its output to its log; returns its wall seconds."""
+def _run_in_worker(runner: Callable, cfg: RunConfig, run_dir: str, log: str, threads: int) -> float:
+    """One run in this fresh worker process, its output to its log; returns its wall seconds. The run's own
+    process computes with ``threads`` torch threads, its share of the cores (two parallel runs of two threads
+    each on two cores oversubscribe them)."""
+    import torch
+
+    torch.set_num_threads(threads)
     os.environ["RAY_ADDRESS"] = "local"  # its own Ray instance, never one that another process started
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
@@ -205,10 +210,11 @@ def _execute(study, cfg, todo, workers, runner, timings, say, progress) -> list[
     failed: list[RunKey] = []
     finished = 0
     context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
     with (tqdm(total=len(todo), desc="study runs", unit="run", disable=not progress) as bar,
           ProcessPoolExecutor(workers, context, max_tasks_per_child=1) as pool):
         futures = {pool.submit(_run_in_worker, runner, variant_config(cfg, k.variant, k.seed, k.privacy),
-                               str(_run_path(study, k)), str(study.log(k.variant, k.seed, k.privacy))): k
+                               str(_run_path(study, k)), str(study.log(k.variant, k.seed, k.privacy)), threads): k
                    for k in todo}
         try:
             for future in as_completed(futures):
