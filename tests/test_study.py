@@ -149,6 +149,45 @@ def test_a_real_tiny_study_resumes_with_the_same_table(tmp_path):
     after = {k.label: study.run(k.variant, k.seed, k.privacy).stat().st_mtime_ns for k in study_runs(cfg)}
     assert {k for k in before if before[k] != after[k]} == {"plain/fedplug-seed1"}
     assert format_study(again) == format_study(first)
+    # the gate's routing, computed once per gated run from its saved adapter and its seed
+    routing = json.loads((study.run("fedkim", 0, "plain") / "metrics" / "fm_routing.json").read_text())
+    assert set(routing["final"]["tasks"]) == {"report_abnormal", "report_cardiomegaly"}
+    assert routing["initial"] != routing["final"]  # injection trained the gate
+    assert not (study.run("fedplug", 0, "plain") / "metrics" / "fm_routing.json").exists()  # no gate
+    rows = first["privacy"]["plain"]["routing"]
+    assert {r["variant"] for r in rows} == {"FEDKIM"} and rows[0]["n"] == 2
+    assert "How the M3OE gate routes each task" in format_study(first)
+
+
+def test_routing_entropy_and_separation_against_hand_computed_values():
+    from secure_fedkim.fm.routing import routing_of
+
+    uniform = routing_of({"a": np.full(4, 0.25), "b": np.full(4, 0.25)})
+    assert uniform["tasks"]["a"]["entropy"] == pytest.approx(1.0) and uniform["mean_pairwise_tv"] == pytest.approx(0.0)
+    disjoint = routing_of({"a": np.eye(4)[0], "b": np.eye(4)[1], "c": np.eye(4)[1]})
+    assert disjoint["tasks"]["a"]["entropy"] == 0.0 and disjoint["tasks"]["b"]["top_expert"] == 1
+    assert disjoint["mean_pairwise_tv"] == pytest.approx((1 + 1 + 0) / 3)
+    half = routing_of({"a": np.array([0.5, 0.5, 0.0, 0.0])})["tasks"]["a"]
+    assert half["entropy"] == pytest.approx(math.log(2) / math.log(4)) and half["top_weight"] == 0.5
+
+
+def thread_runner(cfg, config_text, run_dir):
+    """A stand-in federation that records the torch threads its worker process computes with."""
+    import torch
+
+    fake_runner(cfg, config_text, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps(summary | {"threads": torch.get_num_threads()}))
+
+
+def test_parallel_runs_share_the_cores(tmp_path):
+    import os
+
+    cfg = parse_config(study_data(privacy=["plain"], seeds=[0], workers=2), "study.yaml")
+    run_study(cfg, "study", tmp_path, progress=False, runner=thread_runner)
+    threads = {json.loads((tmp_path / "plain" / f"{v}-seed0" / "summary.json").read_text())["threads"]
+               for v in ("fedkim", "fedplug")}
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
 
 
 def test_the_study_config_and_the_study_process_load_neither_torch_nor_flower():

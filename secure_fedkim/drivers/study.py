@@ -36,7 +36,7 @@ from secure_fedkim.config import (
     config_sha256,
 )
 from secure_fedkim.rundir.layout import RunDir, StudyDir
-from secure_fedkim.variants import VARIANTS
+from secure_fedkim.variants import METHODS, VARIANTS
 
 LEVEL = 0.95
 INTERVAL = "95% paired t interval over seeds (scipy.stats.t, n-1 degrees of freedom)"
@@ -186,6 +186,7 @@ def run_study(cfg: RunConfig, config_text: str, out_dir=None, progress: bool = T
         say(_expected(done_times, len(todo), workers, f"the mean of {len(done_times)} runs this study already did")
             if done_times else "expected time: printed when the first run finishes")
     failed = _execute(study, cfg, todo, workers, runner, timings, say, progress)
+    _route(study, cfg, [k for k in keys if k not in failed], workers, say)
     record = write_record(cfg, study, timings)
     if failed:
         logs = ", ".join(str(study.log(k.variant, k.seed, k.privacy)) for k in failed)
@@ -234,6 +235,71 @@ def _execute(study, cfg, todo, workers, runner, timings, say, progress) -> list[
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     return failed
+
+
+# -- how the M3OE gate routes each task (do FEDKIM's experts specialise?)
+
+
+def gated(cfg: RunConfig, variant: str) -> bool:
+    """Whether the variant's FM has an M3OE gate: two or more experts."""
+    experts = METHODS[STUDY_VARIANTS[variant]["method"]].experts
+    return (cfg.injection.num_experts if experts is None else experts) >= 2
+
+
+def _routing_in_worker(cfg: RunConfig, run_dir: str) -> None:
+    """The gate's routing of every task before injection (rebuilt from the run's seed) and after the run (its
+    saved adapter), written to the run's metrics/fm_routing.json."""
+    import torch
+
+    from secure_fedkim.fm.routing import saved_fm, task_routing
+    from secure_fedkim.plan import task_of
+
+    torch.set_num_threads(1)
+    tasks = [task_of(e, "train") for e in cfg.tasks.train] + [task_of(e, "unseen") for e in cfg.tasks.unseen]
+    run = RunDir(run_dir)
+    routing = {"initial": task_routing(saved_fm(run.fm_dir, cfg.run.seed), tasks),
+               "final": task_routing(saved_fm(run.fm_dir), tasks)}
+    run.fm_routing.write_text(json.dumps(routing, indent=2))
+
+
+def _route(study: StudyDir, cfg: RunConfig, keys: list[RunKey], workers: int, say) -> None:
+    """Routing for every finished gated run that has none yet (a few seconds each: the FM loads twice)."""
+    runs = {k: RunDir(_run_path(study, k)) for k in keys if gated(cfg, k.variant)}
+    todo = [k for k, run in runs.items() if read_finished(run.root) is not None and run.fm_dir.is_dir()
+            and not run.fm_routing.exists()]
+    if not todo:
+        return
+    say(f"routing of the M3OE gate: {len(todo)} runs")
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_routing_in_worker, variant_config(cfg, k.variant, k.seed, k.privacy),
+                                   str(_run_path(study, k))) for k in todo]:
+            future.result()
+
+
+def routing_rows(runs: dict[str, dict[str, dict]]) -> list[dict]:
+    """Per gated variant and task, over seeds: the mean normalised entropy of its expert weights before
+    injection and after the run (1 = every expert alike, 0 = one expert), and in how many runs its top expert
+    is the run's most common top expert; per variant, the mean total variation between two tasks' weights."""
+    rows = []
+    for variant, by_seed in runs.items():
+        routed = [r["routing"] for r in by_seed.values() if r.get("routing")]
+        if not routed:
+            continue
+        tasks = list(routed[0]["final"]["tasks"])
+        common = [max(set(tops := [t["top_expert"] for t in r["final"]["tasks"].values()]), key=tops.count)
+                  for r in routed]
+        for task in tasks:
+            rows.append({
+                "variant": short_name(variant), "task": task, "n": len(routed),
+                "entropy_initial": float(np.mean([r["initial"]["tasks"][task]["entropy"] for r in routed])),
+                "entropy_final": float(np.mean([r["final"]["tasks"][task]["entropy"] for r in routed])),
+                "top_weight_final": float(np.mean([r["final"]["tasks"][task]["top_weight"] for r in routed])),
+                "on_common_expert": sum(r["final"]["tasks"][task]["top_expert"] == c for r, c in zip(routed, common)),
+            })
+        rows.append({"variant": short_name(variant), "task": "(between tasks: mean total variation)", "n": len(routed),
+                     "tv_initial": float(np.mean([r["initial"]["mean_pairwise_tv"] for r in routed])),
+                     "tv_final": float(np.mean([r["final"]["mean_pairwise_tv"] for r in routed]))})
+    return rows
 
 
 # -- the record and its statistics
@@ -314,6 +380,9 @@ def _collect_runs(cfg: RunConfig, study: StudyDir, mode: str, timings: dict) -> 
                 "run_dir": _run_path(study, key).relative_to(study.root).as_posix(),
                 "wall_seconds": timings.get(key.label),
             }
+            routing = RunDir(_run_path(study, key)).fm_routing
+            if routing.exists():
+                runs[key.variant][str(key.seed)]["routing"] = json.loads(routing.read_text())
     return runs
 
 
@@ -335,7 +404,7 @@ def write_record(cfg: RunConfig, study: StudyDir, timings: dict) -> dict:
     for mode in privacy_modes(cfg):
         runs = _collect_runs(cfg, study, mode, timings)
         record["privacy"][mode] = {"description": _privacy_description(cfg, mode), "runs": runs,
-                                   "paired": paired_rows(runs) if runs else []}
+                                   "paired": paired_rows(runs) if runs else [], "routing": routing_rows(runs)}
     record = _json_safe(record)
     study.results.write_text(json.dumps(record, indent=2))
     return record
@@ -371,7 +440,22 @@ def format_record(record: dict, metric: str = "auroc") -> str:
         parts += [f"== {mode}: {part['description']} ==", format_study(means, metric), "",
                   f"Paired differences of the FM's test {metric} over seeds: mean and {record['interval']}",
                   format_paired(rows, metric), ""]
+        if part.get("routing"):
+            parts += ["How the M3OE gate routes each task, mean over seeds: normalised entropy of the expert weights "
+                      "(1 = all experts alike, 0 = one expert) before injection -> after the run; top expert's weight; "
+                      "runs where the task's top expert is the run's most common one", format_routing(part["routing"]), ""]
     return "\n".join(parts).rstrip()
+
+
+def format_routing(rows: list[dict]) -> str:
+    lines = [f"{'variant':<12}{'task':<40}{'entropy':>16}{'top weight':>12}{'on common':>11}"]
+    for r in rows:
+        if "tv_final" in r:
+            lines.append(f"{r['variant']:<12}{r['task']:<40}{r['tv_initial']:>7.3f} -> {r['tv_final']:.3f}")
+        else:
+            lines.append(f"{r['variant']:<12}{r['task']:<40}{r['entropy_initial']:>7.3f} -> {r['entropy_final']:.3f}"
+                         f"{r['top_weight_final']:>12.3f}{r['on_common_expert']:>7} of {r['n']}")
+    return "\n".join(lines)
 
 
 def format_study(results: dict, metric: str = "auroc") -> str:

@@ -151,6 +151,11 @@ class RunDir:
         return self.metrics_dir / FM_SCORES
 
     @property
+    def fm_routing(self) -> Path:
+        """How the FM's M3OE gate routes each task, before injection and after the run (a study writes it)."""
+        return self.metrics_dir / "fm_routing.json"
+
+    @property
     def model_dir(self) -> Path:
         return self.root / "model"
 
