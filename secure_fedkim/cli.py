@@ -29,8 +29,7 @@ def _cmd_run(args) -> int:
         from secure_fedkim.drivers.study import format_study, run_study
 
         study_dir, results = run_study(cfg, text, out_dir=args.out, progress=not args.quiet)
-        print(format_study(results, "auroc"))
-        print(format_study(results, "accuracy"))
+        print(format_study(results))  # AUROC: accuracy on tasks of 5-10% positives says little (study.json has it)
         print(f"study written to {study_dir}")
         return 0
     result = run_federation(cfg, text, out_dir=args.out, progress=not args.quiet, config_path=args.config)
