@@ -250,11 +250,13 @@ def _routing_in_worker(cfg: RunConfig, run_dir: str) -> None:
     """The gate's routing of every task before injection (rebuilt from the run's seed) and after the run (its
     saved adapter), written to the run's metrics/fm_routing.json."""
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from secure_fedkim.fm.routing import saved_fm, task_routing
     from secure_fedkim.plan import task_of
 
     torch.set_num_threads(1)
+    transformers_logging.disable_progress_bar()  # the FM loads twice per run: no bar between the study's tables
     tasks = [task_of(e, "train") for e in cfg.tasks.train] + [task_of(e, "unseen") for e in cfg.tasks.unseen]
     run = RunDir(run_dir)
     routing = {"initial": task_routing(saved_fm(run.fm_dir, cfg.run.seed), tasks),
