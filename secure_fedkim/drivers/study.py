@@ -242,7 +242,7 @@ def _execute(study, cfg, todo, workers, runner, timings, say, progress) -> list[
 
 def gated(cfg: RunConfig, variant: str) -> bool:
     """Whether the variant's FM has an M3OE gate: two or more experts."""
-    experts = METHODS[STUDY_VARIANTS[variant]["method"]].experts
+    experts = METHODS[VARIANTS[variant].method].experts
     return (cfg.injection.num_experts if experts is None else experts) >= 2
 
 

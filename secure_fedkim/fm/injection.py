@@ -35,13 +35,19 @@ def fm_config(inj: InjectionSection, enc_dim: int) -> FMConfig:
     return FMConfig(path=inj.fm_path, kind=inj.fm_kind, m3oe=m3oe, trainable=inj.trainable, enc_dim=enc_dim)
 
 
+def initial_fm(config: FMConfig, seed: int) -> FoundationModel:
+    """The FM before any injection: its experts, gate and projection initialised from the run's seed (so the
+    study can rebuild a run's round-0 gate from the config its adapter saved)."""
+    torch.manual_seed(seed)
+    return FoundationModel(config)
+
+
 class Injector:
     """The server's foundation model and its training state across rounds."""
 
     def __init__(self, cfg: RunConfig, plans: dict[str, TaskPlan]):
         self.cfg, self.inj, self.plans = cfg, cfg.injection, plans
-        torch.manual_seed(cfg.run.seed)
-        self.fm = FoundationModel(fm_config(self.inj, cfg.client.token_dim))
+        self.fm = initial_fm(fm_config(self.inj, cfg.client.token_dim), cfg.run.seed)
         self._rng = np.random.default_rng(cfg.run.seed + 7)
         self.trained_examples = 0
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from secure_fedkim.data.tasks import Task
+from secure_fedkim.fm.injection import initial_fm
 from secure_fedkim.fm.model import ADAPTER_CONFIG, FMConfig, FoundationModel
 
 
@@ -34,27 +35,25 @@ def routing_of(alphas: dict[str, np.ndarray]) -> dict:
     names = list(alphas)
     experts = len(next(iter(alphas.values())))
     out = {"experts": experts, "tasks": {}}
+    probs = {}
     for name, a in alphas.items():
         p = np.clip(np.asarray(a, dtype=np.float64), 0.0, None)
-        p = p / p.sum()
+        p = probs[name] = p / p.sum()
         nz = p[p > 0]
         entropy = float(-(nz * np.log(nz)).sum() / math.log(experts)) if experts > 1 else 0.0
         out["tasks"][name] = {"alpha": p.round(6).tolist(), "entropy": entropy, "top_expert": int(p.argmax()),
                               "top_weight": float(p.max())}
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    tv = [0.5 * float(np.abs(np.asarray(out["tasks"][a]["alpha"]) - np.asarray(out["tasks"][b]["alpha"])).sum())
-          for a, b in pairs]
+    tv = [0.5 * float(np.abs(probs[a] - probs[b]).sum()) for i, a in enumerate(names) for b in names[i + 1:]]
     out["mean_pairwise_tv"] = float(np.mean(tv)) if tv else 0.0
     return out
 
 
 def saved_fm(fm_dir: Path, seed: int | None = None) -> FoundationModel:
     """The FM a run saved in ``fm_dir`` (its adapter config and weights); with ``seed`` and no weights loaded,
-    the FM as the run's injector built it before any injection (``Injector`` seeds torch with the run's seed)."""
+    the FM as the run's injector built it before any injection."""
     config = FMConfig(**json.loads((Path(fm_dir) / ADAPTER_CONFIG).read_text()))
     if seed is not None:
-        torch.manual_seed(seed)
-        return FoundationModel(config)
+        return initial_fm(config, seed)
     fm = FoundationModel(config)
     fm.load_adapter(fm_dir)
     return fm
