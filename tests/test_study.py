@@ -202,3 +202,15 @@ def test_the_study_config_and_the_study_process_load_neither_torch_nor_flower():
              "sorted(m for m in ('torch', 'flwr', 'opacus') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "10 ['dp', 'plain'] []"
+
+
+def test_a_run_whose_saved_fm_cannot_be_read_loses_only_its_routing(tmp_path, capsys):
+    cfg = parse_config(study_data(privacy=["plain"], seeds=[0]), "study.yaml")
+    run_study(cfg, "study", tmp_path, progress=False, runner=fake_runner)
+    broken = tmp_path / "plain" / "fedkim-seed0"
+    (broken / "fm").mkdir()
+    (broken / "fm" / "adapter_config.json").write_text("{not json")
+    _, record = run_study(cfg, "study", tmp_path, progress=True, runner=fake_runner)
+    out = capsys.readouterr()
+    assert "plain/fedkim-seed0: no routing: JSONDecodeError" in out.out + out.err
+    assert record["privacy"]["plain"]["paired"] and not (broken / "metrics" / "fm_routing.json").exists()

@@ -273,9 +273,13 @@ def _route(study: StudyDir, cfg: RunConfig, keys: list[RunKey], workers: int, sa
         return
     say(f"routing of the M3OE gate: {len(todo)} runs")
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_routing_in_worker, variant_config(cfg, k.variant, k.seed, k.privacy),
-                                   str(_run_path(study, k))) for k in todo]:
-            future.result()
+        futures = {k: pool.submit(_routing_in_worker, variant_config(cfg, k.variant, k.seed, k.privacy),
+                                  str(_run_path(study, k))) for k in todo}
+        for key, future in futures.items():
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001 - a run's saved FM that cannot be read loses only its routing
+                say(f"{key.label}: no routing: {type(e).__name__}: {e}")
 
 
 def routing_rows(runs: dict[str, dict[str, dict]]) -> list[dict]:
